@@ -1,0 +1,89 @@
+"""The `chmr-jax` command: `chmr-jax <command> [flags]`.
+
+Commands: prepare (featurize and split benchmarks or a CSV). Later stages add pretrain, finetune,
+benchmark and embed. `chmr-jax <command> --help` lists a command's flags.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV) into the cache"}
+
+
+def _prepare(argv: list[str]) -> int:
+    from chmr_jax import datasets, featurize, paths, prepare
+
+    parser = argparse.ArgumentParser(prog="chmr-jax prepare", description=COMMANDS["prepare"])
+    parser.add_argument("--dataset", default="all",
+                        help="'all', one benchmark, or a comma list of: " + ", ".join(datasets.ALL_BENCHMARKS))
+    parser.add_argument("--csv", help="a CSV with a SMILES column to prepare instead of a benchmark")
+    parser.add_argument("--smiles_column", default="smiles")
+    parser.add_argument("--task_columns", help="comma list of task columns (default: all after SMILES)")
+    parser.add_argument("--task_type", choices=["classification", "regression"],
+                        help="override the inferred task type of --csv")
+    parser.add_argument("--split", choices=["paper_scaffold", "ogb_scaffold", "random"],
+                        help="split kind (default: the dataset's protocol)")
+    parser.add_argument("--geometry", choices=["rdkit3d", "none"], default="none",
+                        help="also compute the 3D modality (ETKDG + RDKit 3D descriptors, ~25 ms/molecule)")
+    parser.add_argument("--data_dir", help=f"data directory (default: ${paths.DATA_ENV} or ~/.cache/chmr_jax)")
+    parser.add_argument("--cache_dir", help=f"feature cache (default: ${paths.CACHE_ENV} or ~/.cache/chmr_jax/features)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--max_atoms", type=int, default=featurize.FeaturizerSettings.max_atoms)
+    parser.add_argument("--morgan_radius", type=int, default=featurize.FeaturizerSettings.morgan_radius)
+    parser.add_argument("--morgan_size", type=int, default=featurize.FeaturizerSettings.morgan_size)
+    args = parser.parse_args(argv)
+
+    settings = featurize.FeaturizerSettings(morgan_radius=args.morgan_radius, morgan_size=args.morgan_size,
+                                            max_atoms=args.max_atoms)
+    cache_dir = paths.resolve_cache_dir(args.cache_dir)
+    data_dir = paths.resolve_data_dir(args.data_dir)
+    if args.csv:
+        tasks = args.task_columns.split(",") if args.task_columns else None
+        loaders = [lambda: datasets.load_csv(args.csv, args.smiles_column, tasks, args.task_type,
+                                             cache_dir=cache_dir, n_workers=args.workers)]
+    else:
+        names = datasets.ALL_BENCHMARKS if args.dataset == "all" else args.dataset.split(",")
+        unknown = [n for n in names if n not in datasets.BENCHMARKS]
+        if unknown:
+            parser.error(f"unknown dataset(s) {unknown}; choose from {list(datasets.ALL_BENCHMARKS)} or use --csv")
+        loaders = [lambda n=n: datasets.load_benchmark(n, data_dir, cache_dir, args.workers) for n in names]
+
+    print(f"data_dir={data_dir}  cache_dir={cache_dir}  settings={settings}", flush=True)
+    start = time.perf_counter()
+    rows = []
+    for load in loaders:
+        t0 = time.perf_counter()
+        ds = load()
+        prepared = prepare.prepare(ds, settings, cache_dir, args.split, args.geometry,
+                                   n_workers=args.workers)
+        prepared.seconds = time.perf_counter() - t0
+        rows.append(prepared.row())
+    wall = time.perf_counter() - start
+    print(prepare.format_table(rows))
+    n_mol = sum(r["molecules"] for r in rows)
+    n_rej = sum(r["rejects"] for r in rows)
+    print(f"prepared {len(rows)} dataset(s): {n_mol} molecules, {n_rej} rejected, "
+          f"{wall:.1f}s wall ({n_mol / max(wall, 1e-9):,.0f} molecules/s incl. cache hits)")
+    if n_rej:
+        print(f"rejected molecules are listed in {cache_dir}/<dataset>-<key>.rejects.csv (row, smiles, reason)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__.strip())
+        for name, desc in COMMANDS.items():
+            print(f"  {name:10s} {desc}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "prepare":
+        return _prepare(rest)
+    print(f"chmr-jax: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

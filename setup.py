@@ -1,0 +1,29 @@
+"""chmr_jax: CHMR (cell-aware hierarchical multi-modal molecular representations) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="chmr_jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of CHMR molecular representation learning",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["chmr_jax", "chmr_jax.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "rdkit",
+        "numpy",
+        "ml-collections",
+        "chex",
+        "tensorflow-datasets",
+        "absl-py",
+    ],
+    extras_require={
+        # scipy / scikit-learn are the independent references the tests compare against.
+        "dev": ["pytest", "scipy", "scikit-learn"],
+    },
+    entry_points={"console_scripts": ["chmr-jax=chmr_jax.cli:main"]},
+)
