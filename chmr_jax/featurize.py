@@ -138,9 +138,9 @@ def parse_smiles(smiles: str):
     """RDKit molecule or None; RDKit's own error chatter is silenced (we report rejects ourselves)."""
     from rdkit import Chem, RDLogger
     RDLogger.DisableLog("rdApp.*")
-    if not isinstance(smiles, str) or not smiles.strip():
+    if not isinstance(smiles, str):
         return None
-    return Chem.MolFromSmiles(smiles.strip())
+    return Chem.MolFromSmiles(smiles.strip())  # an empty cell parses to a molecule with 0 atoms
 
 
 def molecule_key(mol) -> str:

@@ -114,6 +114,8 @@ def load_or_make_split(smiles: Sequence[str], kind: str, cache_dir: str | os.Pat
                        fractions: Sequence[float] | None = None,
                        n_workers: int | None = None) -> dict[str, np.ndarray]:
     """make_split, saved to / reloaded from `<cache_dir>/<name>-split-<kind>-<key>.json`."""
+    if kind not in SPLIT_KINDS:
+        raise ValueError(f"unknown split kind {kind!r}; choose from {SPLIT_KINDS}")
     if cache_dir is None:
         return make_split(smiles, kind, seed, fractions, n_workers)
     settings = {"kind": kind, "seed": seed, "fractions": list(fractions) if fractions else None}
