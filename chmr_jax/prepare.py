@@ -6,6 +6,7 @@ corpus building) consume; the `chmr-jax prepare` command prints one table row pe
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -42,7 +43,12 @@ def prepare(ds: datasets.MoleculeDataset, settings: featurize.FeaturizerSettings
             cache_dir, split_kind: str | None = None, geometry: str = "none",
             geometry_settings: featurize.GeometrySettings = featurize.GeometrySettings(),
             n_workers: int | None = None, show_progress: bool = True) -> PreparedDataset:
-    """Featurizes and splits `ds`; `geometry` is 'rdkit3d' or 'none'."""
+    """Featurizes and splits `ds`.
+
+    geometry: 'none'; 'rdkit3d' (ETKDG + RDKit 3D descriptors); or a path to a user-supplied
+    per-molecule matrix keyed by the 14-char InChIKey block (see featurize.load_external_matrix),
+    e.g. Uni-Mol embeddings. Molecules without a row are flagged (ok=False).
+    """
     start = time.perf_counter()
     feats = featurize.featurize_smiles(ds.smiles, settings, cache_dir, ds.name, n_workers, show_progress)
     split = splits.load_or_make_split(ds.smiles, split_kind or ds.default_split, cache_dir, ds.name,
@@ -52,7 +58,14 @@ def prepare(ds: datasets.MoleculeDataset, settings: featurize.FeaturizerSettings
         geo = featurize.featurize_geometry(feats.smiles, geometry_settings, cache_dir, ds.name,
                                            n_workers, show_progress)
     elif geometry != "none":
-        raise ValueError(f"geometry must be 'rdkit3d' or 'none', got {geometry!r}")
+        if not os.path.exists(geometry):
+            raise ValueError(f"geometry must be 'rdkit3d', 'none' or an existing matrix file; "
+                             f"{geometry!r} does not exist")
+        values, available = featurize.load_external_matrix(geometry, feats.keys)
+        geo = featurize.GeometryFeatures(
+            values=values, ok=available, names=[f"external_{i}" for i in range(values.shape[1])],
+            reasons=[(int(i), f"no row for key {feats.keys[i]} in {geometry}")
+                     for i in np.nonzero(~available)[0]])
     return PreparedDataset(ds, feats, split, geo, time.perf_counter() - start)
 
 

@@ -34,3 +34,21 @@ def test_unknown_command_and_dataset(capsys):
     with pytest.raises(SystemExit):
         cli.main(["prepare", "--dataset", "tox21"])
     assert "unknown dataset(s) ['tox21']" in capsys.readouterr().err
+
+
+def test_prepare_with_user_supplied_geometry_matrix(tmp_path, capsys):
+    import numpy as np
+    from chmr_jax import datasets, featurize, prepare
+    path = tmp_path / "mine.csv"
+    path.write_text("smiles,y\nCCO,1\nc1ccccc1O,0\nCCN,1\n")
+    matrix = tmp_path / "unimol.npz"
+    np.savez(matrix, keys=np.array(["LFQSCWFLJHTTHZ", "QUSNBJAOOMFDIB"]), data=np.eye(2, 4))
+    ds = datasets.load_csv(path)
+    prepared = prepare.prepare(ds, featurize.FeaturizerSettings(), None, "random", str(matrix), n_workers=1)
+    # CCO (LFQSCWFLJHTTHZ) has row 0; phenol has no row; CCN (QUSNBJAOOMFDIB) has row 1.
+    assert prepared.geometry.ok.tolist() == [True, False, True]
+    np.testing.assert_array_equal(prepared.geometry.values, [[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
+    assert prepared.row()["3d_fail"] == 1
+    import pytest
+    with pytest.raises(ValueError, match="does not exist"):
+        prepare.prepare(ds, featurize.FeaturizerSettings(), None, "random", str(tmp_path / "nope.npz"))
