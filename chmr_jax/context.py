@@ -1,0 +1,287 @@
+"""Context-propagation reconstruction (spec §6): the context graph, random walks, weighted BCE.
+
+Context graph H (host-side numpy, stored as CSR):
+  nodes   molecules [0, N_m), then one block of profile nodes per modality, then genes (optional)
+  edges   (all undirected, stored in both directions)
+          molecule - profile      weight 1 (a profile row belongs to a molecule)
+          gene - gene             weight 1 (e.g. Hetionet), optional
+          molecule - gene         top `gene_quantile` |z| of the expression modality, weight clip(|z|, 0, 1)
+          molecule - molecule     Tanimoto within Murcko-scaffold clusters
+          profile - profile       Pearson within PCA + KMeans clusters (per modality)
+          similarity edges are kept above a threshold found by bisection for `sparsity` (0.995) of
+          the within-cluster pairs, never below `floor` (0.8)
+  targets per node type in [0, 1] with a mask: molecules -> their Morgan radius-4 bits; profile
+          nodes -> their features min-max scaled per column (NaN -> masked); genes -> none.
+
+Walks: uniform random walks of length L in JAX; beta_0 = 1 and beta_l is the product of the
+weights of the edges actually traversed; a walk at a node without edges stays put with weight 0.
+Loss: beta-weighted BCE-with-logits (or MSE) over non-missing targets, never NaN.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MOLECULE = "molecule"
+GENE = "gene"
+
+
+@dataclasses.dataclass
+class ProfileBlock:
+    """One cellular modality's profile rows: features [n_rows, d] and the molecule of each row."""
+    features: np.ndarray
+    molecule: np.ndarray   # int [n_rows], index into the molecule list
+
+
+@dataclasses.dataclass
+class ContextGraph:
+    indptr: np.ndarray      # int32 [n_nodes + 1]
+    indices: np.ndarray     # int32 [n_edges]
+    weights: np.ndarray     # float32 [n_edges]
+    node_type: np.ndarray   # int32 [n_nodes], index into type_names
+    node_row: np.ndarray    # int32 [n_nodes], row of the node within its type's target matrix
+    type_names: list
+    targets: dict           # type name -> float32 [n_type, d_type] in [0, 1]
+    target_mask: dict       # type name -> bool [n_type, d_type]
+    thresholds: dict        # which similarity threshold each intra-type edge set used
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.node_type)
+
+    def neighbours(self, v: int):
+        s, e = self.indptr[v], self.indptr[v + 1]
+        return self.indices[s:e], self.weights[s:e]
+
+
+def bisection_threshold(values: np.ndarray, floor: float = 0.8, high: float = 0.99,
+                        sparsity: float = 0.995, tol: float = 1e-3) -> float:
+    """Smallest-interval bisection (as InfoAlign's determine_threshold) for the threshold t in
+    [floor, high] at which the fraction of `values` > t is about 1 - sparsity."""
+    values = np.asarray(values)
+    if values.size == 0:
+        return float(floor)
+    lo, hi = floor, high
+    t = (lo + hi) / 2
+    while lo < hi - tol:
+        current = 1 - np.count_nonzero(values > t) / values.size
+        if current > sparsity:
+            hi = t
+        else:
+            lo = t
+        t = (lo + hi) / 2
+    return float(t)
+
+
+def _pairs_within(groups: Sequence[np.ndarray], sim_fn, max_group: int):
+    """All within-group pairs (i < j) with their similarity; large groups are cut into pieces."""
+    rows, cols, vals = [], [], []
+    for g in groups:
+        for start in range(0, len(g), max_group):
+            piece = g[start:start + max_group]
+            if len(piece) < 2:
+                continue
+            sim = sim_fn(piece)
+            iu, ju = np.triu_indices(len(piece), k=1)
+            rows.append(piece[iu])
+            cols.append(piece[ju])
+            vals.append(sim[iu, ju])
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+
+
+def tanimoto_matrix(bits: np.ndarray) -> np.ndarray:
+    b = bits.astype(np.float32)
+    inter = b @ b.T
+    counts = b.sum(1)
+    union = counts[:, None] + counts[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def pearson_matrix(x: np.ndarray) -> np.ndarray:
+    x = np.nan_to_num(x.astype(np.float64))
+    x = x - x.mean(1, keepdims=True)
+    norm = np.linalg.norm(x, axis=1)
+    return (x @ x.T) / np.maximum(norm[:, None] * norm[None, :], 1e-12)
+
+
+def kmeans(x: np.ndarray, n_clusters: int, seed: int = 0, iters: int = 25) -> np.ndarray:
+    """Lloyd's k-means (k-means++ seeding); returns cluster labels [n]."""
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    n_clusters = max(1, min(n_clusters, n))
+    centers = [x[rng.integers(n)]]
+    for _ in range(1, n_clusters):
+        d2 = np.min(((x[:, None, :] - np.asarray(centers)[None]) ** 2).sum(-1), axis=1)
+        probs = d2 / d2.sum() if d2.sum() > 0 else np.full(n, 1 / n)
+        centers.append(x[rng.choice(n, p=probs)])
+    centers = np.asarray(centers)
+    labels = np.zeros(n, np.int64)
+    for _ in range(iters):
+        labels = ((x[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)
+        for c in range(n_clusters):
+            if np.any(labels == c):
+                centers[c] = x[labels == c].mean(0)
+    return labels
+
+
+def pca(x: np.ndarray, n_components: int) -> np.ndarray:
+    x = np.nan_to_num(x.astype(np.float64))
+    x = x - x.mean(0)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    return u[:, :n_components] * s[:n_components]
+
+
+def minmax_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column min-max scaling to [0, 1] ignoring NaN; returns (scaled with NaN -> 0, mask)."""
+    x = np.asarray(x, np.float64)
+    mask = np.isfinite(x)
+    with np.errstate(all="ignore"):
+        lo = np.nanmin(np.where(mask, x, np.nan), axis=0)
+        hi = np.nanmax(np.where(mask, x, np.nan), axis=0)
+        scaled = (x - lo) / np.where(hi > lo, hi - lo, 1.0)
+    scaled = np.where(mask, np.clip(np.nan_to_num(scaled), 0, 1), 0.0)
+    return scaled.astype(np.float32), mask
+
+
+def build_context_graph(mol_bits: np.ndarray, mol_targets: np.ndarray, scaffolds: Sequence,
+                        profiles: dict[str, ProfileBlock], gene_edges: np.ndarray | None = None,
+                        n_genes: int = 0, expression: str | None = None,
+                        expression_genes: np.ndarray | None = None, gene_quantile: float = 0.99,
+                        sparsity: float = 0.995, floor: float = 0.8, n_clusters: int = 100,
+                        pca_components: int = 2, max_group: int = 2048, seed: int = 0) -> ContextGraph:
+    """Builds H (see module docstring).
+
+    mol_bits: 0/1 fingerprint bits [N_m, F] for molecule similarity; mol_targets: [N_m, T] in [0, 1].
+    scaffolds: cluster label per molecule (e.g. Murcko scaffold SMILES; None = no cluster).
+    expression / expression_genes: which modality's columns map to gene node ids (molecule-gene edges).
+    """
+    n_mol = len(mol_bits)
+    type_names = [MOLECULE] + list(profiles) + ([GENE] if n_genes else [])
+    offsets, start = {}, n_mol
+    for name, block in profiles.items():
+        offsets[name] = start
+        start += len(block.features)
+    gene_offset = start
+    n_nodes = start + n_genes
+    node_type = np.zeros(n_nodes, np.int32)
+    node_row = np.zeros(n_nodes, np.int32)
+    node_row[:n_mol] = np.arange(n_mol)
+    for t, name in enumerate(profiles, start=1):
+        o, m = offsets[name], len(profiles[name].features)
+        node_type[o:o + m], node_row[o:o + m] = t, np.arange(m)
+    if n_genes:
+        node_type[gene_offset:] = len(type_names) - 1
+        node_row[gene_offset:] = np.arange(n_genes)
+
+    src, dst, wts, thresholds = [], [], [], {}
+
+    def add(a, b, w):
+        src.append(np.asarray(a, np.int64))
+        dst.append(np.asarray(b, np.int64))
+        wts.append(np.asarray(w, np.float64))
+
+    # molecule - molecule: Tanimoto within scaffold clusters
+    groups: dict = {}
+    for i, s in enumerate(scaffolds):
+        if s is not None:
+            groups.setdefault(s, []).append(i)
+    r, c, v = _pairs_within([np.array(g) for g in groups.values() if len(g) > 1],
+                            lambda idx: tanimoto_matrix(mol_bits[idx]), max_group)
+    thresholds[MOLECULE] = bisection_threshold(v, floor, sparsity=sparsity)
+    keep = v > thresholds[MOLECULE]
+    add(r[keep], c[keep], v[keep])
+
+    for name, block in profiles.items():
+        o = offsets[name]
+        mol = np.asarray(block.molecule)
+        ok = (mol >= 0) & (mol < n_mol)
+        add(mol[ok], o + np.nonzero(ok)[0], np.ones(ok.sum()))          # molecule - profile
+        feats = np.asarray(block.features)
+        if len(feats) >= 2:
+            labels = kmeans(pca(feats, min(pca_components, feats.shape[1])), n_clusters, seed)
+            r, c, v = _pairs_within([np.nonzero(labels == k)[0] for k in np.unique(labels)],
+                                    lambda idx: pearson_matrix(feats[idx]), max_group)
+            thresholds[name] = bisection_threshold(v, floor, sparsity=sparsity)
+            keep = v > thresholds[name]
+            add(o + r[keep], o + c[keep], v[keep])
+
+    if n_genes and gene_edges is not None and len(gene_edges):
+        ge = np.asarray(gene_edges)
+        add(gene_offset + ge[:, 0], gene_offset + ge[:, 1], np.ones(len(ge)))
+    if n_genes and expression is not None:
+        block = profiles[expression]
+        z = np.abs(np.nan_to_num(np.asarray(block.features, np.float64)))
+        cut = np.quantile(z, gene_quantile)
+        rr, cc = np.nonzero(z > cut)
+        mol = np.asarray(block.molecule)[rr]
+        ok = mol >= 0
+        add(mol[ok], gene_offset + np.asarray(expression_genes)[cc[ok]], np.clip(z[rr, cc][ok], 0, 1))
+
+    s = np.concatenate(src) if src else np.zeros(0, np.int64)
+    d = np.concatenate(dst) if dst else np.zeros(0, np.int64)
+    w = np.concatenate(wts) if wts else np.zeros(0)
+    s, d, w = np.concatenate([s, d]), np.concatenate([d, s]), np.concatenate([w, w])
+    key = s * n_nodes + d
+    uniq, first = np.unique(key, return_index=True)      # duplicate edges keep their first weight
+    s, d, w = uniq // n_nodes, uniq % n_nodes, w[first]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(s, minlength=n_nodes))])
+
+    targets = {MOLECULE: np.asarray(mol_targets, np.float32)}
+    target_mask = {MOLECULE: np.isfinite(targets[MOLECULE])}
+    for name, block in profiles.items():
+        targets[name], target_mask[name] = minmax_scale(block.features)
+    return ContextGraph(indptr=indptr.astype(np.int32), indices=d.astype(np.int32),
+                        weights=w.astype(np.float32), node_type=node_type, node_row=node_row,
+                        type_names=type_names, targets=targets, target_mask=target_mask,
+                        thresholds=thresholds)
+
+
+@functools.partial(jax.jit, static_argnames=("length",))
+def random_walks(indptr, indices, weights, starts, key, length: int = 4):
+    """Uniform random walks. Returns (nodes int32 [B, L + 1], beta float32 [B, L + 1]).
+
+    beta[:, 0] = 1; beta[:, l] = beta[:, l - 1] * weight of the edge taken at step l. A walk at a
+    node without edges stays there and its beta becomes 0.
+    """
+    def step(carry, k):
+        node, beta = carry
+        lo, hi = indptr[node], indptr[node + 1]
+        deg = hi - lo
+        u = jax.random.uniform(k, node.shape)
+        offset = jnp.minimum((u * deg).astype(jnp.int32), jnp.maximum(deg - 1, 0))
+        edge = jnp.clip(lo + offset, 0, indices.shape[0] - 1)
+        moved = deg > 0
+        nxt = jnp.where(moved, indices[edge], node)
+        beta = beta * jnp.where(moved, weights[edge], 0.0)
+        return (nxt, beta), (nxt, beta)
+
+    starts = starts.astype(jnp.int32)
+    ones = jnp.ones(starts.shape, jnp.float32)
+    _, (nodes, betas) = jax.lax.scan(step, (starts, ones), jax.random.split(key, length))
+    return (jnp.concatenate([starts[None], nodes]).T, jnp.concatenate([ones[None], betas]).T)
+
+
+def reconstruction_loss(logits, targets, mask, beta, kind: str = "bce"):
+    """sum_r beta_r sum_c mask_rc l(logit_rc, target_rc) / (number of unmasked entries).
+
+    logits, targets, mask [R, T]; beta [R]. kind: 'bce' (BCE with logits, targets in [0, 1]) or
+    'mse' (on sigmoid(logits)). Returns 0 when nothing is unmasked, never NaN.
+    """
+    mask = mask.astype(bool)
+    targets = jnp.where(mask, targets, 0.0)   # NaN targets would poison gradients even if masked
+    if kind == "bce":
+        per = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    elif kind == "mse":
+        per = (jax.nn.sigmoid(logits) - targets) ** 2
+    else:
+        raise ValueError(f"reconstruction loss kind must be 'bce' or 'mse', got {kind!r}")
+    count = jnp.sum(mask)
+    total = jnp.sum(jnp.where(mask, per, 0.0) * beta[:, None])
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
