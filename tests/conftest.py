@@ -2,7 +2,12 @@
 import os
 from pathlib import Path
 
+import jax
 import pytest
+
+# Multi-device code (ring InfoNCE, sharded statistics) is tested on 8 fake CPU devices. This must
+# run before JAX initialises its backend, hence here, at conftest import time.
+jax.config.update("jax_num_cpu_devices", 8)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("CHMR_DATA_DIR") or REPO.parent / "shared" / "data")
@@ -27,3 +32,11 @@ def _isolated_env(monkeypatch, tmp_path_factory):
     # Never touch the user's ~/.cache and never try the network from tests.
     monkeypatch.setenv("CHMR_OFFLINE", "1")
     monkeypatch.setenv("HOME", str(tmp_path_factory.getbasetemp() / "home"))
+
+
+@pytest.fixture(scope="session")
+def mesh8():
+    from jax.sharding import AxisType
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; JAX was initialised before conftest could ask for them")
+    return jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
