@@ -1,0 +1,113 @@
+"""Context graph construction, random walks (transition frequencies, path weights), the CPR loss."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chmr_jax import context as C
+
+
+def small_csr():
+    # 0 -> {1 (0.5), 2 (0.25), 3 (1.0)}; 1 -> {0 (0.5)}; 2 -> {0 (0.25)}; 3 -> {0 (1.0)}; 4 isolated
+    indptr = np.array([0, 3, 4, 5, 6, 6], np.int32)
+    indices = np.array([1, 2, 3, 0, 0, 0], np.int32)
+    weights = np.array([0.5, 0.25, 1.0, 0.5, 0.25, 1.0], np.float32)
+    return indptr, indices, weights
+
+
+def test_walk_transition_frequencies_match_the_graph():
+    indptr, indices, weights = small_csr()
+    starts = jnp.zeros(30000, jnp.int32)
+    nodes, _ = C.random_walks(indptr, indices, weights, starts, jax.random.key(0), length=1)
+    freq = np.bincount(np.asarray(nodes[:, 1]), minlength=5) / 30000
+    # uniform over the 3 neighbours of node 0: 4 sigma of a binomial with p = 1/3 is ~0.011
+    np.testing.assert_allclose(freq[1:4], 1 / 3, atol=0.011)
+    assert freq[0] == 0 and freq[4] == 0
+
+
+def test_path_weights_are_the_traversed_edges_and_stuck_walks_stay():
+    indptr, indices, weights = small_csr()
+    starts = jnp.array([0, 1, 2, 3, 4] * 20, jnp.int32)
+    nodes, beta = C.random_walks(indptr, indices, weights, starts, jax.random.key(1), length=4)
+    nodes, beta = np.asarray(nodes), np.asarray(beta)
+    assert nodes.shape == beta.shape == (100, 5)
+    edge_w = {(s, int(indices[e])): float(weights[e]) for s in range(5) for e in range(indptr[s], indptr[s + 1])}
+    for path, b in zip(nodes, beta):
+        expected = [1.0]
+        for u, v in zip(path[:-1], path[1:]):
+            assert (u, v) in edge_w or (u == v == 4)
+            expected.append(expected[-1] * edge_w.get((u, v), 0.0))
+        np.testing.assert_allclose(b, expected, rtol=1e-6)
+    stuck = nodes[starts == 4]
+    assert (stuck == 4).all() and (beta[np.asarray(starts) == 4][:, 1:] == 0).all()
+
+
+def test_reconstruction_loss_matches_numpy_and_never_nans():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 4)).astype(np.float32)
+    targets = rng.random((6, 4)).astype(np.float32)
+    mask = rng.random((6, 4)) > 0.3
+    beta = rng.random(6).astype(np.float32)
+    targets_nan = np.where(mask, targets, np.nan)
+    bce = np.maximum(logits, 0) - logits * targets + np.log1p(np.exp(-np.abs(logits)))
+    ref = (bce * mask * beta[:, None]).sum() / mask.sum()
+    np.testing.assert_allclose(C.reconstruction_loss(logits, targets_nan, mask, beta), ref, rtol=1e-5)
+    mse = ((1 / (1 + np.exp(-logits)) - targets) ** 2 * mask * beta[:, None]).sum() / mask.sum()
+    np.testing.assert_allclose(C.reconstruction_loss(logits, targets_nan, mask, beta, "mse"), mse, rtol=1e-5)
+    # No target of this type in the batch: 0, with finite gradients.
+    empty = np.zeros_like(mask)
+    value, grad = jax.value_and_grad(C.reconstruction_loss)(jnp.asarray(logits), targets_nan, empty, beta)
+    assert float(value) == 0.0 and np.isfinite(np.asarray(grad)).all()
+    grad = jax.grad(C.reconstruction_loss)(jnp.asarray(logits), targets_nan, mask, beta)
+    assert np.isfinite(np.asarray(grad)).all()
+    with pytest.raises(ValueError, match="bce"):
+        C.reconstruction_loss(logits, targets, mask, beta, "l1")
+
+
+def test_bisection_threshold():
+    values = np.linspace(0, 1, 10001)
+    # fraction above t is 1 - t: for sparsity 0.9 the threshold is ~0.9
+    assert abs(C.bisection_threshold(values, floor=0.0, sparsity=0.9) - 0.9) < 2e-3
+    # never below the floor, even when almost nothing is similar
+    assert C.bisection_threshold(np.full(100, 0.1), floor=0.8) >= 0.8
+
+
+def test_build_context_graph():
+    rng = np.random.default_rng(0)
+    n_mol = 40
+    bits = (rng.random((n_mol, 64)) < 0.3).astype(np.uint8)
+    bits[1] = bits[0]                                  # same scaffold, identical -> similarity 1
+    scaffolds = ["s0", "s0"] + [f"s{i % 5}" for i in range(2, n_mol)]
+    targets = (rng.random((n_mol, 16)) < 0.5).astype(np.float32)
+    cell = C.ProfileBlock(features=rng.normal(size=(12, 8)), molecule=np.arange(0, 24, 2))
+    expr = rng.normal(size=(6, 5))
+    expr[0, 3] = 50.0                                  # the top |z| entry -> molecule 0 - gene 3
+    expression = C.ProfileBlock(features=expr, molecule=np.array([0, 3, 6, 9, 12, 15]))
+    g = C.build_context_graph(bits, targets, scaffolds, {"cell": cell, "expression": expression},
+                              gene_edges=np.array([[0, 1], [1, 2]]), n_genes=5, expression="expression",
+                              expression_genes=np.arange(5), gene_quantile=0.99, n_clusters=3)
+    assert g.type_names == ["molecule", "cell", "expression", "gene"]
+    assert g.n_nodes == 40 + 12 + 6 + 5
+    edges = {}
+    for v in range(g.n_nodes):
+        for u, w in zip(*g.neighbours(v)):
+            edges[(v, int(u))] = float(w)
+    assert all(edges[(u, v)] == w for (v, u), w in edges.items())          # undirected
+    assert edges[(0, 40)] == 1.0 and edges[(40, 0)] == 1.0                  # molecule 0 - cell row 0
+    assert edges[(0, 1)] == 1.0                                             # identical scaffold mates
+    gene0 = 40 + 12 + 6
+    assert edges[(gene0, gene0 + 1)] == 1.0 and edges[(0, gene0 + 3)] == 1.0  # |z| = 50 clipped to 1
+    assert all(t >= 0.8 for t in g.thresholds.values())
+    assert 0.0 <= g.targets["cell"].min() and g.targets["cell"].max() <= 1.0
+    np.testing.assert_array_equal(g.targets["molecule"], targets)
+    assert g.node_type[40] == 1 and g.node_row[41] == 1 and g.node_type[gene0] == 3
+    # Walks run on the stored CSR.
+    nodes, beta = C.random_walks(g.indptr, g.indices, g.weights, jnp.arange(4), jax.random.key(0), 4)
+    assert nodes.shape == (4, 5) and np.isfinite(np.asarray(beta)).all()
+
+
+def test_minmax_scale_masks_nan():
+    x = np.array([[0.0, np.nan], [5.0, 2.0], [10.0, 4.0]])
+    scaled, mask = C.minmax_scale(x)
+    np.testing.assert_allclose(scaled, [[0, 0], [0.5, 0], [1, 1]])
+    assert mask.tolist() == [[True, False], [True, True], [True, True]]
