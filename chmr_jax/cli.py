@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV) into the cache"}
+COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV), or build a pretraining corpus"}
 
 
 def _prepare(argv: list[str]) -> int:
@@ -34,7 +34,19 @@ def _prepare(argv: list[str]) -> int:
     parser.add_argument("--max_atoms", type=int, default=featurize.FeaturizerSettings.max_atoms)
     parser.add_argument("--morgan_radius", type=int, default=featurize.FeaturizerSettings.morgan_radius)
     parser.add_argument("--morgan_size", type=int, default=featurize.FeaturizerSettings.morgan_size)
+    corpus = parser.add_argument_group("pretraining corpus (instead of benchmarks)")
+    corpus.add_argument("--corpus", choices=["reachable", "paper", "synthetic"],
+                        help="build a corpus: the real files reachable offline, the paper's layout "
+                             "(--corpus_path), or a generated one in that layout")
+    corpus.add_argument("--config", help="config file[:variant] for the corpus settings (default configs/default.py)")
+    corpus.add_argument("--corpus_path", help="for --corpus paper: the directory with structure.csv.gz etc.")
+    corpus.add_argument("--exclude_test", help="leakage guard: leave out this benchmark's test-split molecules")
+    corpus.add_argument("--join", choices=["inchikey14", "inchikey"])
+    corpus.add_argument("--aggregate", choices=["median", "mean", "first"])
+    corpus.add_argument("--out", help="where to save the corpus (default <cache_dir>/corpus-<kind>[-no-<benchmark>-test])")
     args = parser.parse_args(argv)
+    if args.corpus:
+        return _prepare_corpus(args)
 
     settings = featurize.FeaturizerSettings(morgan_radius=args.morgan_radius, morgan_size=args.morgan_size,
                                             max_atoms=args.max_atoms)
@@ -69,6 +81,46 @@ def _prepare(argv: list[str]) -> int:
           f"{wall:.1f}s wall ({n_mol / max(wall, 1e-9):,.0f} molecules/s incl. cache hits)")
     if n_rej:
         print(f"rejected molecules are listed in {cache_dir}/<dataset>-<key>.rejects.csv (row, smiles, reason)")
+    return 0
+
+
+def _prepare_corpus(args) -> int:
+    from chmr_jax import config_util, datasets, featurize, paths, prepare
+    from chmr_jax import corpus as corpus_lib
+
+    config = config_util.load_config(args.config or ("configs/default.py:paper" if args.corpus == "paper" else None))
+    cfg = config.corpus
+    cfg.kind = args.corpus
+    for flag, field in (("corpus_path", "path"), ("exclude_test", "exclude_test_of"), ("join", "join"),
+                        ("aggregate", "aggregate")):
+        if getattr(args, flag):
+            setattr(cfg, field, getattr(args, flag))
+    if args.corpus == "synthetic" and not args.config:
+        cfg.modalities = {"cell": "CP-Bray,CP-JUMP", "gene": "G-CRISPR,G-ORF", "expression": "GE"}
+        cfg.dims = {"cell": 2749, "gene": 1973, "expression": 978}
+        cfg.include_benchmarks = False
+    settings = featurize.FeaturizerSettings.from_config(config.featurize)
+    cache_dir = paths.resolve_cache_dir(args.cache_dir)
+    data_dir = paths.resolve_data_dir(args.data_dir)
+    start = time.perf_counter()
+    corpus = prepare.build_corpus(cfg, settings, data_dir, cache_dir, args.workers)
+    out = args.out or cache_dir / (f"corpus-{cfg.kind}" + (f"-no-{cfg.exclude_test_of}-test" if cfg.exclude_test_of else ""))
+    corpus.save(out)
+    print(prepare.format_table(corpus_lib.summary_rows(corpus)))
+    if cfg.include_benchmarks:
+        groups = prepare.benchmark_keys(datasets.ALL_BENCHMARKS, cfg.join, data_dir, cache_dir, args.workers)
+        print("\noverlap with the benchmarks (molecules with each modality observed):")
+        print(prepare.format_table(corpus_lib.overlap_table(corpus, groups)))
+    c = corpus.manifest["counts"]
+    print(f"\n{len(corpus)} molecules; {c['featurize_rejects']} rejected by the featurizer, "
+          f"{c['structures_unparsable']} unparsable structures, {c['excluded_leakage']} excluded by the leakage guard")
+    for name, info in corpus.manifest["modalities"].items():
+        for source, sc in info["source_counts"].items():
+            print(f"  {name} <- {source}: {sc['rows']} profiles, {sc['molecules']} molecules, "
+                  f"{sc['replicate_rows_merged']} replicates merged, {sc['skipped_by_importer']} skipped "
+                  f"(no/unparsable structure), {sc['not_in_corpus']} not in the corpus, "
+                  f"{sc['dropped_nan_rows']} dropped (NaN), {sc['inf_entries']} inf entries")
+    print(f"saved to {out} in {time.perf_counter() - start:.1f}s")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -78,3 +79,105 @@ def format_table(rows: list[dict]) -> str:
                                for c in cols)
     header = line({c: c for c in cols})
     return "\n".join([header, "-" * len(header)] + [line(r) for r in rows])
+
+
+# ---- pretraining corpora ------------------------------------------------------------------------
+
+CORPUS_KINDS = ("reachable", "paper", "synthetic")
+
+
+def parse_modality_spec(spec: str) -> list[list[str]]:
+    """'A+B,C' -> [[A, B], [C]]: ',' concatenates sources' columns, '+' stacks sources' rows
+    (same features, aligned by name)."""
+    return [[s.strip() for s in block.split("+") if s.strip()] for block in spec.split(",") if block.strip()]
+
+
+def _reachable_sources(data_dir, join: str, dose: str) -> dict:
+    """The real profile files reachable offline, as ProfileTables by source name."""
+    from chmr_jax import profiles, registry
+    lookup = profiles.read_repurposing_samples(
+        registry.fetch("cellpainting_plate", "repurposing_samples_20200324.txt", data_dir))
+    return {
+        "l1000_consensus": lambda: profiles.read_l1000_consensus(
+            registry.fetch("l1000_drugbank", "consensi-drugbank.tsv.gz", data_dir),
+            registry.fetch("l1000_drugbank", "drugbank_structures.tsv", data_dir), join, "l1000_consensus"),
+        "l1000_plate": lambda: profiles.read_l1000_plate(
+            registry.fetch("l1000_plate", "LJP005_A375_24H_X1_B19_level3.gct", data_dir), lookup, join,
+            dose, "l1000_plate"),
+        "cellpainting_plate": lambda: profiles.read_cellprofiler_plate(
+            registry.fetch("cellpainting_plate", "SQ00015054_normalized_feature_select.csv.gz", data_dir),
+            lookup, join, dose, "cellpainting_plate"),
+    }
+
+
+def benchmark_keys(names, join: str, data_dir, cache_dir, n_workers=None) -> dict:
+    """{benchmark: join keys of its parseable rows}."""
+    from chmr_jax import corpus as corpus_lib
+    out = {}
+    for name in names:
+        ds = datasets.load_benchmark(name, data_dir, cache_dir, n_workers)
+        keys = ds.keys if join == "inchikey14" else np.array(
+            [k or "" for k in corpus_lib._keys_parallel(list(ds.smiles), join, n_workers)])
+        out[name] = [k for k in keys if k]
+    return out
+
+
+def test_split_keys(benchmark: str, join: str, data_dir, cache_dir, n_workers=None) -> set:
+    """Join keys of a benchmark's test split (its default protocol): the leakage guard's list."""
+    from chmr_jax import corpus as corpus_lib
+    ds = datasets.load_benchmark(benchmark, data_dir, cache_dir, n_workers)
+    split = splits.load_or_make_split(ds.smiles, ds.default_split, cache_dir, ds.name, n_workers=n_workers)
+    test_smiles = [ds.smiles[i] for i in split["test"]]
+    keys = [ds.keys[i] for i in split["test"]] if join == "inchikey14" else \
+        corpus_lib._keys_parallel(test_smiles, join, n_workers)
+    return {k for k in keys if k}
+
+
+def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
+                 data_dir=None, cache_dir=None, n_workers=None, verbose=True):
+    """Builds the pretraining corpus described by `cfg` (config.corpus; see configs/default.py)."""
+    from chmr_jax import corpus as corpus_lib, profiles
+
+    kind = cfg.kind
+    if kind not in CORPUS_KINDS:
+        raise ValueError(f"corpus kind must be one of {CORPUS_KINDS}, got {kind!r}")
+    join = cfg.join
+    structures, gene_edges = [], None
+    if kind == "reachable":
+        available = _reachable_sources(data_dir, join, cfg.dose)
+    else:
+        root = cfg.path
+        if kind == "synthetic":
+            root = Path(cache_dir) / f"synthetic-layout-n{cfg.synthetic_molecules}-s{cfg.synthetic_seed}"
+            if not (root / "L1k_idmaps.csv").exists():
+                profiles.write_synthetic_paper_layout(root, cfg.synthetic_molecules, cfg.synthetic_seed)
+        if not root:
+            raise ValueError("corpus.kind='paper' needs corpus.path: the directory holding structure.csv.gz "
+                             "and the <NAME>.csv.gz / <NAME>_feature.npz files (pretrain.zip's raw/)")
+        names = sorted({s for spec in cfg.modalities.values() for block in parse_modality_spec(spec) for s in block})
+        structures, tables, gene_edges, _ = profiles.read_paper_layout(root, names, join, n_workers=n_workers)
+        available = {name: (lambda t=t: t) for name, t in tables.items()}
+    if cfg.include_benchmarks:
+        for name in datasets.ALL_BENCHMARKS:
+            ds = datasets.load_benchmark(name, data_dir, cache_dir, n_workers)
+            structures += [(s, name) for s in ds.smiles]
+
+    loaded: dict = {}
+    modality_sources = {}
+    for modality, spec in cfg.modalities.items():
+        blocks = []
+        for block in parse_modality_spec(spec):
+            unknown = [s for s in block if s not in available]
+            if unknown:
+                raise ValueError(f"corpus modality {modality!r} names unknown sources {unknown}; "
+                                 f"available for kind={kind!r}: {sorted(available)}")
+            tables = [loaded.setdefault(s, available[s]()) for s in block]
+            blocks.append(tables[0] if len(tables) == 1 else profiles.stack_tables(tables, "+".join(block)))
+        modality_sources[modality] = blocks
+    exclude = set()
+    if cfg.exclude_test_of:
+        exclude = test_split_keys(cfg.exclude_test_of, join, data_dir, cache_dir, n_workers)
+    expected = dict(cfg.dims) if "dims" in cfg and cfg.dims else None
+    return corpus_lib.assemble(structures, modality_sources, join, cfg.aggregate, cfg.max_nan_fraction,
+                               settings, cache_dir, exclude, n_workers, gene_edges,
+                               name=f"corpus-{kind}", expected_dims=expected, verbose=verbose)

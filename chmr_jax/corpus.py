@@ -1,0 +1,341 @@
+"""The multi-modal pretraining corpus: molecules joined with cellular profiles that are mostly missing.
+
+A `Corpus` holds, for n molecules: the join key and SMILES, the molecular features (graphs and
+fingerprints, from `featurize`), and for every cellular modality named in the config a float32
+matrix [n, dim] with a boolean availability mask [n]. Availability is data: a row of zeros with
+available=False is "not measured", never "measured as zero".
+
+Profiles come from `ProfileTable`s (one per source file, see the importers in `profiles.py`). A
+modality may concatenate several sources (e.g. cell = CP-Bray + CP-JUMP); a molecule is available
+for the modality when any source observed it, and the missing part is imputed per column (counted).
+Replicate profiles of one molecule are aggregated (median, mean, or first as the release does).
+Within an observed profile, a row with more than `max_nan_fraction` NaN/inf entries is dropped;
+remaining NaN entries are imputed with the column mean over observed molecules. Every drop, skip
+and imputation is counted in the manifest.
+
+Saved as a directory: `corpus.npz` (keys, smiles, per-modality values/availability), `features.npz`
+(featurize.MoleculeFeatures) and `manifest.json` (format version, sources, settings, counts,
+availability per modality, feature names).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from chmr_jax import featurize
+
+FORMAT_VERSION = 1
+JOIN_KEYS = ("inchikey14", "inchikey")
+AGGREGATES = ("median", "mean", "first")
+
+
+class CorpusError(ValueError):
+    """Bad corpus input: the message names the file, the row or id, and what to do."""
+
+
+@dataclasses.dataclass
+class ProfileTable:
+    """Profiles from one source file, one row per profile (replicates allowed).
+
+    keys: join key per row (see `molecule_key`); smiles: a structure per row ('' when the molecule
+    is known from elsewhere); values float32 [rows, dim]; skipped: [(row id, reason)] for rows the
+    importer could not use (no structure, unparsable structure, ...), kept for the manifest.
+    """
+    source: str
+    keys: list
+    smiles: list
+    values: np.ndarray
+    feature_names: list
+    row_ids: list
+    skipped: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.values = np.asarray(self.values, np.float32)
+        n = len(self.keys)
+        if self.values.ndim != 2 or self.values.shape[0] != n or len(self.smiles) != n or len(self.row_ids) != n:
+            raise CorpusError(f"{self.source}: {n} keys, {len(self.smiles)} smiles, {len(self.row_ids)} ids "
+                              f"but values of shape {self.values.shape}")
+        if self.values.shape[1] != len(self.feature_names):
+            raise CorpusError(f"{self.source}: {self.values.shape[1]} value columns but "
+                              f"{len(self.feature_names)} feature names")
+
+
+def molecule_key(mol, join: str = "inchikey14") -> str:
+    """Join key of a parsed molecule: the 14-char InChIKey block or the full InChIKey."""
+    if join not in JOIN_KEYS:
+        raise ValueError(f"join key must be one of {JOIN_KEYS}, got {join!r}")
+    key14 = featurize.molecule_key(mol)
+    if join == "inchikey14" or key14.startswith("SMI"):
+        return key14
+    from rdkit import Chem
+    return Chem.MolToInchiKey(mol)
+
+
+def key_of_smiles(smiles: str, join: str = "inchikey14") -> str | None:
+    mol = featurize.parse_smiles(smiles)
+    if mol is None or mol.GetNumAtoms() == 0:
+        return None
+    return molecule_key(mol, join)
+
+
+@dataclasses.dataclass
+class Modality:
+    values: np.ndarray          # float32 [n, dim]; zeros where not available
+    available: np.ndarray       # bool [n]
+    feature_names: list
+    sources: list
+
+    @property
+    def dim(self) -> int:
+        return self.values.shape[1]
+
+
+@dataclasses.dataclass
+class Corpus:
+    keys: np.ndarray                    # str [n]
+    smiles: np.ndarray                  # str [n]
+    features: featurize.MoleculeFeatures  # aligned: features row i is molecule i
+    modalities: dict                    # name -> Modality
+    manifest: dict
+    gene_edges: np.ndarray | None = None  # optional [E, 2] str gene ids (paper layout G-G.csv.gz)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def index_of(self) -> dict:
+        return {str(k): i for i, k in enumerate(self.keys)}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = {"keys": self.keys, "smiles": self.smiles}
+        for name, m in self.modalities.items():
+            arrays[f"values/{name}"] = m.values
+            arrays[f"available/{name}"] = m.available
+        if self.gene_edges is not None:
+            arrays["gene_edges"] = np.asarray(self.gene_edges, dtype=str)
+        featurize._atomic_savez(directory / "corpus.npz", **arrays)
+        self.features.save(directory / "features.npz")
+        tmp = directory / f"manifest.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(self.manifest, indent=1))
+        os.replace(tmp, directory / "manifest.json")   # written last: its presence marks a complete corpus
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Corpus":
+        directory = Path(directory)
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.exists():
+            raise CorpusError(f"{directory}: no manifest.json; not a chmr_jax corpus (or an interrupted "
+                              "save). Build it with `chmr-jax prepare --corpus ...`")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CorpusError(f"{directory}: corpus format {manifest.get('format_version')} but this chmr_jax "
+                              f"reads format {FORMAT_VERSION}; rebuild the corpus")
+        with np.load(directory / "corpus.npz", allow_pickle=False) as data:
+            modalities = {}
+            for name, info in manifest["modalities"].items():
+                modalities[name] = Modality(values=data[f"values/{name}"], available=data[f"available/{name}"],
+                                            feature_names=info["feature_names"], sources=info["sources"])
+            gene_edges = data["gene_edges"] if "gene_edges" in data else None
+            keys, smiles = data["keys"], data["smiles"]
+        return cls(keys=keys, smiles=smiles, features=featurize.MoleculeFeatures.load(directory / "features.npz"),
+                   modalities=modalities, manifest=manifest, gene_edges=gene_edges)
+
+
+def _aggregate(rows: np.ndarray, how: str) -> np.ndarray:
+    if how == "first" or len(rows) == 1:
+        return rows[0]
+    with np.errstate(all="ignore"), _quiet_nan_warnings():
+        return np.nanmedian(rows, axis=0) if how == "median" else np.nanmean(rows, axis=0)
+
+
+class _quiet_nan_warnings:
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def aggregate_table(table: ProfileTable, aggregate: str = "median", max_nan_fraction: float = 0.5,
+                    allowed_keys: set | None = None) -> tuple[dict, dict]:
+    """Aggregates replicate rows of one source per key.
+
+    Returns ({key: profile float32 [dim] (may hold NaN)}, counts). Non-finite entries count as NaN;
+    a row whose NaN fraction exceeds max_nan_fraction is dropped; rows whose key is not in
+    `allowed_keys` (when given) are counted as not in the corpus.
+    """
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    values = table.values.astype(np.float32, copy=True)
+    n_inf = int(np.isinf(values).sum())
+    values[~np.isfinite(values)] = np.nan
+    nan_frac = np.isnan(values).mean(axis=1) if values.shape[1] else np.zeros(len(values))
+    groups: dict = {}
+    counts = {"rows": len(values), "inf_entries": n_inf, "dropped_nan_rows": 0, "not_in_corpus": 0}
+    for i, key in enumerate(table.keys):
+        if nan_frac[i] > max_nan_fraction:
+            counts["dropped_nan_rows"] += 1
+            continue
+        if allowed_keys is not None and key not in allowed_keys:
+            counts["not_in_corpus"] += 1
+            continue
+        groups.setdefault(key, []).append(i)
+    out = {key: _aggregate(values[idx], aggregate) for key, idx in groups.items()}
+    counts["molecules"] = len(out)
+    counts["replicate_rows_merged"] = sum(len(idx) - 1 for idx in groups.values())
+    return out, counts
+
+
+def assemble(structures: Sequence[tuple[str, str]], modality_sources: dict, join: str = "inchikey14",
+             aggregate: str = "median", max_nan_fraction: float = 0.5,
+             settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
+             cache_dir=None, exclude_keys: set | None = None, n_workers: int | None = None,
+             gene_edges: np.ndarray | None = None, name: str = "corpus",
+             expected_dims: dict | None = None, verbose: bool = True) -> Corpus:
+    """Builds a Corpus.
+
+    structures: (smiles, origin) pairs of molecules to include even without profiles (e.g. the
+        benchmarks); profile tables add their own molecules.
+    modality_sources: {modality: [ProfileTable, ...]} concatenated in the given order.
+    exclude_keys: join keys never to include (the leakage guard: a benchmark's test molecules).
+    expected_dims: {modality: dim} from the config; a mismatch is an error naming the sources.
+    """
+    if join not in JOIN_KEYS:
+        raise ValueError(f"join key must be one of {JOIN_KEYS}, got {join!r}")
+    start = time.perf_counter()
+    exclude_keys = set(exclude_keys or ())
+    counts: dict = {"structures_in": len(structures), "structures_unparsable": 0, "excluded_leakage": 0}
+
+    # 1. The molecule list: the first SMILES seen for each key, structures before profiles.
+    order: list = []
+    smiles_of: dict = {}
+    origin_keys: dict = {}
+    keys_for_structures = _keys_parallel([s for s, _ in structures], join, n_workers)
+    excluded = set()
+    for (smiles, origin), key in zip(structures, keys_for_structures):
+        if key is None:
+            counts["structures_unparsable"] += 1
+            continue
+        if key in exclude_keys:
+            excluded.add(key)
+            continue
+        origin_keys.setdefault(origin, set()).add(key)
+        if key not in smiles_of:
+            smiles_of[key] = smiles
+            order.append(key)
+    for modality, tables in modality_sources.items():
+        for table in tables:
+            for key, smiles in zip(table.keys, table.smiles):
+                if key in exclude_keys:
+                    excluded.add(key)
+                    continue
+                if key not in smiles_of and smiles:
+                    smiles_of[key] = smiles
+                    order.append(key)
+    counts["excluded_leakage"] = len(excluded)
+
+    # 2. Featurize; molecules the featurizer rejects leave the corpus with their profiles.
+    all_smiles = [smiles_of[k] for k in order]
+    feats = featurize.featurize_smiles(all_smiles, settings, cache_dir, name, n_workers,
+                                       show_progress=verbose, verbose=verbose)
+    keys = np.array([order[r] for r in feats.rows], dtype=str)
+    counts["featurize_rejects"] = len(feats.rejects)
+    index = {k: i for i, k in enumerate(keys)}
+    n = len(keys)
+
+    # 3. Modalities.
+    modalities, modality_counts = {}, {}
+    for modality, tables in modality_sources.items():
+        if not tables:
+            raise CorpusError(f"modality {modality!r} has no source files; check the corpus config")
+        parts, names, avail_any, source_counts = [], [], np.zeros(n, bool), {}
+        for table in tables:
+            profiles, c = aggregate_table(table, aggregate, max_nan_fraction, set(index))
+            c["skipped_by_importer"] = len(table.skipped)
+            dim = table.values.shape[1]
+            block = np.full((n, dim), np.nan, np.float32)
+            avail = np.zeros(n, bool)
+            for key, prof in profiles.items():
+                block[index[key]] = prof
+                avail[index[key]] = True
+            parts.append((block, avail))
+            names += list(table.feature_names)
+            avail_any |= avail
+            source_counts[table.source] = c
+        values = np.concatenate([b for b, _ in parts], axis=1)
+        if expected_dims and modality in expected_dims and values.shape[1] != expected_dims[modality]:
+            raise CorpusError(
+                f"modality {modality!r}: sources {[t.source for t in tables]} give {values.shape[1]} "
+                f"columns but the config says dim={expected_dims[modality]}; fix the config or the files")
+        # Missing entries of observed molecules: the other source's block, NaN cells. Column mean.
+        observed_rows = values[avail_any]
+        with np.errstate(all="ignore"), _quiet_nan_warnings():
+            col_mean = np.nanmean(observed_rows, axis=0) if len(observed_rows) else np.zeros(values.shape[1])
+        col_mean = np.nan_to_num(col_mean).astype(np.float32)
+        holes = np.isnan(values) & avail_any[:, None]
+        values = np.where(holes, col_mean[None, :], values)
+        values[~avail_any] = 0.0
+        modalities[modality] = Modality(values=values.astype(np.float32), available=avail_any,
+                                        feature_names=names, sources=[t.source for t in tables])
+        modality_counts[modality] = {"observed": int(avail_any.sum()), "fraction": float(avail_any.mean()) if n else 0.0,
+                                     "dim": int(values.shape[1]), "imputed_entries": int(holes.sum()),
+                                     "source_counts": source_counts}
+        if not avail_any.any():
+            print(f"[corpus] warning: modality {modality!r} has no observed molecule in this corpus "
+                  "(it will be 100% missing)", file=sys.stderr)
+
+    manifest = {
+        "format_version": FORMAT_VERSION, "name": name, "created_unix": int(time.time()),
+        "join": join, "aggregate": aggregate, "max_nan_fraction": max_nan_fraction,
+        "featurizer": dataclasses.asdict(settings), "molecules": n, "counts": counts,
+        "modalities": {m: {**modality_counts[m], "feature_names": modalities[m].feature_names,
+                           "sources": modalities[m].sources} for m in modalities},
+        "origins": {o: len(k & set(index)) for o, k in origin_keys.items()},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    return Corpus(keys=keys, smiles=np.array([smiles_of[k] for k in keys], dtype=str), features=feats,
+                  modalities=modalities, manifest=manifest, gene_edges=gene_edges)
+
+
+def _keys_chunk(args):
+    start, smiles, join = args
+    return start, [key_of_smiles(s, join) for s in smiles]
+
+
+def _keys_parallel(smiles: list, join: str, n_workers) -> list:
+    return featurize.map_chunks(_keys_chunk, smiles, (join,), "molecule keys", n_workers, chunk_size=1024,
+                                show_progress=len(smiles) > 5000)
+
+
+def overlap_table(corpus: Corpus, groups: dict) -> list[dict]:
+    """For each named group of join keys (e.g. a benchmark's molecules): how many are in the corpus
+    and how many of those have each modality observed."""
+    index = corpus.index_of()
+    rows = []
+    for group, keys in groups.items():
+        present = [index[k] for k in set(keys) if k in index]
+        row = {"group": group, "molecules": len(set(keys)), "in_corpus": len(present)}
+        for name, m in corpus.modalities.items():
+            row[name] = int(m.available[present].sum()) if present else 0
+        rows.append(row)
+    return rows
+
+
+def summary_rows(corpus: Corpus) -> list[dict]:
+    rows = [{"modality": "(molecules)", "dim": "-", "observed": len(corpus), "fraction": "100.0%"}]
+    for name, m in corpus.modalities.items():
+        rows.append({"modality": name, "dim": m.dim, "observed": int(m.available.sum()),
+                     "fraction": f"{m.available.mean():.1%}" if len(corpus) else "-"})
+    return rows
