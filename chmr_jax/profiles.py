@@ -394,12 +394,20 @@ def synthetic_smiles(n: int) -> list[str]:
              "c1ccc2ccccc2c1", "C1CC1"]
     links = ["", "C", "CC", "C(=O)N", "OC", "NC(=O)"]
     tails = ["O", "N", "Cl", "F", "C(=O)O", "C#N", "S", "OC", "C(F)(F)F", "c1ccccc1"]
-    out = []
+    from rdkit import Chem
+    out, seen = [], set()
     for t in tails:
         for link in links:
             for r in rings:
                 for h in heads:
-                    out.append(f"{h}{r}{link}{t}")
+                    mol = featurize.parse_smiles(f"{h}{r}{link}{t}")
+                    if mol is None:
+                        continue
+                    canonical = Chem.MolToSmiles(mol)
+                    if canonical in seen:
+                        continue
+                    seen.add(canonical)
+                    out.append(canonical)
                     if len(out) == n:
                         return out
     raise ValueError(f"can enumerate at most {len(out)} synthetic molecules")
