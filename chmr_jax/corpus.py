@@ -32,7 +32,7 @@ import numpy as np
 from chmr_jax import featurize
 
 FORMAT_VERSION = 1
-JOIN_KEYS = ("inchikey14", "inchikey")
+JOIN_KEYS = featurize.JOIN_KEYS
 AGGREGATES = ("median", "mean", "first")
 
 
@@ -44,7 +44,7 @@ class CorpusError(ValueError):
 class ProfileTable:
     """Profiles from one source file, one row per profile (replicates allowed).
 
-    keys: join key per row (see `molecule_key`); smiles: a structure per row ('' when the molecule
+    keys: join key per row (see `featurize.molecule_key`); smiles: a structure per row ('' when the molecule
     is known from elsewhere); values float32 [rows, dim]; skipped: [(row id, reason)] for rows the
     importer could not use (no structure, unparsable structure, ...), kept for the manifest.
     """
@@ -65,24 +65,6 @@ class ProfileTable:
         if self.values.shape[1] != len(self.feature_names):
             raise CorpusError(f"{self.source}: {self.values.shape[1]} value columns but "
                               f"{len(self.feature_names)} feature names")
-
-
-def molecule_key(mol, join: str = "inchikey14") -> str:
-    """Join key of a parsed molecule: the 14-char InChIKey block or the full InChIKey."""
-    if join not in JOIN_KEYS:
-        raise ValueError(f"join key must be one of {JOIN_KEYS}, got {join!r}")
-    key14 = featurize.molecule_key(mol)
-    if join == "inchikey14" or key14.startswith("SMI"):
-        return key14
-    from rdkit import Chem
-    return Chem.MolToInchiKey(mol)
-
-
-def key_of_smiles(smiles: str, join: str = "inchikey14") -> str | None:
-    mol = featurize.parse_smiles(smiles)
-    if mol is None or mol.GetNumAtoms() == 0:
-        return None
-    return molecule_key(mol, join)
 
 
 @dataclasses.dataclass
@@ -121,7 +103,7 @@ class Corpus:
             arrays[f"available/{name}"] = m.available
         if self.gene_edges is not None:
             arrays["gene_edges"] = np.asarray(self.gene_edges, dtype=str)
-        featurize._atomic_savez(directory / "corpus.npz", **arrays)
+        featurize.atomic_savez(directory / "corpus.npz", **arrays)
         self.features.save(directory / "features.npz")
         tmp = directory / f"manifest.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(self.manifest, indent=1))
@@ -222,10 +204,10 @@ def assemble(structures: Sequence[tuple[str, str]], modality_sources: dict, join
     order: list = []
     smiles_of: dict = {}
     origin_keys: dict = {}
-    keys_for_structures = _keys_parallel([s for s, _ in structures], join, n_workers)
+    keys_for_structures = featurize.keys_of_smiles([s for s, _ in structures], join, n_workers)
     excluded = set()
     for (smiles, origin), key in zip(structures, keys_for_structures):
-        if key is None:
+        if not key:
             counts["structures_unparsable"] += 1
             continue
         if key in exclude_keys:
@@ -307,16 +289,6 @@ def assemble(structures: Sequence[tuple[str, str]], modality_sources: dict, join
     }
     return Corpus(keys=keys, smiles=np.array([smiles_of[k] for k in keys], dtype=str), features=feats,
                   modalities=modalities, manifest=manifest, gene_edges=gene_edges)
-
-
-def _keys_chunk(args):
-    start, smiles, join = args
-    return start, [key_of_smiles(s, join) for s in smiles]
-
-
-def _keys_parallel(smiles: list, join: str, n_workers) -> list:
-    return featurize.map_chunks(_keys_chunk, smiles, (join,), "molecule keys", n_workers, chunk_size=1024,
-                                show_progress=len(smiles) > 5000)
 
 
 def overlap_table(corpus: Corpus, groups: dict) -> list[dict]:

@@ -175,15 +175,6 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None = None,
                   split, cache_dir, n_workers)
 
 
-def _keys_chunk(args):
-    start, smiles = args
-    out = []
-    for s in smiles:
-        mol = featurize.parse_smiles(s)
-        out.append(featurize.molecule_key(mol) if mol is not None else "")
-    return start, out
-
-
 def molecule_keys(smiles: Sequence[str], cache_dir: str | os.PathLike | None = None,
                   name: str = "smiles", n_workers: int | None = None) -> np.ndarray:
     """14-char InChIKey block per SMILES ('' if unparsable), cached by the SMILES list."""
@@ -193,9 +184,7 @@ def molecule_keys(smiles: Sequence[str], cache_dir: str | os.PathLike | None = N
         path = Path(cache_dir) / f"{name}-keys-{featurize.cache_key(smiles, {}, 'keys')}.npy"
         if path.exists():
             return np.load(path)
-    keys = np.array(featurize.map_chunks(_keys_chunk, smiles, (), f"keys {name}", n_workers,
-                                         chunk_size=1024, show_progress=len(smiles) > 5000),
-                    dtype="<U14")
+    keys = np.array(featurize.keys_of_smiles(smiles, "inchikey14", n_workers, f"keys {name}"), dtype="<U14")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")

@@ -143,21 +143,47 @@ def parse_smiles(smiles: str):
     return Chem.MolFromSmiles(smiles.strip())  # an empty cell parses to a molecule with 0 atoms
 
 
-def molecule_key(mol) -> str:
-    """14-character InChIKey connectivity block of a parsed molecule.
+JOIN_KEYS = ("inchikey14", "inchikey")
+
+
+def molecule_key(mol, join: str = "inchikey14") -> str:
+    """Join key of a parsed molecule: the 14-character InChIKey connectivity block (stereoisomers
+    share it) or, with join='inchikey', the full InChIKey.
 
     When RDKit cannot make an InChI (e.g. dummy atoms '*'), the key is 'SMI' + 11 hex digits of
     the canonical SMILES' sha1: still 14 characters, stable, and never equal to a real InChIKey
     block (those are upper-case letters only).
     """
     from rdkit import Chem
+    if join not in JOIN_KEYS:
+        raise ValueError(f"join key must be one of {JOIN_KEYS}, got {join!r}")
     try:
         key = Chem.MolToInchiKey(mol)
     except Exception:  # noqa: BLE001  (RDKit raises assorted types for exotic chemistry)
         key = ""
     if key:
-        return key[:14]
+        return key[:14] if join == "inchikey14" else key
     return "SMI" + hashlib.sha1(Chem.MolToSmiles(mol).encode()).hexdigest()[:11]
+
+
+def key_of_smiles(smiles: str, join: str = "inchikey14") -> str:
+    """molecule_key of a SMILES, or '' when it does not parse or has no atoms."""
+    mol = parse_smiles(smiles)
+    if mol is None or mol.GetNumAtoms() == 0:
+        return ""
+    return molecule_key(mol, join)
+
+
+def _keys_chunk(args):
+    start, smiles, join = args
+    return start, [key_of_smiles(s, join) for s in smiles]
+
+
+def keys_of_smiles(smiles: Sequence[str], join: str = "inchikey14", n_workers: int | None = None,
+                   desc: str = "molecule keys") -> list[str]:
+    """key_of_smiles for many SMILES, in parallel processes, with progress for long lists."""
+    return map_chunks(_keys_chunk, list(smiles), (join,), desc, n_workers, chunk_size=1024,
+                      show_progress=len(smiles) > 5000)
 
 
 def featurize_molecule(smiles: str, settings: FeaturizerSettings) -> dict | str:
@@ -248,7 +274,7 @@ class MoleculeFeatures:
         meta = {"n_input": self.n_input, "rejects": self.rejects,
                 "settings": dataclasses.asdict(self.settings), "version": FEATURIZE_VERSION}
         arrays = {name: getattr(self, name) for name in self._ARRAYS}
-        _atomic_savez(path, meta=np.array(json.dumps(meta)), **arrays)
+        atomic_savez(path, meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
     def load(cls, path: Path) -> "MoleculeFeatures":
@@ -260,7 +286,7 @@ class MoleculeFeatures:
                    settings=FeaturizerSettings(**meta["settings"]))
 
 
-def _atomic_savez(path: Path, **arrays) -> None:
+def atomic_savez(path: Path, **arrays) -> None:
     """np.savez to a temporary name then rename, so an interrupted write never leaves a bad cache."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -501,7 +527,7 @@ def featurize_geometry(smiles: Sequence[str], settings: GeometrySettings = Geome
             values[i] = r
             ok[i] = True
     if cache_path is not None:
-        _atomic_savez(cache_path, values=values, ok=ok, reasons=np.array(json.dumps(reasons)))
+        atomic_savez(cache_path, values=values, ok=ok, reasons=np.array(json.dumps(reasons)))
     return GeometryFeatures(values=values, ok=ok, reasons=reasons, names=geometry_feature_names())
 
 

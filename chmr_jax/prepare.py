@@ -112,24 +112,21 @@ def _reachable_sources(data_dir, join: str, dose: str) -> dict:
 
 def benchmark_keys(names, join: str, data_dir, cache_dir, n_workers=None) -> dict:
     """{benchmark: join keys of its parseable rows}."""
-    from chmr_jax import corpus as corpus_lib
     out = {}
     for name in names:
         ds = datasets.load_benchmark(name, data_dir, cache_dir, n_workers)
-        keys = ds.keys if join == "inchikey14" else np.array(
-            [k or "" for k in corpus_lib._keys_parallel(list(ds.smiles), join, n_workers)])
+        keys = ds.keys if join == "inchikey14" else featurize.keys_of_smiles(ds.smiles, join, n_workers)
         out[name] = [k for k in keys if k]
     return out
 
 
 def test_split_keys(benchmark: str, join: str, data_dir, cache_dir, n_workers=None) -> set:
     """Join keys of a benchmark's test split (its default protocol): the leakage guard's list."""
-    from chmr_jax import corpus as corpus_lib
     ds = datasets.load_benchmark(benchmark, data_dir, cache_dir, n_workers)
     split = splits.load_or_make_split(ds.smiles, ds.default_split, cache_dir, ds.name, n_workers=n_workers)
     test_smiles = [ds.smiles[i] for i in split["test"]]
     keys = [ds.keys[i] for i in split["test"]] if join == "inchikey14" else \
-        corpus_lib._keys_parallel(test_smiles, join, n_workers)
+        featurize.keys_of_smiles(test_smiles, join, n_workers)
     return {k for k in keys if k}
 
 

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from chmr_jax import featurize
-from chmr_jax.corpus import CorpusError, ProfileTable, molecule_key
+from chmr_jax.corpus import CorpusError, ProfileTable
 
 PAPER_MODALITIES = {"CP-Bray": 1783, "CP-JUMP": 966, "G-CRISPR": 1111, "G-ORF": 862, "GE": 978}
 PAPER_ROW_ID = {"CP-Bray": "cell_bid", "CP-JUMP": "cell_jid", "G-CRISPR": "ncbi_gene_id",
@@ -40,13 +40,6 @@ def _open_text(path: Path):
 
 def _float(cell: str) -> float:
     return float("nan") if cell.strip() in MISSING_TOKENS else float(cell)
-
-
-def _parse_smiles_key(smiles: str, join: str):
-    mol = featurize.parse_smiles(smiles)
-    if mol is None or mol.GetNumAtoms() == 0:
-        return None
-    return molecule_key(mol, join)
 
 
 # ---- GCT -------------------------------------------------------------------------------------------
@@ -157,7 +150,7 @@ def read_l1000_consensus(signatures_path, structures_path, join: str = "inchikey
                 values = [_float(x) for x in fields[1:]]
             except ValueError as err:
                 raise CorpusError(f"{signatures_path}, line {line}: {err}") from None
-            keys.append(molecule_key(mol, join))
+            keys.append(featurize.molecule_key(mol, join))
             smiles.append(Chem.MolToSmiles(mol))
             rows.append(values)
             ids.append(pid)
@@ -214,8 +207,8 @@ def read_l1000_plate(gct_path, structure_lookup: dict, join: str = "inchikey14",
         if s is None:
             skipped.append((well, f"no structure for {pert_ids[w]}"))
             continue
-        key = _parse_smiles_key(s, join)
-        if key is None:
+        key = featurize.key_of_smiles(s, join)
+        if not key:
             skipped.append((well, f"structure of {pert_ids[w]} does not parse"))
             continue
         keys.append(key)
@@ -267,8 +260,8 @@ def read_cellprofiler_plate(path, structure_lookup: dict, join: str = "inchikey1
             skipped.append((wells[i], f"no structure for {broad[i] or pert[i]}"))
             continue
         else:
-            key = _parse_smiles_key(s, join)
-        if key is None:
+            key = featurize.key_of_smiles(s, join)
+        if not key:
             skipped.append((wells[i], f"structure of {broad[i]} does not parse"))
             continue
         try:
@@ -327,8 +320,7 @@ def read_paper_layout(root, modalities: Sequence[str] | None = None, join: str =
         for row in reader:
             mol_smiles.setdefault(row["mol_id"], row["smiles"])
     mol_ids = list(mol_smiles)
-    from chmr_jax.corpus import _keys_parallel
-    mol_key = dict(zip(mol_ids, _keys_parallel([mol_smiles[m] for m in mol_ids], join, n_workers)))
+    mol_key = dict(zip(mol_ids, featurize.keys_of_smiles([mol_smiles[m] for m in mol_ids], join, n_workers)))
     tables = {}
     for name in names:
         csv_path, npz_path = root / f"{name}.csv.gz", root / f"{name}_feature.npz"
@@ -363,7 +355,7 @@ def read_paper_layout(root, modalities: Sequence[str] | None = None, join: str =
             if row[m_col] not in mol_smiles:
                 skipped.append((row[id_col], f"mol_id {row[m_col]} not in structure.csv.gz"))
                 continue
-            if key is None:
+            if not key:
                 skipped.append((row[id_col], f"structure of {row[m_col]} does not parse"))
                 continue
             keep.append(i)

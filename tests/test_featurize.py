@@ -177,3 +177,16 @@ def test_external_matrix_alignment(tmp_path):
     csv_path.write_text("key,a,b\nAAA,1,x\n")
     with pytest.raises(ValueError, match="line 2: non-numeric"):
         F.load_external_matrix(csv_path, ["AAA"])
+
+
+def test_join_keys():
+    assert F.key_of_smiles("CCO") == "LFQSCWFLJHTTHZ"
+    assert F.key_of_smiles("CCO", "inchikey") == "LFQSCWFLJHTTHZ-UHFFFAOYSA-N"
+    # Enantiomers share the connectivity block but not the full key.
+    l_ala, d_ala = "N[C@@H](C)C(=O)O", "N[C@H](C)C(=O)O"
+    assert F.key_of_smiles(l_ala) == F.key_of_smiles(d_ala)
+    assert F.key_of_smiles(l_ala, "inchikey") != F.key_of_smiles(d_ala, "inchikey")
+    assert F.key_of_smiles("not(") == "" and F.key_of_smiles("") == ""
+    assert F.keys_of_smiles(["CCO", "x("], "inchikey", n_workers=1) == ["LFQSCWFLJHTTHZ-UHFFFAOYSA-N", ""]
+    with pytest.raises(ValueError, match="join key"):
+        F.molecule_key(F.parse_smiles("C"), "smiles")
