@@ -1,0 +1,177 @@
+"""The CHMR model in Flax NNX (spec §1, 3, 5, 6).
+
+  GNNVirtualNode   GIN with a virtual node on padded graph batches (OGB's GNN_node_Virtualnode:
+                   5 layers, width 300, residual, batch norm over real nodes only, dropout 0.5),
+                   sum readout over real nodes.
+  Projector        LayerNorm -> Linear(d_in, D) -> SiLU, one per modality (spec Eq. 2); the original
+                   and augmented view of a cellular modality share it.
+  Decoder          LayerNorm -> Linear(D, 4D) -> exact GELU -> Dropout(0.3) -> Linear (spec §6).
+  CHMR             holds the above plus the heap-ordered Tree-VQ code table; `encode` returns the
+                   per-modality projections and the anchor (sum of molecular projections).
+All sizes come from the config and the data (modality dims); nothing is fixed to the paper's six.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from chmr_jax import featurize, graphs, tree_vq
+
+
+class CategoricalEncoder(nnx.Module):
+    """Sum of one embedding per categorical field (OGB AtomEncoder / BondEncoder).
+
+    With max_norm (the release's option), looked-up rows are rescaled to norm <= max_norm.
+    """
+
+    def __init__(self, vocab_sizes, dim: int, *, max_norm: float | None = None, rngs: nnx.Rngs):
+        init = nnx.initializers.xavier_uniform()
+        self.tables = nnx.List([nnx.Embed(v, dim, embedding_init=init, rngs=rngs) for v in vocab_sizes])
+        self.max_norm = max_norm
+
+    def __call__(self, x):
+        out = 0.0
+        for i, table in enumerate(self.tables):
+            e = table(x[:, i])
+            if self.max_norm:
+                norm = jnp.linalg.norm(e, axis=-1, keepdims=True)
+                e = e * jnp.minimum(1.0, self.max_norm / jnp.maximum(norm, 1e-7))
+            out = out + e
+        return out
+
+
+class MLP2(nnx.Module):
+    """Linear -> BatchNorm -> ReLU -> Linear [-> BatchNorm -> ReLU]; batch statistics under `mask`."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, *, final_norm: bool, rngs: nnx.Rngs):
+        self.lin1 = nnx.Linear(d_in, d_hidden, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(d_hidden, momentum=0.9, rngs=rngs)
+        self.lin2 = nnx.Linear(d_hidden, d_out, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(d_out, momentum=0.9, rngs=rngs) if final_norm else None
+
+    def __call__(self, x, mask):
+        x = jax.nn.relu(self.bn1(self.lin1(x), mask=mask[:, None]))
+        x = self.lin2(x)
+        if self.bn2 is not None:
+            x = jax.nn.relu(self.bn2(x, mask=mask[:, None]))
+        return x
+
+
+class GINConv(nnx.Module):
+    """h_i' = MLP((1 + eps) h_i + sum_{j -> i} relu(h_j + bond(e_ji))) over real edges."""
+
+    def __init__(self, dim: int, *, max_norm=None, rngs: nnx.Rngs):
+        self.bond = CategoricalEncoder(featurize.BOND_VOCAB_SIZES, dim, max_norm=max_norm, rngs=rngs)
+        self.mlp = MLP2(dim, 2 * dim, dim, final_norm=False, rngs=rngs)
+        self.eps = nnx.Param(jnp.zeros(()))
+
+    def __call__(self, h, batch: graphs.GraphBatch):
+        msg = jax.nn.relu(h[batch.senders] + self.bond(batch.edges))
+        agg = graphs.segment_sum(msg, batch.receivers, h.shape[0], batch.edge_mask)
+        return self.mlp((1.0 + self.eps[...]) * h + agg, batch.node_mask)
+
+
+class GNNVirtualNode(nnx.Module):
+    """OGB's GNN_node_Virtualnode (GIN, JK = last) on a padded GraphBatch; returns node states [N, D]."""
+
+    def __init__(self, n_layers: int = 5, dim: int = 300, dropout: float = 0.5, residual: bool = True,
+                 max_norm: float | None = None, *, rngs: nnx.Rngs):
+        self.atom = CategoricalEncoder(featurize.ATOM_VOCAB_SIZES, dim, max_norm=max_norm, rngs=rngs)
+        self.convs = nnx.List([GINConv(dim, max_norm=max_norm, rngs=rngs) for _ in range(n_layers)])
+        self.norms = nnx.List([nnx.BatchNorm(dim, momentum=0.9, rngs=rngs) for _ in range(n_layers)])
+        self.vn_mlps = nnx.List([MLP2(dim, 2 * dim, dim, final_norm=True, rngs=rngs)
+                                 for _ in range(n_layers - 1)])
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.residual = residual
+        self.n_layers = n_layers
+
+    def __call__(self, batch: graphs.GraphBatch):
+        n_graph = batch.n_node.shape[0]
+        node_mask = batch.node_mask
+        h = self.atom(batch.nodes)
+        vn = jnp.zeros((n_graph, h.shape[-1]), h.dtype)
+        for layer in range(self.n_layers):
+            h_in = h + vn[batch.node_graph]
+            out = self.norms[layer](self.convs[layer](h_in, batch), mask=node_mask[:, None])
+            if layer < self.n_layers - 1:
+                out = jax.nn.relu(out)
+            out = self.dropout(out)
+            if self.residual:
+                out = out + h_in
+            if layer < self.n_layers - 1:
+                pooled = graphs.segment_sum(h_in, batch.node_graph, n_graph, node_mask) + vn
+                upd = self.dropout(self.vn_mlps[layer](pooled, batch.graph_mask))
+                vn = vn + upd if self.residual else upd
+            h = out
+        return jnp.where(node_mask[:, None], h, 0.0)
+
+    def readout(self, batch: graphs.GraphBatch):
+        """Sum of real node states per graph [G, D] (padding graphs are zero)."""
+        h = self(batch)
+        return graphs.segment_sum(h, batch.node_graph, batch.n_node.shape[0], batch.node_mask)
+
+
+class Projector(nnx.Module):
+    """LayerNorm -> Linear(d_in, D) -> SiLU (spec Eq. 2)."""
+
+    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(d_in, rngs=rngs)
+        self.linear = nnx.Linear(d_in, d_out, rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.silu(self.linear(self.norm(x)))
+
+
+class Decoder(nnx.Module):
+    """LayerNorm -> Linear(D, 4D) -> exact GELU -> Dropout -> Linear(4D, d_out) (spec §6)."""
+
+    def __init__(self, d_in: int, d_out: int, dropout: float = 0.3, *, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(d_in, rngs=rngs)
+        self.hidden = nnx.Linear(d_in, 4 * d_in, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.out = nnx.Linear(4 * d_in, d_out, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.dropout(jax.nn.gelu(self.hidden(self.norm(x)), approximate=False)))
+
+
+class CHMR(nnx.Module):
+    """Encoders, projectors, decoders and the Tree-VQ table.
+
+    mol_dims: {molecular modality: input dim}, e.g. {'fingerprint': 1191, 'graph': 300, 'geometry': 923};
+    'graph' is the GNN readout (its dim is the GNN width). cell_dims: {cellular modality: dim}.
+    target_dims: {context node type: target dim} for the reconstruction decoders.
+    """
+
+    def __init__(self, mol_dims: dict, cell_dims: dict, target_dims: dict, *, latent: int = 300,
+                 gnn_layers: int = 5, gnn_width: int = 300, gnn_dropout: float = 0.5, residual: bool = True,
+                 max_norm: float | None = None, decoder_dropout: float = 0.3, tree_depth: int = 6,
+                 rngs: nnx.Rngs):
+        if "graph" in mol_dims and mol_dims["graph"] != gnn_width:
+            raise ValueError(f"the graph modality is the GNN readout: its dim must equal gnn_width "
+                             f"({gnn_width}), got {mol_dims['graph']}")
+        self.mol_names = list(mol_dims)
+        self.cell_names = list(cell_dims)
+        self.gnn = GNNVirtualNode(gnn_layers, gnn_width, gnn_dropout, residual, max_norm, rngs=rngs) \
+            if "graph" in mol_dims else None
+        self.projectors = nnx.Dict({name: Projector(d, latent, rngs=rngs)
+                                    for name, d in {**mol_dims, **cell_dims}.items()})
+        self.decoders = nnx.Dict({name: Decoder(latent, d, decoder_dropout, rngs=rngs)
+                                  for name, d in target_dims.items()})
+        self.codebook = nnx.Param(tree_vq.init_table(rngs.params(), tree_depth, latent))
+
+    def encode(self, batch: graphs.GraphBatch, inputs: dict) -> dict:
+        """Projections {modality: [G, D]} for every modality with an input, plus 'anchor'.
+
+        inputs: {modality: [G, d]} for the non-graph modalities (cellular ones may be absent).
+        """
+        out = {}
+        for name in self.mol_names:
+            x = self.gnn.readout(batch) if name == "graph" else inputs[name]
+            out[name] = self.projectors[name](x)
+        out["anchor"] = sum(out[name] for name in self.mol_names)
+        for name in self.cell_names:
+            if name in inputs:
+                out[name] = self.projectors[name](inputs[name])
+        return out

@@ -1,0 +1,68 @@
+"""The NNX model: shapes, masking (padding never changes results), the GIN message passing."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from chmr_jax import featurize, graphs, model as M
+
+SMILES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C1CCCCC1N", "CCCl"]
+
+
+@pytest.fixture(scope="module")
+def feats():
+    return featurize.featurize_smiles(SMILES, featurize.FeaturizerSettings(), None, n_workers=1, show_progress=False)
+
+
+def to_jax(batch):
+    return jax.tree_util.tree_map(jnp.asarray, batch)
+
+
+def small_model(dropout=0.0):
+    return M.CHMR({"fingerprint": 1191, "graph": 32}, {"cell": 20}, {"molecule": 1024, "cell": 20},
+                  latent=16, gnn_layers=3, gnn_width=32, gnn_dropout=dropout, tree_depth=3, rngs=nnx.Rngs(0))
+
+
+def test_encode_shapes_and_anchor(feats):
+    m = small_model()
+    batch = to_jax(graphs.pack(feats, [0, 1, 2, 3], graphs.GraphBudget(64, 64, 5)))
+    fp = np.zeros((5, 1191), np.float32)
+    fp[:4] = feats.fingerprints([0, 1, 2, 3])
+    out = m.encode(batch, {"fingerprint": fp, "cell": np.ones((5, 20), np.float32)})
+    assert {k: v.shape for k, v in out.items()} == {"fingerprint": (5, 16), "graph": (5, 16),
+                                                     "anchor": (5, 16), "cell": (5, 16)}
+    np.testing.assert_allclose(out["anchor"], out["fingerprint"] + out["graph"], rtol=1e-6)
+    assert m.codebook[...].shape == (16, 16)                 # 2^(3+1) rows
+
+
+def test_padding_and_batch_mates_do_not_change_results(feats):
+    m = small_model(dropout=0.0)
+    small = to_jax(graphs.pack(feats, [0, 1, 2], graphs.GraphBudget(32, 64, 4)))
+    large = to_jax(graphs.pack(feats, [0, 1, 2], graphs.GraphBudget(128, 256, 9)))
+    # Train mode: batch norm statistics come from real nodes only, so extra padding is invisible.
+    m.train()
+    np.testing.assert_allclose(m.gnn.readout(small)[:3], m.gnn.readout(large)[:3], rtol=1e-5, atol=1e-5)
+    # Eval mode: a molecule's embedding does not depend on the other molecules in its batch.
+    m.eval()
+    alone = to_jax(graphs.pack(feats, [2], graphs.GraphBudget(32, 64, 4)))
+    np.testing.assert_allclose(m.gnn.readout(small)[2], m.gnn.readout(alone)[0], rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(m.gnn.readout(small)[3:]) == 0)  # padding graph slots
+
+
+def test_gin_aggregates_over_real_incoming_edges(feats):
+    conv = M.GINConv(8, rngs=nnx.Rngs(1))
+    batch = to_jax(graphs.pack(feats, [0], graphs.GraphBudget(16, 16, 2)))   # ethanol C-C-O
+    h = jax.random.normal(jax.random.key(0), (16, 8))
+    bond = conv.bond(batch.edges)
+    msg = jax.nn.relu(h[batch.senders] + bond)
+    # Hand aggregation: node 1 (the middle C) receives from nodes 0 and 2.
+    expected_in = h[1] + msg[np.nonzero(np.asarray(batch.receivers[:4]) == 1)[0]].sum(0)
+    conv.eval()
+    out = conv(h, batch)
+    np.testing.assert_allclose(out[1], conv.mlp(expected_in[None], jnp.ones(1, bool))[0], rtol=1e-5, atol=1e-6)
+
+
+def test_graph_dim_must_match_gnn_width():
+    with pytest.raises(ValueError, match="gnn_width"):
+        M.CHMR({"graph": 64}, {}, {}, gnn_width=32, rngs=nnx.Rngs(0))
