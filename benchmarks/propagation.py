@@ -91,10 +91,11 @@ def main():
                 continue
             chunk = CHUNK[fmt]
             if fmt == "scipy":
-                run = lambda: run_scipy(w, x, observed, args.steps, chunk)
+                def run(w=w, x=x, chunk=chunk):
+                    return run_scipy(w, x, observed, args.steps, chunk)
             else:
-                run = lambda: np.asarray(PR.propagate(graph, x, observed, args.steps, fmt=fmt,
-                                                      width_chunk=chunk).x)
+                def run(graph=graph, x=x, fmt=fmt, chunk=chunk):
+                    return np.asarray(PR.propagate(graph, x, observed, args.steps, fmt=fmt, width_chunk=chunk).x)
             out = run()                                   # warm-up: compiles every chunk shape
             t = time.perf_counter()
             out = run()

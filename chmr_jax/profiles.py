@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import os
 from pathlib import Path
 from typing import Sequence
 
