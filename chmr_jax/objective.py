@@ -1,0 +1,112 @@
+"""The CHMR pretraining objective L = L_CPR + lambda1 L_SCA + lambda2 L_TreeVQ (spec §7), as one
+function of the model, a padded batch, the context graph and a PRNG key.
+
+Batch (a dict pytree, all leading dims G = graph slots of the padded batch):
+  graph      graphs.GraphBatch
+  inputs     {modality: [G, d]} molecular inputs (fingerprint, geometry, ...) and the main input of
+             each cellular modality (after imputation: propagate | mean | zero)
+  aug        {cellular modality: [G, d]} the propagated copy, VICReg's second view
+  mask       {cellular modality: [G] bool} rows that take part in SCA for that modality
+  node       [G] int32 context-graph node of each molecule (its walk start)
+Context (device arrays): indptr, indices, weights, node_type, node_row, and per node type
+  targets [n_t, d_t] / target_mask [n_t, d_t] (see context.ContextGraph).
+Every term and metric is returned, so the train step can log them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chmr_jax import context as context_lib, losses, tree_vq
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    lambda_sca: float = 10.0
+    lambda_vq: float = 1.0
+    tau: float = 0.2
+    symmetric: bool = False
+    infonce_impl: str = "chunked"
+    infonce_block: int = 1024
+    vicreg_weights: tuple = (1.0, 1.0, 1.0)
+    vq_eta: float = 1.0
+    vq_mu: float = 1.0
+    vq_reverse: bool = True
+    walk_length: int = 4
+    recon_kind: str = "bce"
+
+
+def context_arrays(graph: context_lib.ContextGraph) -> dict:
+    """The context graph as a dict of device arrays for `objective` (targets keyed by type index)."""
+    def nonempty(x, fill):
+        # A node type without nodes still gets one (masked) row, so gathers stay in bounds.
+        return x if len(x) else np.full((1,) + x.shape[1:], fill, x.dtype)
+
+    return {
+        "indptr": jnp.asarray(graph.indptr), "indices": jnp.asarray(graph.indices),
+        "weights": jnp.asarray(graph.weights), "node_type": jnp.asarray(graph.node_type),
+        "node_row": jnp.asarray(graph.node_row),
+        "targets": {t: jnp.asarray(nonempty(graph.targets[t], 0)) for t in graph.targets},
+        "target_mask": {t: jnp.asarray(nonempty(graph.target_mask[t], False)) for t in graph.targets},
+        "type_index": {t: i for i, t in enumerate(graph.type_names)},
+    }
+
+
+def objective(model, batch: dict, ctx: dict, key, cfg: ObjectiveConfig, mesh=None):
+    """Returns (total loss, metrics dict of scalars / small arrays)."""
+    gm = batch["graph"].graph_mask
+    proj = model.encode(batch["graph"], batch["inputs"])
+    anchor = proj["anchor"]
+    metrics = {}
+
+    # Semantic consistency alignment (spec §4).
+    sca = 0.0
+    for name in model.cell_names:
+        m = batch["mask"][name] & gm
+        nce = losses.infonce(anchor, proj[name], m, cfg.tau, cfg.symmetric, cfg.infonce_impl,
+                             cfg.infonce_block, mesh)
+        aug = model.projectors[name](batch["aug"][name])
+        vic, parts = losses.vicreg(proj[name], aug, m, *cfg.vicreg_weights)
+        sca = sca + nce + vic
+        metrics[f"sca/{name}/infonce"] = nce
+        metrics[f"sca/{name}/vicreg"] = vic
+        metrics[f"sca/{name}/rows"] = jnp.sum(m)
+
+    # Tree-VQ over every modality's projection (spec §5), averaged over modalities.
+    table = model.codebook[...]
+    vq_terms = []
+    for name in model.mol_names + model.cell_names:
+        m = gm if name in model.mol_names else batch["mask"][name] & gm
+        out = tree_vq.tree_vq(table, proj[name], m, cfg.vq_eta, cfg.vq_mu, cfg.vq_reverse)
+        vq_terms.append(out.loss)
+        metrics[f"vq/{name}/perplexity"] = out.perplexity
+        metrics[f"vq/{name}/dead_fraction"] = out.dead_fraction
+    vq = sum(vq_terms) / max(len(vq_terms), 1)
+
+    # Context-propagation reconstruction (spec §6): walks from each molecule's node; every node
+    # on the walk contributes its target, weighted by the walk's path weight beta.
+    nodes, beta = context_lib.random_walks(ctx["indptr"], ctx["indices"], ctx["weights"], batch["node"], key,
+                                           cfg.walk_length)
+    beta = beta * gm[:, None]
+    cpr = 0.0
+    for name, decoder in model.decoders.items():
+        t = ctx["type_index"][name]
+        logits = decoder(anchor)                                             # [G, d_t]
+        rows = ctx["node_row"][nodes]                                        # [G, L+1]
+        is_t = ctx["node_type"][nodes] == t
+        rows = jnp.where(is_t, rows, 0)
+        target = ctx["targets"][name][rows]                                  # [G, L+1, d_t]
+        tmask = ctx["target_mask"][name][rows] & is_t[..., None]
+        g, steps = nodes.shape
+        term = context_lib.reconstruction_loss(
+            jnp.broadcast_to(logits[:, None, :], target.shape).reshape(g * steps, -1),
+            target.reshape(g * steps, -1), tmask.reshape(g * steps, -1), beta.reshape(-1), cfg.recon_kind)
+        cpr = cpr + term
+        metrics[f"cpr/{name}"] = term
+
+    total = cpr + cfg.lambda_sca * sca + cfg.lambda_vq * vq
+    metrics.update({"loss": total, "loss/cpr": cpr, "loss/sca": sca, "loss/vq": vq})
+    return total, metrics
