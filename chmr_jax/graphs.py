@@ -60,12 +60,13 @@ def round_up(x: int, multiple: int) -> int:
 
 
 def estimate_budget(n_atoms: Sequence[int], n_edges: Sequence[int], batch_size: int,
-                    pad_multiple: int = 64, n_sigma: float = 4.0) -> GraphBudget:
+                    pad_multiple: int = 64, n_sigma: float = 4.0, graph_multiple: int = 1) -> GraphBudget:
     """Budget for batches of `batch_size` molecules drawn from a dataset with these sizes.
 
     Nodes (edges) get mean * B + n_sigma * std * sqrt(B), the upper tail of a sum of B draws, at
     least the largest single molecule, plus one padding node; everything rounded up to
-    `pad_multiple`. A rare batch that would overflow is cut short by `batches()` (fewer molecules,
+    `pad_multiple`. The graph slots (batch_size + the padding graph) are rounded up to
+    `graph_multiple` (the device count, so every leading axis shards evenly). A rare batch that would overflow is cut short by `batches()` (fewer molecules,
     same shapes), so the budget trades padding waste against a few short batches.
     """
     n_atoms = np.asarray(n_atoms, dtype=np.float64)
@@ -80,7 +81,7 @@ def estimate_budget(n_atoms: Sequence[int], n_edges: Sequence[int], batch_size: 
     return GraphBudget(
         n_node=round_up(int(math.ceil(tail(n_atoms))) + 1, pad_multiple),
         n_edge=round_up(max(int(math.ceil(tail(n_edges))), 1), pad_multiple),
-        n_graph=batch_size + 1)
+        n_graph=round_up(batch_size + 1, graph_multiple))
 
 
 def pack(features, indices: Sequence[int], budget: GraphBudget) -> GraphBatch:

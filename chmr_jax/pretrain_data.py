@@ -29,6 +29,7 @@ class DataConfig:
     batch_size: int = 256
     pad_multiple: int = 64
     n_sigma: float = 4.0
+    graph_multiple: int = 1          # the number of devices the batch is sharded over
     knn_k: int = 10
     propagation_steps: int = 5
     imputation: str = "propagate"
@@ -88,7 +89,8 @@ def prepare(corpus: Corpus, cfg: DataConfig = DataConfig()) -> PretrainData:
         np.unpackbits(feats.morgan, axis=1, count=feats.settings.morgan_size), feats.targets(),
         splits.scaffolds_of(list(corpus.smiles)), blocks, n_clusters=cfg.context_clusters,
         floor=cfg.context_floor, sparsity=cfg.context_sparsity)
-    budget = graphs.estimate_budget(feats.n_atoms, feats.n_edges, cfg.batch_size, cfg.pad_multiple, cfg.n_sigma)
+    budget = graphs.estimate_budget(feats.n_atoms, feats.n_edges, cfg.batch_size, cfg.pad_multiple, cfg.n_sigma,
+                                    cfg.graph_multiple)
     return PretrainData(corpus=corpus, inputs=inputs, aug=aug, sca_mask=sca_mask, reached=reached,
                         energy=energy, context=ctx, budget=budget)
 

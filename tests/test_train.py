@@ -1,0 +1,87 @@
+"""The jitted train step: 8 devices equal 1 device, one compilation, NaN guard, loss decreases."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from chmr_jax import corpus as C, model as M, objective, pretrain_data as PD, profiles, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = profiles.write_synthetic_paper_layout(
+        tmp_path_factory.mktemp("raw"), n_molecules=64, seed=5, dims={"CP-Bray": 12, "GE": 10},
+        observed={"CP-Bray": 0.5, "GE": 0.2})
+    structures, tables, _, _ = profiles.read_paper_layout(root, ["CP-Bray", "GE"])
+    corpus = C.assemble(structures, {"cell": [tables["CP-Bray"]], "expression": [tables["GE"]]}, verbose=False)
+    return PD.prepare(corpus, PD.DataConfig(batch_size=15, pad_multiple=64, knn_k=5, context_clusters=3,
+                                            context_floor=0.3, graph_multiple=8))
+
+
+def fresh(data, dropout=0.5, tx=None):
+    model = M.CHMR({"fingerprint": data.inputs["fingerprint"].shape[1], "graph": 32},
+                   {n: m.dim for n, m in data.corpus.modalities.items()},
+                   {t: data.context.targets[t].shape[1] for t in data.context.targets},
+                   latent=16, gnn_layers=2, gnn_width=32, gnn_dropout=dropout, tree_depth=3, rngs=nnx.Rngs(0))
+    tx = tx or train.make_optimizer(lr=1e-3, total_steps=100)
+    graphdef, state = train.init_state(model, tx)
+    return graphdef, state, tx
+
+
+def batches(data, n):
+    order = np.random.default_rng(0).permutation(len(data))
+    out = [jax.tree_util.tree_map(jnp.asarray, b) for b in PD.batches(data, order)]
+    return (out * n)[:n]
+
+
+def test_budgets_shard_evenly(data):
+    assert data.budget.n_graph % 8 == 0 and data.budget.n_node % 8 == 0 and data.budget.n_edge % 8 == 0
+
+
+@pytest.mark.parametrize("infonce_impl", ["chunked", "ring"])
+def test_eight_devices_equal_one_device(data, mesh8, infonce_impl):
+    ctx = objective.context_arrays(data.context)
+    cfg1 = objective.ObjectiveConfig(infonce_impl="chunked", infonce_block=8)
+    cfg8 = objective.ObjectiveConfig(infonce_impl=infonce_impl, infonce_block=8)
+    batch = batches(data, 1)[0]
+    key = jax.random.key(7)
+    # SGD: the update is linear in the gradient, so parameters compare the gradients themselves
+    # (Adam's first step is ~lr * sign(g) and turns rounding noise in tiny entries into +-lr).
+    sgd = optax.sgd(0.1)
+    graphdef, state1, tx = fresh(data, tx=sgd)
+    state1, m1 = train.make_train_step(graphdef, tx, cfg1, ctx)(state1, batch, key)
+    graphdef, state8, tx = fresh(data, tx=sgd)
+    step8 = train.make_train_step(graphdef, tx, cfg8, ctx, mesh=mesh8)
+    state8, m8 = step8(state8, train.shard_batch(batch, mesh8), key)
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(state8.params), jax.tree_util.tree_leaves(state1.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compiles_once_and_loss_decreases(data):
+    ctx = objective.context_arrays(data.context)
+    cfg = objective.ObjectiveConfig(infonce_block=8)
+    graphdef, state, tx = fresh(data, dropout=0.0)
+    step = train.make_train_step(graphdef, tx, cfg, ctx)
+    losses = []
+    for i, batch in enumerate(batches(data, 20)):
+        state, metrics = step(state, batch, jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    assert step._cache_size() == 1                      # 20 steps, one compilation
+    assert all(np.isfinite(losses)) and int(state.step) == 20 and int(state.skipped) == 0
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+
+
+def test_nan_guard_skips_the_update(data):
+    ctx = objective.context_arrays(data.context)
+    graphdef, state, tx = fresh(data)
+    step = train.make_train_step(graphdef, tx, objective.ObjectiveConfig(infonce_block=8), ctx)
+    batch = batches(data, 1)[0]
+    bad = dict(batch, inputs={**batch["inputs"], "fingerprint": batch["inputs"]["fingerprint"] * jnp.nan})
+    before = jax.tree_util.tree_map(np.asarray, state.params)
+    state, metrics = step(state, bad, jax.random.key(0))
+    assert int(state.skipped) == 1 and int(metrics["skipped"]) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(before)):
+        np.testing.assert_array_equal(a, b)
