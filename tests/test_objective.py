@@ -5,51 +5,17 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import tiny_corpus, tiny_data_config, tiny_model
 
-from chmr_jax import context, corpus as C, graphs, model as M, objective, profiles, propagation, splits
+from chmr_jax import objective, pretrain_data as PD
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = profiles.write_synthetic_paper_layout(
-        tmp_path_factory.mktemp("raw"), n_molecules=48, seed=0, dims={"CP-Bray": 12, "GE": 10},
-        observed={"CP-Bray": 0.5, "GE": 0.3})
-    structures, tables, _, _ = profiles.read_paper_layout(root, ["CP-Bray", "GE"])
-    corpus = C.assemble(structures, {"cell": [tables["CP-Bray"]], "expression": [tables["GE"]]}, verbose=False)
-    feats = corpus.features
-    bits = feats.morgan
-    knn = propagation.tanimoto_knn(bits, k=5, block=64, n_bits=feats.settings.morgan_size)
-    graph = propagation.build_graph(*knn)
-    aug, reached = {}, {}
-    for name, m in corpus.modalities.items():
-        r = propagation.propagate(graph, m.values, m.available, steps=5)
-        aug[name], reached[name] = np.asarray(r.x), np.asarray(r.reached)
-    blocks = {name: context.ProfileBlock(features=m.values[m.available], molecule=np.nonzero(m.available)[0])
-              for name, m in corpus.modalities.items()}
-    ctx_graph = context.build_context_graph(
-        np.unpackbits(bits, axis=1), feats.targets(), splits.scaffolds_of(list(corpus.smiles)), blocks,
-        n_clusters=3, floor=0.3)
-    budget = graphs.estimate_budget(feats.n_atoms, feats.n_edges, 16, pad_multiple=32)
-    idx = np.arange(16)
-    batch_graph = graphs.pack(feats, idx, budget)
-    g = budget.n_graph
-
-    def rows(x):
-        out = np.zeros((g,) + x.shape[1:], x.dtype)
-        out[:16] = x[idx]
-        return out
-
-    batch = {"graph": batch_graph, "inputs": {"fingerprint": rows(feats.fingerprints())},
-             "aug": {n: rows(aug[n]) for n in aug}, "mask": {n: rows(reached[n]) for n in aug},
-             "node": rows(np.arange(len(corpus), dtype=np.int32))}
-    batch["inputs"].update({n: rows(aug[n]) for n in aug})
-    batch = jax.tree_util.tree_map(jnp.asarray, batch)
-    ctx = objective.context_arrays(ctx_graph)
-    target_dims = {t: ctx_graph.targets[t].shape[1] for t in ctx_graph.targets}
-    model = M.CHMR({"fingerprint": feats.fingerprints().shape[1], "graph": 32},
-                   {n: m.dim for n, m in corpus.modalities.items()}, target_dims,
-                   latent=16, gnn_layers=2, gnn_width=32, tree_depth=3, rngs=nnx.Rngs(0))
-    return model, batch, ctx
+    corpus = tiny_corpus(tmp_path_factory.mktemp("raw"), n_molecules=48, seed=0, observed={"CP-Bray": 0.5, "GE": 0.3})
+    data = PD.prepare(corpus, tiny_data_config())
+    batch = jax.tree_util.tree_map(jnp.asarray, next(PD.batches(data, np.arange(16))))
+    return tiny_model(data), batch, objective.context_arrays(data.context)
 
 
 def test_objective_is_finite_and_reports_every_term(setup):

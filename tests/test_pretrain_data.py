@@ -3,22 +3,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from helpers import tiny_corpus, tiny_data_config, tiny_model
 
-from chmr_jax import corpus as C, model as M, objective, pretrain_data as PD, profiles
+from chmr_jax import objective, pretrain_data as PD
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = profiles.write_synthetic_paper_layout(
-        tmp_path_factory.mktemp("raw"), n_molecules=60, seed=3, dims={"CP-Bray": 12, "GE": 10},
-        observed={"CP-Bray": 0.4, "GE": 0.1})
-    structures, tables, _, _ = profiles.read_paper_layout(root, ["CP-Bray", "GE"])
-    return C.assemble(structures, {"cell": [tables["CP-Bray"]], "expression": [tables["GE"]]}, verbose=False)
+    return tiny_corpus(tmp_path_factory.mktemp("raw"), n_molecules=60, seed=3, observed={"CP-Bray": 0.4, "GE": 0.1})
 
 
 def small_cfg(**kw):
-    return PD.DataConfig(batch_size=16, pad_multiple=32, knn_k=5, context_clusters=3, context_floor=0.3, **kw)
+    return tiny_data_config(**kw)
 
 
 @pytest.mark.parametrize("imputation", PD.IMPUTATIONS)
@@ -70,10 +66,7 @@ def test_batches_fixed_shapes_and_rows(corpus):
 def test_objective_runs_on_pipeline_batches(corpus):
     data = PD.prepare(corpus, small_cfg())
     ctx = objective.context_arrays(data.context)
-    model = M.CHMR({"fingerprint": data.inputs["fingerprint"].shape[1], "graph": 32},
-                   {n: m.dim for n, m in corpus.modalities.items()},
-                   {t: data.context.targets[t].shape[1] for t in data.context.targets},
-                   latent=16, gnn_layers=2, gnn_width=32, tree_depth=3, rngs=nnx.Rngs(0))
+    model = tiny_model(data)
     batch = jax.tree_util.tree_map(jnp.asarray, next(PD.batches(data, np.arange(len(data)))))
     total, metrics = objective.objective(model, batch, ctx, jax.random.key(0), objective.ObjectiveConfig(infonce_block=8))
     assert np.isfinite(float(total)) and float(metrics["sca/cell/rows"]) > 0

@@ -4,29 +4,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from helpers import tiny_corpus, tiny_data_config, tiny_model
 
-from chmr_jax import corpus as C, model as M, objective, pretrain_data as PD, profiles, train
+from chmr_jax import objective, pretrain_data as PD, train
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = profiles.write_synthetic_paper_layout(
-        tmp_path_factory.mktemp("raw"), n_molecules=64, seed=5, dims={"CP-Bray": 12, "GE": 10},
-        observed={"CP-Bray": 0.5, "GE": 0.2})
-    structures, tables, _, _ = profiles.read_paper_layout(root, ["CP-Bray", "GE"])
-    corpus = C.assemble(structures, {"cell": [tables["CP-Bray"]], "expression": [tables["GE"]]}, verbose=False)
-    return PD.prepare(corpus, PD.DataConfig(batch_size=15, pad_multiple=64, knn_k=5, context_clusters=3,
-                                            context_floor=0.3, graph_multiple=8))
+    corpus = tiny_corpus(tmp_path_factory.mktemp("raw"), n_molecules=64, seed=5)
+    return PD.prepare(corpus, tiny_data_config(batch_size=15, pad_multiple=64, graph_multiple=8))
 
 
 def fresh(data, dropout=0.5, tx=None):
-    model = M.CHMR({"fingerprint": data.inputs["fingerprint"].shape[1], "graph": 32},
-                   {n: m.dim for n, m in data.corpus.modalities.items()},
-                   {t: data.context.targets[t].shape[1] for t in data.context.targets},
-                   latent=16, gnn_layers=2, gnn_width=32, gnn_dropout=dropout, tree_depth=3, rngs=nnx.Rngs(0))
     tx = tx or train.make_optimizer(lr=1e-3, total_steps=100)
-    graphdef, state = train.init_state(model, tx)
+    graphdef, state = train.init_state(tiny_model(data, dropout), tx)
     return graphdef, state, tx
 
 

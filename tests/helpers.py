@@ -1,0 +1,24 @@
+"""Small builders shared by the pretraining tests (a tiny generated corpus and model)."""
+from flax import nnx
+
+from chmr_jax import corpus as C, model as M, pretrain_data as PD, profiles
+
+
+def tiny_corpus(root, n_molecules=64, seed=0, observed=None):
+    """A generated corpus in the paper's layout, reduced to two small modalities (12 and 10 dims)."""
+    profiles.write_synthetic_paper_layout(root, n_molecules=n_molecules, seed=seed, dims={"CP-Bray": 12, "GE": 10},
+                                          observed=observed or {"CP-Bray": 0.5, "GE": 0.2})
+    structures, tables, _, _ = profiles.read_paper_layout(root, ["CP-Bray", "GE"])
+    return C.assemble(structures, {"cell": [tables["CP-Bray"]], "expression": [tables["GE"]]}, verbose=False)
+
+
+def tiny_data_config(**overrides):
+    return PD.DataConfig(**{"batch_size": 16, "pad_multiple": 32, "knn_k": 5, "context_clusters": 3,
+                            "context_floor": 0.3, **overrides})
+
+
+def tiny_model(data: PD.PretrainData, dropout: float = 0.5):
+    return M.CHMR({"fingerprint": data.inputs["fingerprint"].shape[1], "graph": 32},
+                  {n: m.dim for n, m in data.corpus.modalities.items()},
+                  {t: data.context.targets[t].shape[1] for t in data.context.targets},
+                  latent=16, gnn_layers=2, gnn_width=32, gnn_dropout=dropout, tree_depth=3, rngs=nnx.Rngs(0))
