@@ -88,17 +88,15 @@ def _prepare_corpus(args) -> int:
     from chmr_jax import config_util, datasets, featurize, paths, prepare
     from chmr_jax import corpus as corpus_lib
 
-    config = config_util.load_config(args.config or ("configs/default.py:paper" if args.corpus == "paper" else None))
+    # The paper's layout (real or synthetic) uses the 'paper' variant: six modalities, no benchmarks.
+    paper_variant = f"{config_util.DEFAULT_CONFIG}:paper" if args.corpus in ("paper", "synthetic") else None
+    config = config_util.load_config(args.config or paper_variant)
     cfg = config.corpus
     cfg.kind = args.corpus
     for flag, field in (("corpus_path", "path"), ("exclude_test", "exclude_test_of"), ("join", "join"),
                         ("aggregate", "aggregate")):
         if getattr(args, flag):
             setattr(cfg, field, getattr(args, flag))
-    if args.corpus == "synthetic" and not args.config:
-        cfg.modalities = {"cell": "CP-Bray,CP-JUMP", "gene": "G-CRISPR,G-ORF", "expression": "GE"}
-        cfg.dims = {"cell": 2749, "gene": 1973, "expression": 978}
-        cfg.include_benchmarks = False
     settings = featurize.FeaturizerSettings.from_config(config.featurize)
     cache_dir = paths.resolve_cache_dir(args.cache_dir)
     data_dir = paths.resolve_data_dir(args.data_dir)

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -135,19 +136,8 @@ class Corpus:
 def _aggregate(rows: np.ndarray, how: str) -> np.ndarray:
     if how == "first" or len(rows) == 1:
         return rows[0]
-    with np.errstate(all="ignore"), _quiet_nan_warnings():
+    with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # all-NaN columns stay NaN
         return np.nanmedian(rows, axis=0) if how == "median" else np.nanmean(rows, axis=0)
-
-
-class _quiet_nan_warnings:
-    def __enter__(self):
-        import warnings
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
 
 
 def aggregate_table(table: ProfileTable, aggregate: str = "median", max_nan_fraction: float = 0.5,
@@ -235,6 +225,7 @@ def assemble(structures: Sequence[tuple[str, str]], modality_sources: dict, join
     keys = np.array([order[r] for r in feats.rows], dtype=str)
     counts["featurize_rejects"] = len(feats.rejects)
     index = {k: i for i, k in enumerate(keys)}
+    corpus_keys = set(index)
     n = len(keys)
 
     # 3. Modalities.
@@ -244,26 +235,24 @@ def assemble(structures: Sequence[tuple[str, str]], modality_sources: dict, join
             raise CorpusError(f"modality {modality!r} has no source files; check the corpus config")
         parts, names, avail_any, source_counts = [], [], np.zeros(n, bool), {}
         for table in tables:
-            profiles, c = aggregate_table(table, aggregate, max_nan_fraction, set(index))
+            profiles, c = aggregate_table(table, aggregate, max_nan_fraction, corpus_keys)
             c["skipped_by_importer"] = len(table.skipped)
             dim = table.values.shape[1]
             block = np.full((n, dim), np.nan, np.float32)
-            avail = np.zeros(n, bool)
             for key, prof in profiles.items():
                 block[index[key]] = prof
-                avail[index[key]] = True
-            parts.append((block, avail))
+                avail_any[index[key]] = True
+            parts.append(block)
             names += list(table.feature_names)
-            avail_any |= avail
             source_counts[table.source] = c
-        values = np.concatenate([b for b, _ in parts], axis=1)
+        values = np.concatenate(parts, axis=1)
         if expected_dims and modality in expected_dims and values.shape[1] != expected_dims[modality]:
             raise CorpusError(
                 f"modality {modality!r}: sources {[t.source for t in tables]} give {values.shape[1]} "
                 f"columns but the config says dim={expected_dims[modality]}; fix the config or the files")
         # Missing entries of observed molecules: the other source's block, NaN cells. Column mean.
         observed_rows = values[avail_any]
-        with np.errstate(all="ignore"), _quiet_nan_warnings():
+        with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
             col_mean = np.nanmean(observed_rows, axis=0) if len(observed_rows) else np.zeros(values.shape[1])
         col_mean = np.nan_to_num(col_mean).astype(np.float32)
         holes = np.isnan(values) & avail_any[:, None]
@@ -284,7 +273,7 @@ def assemble(structures: Sequence[tuple[str, str]], modality_sources: dict, join
         "featurizer": dataclasses.asdict(settings), "molecules": n, "counts": counts,
         "modalities": {m: {**modality_counts[m], "feature_names": modalities[m].feature_names,
                            "sources": modalities[m].sources} for m in modalities},
-        "origins": {o: len(k & set(index)) for o, k in origin_keys.items()},
+        "origins": {o: len(k & corpus_keys) for o, k in origin_keys.items()},
         "seconds": round(time.perf_counter() - start, 1),
     }
     return Corpus(keys=keys, smiles=np.array([smiles_of[k] for k in keys], dtype=str), features=feats,
