@@ -1,7 +1,7 @@
 """The `chmr-jax` command: `chmr-jax <command> [flags]`.
 
-Commands: prepare (featurize and split benchmarks or a CSV). Later stages add pretrain, finetune,
-benchmark and embed. `chmr-jax <command> --help` lists a command's flags.
+Commands: prepare (featurize and split benchmarks or a CSV, or build a corpus) and pretrain.
+`chmr-jax <command> --help` lists a command's flags.
 """
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import argparse
 import sys
 import time
 
-COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV), or build a pretraining corpus"}
+COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV), or build a pretraining corpus",
+            "pretrain": "pretrain CHMR from a config file into a workdir (resumes from its checkpoints)"}
+
+PRETRAIN_USAGE = """chmr-jax pretrain --config configs/pretrain.py[:variant] --workdir DIR [--config.a.b=value ...]
+
+Pretrains CHMR as the config says. Any config field can be overridden, e.g.
+  --config.train.steps=300 --config.optim.lr=3e-4 --config.batch.batch_size=512
+Restarting the same command in the same workdir continues from the newest checkpoint.
+Multi-host (TPU pods, GPU clusters): run the same command on every host with --distributed."""
 
 
 def _prepare(argv: list[str]) -> int:
@@ -122,6 +130,54 @@ def _prepare_corpus(args) -> int:
     return 0
 
 
+def _pretrain(argv: list[str]) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    from chmr_jax import config_util
+
+    fv = flags.FlagValues()   # a private registry: main() can run more than once in a process
+    config_flags.DEFINE_config_file("config", str(config_util.CONFIG_DIR / "pretrain.py"),
+                                    "config file[:variant]", flag_values=fv, lock_config=True,
+                                    sys_argv=["chmr-jax pretrain"] + argv)  # overrides are found from argv
+    flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the run's config", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "data directory (default: config.data_dir > $CHMR_DATA_DIR > "
+                        "~/.cache/chmr_jax)", flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (every host of a "
+                      "multi-host job runs the same command); also config.train.distributed", flag_values=fv)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv):
+        print(PRETRAIN_USAGE)
+        print(fv.main_module_help() if hasattr(fv, "main_module_help") else "")
+        return 0
+    try:
+        fv(["chmr-jax pretrain"] + argv)
+    except flags.Error as e:
+        print(f"chmr-jax pretrain: {e}\n\n{PRETRAIN_USAGE}", file=sys.stderr)
+        return 2
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        # config_flags raises these for an override of a field the config does not have (or of the
+        # wrong type); name the flags so the user sees which one.
+        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        print(f"chmr-jax pretrain: bad config override ({type(e).__name__}: {e}) among {overrides}; "
+              "fields must exist in the config file (see its get_config)", file=sys.stderr)
+        return 2
+    if not fv.workdir:
+        print(f"chmr-jax pretrain: --workdir is required\n\n{PRETRAIN_USAGE}", file=sys.stderr)
+        return 2
+    config = fv.config
+    if fv.distributed or config.train.distributed:
+        import jax
+        jax.distributed.initialize()   # before any other jax call touches the devices
+
+    from chmr_jax import corpus, pretrain, registry
+    try:
+        pretrain.run(config, fv.workdir, data_dir=fv.data_dir)
+    except (pretrain.ConfigError, pretrain.TrainingDiverged, corpus.CorpusError, registry.DataNotFoundError) as e:
+        print(f"chmr-jax pretrain: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -132,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "prepare":
         return _prepare(rest)
+    if command == "pretrain":
+        return _pretrain(rest)
     print(f"chmr-jax: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

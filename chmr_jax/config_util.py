@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.py"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.py"
 
 
 def load_config(spec: str | None = None):
@@ -18,3 +19,9 @@ def load_config(spec: str | None = None):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(variant or None)
+
+
+def load_sibling(config_file: str, name: str, variant: str | None = None):
+    """get_config(variant) of config file `name` in the directory of `config_file` (for configs
+    that extend another one: config files are loaded by path, not imported as a package)."""
+    return load_config(str(Path(config_file).with_name(name)) + (f":{variant}" if variant else ""))

@@ -142,6 +142,8 @@ def minmax_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-column min-max scaling to [0, 1] ignoring NaN; returns (scaled with NaN -> 0, mask)."""
     x = np.asarray(x, np.float64)
     mask = np.isfinite(x)
+    if x.shape[0] == 0:   # a node type without nodes (a modality with no observed profile)
+        return x.astype(np.float32), mask
     with np.errstate(all="ignore"):
         lo = np.nanmin(np.where(mask, x, np.nan), axis=0)
         hi = np.nanmax(np.where(mask, x, np.nan), axis=0)

@@ -126,13 +126,15 @@ def pack(features, indices: Sequence[int], budget: GraphBudget) -> GraphBatch:
         graph_mask=np.arange(G) < n_mol, index=index)
 
 
-def batches(features, order: Sequence[int], budget: GraphBudget) -> Iterator[GraphBatch]:
-    """Greedy fixed-shape batches over molecules in `order`.
+def partition(features, order: Sequence[int], budget: GraphBudget) -> list[np.ndarray]:
+    """Greedy split of `order` into the molecule groups of fixed-shape batches.
 
-    A batch closes when it holds budget.max_molecules molecules or the next molecule would overflow
-    the node/edge budget; a molecule that cannot fit even alone is an error naming it.
+    A group closes when it holds budget.max_molecules molecules or the next molecule would overflow
+    the node/edge budget; a molecule that cannot fit even alone is an error naming it. Cheap (no
+    packing), so a training loop can map a step number to its batch without building the others.
     """
     atoms, bonds = features.n_atoms, features.n_edges
+    groups: list[np.ndarray] = []
     current: list[int] = []
     used_nodes = used_edges = 0
     for i in order:
@@ -143,13 +145,20 @@ def batches(features, order: Sequence[int], budget: GraphBudget) -> Iterator[Gra
                              "the budget or lower max_atoms")
         if current and (len(current) == budget.max_molecules or used_nodes + a > budget.n_node - 1
                         or used_edges + b > budget.n_edge):
-            yield pack(features, current, budget)
+            groups.append(np.asarray(current, np.int64))
             current, used_nodes, used_edges = [], 0, 0
         current.append(int(i))
         used_nodes += a
         used_edges += b
     if current:
-        yield pack(features, current, budget)
+        groups.append(np.asarray(current, np.int64))
+    return groups
+
+
+def batches(features, order: Sequence[int], budget: GraphBudget) -> Iterator[GraphBatch]:
+    """Greedy fixed-shape batches over molecules in `order` (groups from `partition`)."""
+    for group in partition(features, order, budget):
+        yield pack(features, group, budget)
 
 
 # ---- segment helpers (jax) ---------------------------------------------------------------------

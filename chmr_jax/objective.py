@@ -44,11 +44,16 @@ def context_arrays(graph: context_lib.ContextGraph) -> dict:
         # A node type without nodes still gets one (masked) row, so gathers stay in bounds.
         return x if len(x) else np.full((1,) + x.shape[1:], fill, x.dtype)
 
+    def compact(x):
+        # Binary targets (the molecule's Morgan-r4 bits) are stored as uint8: 4x less device memory.
+        x = np.asarray(x)
+        return x.astype(np.uint8) if x.size and np.isin(x, (0.0, 1.0)).all() else x
+
     return {
         "indptr": jnp.asarray(graph.indptr), "indices": jnp.asarray(graph.indices),
         "weights": jnp.asarray(graph.weights), "node_type": jnp.asarray(graph.node_type),
         "node_row": jnp.asarray(graph.node_row),
-        "targets": {t: jnp.asarray(nonempty(graph.targets[t], 0)) for t in graph.targets},
+        "targets": {t: jnp.asarray(compact(nonempty(graph.targets[t], 0))) for t in graph.targets},
         "target_mask": {t: jnp.asarray(nonempty(graph.target_mask[t], False)) for t in graph.targets},
         "type_index": {t: i for i, t in enumerate(graph.type_names)},
     }
@@ -97,7 +102,7 @@ def objective(model, batch: dict, ctx: dict, key, cfg: ObjectiveConfig, mesh=Non
         rows = ctx["node_row"][nodes]                                        # [G, L+1]
         is_t = ctx["node_type"][nodes] == t
         rows = jnp.where(is_t, rows, 0)
-        target = ctx["targets"][name][rows]                                  # [G, L+1, d_t]
+        target = ctx["targets"][name][rows].astype(jnp.float32)                                # [G, L+1, d_t]
         tmask = ctx["target_mask"][name][rows] & is_t[..., None]
         g, steps = nodes.shape
         term = context_lib.reconstruction_loss(

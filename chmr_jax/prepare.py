@@ -54,20 +54,26 @@ def prepare(ds: datasets.MoleculeDataset, settings: featurize.FeaturizerSettings
     feats = featurize.featurize_smiles(ds.smiles, settings, cache_dir, ds.name, n_workers, show_progress)
     split = splits.load_or_make_split(ds.smiles, split_kind or ds.default_split, cache_dir, ds.name,
                                       n_workers=n_workers)
-    geo = None
-    if geometry == "rdkit3d":
-        geo = featurize.featurize_geometry(feats.smiles, geometry_settings, cache_dir, ds.name,
-                                           n_workers, show_progress)
-    elif geometry != "none":
-        if not os.path.exists(geometry):
-            raise ValueError(f"geometry must be 'rdkit3d', 'none' or an existing matrix file; "
-                             f"{geometry!r} does not exist")
-        values, available = featurize.load_external_matrix(geometry, feats.keys)
-        geo = featurize.GeometryFeatures(
-            values=values, ok=available, names=[f"external_{i}" for i in range(values.shape[1])],
-            reasons=[(int(i), f"no row for key {feats.keys[i]} in {geometry}")
-                     for i in np.nonzero(~available)[0]])
+    geo = geometry_features(feats.smiles, feats.keys, geometry, geometry_settings, cache_dir, ds.name,
+                            n_workers, show_progress)
     return PreparedDataset(ds, feats, split, geo, time.perf_counter() - start)
+
+
+def geometry_features(smiles, keys, geometry: str, settings: featurize.GeometrySettings, cache_dir,
+                      name: str, n_workers=None, show_progress=True) -> featurize.GeometryFeatures | None:
+    """The 3D modality of molecules (smiles, join keys): None for 'none'; ETKDG + RDKit 3D
+    descriptors for 'rdkit3d'; else rows of a user matrix file keyed by join key (missing: ok=False)."""
+    if geometry == "none":
+        return None
+    if geometry == "rdkit3d":
+        return featurize.featurize_geometry(smiles, settings, cache_dir, name, n_workers, show_progress)
+    if not os.path.exists(geometry):
+        raise ValueError(f"geometry must be 'rdkit3d', 'none' or an existing matrix file; "
+                         f"{geometry!r} does not exist")
+    values, available = featurize.load_external_matrix(geometry, keys)
+    return featurize.GeometryFeatures(
+        values=values, ok=available, names=[f"external_{i}" for i in range(values.shape[1])],
+        reasons=[(int(i), f"no row for key {keys[i]} in {geometry}") for i in np.nonzero(~available)[0]])
 
 
 def format_table(rows: list[dict]) -> str:
@@ -145,9 +151,12 @@ def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.Featuri
     else:
         root = cfg.path
         if kind == "synthetic":
-            root = Path(cache_dir) / f"synthetic-layout-n{cfg.synthetic_molecules}-s{cfg.synthetic_seed}"
+            dims = dict(cfg.get("synthetic_dims") or {}) or None
+            tag = "" if not dims else "-d" + "-".join(f"{k}{v}" for k, v in sorted(dims.items()))
+            root = Path(cache_dir) / f"synthetic-layout-n{cfg.synthetic_molecules}-s{cfg.synthetic_seed}{tag}"
             if not (root / "L1k_idmaps.csv").exists():
-                profiles.write_synthetic_paper_layout(root, cfg.synthetic_molecules, cfg.synthetic_seed)
+                full = {**profiles.PAPER_MODALITIES, **dims} if dims else None
+                profiles.write_synthetic_paper_layout(root, cfg.synthetic_molecules, cfg.synthetic_seed, dims=full)
         if not root:
             raise ValueError("corpus.kind='paper' needs corpus.path: the directory holding structure.csv.gz "
                              "and the <NAME>.csv.gz / <NAME>_feature.npz files (pretrain.zip's raw/)")

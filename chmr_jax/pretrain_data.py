@@ -95,20 +95,27 @@ def prepare(corpus: Corpus, cfg: DataConfig = DataConfig()) -> PretrainData:
                         energy=energy, context=ctx, budget=budget)
 
 
-def batches(data: PretrainData, order) -> Iterator[dict]:
-    """Fixed-shape batch dicts over molecules in `order` (see objective.py). Padding graph slots
-    carry zeros and False masks; `node` is the molecule's context node (= its corpus index)."""
+def batch_of(data: PretrainData, group) -> dict:
+    """The fixed-shape batch dict of the molecules `group` (see objective.py for the layout).
+    Padding graph slots carry zeros and False masks; `node` is the molecule's context node (= its
+    corpus index)."""
     g = data.budget.n_graph
-    for graph in graphs.batches(data.corpus.features, order, data.budget):
-        idx = graph.index[graph.graph_mask]
+    graph = graphs.pack(data.corpus.features, group, data.budget)
+    idx = np.asarray(group, np.int64)
 
-        def rows(x):
-            out = np.zeros((g,) + x.shape[1:], x.dtype)
-            out[:len(idx)] = x[idx]
-            return out
+    def rows(x):
+        out = np.zeros((g,) + x.shape[1:], x.dtype)
+        out[:len(idx)] = x[idx]
+        return out
 
-        yield {"graph": graph,
-               "inputs": {name: rows(x) for name, x in data.inputs.items()},
-               "aug": {name: rows(x) for name, x in data.aug.items()},
-               "mask": {name: rows(x) for name, x in data.sca_mask.items()},
-               "node": rows(np.arange(len(data), dtype=np.int32))}
+    return {"graph": graph,
+            "inputs": {name: rows(x) for name, x in data.inputs.items()},
+            "aug": {name: rows(x) for name, x in data.aug.items()},
+            "mask": {name: rows(x) for name, x in data.sca_mask.items()},
+            "node": rows(np.arange(len(data), dtype=np.int32))}
+
+
+def batches(data: PretrainData, order) -> Iterator[dict]:
+    """Fixed-shape batch dicts over molecules in `order` (greedy groups, see graphs.partition)."""
+    for group in graphs.partition(data.corpus.features, order, data.budget):
+        yield batch_of(data, group)

@@ -26,17 +26,20 @@ class Progress:
 
     def __init__(self, total: int | None, desc: str, unit: str = "it",
                  stream: IO[str] | None = None, log_every_s: float = 10.0,
-                 enabled: bool = True):
+                 enabled: bool = True, interactive: bool | None = None, initial: int = 0):
         self.total = total
         self.desc = desc
         self.unit = unit
         self.stream = stream if stream is not None else sys.stderr
         self.log_every_s = log_every_s
         self.enabled = enabled
-        self.count = 0
+        self.count = self.initial = initial   # initial: work already done (a resumed run)
         self.start = time.perf_counter()
         self._last_print = 0.0
-        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.postfix = ""   # e.g. the current loss, appended to each line
+        if interactive is None:
+            interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interactive = interactive
 
     def __enter__(self) -> "Progress":
         return self
@@ -49,9 +52,12 @@ class Progress:
         return time.perf_counter() - self.start
 
     def rate(self) -> float:
-        return self.count / max(self.elapsed, 1e-9)
+        return (self.count - self.initial) / max(self.elapsed, 1e-9)
 
     def _line(self) -> str:
+        return self._core() + (f" {self.postfix}" if self.postfix else "")
+
+    def _core(self) -> str:
         rate = self.rate()
         if self.total:
             frac = min(self.count / self.total, 1.0)

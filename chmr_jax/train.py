@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -27,23 +28,25 @@ class TrainState(NamedTuple):
     skipped: jax.Array       # number of updates skipped for non-finite loss / gradients
 
 
+def lr_schedule(lr: float, total_steps: int, schedule: str = "release_cosine"):
+    """step -> learning rate. 'release_cosine' lr * cos(7 pi / 16 * t / T) (the release, no
+    warm-up), 'cosine' (optax cosine decay to 0), or 'constant'."""
+    total_steps = max(total_steps, 1)
+    if schedule == "release_cosine":
+        return lambda t: lr * jnp.cos(7 * jnp.pi / 16 * jnp.minimum(t / total_steps, 1.0))
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(lr, total_steps)
+    if schedule == "constant":
+        return optax.constant_schedule(lr)
+    raise ValueError(f"unknown schedule {schedule!r}; choose release_cosine, cosine or constant")
+
+
 def make_optimizer(lr: float = 1e-4, weight_decay: float = 1e-8, total_steps: int = 1000,
                    schedule: str = "release_cosine") -> optax.GradientTransformation:
-    """Adam with coupled L2 weight decay (added to the gradient, as torch.optim.Adam does).
-
-    schedule: 'release_cosine' lr * cos(7 pi / 16 * t / T) (the release, no warm-up), 'cosine'
-    (optax cosine decay to 0), or 'constant'.
-    """
-    if schedule == "release_cosine":
-        sched = lambda t: lr * jnp.cos(7 * jnp.pi / 16 * jnp.minimum(t / max(total_steps, 1), 1.0))
-    elif schedule == "cosine":
-        sched = optax.cosine_decay_schedule(lr, max(total_steps, 1))
-    elif schedule == "constant":
-        sched = lr
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}; choose release_cosine, cosine or constant")
+    """Adam with coupled L2 weight decay (added to the gradient, as torch.optim.Adam does) and
+    the `lr_schedule`."""
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.scale_by_adam(),
-                       optax.scale_by_learning_rate(sched))
+                       optax.scale_by_learning_rate(lr_schedule(lr, total_steps, schedule)))
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation):
@@ -63,11 +66,19 @@ def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict,
     """Returns step(state, batch, key) -> (state, metrics), jitted with the state donated.
 
     With a mesh, the state is replicated and the batch sharded on 'data' (see module docstring).
+    The context arrays (ctx, see objective.context_arrays) are placed on the devices once and
+    passed to the jitted function as an argument, not closed over: closed-over arrays become
+    constants of the compiled program (the molecule targets alone are n x 1024).
     """
-    def step(state: TrainState, batch: dict, key):
+    static = {k: v for k, v in ctx.items() if k == "type_index"}
+    arrays = {k: v for k, v in ctx.items() if k != "type_index"}
+
+    def step(state: TrainState, batch: dict, key, ctx_arrays: dict):
+        ctx_all = {**ctx_arrays, **static}
+
         def loss_fn(params, rest):
             model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables under grad (flax#5050)
-            loss, metrics = objective_lib.objective(model, batch, ctx, key, cfg, mesh)
+            loss, metrics = objective_lib.objective(model, batch, ctx_all, key, cfg, mesh)
             return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
         (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.rest)
@@ -83,14 +94,35 @@ def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict,
         return new_state, metrics
 
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
-    replicated = NamedSharding(mesh, P())
-    sharded = NamedSharding(mesh, P("data"))
-    return jax.jit(step, donate_argnums=0, in_shardings=(replicated, sharded, replicated),
-                   out_shardings=(replicated, replicated))
+        jitted = jax.jit(step, donate_argnums=0)
+        ctx_device = jax.tree_util.tree_map(jnp.asarray, arrays)
+    else:
+        replicated = NamedSharding(mesh, P())
+        sharded = NamedSharding(mesh, P("data"))
+        jitted = jax.jit(step, donate_argnums=0, in_shardings=(replicated, sharded, replicated, replicated),
+                         out_shardings=(replicated, replicated))
+        ctx_device = place(arrays, replicated)
+
+    def run(state: TrainState, batch: dict, key):
+        return jitted(state, batch, key, ctx_device)
+
+    run._cache_size = jitted._cache_size
+    run.lower = lambda state, batch, key: jitted.lower(state, batch, key, ctx_device)
+    return run
+
+
+def place(tree, sharding):
+    """Host arrays -> global jax Arrays with `sharding`. Each process materialises only the
+    shards of its own devices (jax.make_array_from_callback), so the same code feeds one CPU, one
+    GPU or every host of a pod, each host holding the same global numpy batch."""
+    def put(x):
+        if isinstance(x, jax.Array):   # already on a device (e.g. a fresh state, PRNG keys)
+            return jax.device_put(x, sharding)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return jax.tree_util.tree_map(put, tree)
 
 
 def shard_batch(batch: dict, mesh):
     """Places every batch array on the mesh, split along its leading axis over 'data'."""
-    sharding = NamedSharding(mesh, P("data"))
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), batch)
+    return place(batch, NamedSharding(mesh, P("data")))

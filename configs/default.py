@@ -1,9 +1,12 @@
-"""Default chmr_jax configuration. Later stages (pretraining, fine-tuning) extend this file.
+"""Default chmr_jax configuration: every section the commands read, with the reachable real corpus.
 
-Usage: `get_config()` or `get_config('name')` with a named variant:
-  default   featurization as in the paper (Morgan r2/1024 + MACCS, r4/1024 target), no 3D
+Usage: `get_config()` or `get_config('name')` with a named variant (config_flags: `configs/default.py:name`):
+  default   the reachable real corpus (L1000 + Cell Painting files of ../shared/data plus the 9
+            benchmarks' structures), the paper's model and loss weights, batch 256 (a CPU-sized batch)
   rdkit3d   also the 3D modality from ETKDG conformers + RDKit 3D descriptors
-  paper     the paper's six-modality corpus layout (set corpus.path to pretrain.zip's raw/)
+  paper     the paper's six-modality corpus layout (set corpus.path to pretrain.zip's raw/);
+            configs/paper.py adds the paper's optimisation schedule on top of it
+Values cite their source: "spec §n" is ../shared/docs/CHMR_SPEC.md, "release" the authors' code.
 """
 import ml_collections
 
@@ -31,22 +34,64 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # sources' columns, '+' stacks rows of sources with the same features (aligned by name).
     # kind: 'reachable' (the real files offline: L1000 + Cell Painting, plus the 9 benchmarks'
     # structures), 'paper' (InfoAlign/CHMR raw_data/pretrain/raw at corpus.path), or 'synthetic'
-    # (a generated corpus in the paper's layout).
+    # (a generated corpus in the paper's layout). saved: a directory written by
+    # `chmr-jax prepare --corpus ...` to use instead of building (empty: build, cached in cache_dir).
     config.corpus = ml_collections.ConfigDict(dict(
-        kind="reachable", path="", join="inchikey14", aggregate="median", max_nan_fraction=0.5,
+        kind="reachable", path="", saved="", join="inchikey14", aggregate="median", max_nan_fraction=0.5,
         dose="all", include_benchmarks=True, exclude_test_of="",
         synthetic_molecules=400, synthetic_seed=0))
     config.corpus.modalities = ml_collections.ConfigDict(dict(
         expression="l1000_consensus+l1000_plate", cell="cellpainting_plate"))
+    # Expected width of each modality: checked against the data at start (a wrong dim is an error).
     config.corpus.dims = ml_collections.ConfigDict(dict(expression=978, cell=454))
+    # Synthetic corpus only: {source: width} overrides of the paper's widths (empty: the paper's).
+    config.corpus.synthetic_dims = ml_collections.ConfigDict()
 
     if arg == "paper":
         config.corpus.kind = "paper"
         config.corpus.include_benchmarks = False
         config.corpus.modalities = ml_collections.ConfigDict(dict(
             cell="CP-Bray,CP-JUMP", gene="G-CRISPR,G-ORF", expression="GE"))
-        config.corpus.dims = ml_collections.ConfigDict(dict(cell=2749, gene=1973, expression=978))
+        config.corpus.dims = ml_collections.ConfigDict(dict(cell=2749, gene=1973, expression=978))  # spec §1
 
     # Padded graph batches: budgets from dataset statistics, rounded to multiples of pad_multiple.
+    # 256 molecules per step keeps a 2-core CPU step near a second; the paper uses 3072 (paper.py).
     config.batch = ml_collections.ConfigDict(dict(batch_size=256, pad_multiple=64, n_sigma=4.0))
+
+    # Pretraining inputs (spec §2, §4, §6).
+    config.pretrain_data = ml_collections.ConfigDict(dict(
+        knn_k=10,                    # spec §2: top-10 Tanimoto neighbours
+        propagation_steps=5,         # spec §2: T = 5
+        imputation="propagate",      # spec §2: 'propagate' | 'mean' (release) | 'zero'
+        sca_mask="observed_or_propagated",  # spec §4: or 'all' (release: imputed rows are negatives)
+        context_clusters=100, context_floor=0.8, context_sparsity=0.995))  # spec §6
+
+    # Model (spec §1, §3, §5, §6). molecular: the always-present modalities; 'geometry' needs
+    # config.geometry != 'none'.
+    config.model = ml_collections.ConfigDict(dict(
+        molecular="fingerprint,graph", latent=300, gnn_layers=5, gnn_width=300, gnn_dropout=0.5,
+        residual=True, max_norm=0.0,   # max_norm > 0: the release's max-norm embedding option
+        decoder_dropout=0.3, tree_depth=6))
+
+    # Objective (spec §4, §5, §7). lambda_sca = lambda1, lambda_vq = lambda2: the paper's best
+    # setting (lambda1 = 10, lambda2 in {0.1, 1}); the release's argparse says 0.1 / 0.01.
+    config.objective = ml_collections.ConfigDict(dict(
+        lambda_sca=10.0, lambda_vq=1.0, tau=0.2, symmetric=False,
+        infonce_impl="chunked",      # 'dense' | 'chunked' | 'ring' (across the devices of the mesh)
+        infonce_block=1024, vicreg_weights=(1.0, 1.0, 1.0), vq_eta=1.0, vq_mu=1.0, vq_reverse=True,
+        walk_length=4, recon_kind="bce"))
+
+    # Optimiser (spec §7): Adam + coupled L2 1e-8, lr 1e-4, the release's cosine lr*cos(7pi/16 t/T).
+    config.optim = ml_collections.ConfigDict(dict(lr=1e-4, weight_decay=1e-8, schedule="release_cosine"))
+
+    # The training loop. steps > 0 overrides epochs (a short run); every count is in optimiser steps.
+    config.train = ml_collections.ConfigDict(dict(
+        epochs=50,                   # spec §7 (newer upstream README)
+        steps=0, seed=0,
+        log_every=10,                # metrics to metrics.jsonl / TensorBoard every n steps
+        checkpoint_every=200, keep_checkpoints=3,
+        max_skipped=20,              # stop when this many updates were skipped for NaN/inf
+        devices=0,                   # 0 = every device (every process's devices with distributed)
+        distributed=False,           # jax.distributed.initialize() first (multi-host: TPU pods, clusters)
+        progress="auto"))            # 'auto' (a bar on a terminal, log lines otherwise) | 'bar' | 'log'
     return config

@@ -1,25 +1,33 @@
-"""Tiny configuration for tests and smoke runs: runs on a laptop CPU in seconds."""
-import importlib.util
-import pathlib
-
+"""Tiny configuration for tests and smoke runs: a generated 96-molecule corpus in the paper's
+layout with narrow modalities and a small model; pretraining runs in seconds on a laptop CPU."""
 import ml_collections
 
-
-def _load_default():
-    # Config files are loaded by path (config_flags), so load the sibling the same way.
-    spec = importlib.util.spec_from_file_location("chmr_configs_default",
-                                                  pathlib.Path(__file__).with_name("default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from chmr_jax import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = _load_default().get_config(arg)
+    config = config_util.load_sibling(__file__, "default.py", "paper")
     config.workers = 1
     config.featurize.morgan_size = 256
     config.featurize.target_size = 256
     config.featurize.max_atoms = 64
-    config.batch.batch_size = 8
-    config.batch.pad_multiple = 16
+    config.corpus.kind = "synthetic"
+    config.corpus.synthetic_molecules = 96
+    config.corpus.synthetic_dims = ml_collections.ConfigDict(
+        {"CP-Bray": 12, "CP-JUMP": 8, "G-CRISPR": 6, "G-ORF": 4, "GE": 10})
+    config.corpus.dims = ml_collections.ConfigDict(dict(cell=20, gene=10, expression=10))
+    config.batch.batch_size = 16
+    config.batch.pad_multiple = 32
+    config.pretrain_data.knn_k = 5
+    config.pretrain_data.context_clusters = 3
+    config.pretrain_data.context_floor = 0.3
+    config.model.latent = 16
+    config.model.gnn_layers = 2
+    config.model.gnn_width = 32
+    config.model.tree_depth = 3
+    config.objective.infonce_block = 8
+    config.train.epochs = 2
+    config.train.log_every = 1
+    config.train.checkpoint_every = 4
+    config.train.max_skipped = 5
     return config

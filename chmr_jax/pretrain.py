@@ -1,0 +1,399 @@
+"""The pretraining job: config -> corpus -> inputs -> model -> jitted steps -> checkpoints + metrics.
+
+`run(config, workdir)` is what `chmr-jax pretrain` calls. Everything a step needs is derived from
+the step number: the data order of epoch e is a permutation seeded by (train.seed, e), the batch
+is the k-th group of that order, and the step's PRNG key is fold_in(key(seed), step). A run killed
+at any point and restarted with the same command restores the newest checkpoint and continues
+with exactly the batches and keys the uninterrupted run would have used.
+
+Workdir layout:
+  config.json            the resolved config of the run (a restart must match it)
+  corpus_manifest.json   the corpus' manifest (sources, counts, dims)
+  checkpoints/<step>/    Orbax checkpoints (train state + JSON meta), the newest `keep` kept
+  metrics.jsonl          one row per logged step; tensorboard/ event files with the same scalars
+  summary.json           wall time, molecules/s, peak memory, final metrics
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import queue
+import resource
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from chmr_jax import (checkpoint as checkpoint_lib, corpus as corpus_lib, featurize, graphs, metric_writers, model as model_lib,
+                      objective as objective_lib, paths, prepare, pretrain_data, progress as progress_lib, train)
+
+MOLECULAR = ("fingerprint", "graph", "geometry")
+# Sections whose change makes a checkpoint unusable (shapes, data order): a restart must match them.
+RUN_DEFINING = ("featurize", "geometry", "corpus", "batch", "pretrain_data", "model", "objective", "optim")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run on this data; the message says which field and what to do."""
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+# ---- config -> components --------------------------------------------------------------------------
+
+def molecular_names(config) -> list[str]:
+    names = [n.strip() for n in config.model.molecular.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MOLECULAR]
+    if unknown or not names:
+        raise ConfigError(f"config.model.molecular={config.model.molecular!r}: choose from {MOLECULAR} "
+                          "(comma separated, at least one)")
+    if "geometry" in names and config.geometry == "none":
+        raise ConfigError("config.model.molecular includes 'geometry' but config.geometry is 'none'; set "
+                          "config.geometry to 'rdkit3d' or a matrix file (.npz/.csv keyed by InChIKey block)")
+    return names
+
+
+def data_config(config, n_devices: int) -> pretrain_data.DataConfig:
+    b, p = config.batch, config.pretrain_data
+    return pretrain_data.DataConfig(
+        batch_size=b.batch_size, pad_multiple=math.lcm(b.pad_multiple, n_devices), n_sigma=b.n_sigma,
+        graph_multiple=n_devices, knn_k=p.knn_k, propagation_steps=p.propagation_steps,
+        imputation=p.imputation, sca_mask=p.sca_mask, context_clusters=p.context_clusters,
+        context_floor=p.context_floor, context_sparsity=p.context_sparsity)
+
+
+def objective_config(config) -> objective_lib.ObjectiveConfig:
+    o = config.objective
+    return objective_lib.ObjectiveConfig(
+        lambda_sca=o.lambda_sca, lambda_vq=o.lambda_vq, tau=o.tau, symmetric=o.symmetric,
+        infonce_impl=o.infonce_impl, infonce_block=o.infonce_block, vicreg_weights=tuple(o.vicreg_weights),
+        vq_eta=o.vq_eta, vq_mu=o.vq_mu, vq_reverse=o.vq_reverse, walk_length=o.walk_length,
+        recon_kind=o.recon_kind)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_corpus(config, data_dir, cache_dir, n_workers=None, log=print) -> corpus_lib.Corpus:
+    """config.corpus.saved if set, else the corpus the config describes, built once and cached in
+    cache_dir under a digest of the corpus and featurizer settings."""
+    cfg = config.corpus
+    if cfg.saved:
+        if not (Path(cfg.saved) / "manifest.json").exists():
+            raise ConfigError(f"config.corpus.saved={cfg.saved!r} is not a corpus directory (no manifest.json); "
+                              "build one with `chmr-jax prepare --corpus ... --out DIR` or leave it empty")
+        log(f"corpus: {cfg.saved}")
+        return corpus_lib.Corpus.load(cfg.saved)
+    settings = featurize.FeaturizerSettings.from_config(config.featurize)
+    # dims are expectations checked by validate(), not inputs: they do not change the corpus.
+    spec = {"corpus": {k: v for k, v in cfg.to_dict().items() if k not in ("dims", "saved")},
+            "featurize": dataclasses.asdict(settings)}
+    path = Path(cache_dir) / f"corpus-{cfg.kind}-{_digest(spec)}"
+    if (path / "manifest.json").exists():
+        log(f"corpus: cached {path}")
+        return corpus_lib.Corpus.load(path)
+    log(f"corpus: building kind={cfg.kind} (cached afterwards in {path})")
+    corpus = prepare.build_corpus(cfg, settings, data_dir, cache_dir, n_workers, verbose=False)
+    corpus.save(path)
+    return corpus
+
+
+def validate(config, corpus: corpus_lib.Corpus, source: str) -> None:
+    """Every modality the config names exists in the corpus with the configured width."""
+    found = {name: m.dim for name, m in corpus.modalities.items()}
+    wanted = dict(config.corpus.dims)
+    for name in config.corpus.modalities:
+        wanted.setdefault(name, None)
+    for name, dim in wanted.items():
+        if name not in found:
+            raise ConfigError(f"config.corpus names modality {name!r}, but the corpus ({source}) has "
+                              f"{sorted(found) or 'no cellular modalities'}; fix config.corpus.modalities / "
+                              f"config.corpus.dims or point config.corpus.saved at a corpus that has it")
+        if dim is not None and dim != found[name]:
+            raise ConfigError(f"config.corpus.dims.{name}={dim} but modality {name!r} of the corpus ({source}) "
+                              f"has {found[name]} features; set --config.corpus.dims.{name}={found[name]} "
+                              "if that corpus is the intended one")
+    if config.batch.batch_size < 2:
+        raise ConfigError("config.batch.batch_size must be >= 2 (InfoNCE needs negatives)")
+    if config.objective.infonce_impl not in ("dense", "chunked", "ring"):
+        raise ConfigError(f"config.objective.infonce_impl={config.objective.infonce_impl!r}: "
+                          "choose 'dense', 'chunked' or 'ring'")
+
+
+def build_model(config, data: pretrain_data.PretrainData, names: list[str]) -> model_lib.CHMR:
+    m = config.model
+    mol_dims = {n: (m.gnn_width if n == "graph" else data.inputs[n].shape[1]) for n in names}
+    cell_dims = {n: mod.dim for n, mod in data.corpus.modalities.items()}
+    target_dims = {t: data.context.targets[t].shape[1] for t in data.context.targets}
+    return model_lib.CHMR(mol_dims, cell_dims, target_dims, latent=m.latent, gnn_layers=m.gnn_layers,
+                          gnn_width=m.gnn_width, gnn_dropout=m.gnn_dropout, residual=m.residual,
+                          max_norm=m.max_norm or None, decoder_dropout=m.decoder_dropout,
+                          tree_depth=m.tree_depth, rngs=nnx.Rngs(config.train.seed))
+
+
+# ---- the step -> batch map ---------------------------------------------------------------------------
+
+class BatchPlan:
+    """Maps a global step to its molecule group: epochs in sequence, each a fresh permutation."""
+
+    def __init__(self, data: pretrain_data.PretrainData, seed: int):
+        self.data, self.seed = data, seed
+        self._epoch: tuple[int, list[np.ndarray]] | None = None   # the last epoch's groups
+        self._lengths: dict[int, int] = {}
+
+    def epoch(self, e: int) -> list[np.ndarray]:
+        if self._epoch is None or self._epoch[0] != e:
+            order = np.random.default_rng([self.seed, e]).permutation(len(self.data))
+            self._epoch = (e, graphs.partition(self.data.corpus.features, order, self.data.budget))
+            self._lengths[e] = len(self._epoch[1])
+        return self._epoch[1]
+
+    def steps_per_epoch(self, e: int = 0) -> int:
+        if e not in self._lengths:
+            self.epoch(e)
+        return self._lengths[e]
+
+    def total_steps(self, epochs: int) -> int:
+        return sum(self.steps_per_epoch(e) for e in range(epochs))
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, position) of the batch used by optimiser step `step` (0-based)."""
+        e = 0
+        while step >= self.steps_per_epoch(e):
+            step -= self.steps_per_epoch(e)
+            e += 1
+        return e, step
+
+    def iterate(self, start: int, stop: int):
+        """Yields (step, epoch, molecule group) for steps start..stop-1."""
+        e, k = self.locate(start)
+        step = start
+        while step < stop:
+            groups = self.epoch(e)
+            while k < len(groups) and step < stop:
+                yield step, e, groups[k]
+                step, k = step + 1, k + 1
+            e, k = e + 1, 0
+
+
+def _prefetch(iterator, size: int = 2):
+    """Runs `iterator` in a background thread (host batch packing overlaps device compute)."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+
+    def worker():
+        try:
+            for item in iterator:
+                q.put(item)
+        except BaseException as e:   # surfaced in the consumer
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+# ---- the job -------------------------------------------------------------------------------------
+
+def _peak_memory() -> dict:
+    out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    stats = [d.memory_stats() for d in jax.local_devices() if d.platform != "cpu"]
+    peaks = [s.get("peak_bytes_in_use", 0) for s in stats if s]
+    if peaks:
+        out["device_peak_bytes"] = int(max(peaks))
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _check_same_run(workdir: Path, config) -> None:
+    saved_path = workdir / "config.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    now = json.loads(config.to_json_best_effort())
+    changed = [k for k in RUN_DEFINING if saved.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"{workdir} holds a run with a different config in {changed} (see {saved_path}); "
+                          "resuming it with this config would not continue the same run. Use a new --workdir, "
+                          "or restore those fields")
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit (a preempted job loses nothing)."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:       # second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run(config, workdir, data_dir=None, log=print) -> dict:
+    """Pretrains as `config` says, in `workdir` (resuming from its newest checkpoint). Returns the summary."""
+    t_start = time.perf_counter()
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tcfg = config.train
+    is_main = jax.process_index() == 0
+    log = log if is_main else (lambda *a, **k: None)
+    _check_same_run(workdir, config)
+
+    devices = jax.devices()
+    if tcfg.devices:
+        if tcfg.devices > len(devices):
+            raise ConfigError(f"config.train.devices={tcfg.devices} but only {len(devices)} devices are visible")
+        devices = devices[:tcfg.devices]
+    mesh = train.data_mesh(devices)
+    n_dev = len(devices)
+    if config.objective.infonce_impl == "ring" and n_dev == 1:
+        log("note: infonce_impl='ring' on one device is the chunked computation")
+
+    data_dir = paths.resolve_data_dir(data_dir or config.data_dir or None)
+    cache_dir = paths.resolve_cache_dir(config.cache_dir or None)
+    names = molecular_names(config)
+    corpus = load_corpus(config, data_dir, cache_dir, config.workers or None, log)
+    validate(config, corpus, config.corpus.saved or f"kind={config.corpus.kind}")
+
+    t0 = time.perf_counter()
+    data = pretrain_data.prepare(corpus, data_config(config, n_dev))
+    if "geometry" in names:
+        geo = prepare.geometry_features(list(corpus.smiles), list(corpus.keys), config.geometry,
+                                        featurize.GeometrySettings(seed=config.geometry_seed), cache_dir,
+                                        f"corpus-{config.corpus.kind}", config.workers or None)
+        data.inputs["geometry"] = geo.standardized().astype(np.float32)
+    obs = {n: int(m.available.sum()) for n, m in corpus.modalities.items()}
+    reached = {n: int(r.sum()) for n, r in data.reached.items()}
+    log(f"inputs: {len(corpus)} molecules; observed {obs}; observed or propagated {reached}; "
+        f"context graph {len(data.context.node_type)} nodes / {len(data.context.indices)} edges; "
+        f"budget {data.budget} ({time.perf_counter() - t0:.1f}s)")
+    if is_main:
+        _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+        _write_json(workdir / "corpus_manifest.json", corpus.manifest)
+
+    plan = BatchPlan(data, tcfg.seed)
+    total = tcfg.steps if tcfg.steps > 0 else plan.total_steps(tcfg.epochs)
+    schedule = train.lr_schedule(config.optim.lr, total, config.optim.schedule)
+    tx = train.make_optimizer(config.optim.lr, config.optim.weight_decay, total, config.optim.schedule)
+    graphdef, state = train.init_state(build_model(config, data, names), tx)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = train.place(state, replicated)
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints)
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        start = int(meta["step"])
+        log(f"resumed from {ckpt.directory}/{start} (step {start} of {total})")
+    step_fn = train.make_train_step(graphdef, tx, objective_config(config), objective_lib.context_arrays(data.context),
+                                    mesh)
+    base_key = jax.random.key(tcfg.seed)
+    writers = metric_writers.MetricWriters(workdir, resume_step=start if start else None) if is_main else None
+    meta_common = {"total_steps": total, "devices": n_dev, "corpus": corpus.manifest.get("name", ""),
+                   "budget": data.budget.__dict__}
+
+    def save(step, force=False):
+        epoch, _ = plan.locate(max(step - 1, 0))
+        ckpt.save(step, state, {"step": step, "epoch": epoch, **meta_common}, force=force)
+
+    mode = tcfg.progress
+    bar = progress_lib.Progress(total, "pretrain", unit="step", log_every_s=30.0, enabled=is_main,
+                                interactive=None if mode == "auto" else mode == "bar", initial=start)
+    molecules = mol_first = 0
+    t_first_done = None
+    last = {}
+    stop_reason = None
+
+    def batches():
+        for step, epoch, group in plan.iterate(start, total):
+            packed = pretrain_data.batch_of(data, group)
+            yield step, epoch, len(group), train.shard_batch(packed, mesh)
+
+    step = start
+    with _StopFlag() as stop:
+        try:
+            for step, epoch, n_mol, batch in _prefetch(batches()):
+                state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+                step += 1
+                molecules += n_mol
+                if t_first_done is None:
+                    jax.block_until_ready(state.step)
+                    t_first_done, mol_first = time.perf_counter(), molecules
+                    # Rate and ETA from here on: the first step's time is mostly compilation.
+                    bar.start, bar.initial = t_first_done, step
+                if step % tcfg.log_every == 0 or step == total:
+                    last = jax.device_get(metrics)
+                    if writers is not None:
+                        writers.write(step, {**last, "epoch": epoch, "lr": float(schedule(step - 1))})
+                        writers.flush()
+                    bar.postfix = f"loss {float(last['loss']):.4f}"
+                    if int(last["skipped"]) >= tcfg.max_skipped:
+                        save(step, force=True)
+                        raise TrainingDiverged(
+                            f"{int(last['skipped'])} updates skipped for non-finite loss or gradients (limit "
+                            f"config.train.max_skipped={tcfg.max_skipped}); metrics in {workdir / 'metrics.jsonl'}. "
+                            "Lower config.optim.lr or check the inputs for NaN/inf")
+                bar.update(1)
+                if step % tcfg.checkpoint_every == 0 and step < total:
+                    save(step)
+                if stop.signal is not None:
+                    stop_reason = signal.Signals(stop.signal).name
+                    break
+            # Finished or stopped by a signal: the final checkpoint. (After an exception the
+            # periodic checkpoints stand; the state may be mid-update.)
+            if step > start and (ckpt.latest_step() or 0) < step:
+                save(step, force=True)
+        finally:
+            bar.close()
+            ckpt.close()
+            if writers is not None:
+                writers.close()
+
+    wall = time.perf_counter() - t_start
+    steady = (time.perf_counter() - t_first_done) if t_first_done else 0.0
+    summary = {
+        "steps": step, "total_steps": total, "resumed_from": start, "stopped_by": stop_reason,
+        "devices": n_dev, "platform": devices[0].platform, "molecules_seen": molecules,
+        "wall_s": round(wall, 2),
+        "molecules_per_s": round((molecules - mol_first) / steady, 1) if steady > 0 else None,
+        **_peak_memory(), "final_metrics": {k: float(np.asarray(v).mean()) for k, v in last.items()},
+        "checkpoint": str(ckpt.directory / str(step)), "workdir": str(workdir)}
+    if is_main:
+        _write_json(workdir / "summary.json", summary)
+    mem = summary.get("device_peak_bytes", summary["host_peak_rss_bytes"])
+    log(f"done: step {step}/{total} in {wall:.1f}s wall; {summary['molecules_per_s']} molecules/s after "
+        f"compilation; peak memory {mem / 2**30:.2f} GiB ({'device' if 'device_peak_bytes' in summary else 'host RSS'})"
+        + (f"; stopped by {stop_reason}" if stop_reason else ""))
+    log(f"checkpoints: {ckpt.directory}  metrics: {workdir / 'metrics.jsonl'}  tensorboard: {workdir / 'tensorboard'}")
+    return summary

@@ -1,0 +1,46 @@
+"""The paper's pretraining run: six modalities in the InfoAlign/CHMR corpus layout and the paper's
+hyperparameters. Set corpus.path to the directory holding pretrain.zip's raw/ files:
+
+  chmr-jax pretrain --config configs/paper.py --workdir runs/paper --config.corpus.path=/data/pretrain/raw
+  chmr-jax pretrain --config configs/paper.py:tpu_pod ...   # every host of a TPU pod (launch/tpu_pod.sh)
+
+Where each value comes from (spec = ../shared/docs/CHMR_SPEC.md):
+  batch_size 3072, lr 1e-4, weight decay 1e-8 (coupled L2), Adam     spec §7 (release train script)
+  epochs 50                                                          spec §7 (newer upstream README; older text: 300)
+  schedule lr * cos(7 pi / 16 * t / T), no warm-up                   spec §7 (release)
+  lambda1 = lambda_sca = 10, lambda2 = lambda_vq = 1                 spec §7 (paper's best; lambda2 in {0.1, 1})
+  tau 0.2, VICReg weights 1/1/1, eta = mu = 1, depth H = 6           spec §4, §5
+  walk length L = 4, decoder dropout 0.3, BCE targets                spec §6
+  D = 300, GIN 5 x 300, dropout 0.5, residual                        spec §1, §3
+  kNN K = 10, T = 5 propagation steps                                spec §2
+  modalities cell = CP-Bray,CP-JUMP (2749), gene = G-CRISPR,G-ORF (1973), expression = GE (978)   spec §1
+Choices of chmr_jax, not the paper: imputation 'propagate' and SCA masks 'observed_or_propagated'
+(spec §2, §4: the release's behaviour is `imputation='mean'`, `sca_mask='all'`).
+"""
+from chmr_jax import config_util
+
+VARIANTS = ("default", "tpu_pod")
+
+
+def get_config(arg: str | None = None):
+    arg = arg or "default"
+    if arg not in VARIANTS:
+        raise ValueError(f"unknown config variant {arg!r}; choose from {VARIANTS}")
+    config = config_util.load_sibling(__file__, "default.py", "paper")
+    config.batch.batch_size = 3072
+    config.optim.lr = 1e-4
+    config.optim.weight_decay = 1e-8
+    config.optim.schedule = "release_cosine"
+    config.train.epochs = 50
+    config.objective.lambda_sca = 10.0
+    config.objective.lambda_vq = 1.0
+    # 129,592 molecules / 3072 = 43 steps per epoch: checkpoint about once per epoch.
+    config.train.checkpoint_every = 50
+    if arg == "tpu_pod":
+        # Every host runs the same command; jax.distributed.initialize() discovers the pod. The
+        # global batch is sharded over all chips; SCA's InfoNCE runs as a ring over them.
+        config.train.distributed = True
+        config.objective.infonce_impl = "ring"
+        config.objective.infonce_block = 512
+        config.train.progress = "log"
+    return config

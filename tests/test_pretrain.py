@@ -1,0 +1,178 @@
+"""The pretraining job end to end on the tiny config: configs, the CLI with overrides, metrics and
+checkpoints, SIGKILL/SIGTERM resume with an identical loss curve, config errors, a modality with no
+observed profile."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chmr_jax import cli, config_util, corpus as C, metric_writers, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_CONFIG = str(ROOT / "configs" / "test.py")
+
+
+def test_config_files_and_variants():
+    paper = config_util.load_config(str(ROOT / "configs" / "paper.py"))
+    assert (paper.batch.batch_size, paper.optim.lr, paper.optim.weight_decay, paper.train.epochs) == (3072, 1e-4, 1e-8, 50)
+    assert (paper.objective.lambda_sca, paper.objective.lambda_vq) == (10.0, 1.0)
+    assert dict(paper.corpus.dims) == {"cell": 2749, "gene": 1973, "expression": 978}
+    pod = config_util.load_config(str(ROOT / "configs" / "paper.py") + ":tpu_pod")
+    assert pod.train.distributed and pod.objective.infonce_impl == "ring"
+    default = config_util.load_config(str(ROOT / "configs" / "pretrain.py"))
+    assert default.corpus.kind == "reachable" and default.model.gnn_layers == 5 and default.model.latent == 300
+    assert config_util.load_config(str(ROOT / "configs" / "pretrain.py") + ":rdkit3d").geometry == "rdkit3d"
+    with pytest.raises(ValueError, match="unknown config variant"):
+        config_util.load_config(str(ROOT / "configs" / "paper.py") + ":nope")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache_dir):
+    """One in-process run of configs/test.py on the 8 fake devices, via the CLI with overrides."""
+    workdir = tmp_path_factory.mktemp("run")
+    rc = cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
+                   "--config.train.steps=10", "--config.train.checkpoint_every=4"])
+    assert rc == 0
+    return workdir
+
+
+def test_run_writes_metrics_checkpoints_and_summary(tiny_run):
+    rows = metric_writers.read_jsonl(tiny_run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 11))           # the override steps=10 took effect
+    for r in rows:
+        for key in ("loss", "loss/cpr", "loss/sca", "loss/vq", "grad_norm", "lr"):
+            assert np.isfinite(r[key]), (r["step"], key)
+    assert any(k.startswith("vq/") and "perplexity" in k for k in rows[0])
+    assert rows[0]["lr"] == pytest.approx(1e-4) and rows[-1]["lr"] < rows[0]["lr"]   # release cosine decays
+    assert sorted(int(p.name) for p in (tiny_run / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8, 10]
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["devices"] == 8 and summary["molecules_per_s"] > 0
+    assert summary["host_peak_rss_bytes"] > 0
+    saved = json.loads((tiny_run / "config.json").read_text())
+    assert saved["train"]["steps"] == 10 and saved["corpus"]["kind"] == "synthetic"
+    assert "modalities" in json.loads((tiny_run / "corpus_manifest.json").read_text())
+    events = list((tiny_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and len(metric_writers.read_tfrecords(events[0])) == 1 + 10
+
+
+def test_rerun_of_a_finished_run_trains_no_further(tiny_run, cache_dir, capsys):
+    before = (tiny_run / "metrics.jsonl").read_text()
+    assert cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(tiny_run), f"--config.cache_dir={cache_dir}",
+                     "--config.train.steps=10", "--config.train.checkpoint_every=4"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert (tiny_run / "metrics.jsonl").read_text() == before
+
+
+def test_restart_with_a_different_model_is_refused(tiny_run, cache_dir, capsys):
+    rc = cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(tiny_run), f"--config.cache_dir={cache_dir}",
+                   "--config.model.latent=32"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "different config" in err and "model" in err and "new --workdir" in err
+
+
+def test_wrong_dim_and_missing_modality_fail_at_start(tmp_path, cache_dir, capsys):
+    rc = cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(tmp_path / "a"), f"--config.cache_dir={cache_dir}",
+                   "--config.corpus.dims.cell=21"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "config.corpus.dims.cell=21" in err and "has 20 features" in err
+    config = config_util.load_config(TEST_CONFIG)
+    config.cache_dir = str(cache_dir)
+    config.corpus.dims.morphology = 7
+    with pytest.raises(pretrain.ConfigError, match="modality 'morphology'.*has \\['cell', 'expression', 'gene'\\]"):
+        pretrain.run(config, tmp_path / "b", log=lambda *a: None)
+    rc = cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(tmp_path / "c"), "--config.train.nope=1"])
+    assert rc == 2 and "nope" in capsys.readouterr().err
+
+
+def test_modality_with_no_observed_profile_trains_without_nan(tmp_path, cache_dir):
+    config = config_util.load_config(TEST_CONFIG)
+    corpus = pretrain.load_corpus(config, None, cache_dir, 1, log=lambda *a: None)
+    gene = corpus.modalities["gene"]
+    gene.values[:] = 0.0
+    gene.available[:] = False
+    corpus.save(tmp_path / "corpus")
+    config.corpus.saved = str(tmp_path / "corpus")
+    config.train.steps = 4
+    summary = pretrain.run(config, tmp_path / "run", log=lambda *a: None)
+    rows = metric_writers.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 4 and summary["final_metrics"]["skipped"] == 0
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert all(r["sca/gene/rows"] == 0 and r["sca/gene/infonce"] == 0 for r in rows)
+
+
+# ---- kill and resume (subprocesses: SIGKILL needs a process to kill) ----------------------------------
+
+def _command(workdir, steps):
+    return [sys.executable, "-m", "chmr_jax.cli", "pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir),
+            f"--config.train.steps={steps}", "--config.train.checkpoint_every=5", "--config.train.progress=log"]
+
+
+def _env(cache_dir):
+    env = {**os.environ, "CHMR_CACHE_DIR": str(cache_dir), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _wait_for_rows(workdir, n, proc, timeout=240):
+    path = workdir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and len(metric_writers.read_jsonl(path)) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc {proc.returncode}) before step {n}: {proc.stdout.read()}")
+        time.sleep(0.02)
+    raise AssertionError(f"no step {n} within {timeout}s")
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in metric_writers.read_jsonl(workdir / "metrics.jsonl")}
+
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def reference_curve(tmp_path_factory, cache_dir):
+    ref_dir = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(_command(ref_dir, STEPS), env=_env(cache_dir), check=True, capture_output=True, cwd=ROOT)
+    curve = _losses(ref_dir)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    return curve
+
+
+@pytest.mark.parametrize("kill_signal", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_with_the_uninterrupted_loss_curve(tmp_path, cache_dir, kill_signal, reference_curve):
+    steps = STEPS
+    env = _env(cache_dir)
+    reference = reference_curve
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_command(run_dir, steps), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_rows(run_dir, 12, proc)
+    proc.send_signal(kill_signal)
+    out, _ = proc.communicate(timeout=120)
+    killed_at = max(_losses(run_dir))
+    assert killed_at < steps, "the run finished before it was killed; the test did not test resuming"
+    if kill_signal == signal.SIGTERM:
+        # A graceful stop checkpoints the step it stopped at and says so.
+        assert proc.returncode == 0 and "stopped by SIGTERM" in out, out
+        assert (run_dir / "checkpoints" / str(killed_at)).is_dir()
+
+    resumed = subprocess.run(_command(run_dir, steps), env=env, capture_output=True, text=True, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    restored_from = int(re.search(r"resumed from \S+ \(step (\d+) of", resumed.stdout).group(1))
+    assert 0 < restored_from <= killed_at
+    curve = _losses(run_dir)
+    assert sorted(curve) == list(range(1, steps + 1))
+    assert curve == reference   # bit-identical: same data order, keys and state after the restore
