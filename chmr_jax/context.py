@@ -287,3 +287,28 @@ def reconstruction_loss(logits, targets, mask, beta, kind: str = "bce"):
     count = jnp.sum(mask)
     total = jnp.sum(jnp.where(mask, per, 0.0) * beta[:, None])
     return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
+def walk_reconstruction_loss(logits, targets, mask, beta, kind: str = "bce"):
+    """reconstruction_loss of logits [G, T] repeated along every walk position, without repeating them.
+
+    targets, mask [G, S, T] (S walk positions), beta [G, S]. Equals
+    reconstruction_loss(broadcast(logits).reshape(G*S, T), targets.reshape(G*S, T), ...): the per-entry
+    loss is linear in the target (BCE: softplus(z) - z y; MSE: s^2 - 2 s y + y^2 with s = sigmoid(z)),
+    so the walk positions are summed first (W = sum_s beta m, V = sum_s beta m y) and the logits enter
+    only as [G, T]. Saves the [G, S, T] activations and their gradients (G*S*T floats per node type).
+    """
+    mask = mask.astype(bool)
+    targets = jnp.where(mask, targets.astype(jnp.float32), 0.0)
+    weight = jnp.where(mask, beta[..., None], 0.0)                     # [G, S, T]
+    w = jnp.sum(weight, axis=1)                                        # [G, T]
+    v = jnp.sum(weight * targets, axis=1)
+    if kind == "bce":
+        total = jnp.sum(jax.nn.softplus(logits) * w - logits * v)
+    elif kind == "mse":
+        s = jax.nn.sigmoid(logits)
+        total = jnp.sum(s * s * w - 2.0 * s * v + jnp.sum(weight * targets * targets, axis=1))
+    else:
+        raise ValueError(f"reconstruction loss kind must be 'bce' or 'mse', got {kind!r}")
+    count = jnp.sum(mask)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)

@@ -95,6 +95,15 @@ class Corpus:
     def index_of(self) -> dict:
         return {str(k): i for i, k in enumerate(self.keys)}
 
+    def subset(self, idx) -> "Corpus":
+        """Molecules `idx` (in that order) with their features and profiles; the manifest records it."""
+        idx = np.asarray(idx, np.int64)
+        modalities = {name: dataclasses.replace(m, values=m.values[idx], available=m.available[idx])
+                      for name, m in self.modalities.items()}
+        manifest = {**self.manifest, "subset_of": self.manifest.get("name", ""), "subset_size": int(len(idx))}
+        return Corpus(keys=self.keys[idx], smiles=self.smiles[idx], features=self.features.subset(idx),
+                      modalities=modalities, manifest=manifest, gene_edges=self.gene_edges)
+
     def save(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

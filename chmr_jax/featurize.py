@@ -266,6 +266,25 @@ class MoleculeFeatures:
     def row_to_index(self) -> dict[int, int]:
         return {int(r): i for i, r in enumerate(self.rows)}
 
+    def subset(self, idx) -> "MoleculeFeatures":
+        """The molecules `idx` (in that order) as a new MoleculeFeatures; rejects are not carried."""
+        idx = np.asarray(idx, np.int64)
+
+        def ragged(offsets):
+            counts = np.diff(offsets)[idx]
+            starts = offsets[:-1][idx]
+            # element positions of each chosen molecule's slice, concatenated
+            within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            return np.repeat(starts, counts) + within, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+        node_pos, node_offsets = ragged(self.node_offsets)
+        edge_pos, edge_offsets = ragged(self.edge_offsets)
+        return dataclasses.replace(
+            self, smiles=self.smiles[idx], rows=self.rows[idx], keys=self.keys[idx], nodes=self.nodes[node_pos],
+            edge_index=self.edge_index[edge_pos], edge_feats=self.edge_feats[edge_pos], node_offsets=node_offsets,
+            edge_offsets=edge_offsets, morgan=self.morgan[idx], maccs=self.maccs[idx], target=self.target[idx],
+            n_input=len(idx), rejects=[])
+
     # ---- persistence -------------------------------------------------------------------------
     _ARRAYS = ("smiles", "rows", "keys", "nodes", "edge_index", "edge_feats", "node_offsets",
                "edge_offsets", "morgan", "maccs", "target")

@@ -49,10 +49,11 @@ class GraphBudget:
     n_node: int
     n_edge: int
     n_graph: int
+    batch_size: int | None = None   # molecules per batch at most (n_graph may be rounded up past it)
 
     @property
     def max_molecules(self) -> int:
-        return self.n_graph - 1
+        return self.n_graph - 1 if self.batch_size is None else min(self.n_graph - 1, self.batch_size)
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -81,7 +82,7 @@ def estimate_budget(n_atoms: Sequence[int], n_edges: Sequence[int], batch_size: 
     return GraphBudget(
         n_node=round_up(int(math.ceil(tail(n_atoms))) + 1, pad_multiple),
         n_edge=round_up(max(int(math.ceil(tail(n_edges))), 1), pad_multiple),
-        n_graph=round_up(batch_size + 1, graph_multiple))
+        n_graph=round_up(batch_size + 1, graph_multiple), batch_size=batch_size)
 
 
 def pack(features, indices: Sequence[int], budget: GraphBudget) -> GraphBatch:

@@ -99,15 +99,11 @@ def objective(model, batch: dict, ctx: dict, key, cfg: ObjectiveConfig, mesh=Non
     for name, decoder in model.decoders.items():
         t = ctx["type_index"][name]
         logits = decoder(anchor)                                             # [G, d_t]
-        rows = ctx["node_row"][nodes]                                        # [G, L+1]
-        is_t = ctx["node_type"][nodes] == t
-        rows = jnp.where(is_t, rows, 0)
-        target = ctx["targets"][name][rows].astype(jnp.float32)                                # [G, L+1, d_t]
+        is_t = ctx["node_type"][nodes] == t                                  # [G, L+1]
+        rows = jnp.where(is_t, ctx["node_row"][nodes], 0)
+        target = ctx["targets"][name][rows]                                  # [G, L+1, d_t]
         tmask = ctx["target_mask"][name][rows] & is_t[..., None]
-        g, steps = nodes.shape
-        term = context_lib.reconstruction_loss(
-            jnp.broadcast_to(logits[:, None, :], target.shape).reshape(g * steps, -1),
-            target.reshape(g * steps, -1), tmask.reshape(g * steps, -1), beta.reshape(-1), cfg.recon_kind)
+        term = context_lib.walk_reconstruction_loss(logits, target, tmask, beta, cfg.recon_kind)
         cpr = cpr + term
         metrics[f"cpr/{name}"] = term
 

@@ -92,7 +92,15 @@ def load_corpus(config, data_dir, cache_dir, n_workers=None, log=print) -> corpu
             raise ConfigError(f"config.corpus.saved={cfg.saved!r} is not a corpus directory (no manifest.json); "
                               "build one with `chmr-jax prepare --corpus ... --out DIR` or leave it empty")
         log(f"corpus: {cfg.saved}")
-        return corpus_lib.Corpus.load(cfg.saved)
+        corpus = corpus_lib.Corpus.load(cfg.saved)
+    else:
+        corpus = _cached_corpus(config, data_dir, cache_dir, n_workers, log)
+    log(prepare.format_table(corpus_lib.summary_rows(corpus)))
+    return corpus
+
+
+def _cached_corpus(config, data_dir, cache_dir, n_workers, log) -> corpus_lib.Corpus:
+    cfg = config.corpus
     settings = featurize.FeaturizerSettings.from_config(config.featurize)
     # dims are expectations checked by validate(), not inputs: they do not change the corpus.
     spec = {"corpus": {k: v for k, v in cfg.to_dict().items() if k not in ("dims", "saved")},

@@ -78,7 +78,8 @@ class Progress:
                 self.stream.write("\r" + self._line())
                 self.stream.flush()
                 self._last_print = now
-        elif now - self._last_print >= self.log_every_s:
+        elif now - self._last_print >= self.log_every_s and self.count != self.total:
+            # (the final count is written once, by close())
             self.stream.write(self._line() + "\n")
             self.stream.flush()
             self._last_print = now

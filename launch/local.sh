@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# The main job on one machine: set up .venv if needed, then featurize and split the 9 benchmarks.
-# Usage: bash launch/local.sh [extra chmr-jax prepare flags]    e.g. bash launch/local.sh --geometry rdkit3d
+# The main job on one machine (CPU or one GPU): set up .venv if needed, build the pretraining corpus
+# from the data directory, pretrain CHMR with the default config, and print where the results are.
+#
+# Usage: [CONFIG=file.py[:variant]] bash launch/local.sh [WORKDIR] [extra chmr-jax pretrain flags]
+#   bash launch/local.sh                                    # short run (200 steps) into runs/local
+#   bash launch/local.sh runs/full --config.train.steps=0   # the full schedule (config.train.epochs)
+#   CONFIG=configs/paper.py bash launch/local.sh runs/paper --config.corpus.path=/data/pretrain/raw
+# Re-running the same command continues from the newest checkpoint in WORKDIR.
 # Data: $CHMR_DATA_DIR (default ../shared/data if present, else ~/.cache/chmr_jax).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,5 +19,10 @@ fi
 if [ -z "${CHMR_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
   export CHMR_DATA_DIR=$(cd ../shared/data && pwd)
 fi
-.venv/bin/chmr-jax prepare --dataset all "$@"
-echo "Features, rejects and splits are in ${CHMR_CACHE_DIR:-$HOME/.cache/chmr_jax/features}"
+WORKDIR=${1:-runs/local}
+shift || true
+CONFIG=${CONFIG:-configs/pretrain.py}
+# The corpus is built on first use and cached (a second run skips featurization); a short run by
+# default: later flags override earlier ones.
+.venv/bin/chmr-jax pretrain --config "$CONFIG" --workdir "$WORKDIR" --config.train.steps=200 "$@"
+echo "Results in $WORKDIR: checkpoints/ (Orbax), metrics.jsonl, tensorboard/ (tensorboard --logdir $WORKDIR/tensorboard), summary.json"

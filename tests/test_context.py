@@ -111,3 +111,22 @@ def test_minmax_scale_masks_nan():
     scaled, mask = C.minmax_scale(x)
     np.testing.assert_allclose(scaled, [[0, 0], [0.5, 0], [1, 1]])
     assert mask.tolist() == [[True, False], [True, True], [True, True]]
+
+
+@pytest.mark.parametrize("kind", ["bce", "mse"])
+def test_walk_reconstruction_loss_equals_the_repeated_logits_form(kind):
+    rng = np.random.default_rng(0)
+    g, s, t = 6, 5, 7
+    logits = jnp.asarray(rng.normal(size=(g, t)), jnp.float32)
+    targets = jnp.asarray(rng.random((g, s, t)), jnp.float32).at[0, 0, 0].set(jnp.nan)
+    mask = jnp.asarray(rng.random((g, s, t)) < 0.6).at[0, 0, 0].set(False)
+    beta = jnp.asarray(rng.random((g, s)), jnp.float32)
+
+    def repeated(lg):
+        return C.reconstruction_loss(jnp.broadcast_to(lg[:, None], (g, s, t)).reshape(g * s, t),
+                                           targets.reshape(g * s, t), mask.reshape(g * s, t), beta.reshape(-1), kind)
+
+    fused = lambda lg: C.walk_reconstruction_loss(lg, targets, mask, beta, kind)
+    np.testing.assert_allclose(fused(logits), repeated(logits), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(fused)(logits), jax.grad(repeated)(logits), rtol=1e-4, atol=1e-7)
+    assert C.walk_reconstruction_loss(logits, targets, jnp.zeros_like(mask), beta, kind) == 0.0

@@ -220,3 +220,19 @@ def test_prepare_synthetic_corpus_command(tmp_path, capsys):
     assert re.search(r"gene\s+1973\s+\d+\s+\d+\.\d%", text)
     corpus = C.Corpus.load(out)
     assert set(corpus.modalities) == {"cell", "gene", "expression"} and corpus.gene_edges.shape[1] == 2
+
+
+def test_subset_keeps_each_molecules_graph_profiles_and_fingerprints(tmp_path):
+    from helpers import tiny_corpus
+    corpus = tiny_corpus(tmp_path, n_molecules=40, seed=3)
+    idx = np.array([17, 3, 3, 39, 0])
+    sub = corpus.subset(idx)
+    assert len(sub) == 5 and list(sub.keys) == [corpus.keys[i] for i in idx]
+    for j, i in enumerate(idx):
+        for a, b in zip(sub.features.graph(j), corpus.features.graph(i)):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(sub.features.fingerprints(), corpus.features.fingerprints(idx))
+    np.testing.assert_array_equal(sub.features.targets(), corpus.features.targets(idx))
+    for name, m in corpus.modalities.items():
+        np.testing.assert_array_equal(sub.modalities[name].values, m.values[idx])
+        np.testing.assert_array_equal(sub.modalities[name].available, m.available[idx])

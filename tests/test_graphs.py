@@ -97,3 +97,11 @@ def test_batch_is_a_pytree(feats):
     assert isinstance(device, graphs.GraphBatch)
     count = jax.jit(lambda b: graphs.segment_sum(jnp.ones(b.nodes.shape[0]), b.node_graph, 3, b.node_mask))(device)
     assert np.asarray(count).tolist() == [3, 6, 0]
+
+
+def test_rounded_up_graph_slots_never_take_more_than_batch_size_molecules(feats):
+    budget = graphs.estimate_budget(feats.n_atoms, feats.n_edges, batch_size=3, graph_multiple=8, n_sigma=20)
+    assert budget.n_graph == 8 and budget.max_molecules == 3
+    groups = graphs.partition(feats, range(10), budget)
+    assert [len(g) for g in groups] == [3, 3, 3, 1]
+    assert [int(i) for g in groups for i in g] == list(range(10))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chmr_jax import cli, config_util, corpus as C, metric_writers, pretrain
+from chmr_jax import cli, config_util, metric_writers, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = str(ROOT / "configs" / "test.py")
@@ -176,3 +176,19 @@ def test_killed_run_resumes_with_the_uninterrupted_loss_curve(tmp_path, cache_di
     curve = _losses(run_dir)
     assert sorted(curve) == list(range(1, steps + 1))
     assert curve == reference   # bit-identical: same data order, keys and state after the restore
+
+
+def test_nan_inputs_skip_updates_then_stop_with_a_clear_error(tmp_path, cache_dir):
+    config = config_util.load_config(TEST_CONFIG)
+    corpus = pretrain.load_corpus(config, None, cache_dir, 1, log=lambda *a: None)
+    corpus.modalities["cell"].values[corpus.modalities["cell"].available] = np.nan
+    corpus.save(tmp_path / "corpus")
+    config.corpus.saved = str(tmp_path / "corpus")
+    config.train.steps = 20
+    config.train.max_skipped = 3
+    with pytest.raises(pretrain.TrainingDiverged, match="3 updates skipped.*max_skipped=3"):
+        pretrain.run(config, tmp_path / "run", log=lambda *a: None)
+    rows = metric_writers.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["skipped"] for r in rows] == [1, 2, 3] and all(r["loss"] == "nan" for r in rows)
+    # The stop is checkpointed, so the run can be inspected or resumed after a fix.
+    assert (tmp_path / "run" / "checkpoints" / "3").is_dir()

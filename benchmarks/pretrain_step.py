@@ -1,0 +1,195 @@
+"""Throughput (molecules/s) and peak memory of the pretraining step.
+
+  python benchmarks/pretrain_step.py                        # batch 256/1024/3072 x 1 and 8 devices
+  python benchmarks/pretrain_step.py --devices 1 --batch_sizes 3072 --torch /path/to/python-with-torch
+
+Setting: the paper's model (GIN 5 x 300 with virtual node, D = 300, depth-6 tree, decoders) and the
+paper's three cellular modalities at their widths (cell 2749, gene 1973, expression 978, observed for
+35% / 6% / 8% of molecules, values random: throughput does not depend on them), on real molecules:
+2 x batch molecules drawn from the reachable corpus (built once by `chmr-jax pretrain` or
+`chmr-jax prepare --corpus reachable`; needs CHMR_DATA_DIR). Each (devices, batch) runs in its own
+process (the device count is fixed at start-up, and the peak memory is per process): `warmup`
+steps (compilation) then `steps` timed steps. On CPU, n devices are n fake host devices sharing the
+same cores, so 8 devices measure the sharded program's overhead, not a speed-up.
+
+--torch PYTHON also runs benchmarks/torch_release_step.py (a PyTorch step with the release's
+structure) on the same batch with that interpreter, for the speed-up column.
+Prints a table and writes JSON (default benchmarks/pretrain_step.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PAPER_CELLULAR = {"cell": (2749, 0.35), "gene": (1973, 0.06), "expression": (978, 0.08)}
+
+
+def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str | None) -> dict:
+    import jax
+    import numpy as np
+
+    from chmr_jax import config_util, corpus as corpus_lib, objective, paths, pretrain, pretrain_data, train
+
+    config = config_util.load_config(str(config_util.CONFIG_DIR / "pretrain.py"))
+    config.batch.batch_size = batch_size
+    cache_dir = paths.resolve_cache_dir(None)
+    full = pretrain.load_corpus(config, paths.resolve_data_dir(None), cache_dir, log=lambda *a: None)
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(full), size=min(2 * batch_size, len(full)), replace=False)
+    sub = full.subset(idx)
+    n = len(sub)
+    sub.modalities = {}
+    for name, (dim, frac) in PAPER_CELLULAR.items():
+        avail = rng.random(n) < frac
+        values = np.where(avail[:, None], rng.normal(size=(n, dim)), 0).astype(np.float32)
+        sub.modalities[name] = corpus_lib.Modality(values=values, available=avail, feature_names=[""] * dim,
+                                                   sources=["random"])
+    devices = jax.devices()[:n_devices]
+    mesh = train.data_mesh(devices)
+    data = pretrain_data.prepare(sub, pretrain.data_config(config, n_devices))
+    model = pretrain.build_model(config, data, pretrain.molecular_names(config))
+    tx = train.make_optimizer(total_steps=1000)
+    graphdef, state = train.init_state(model, tx)
+    state = train.place(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    step = train.make_train_step(graphdef, tx, pretrain.objective_config(config),
+                                 objective.context_arrays(data.context), mesh)
+    groups = pretrain_data.graphs.partition(data.corpus.features, np.arange(n), data.budget)
+    host = [pretrain_data.batch_of(data, g) for g in groups[:2]]
+    batches = [train.shard_batch(b, mesh) for b in host]
+    mols = [int(b["graph"].graph_mask.sum()) for b in host]
+    if dump:
+        np.savez(dump, **_flat(host[0]), **{f"ctx/{k}": v for k, v in _ctx_numpy(data).items()})
+    key = jax.random.key(0)
+    compiled = step.lower(state, batches[0], key).compile().memory_analysis()
+    xla_bytes = None if compiled is None else int(compiled.temp_size_in_bytes + compiled.argument_size_in_bytes
+                                                  + compiled.output_size_in_bytes - compiled.alias_size_in_bytes)
+    for i in range(warmup):
+        state, metrics = step(state, batches[i % 2], key)
+    jax.block_until_ready(metrics["loss"])
+    t0 = time.perf_counter()
+    for i in range(steps):
+        state, metrics = step(state, batches[i % 2], jax.random.fold_in(key, i))
+    jax.block_until_ready(metrics["loss"])
+    seconds = time.perf_counter() - t0
+    mem = pretrain._peak_memory()
+    return {"framework": "chmr_jax", "platform": devices[0].platform, "device_kind": devices[0].device_kind,
+            "devices": n_devices, "batch_size": batch_size,
+            "molecules_per_step": float(np.mean([mols[i % 2] for i in range(steps)])),
+            "step_s": seconds / steps, "molecules_per_s": sum(mols[i % 2] for i in range(steps)) / seconds,
+            "budget": data.budget.__dict__, "loss": float(metrics["loss"]), "xla_step_bytes": xla_bytes, **mem}
+
+
+def _flat(batch: dict) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if key == "graph":
+            for field in value._fields:
+                out[f"graph/{field}"] = getattr(value, field)
+        elif isinstance(value, dict):
+            for name, x in value.items():
+                out[f"{key}/{name}"] = x
+        else:
+            out[key] = value
+    return out
+
+
+def _ctx_numpy(data) -> dict:
+    c = data.context
+    out = {"indptr": c.indptr, "indices": c.indices, "weights": c.weights, "node_type": c.node_type,
+           "node_row": c.node_row}
+    for i, t in enumerate(c.type_names):
+        out[f"targets/{i}/{t}"] = c.targets[t]
+        out[f"target_mask/{i}/{t}"] = c.target_mask[t]
+    return out
+
+
+def run_worker_process(batch_size, n_devices, steps, warmup, dump=None) -> dict:
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "")
+    if n_devices > 1 and "cuda" not in env.get("JAX_PLATFORMS", "") :
+        # Fake devices share 2 cores: a device can wait minutes for the others at a collective,
+        # past XLA CPU's default 40 s rendezvous limit.
+        env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={n_devices} "
+                            "--xla_cpu_collective_call_terminate_timeout_seconds=1200").strip()
+    cmd = [sys.executable, __file__, "--worker", "--batch_sizes", str(batch_size), "--devices", str(n_devices),
+           "--steps", str(steps), "--warmup", str(warmup)] + (["--dump", dump] if dump else [])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"framework": "chmr_jax", "devices": n_devices, "batch_size": batch_size,
+                "error": (out.stderr or out.stdout)[-2000:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["framework", "platform", "devices", "batch_size", "molecules_per_step", "step_s", "molecules_per_s",
+            "peak_GiB", "step_GiB", "speedup"]
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    for r in rows:
+        peak = r.get("device_peak_bytes", r.get("host_peak_rss_bytes"))
+        xla = r.get("xla_step_bytes")
+        vals = {**r, "peak_GiB": f"{peak / 2**30:.2f}" if peak else "-",
+                "step_GiB": f"{xla / 2**30:.2f}" if xla else "-",
+                "step_s": f"{r['step_s']:.3f}" if "step_s" in r else "error",
+                "molecules_per_s": f"{r['molecules_per_s']:,.0f}" if "molecules_per_s" in r else "-",
+                "molecules_per_step": f"{r.get('molecules_per_step', 0):.0f}",
+                "speedup": f"{r['speedup']:.2f}x" if "speedup" in r else ""}
+        lines.append(" | ".join(str(vals.get(c, "")) for c in cols))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_sizes", default="256,1024,3072")
+    parser.add_argument("--devices", default="1,8", help="device counts (fake host devices on CPU)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--torch", help="a python with torch: also time the PyTorch release-structured step")
+    parser.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--out", default=str(HERE / "pretrain_step.json"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dump", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    device_counts = [int(d) for d in args.devices.split(",")]
+    if args.worker:
+        print(json.dumps(worker(sizes[0], device_counts[0], args.steps, args.warmup, args.dump)))
+        return 0
+
+    rows = []
+    for n_dev in device_counts:
+        for b in sizes:
+            with tempfile.TemporaryDirectory() as tmp:
+                dump = str(Path(tmp) / "batch.npz") if args.torch and n_dev == 1 else None
+                row = run_worker_process(b, n_dev, args.steps, args.warmup, dump)
+                rows.append(row)
+                print(format_table([row]).splitlines()[-1], flush=True)
+                if dump and "error" not in row:
+                    cmd = [args.torch, str(HERE / "torch_release_step.py"), dump, "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--threads", str(args.torch_threads)]
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode == 0:
+                        t = json.loads(out.stdout.strip().splitlines()[-1])
+                        t["batch_size"] = b
+                        row["speedup"] = row["molecules_per_s"] / t["molecules_per_s"]
+                    else:
+                        t = {"framework": "torch_release", "batch_size": b, "error": out.stderr[-2000:]}
+                    rows.append(t)
+                    print(format_table([t]).splitlines()[-1], flush=True)
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "python": platform.python_version()}
+    Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    print("\n" + format_table(rows))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
