@@ -55,7 +55,7 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
     devices = jax.devices()[:n_devices]
     mesh = train.data_mesh(devices)
     data = pretrain_data.prepare(sub, pretrain.data_config(config, n_devices))
-    model = pretrain.build_model(config, data, pretrain.molecular_names(config))
+    model = pretrain.build_model(config, pretrain.model_dims(config, data, pretrain.molecular_names(config)))
     tx = train.make_optimizer(total_steps=1000)
     graphdef, state = train.init_state(model, tx)
     state = train.place(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

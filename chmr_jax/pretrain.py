@@ -137,15 +137,42 @@ def validate(config, corpus: corpus_lib.Corpus, source: str) -> None:
                           "choose 'dense', 'chunked' or 'ring'")
 
 
-def build_model(config, data: pretrain_data.PretrainData, names: list[str]) -> model_lib.CHMR:
+def model_dims(config, data: pretrain_data.PretrainData, names: list[str]) -> dict:
+    """The input/output widths the model is built from (saved as model_dims.json beside the
+    checkpoints, so an encoder can be rebuilt without the corpus)."""
+    return {"mol_dims": {n: (config.model.gnn_width if n == "graph" else int(data.inputs[n].shape[1])) for n in names},
+            "cell_dims": {n: int(mod.dim) for n, mod in data.corpus.modalities.items()},
+            "target_dims": {t: int(data.context.targets[t].shape[1]) for t in data.context.targets}}
+
+
+def build_model(config, dims: dict) -> model_lib.CHMR:
     m = config.model
-    mol_dims = {n: (m.gnn_width if n == "graph" else data.inputs[n].shape[1]) for n in names}
-    cell_dims = {n: mod.dim for n, mod in data.corpus.modalities.items()}
-    target_dims = {t: data.context.targets[t].shape[1] for t in data.context.targets}
-    return model_lib.CHMR(mol_dims, cell_dims, target_dims, latent=m.latent, gnn_layers=m.gnn_layers,
-                          gnn_width=m.gnn_width, gnn_dropout=m.gnn_dropout, residual=m.residual,
-                          max_norm=m.max_norm or None, decoder_dropout=m.decoder_dropout,
+    return model_lib.CHMR(dims["mol_dims"], dims["cell_dims"], dims["target_dims"], latent=m.latent,
+                          gnn_layers=m.gnn_layers, gnn_width=m.gnn_width, gnn_dropout=m.gnn_dropout,
+                          residual=m.residual, max_norm=m.max_norm or None, decoder_dropout=m.decoder_dropout,
                           tree_depth=m.tree_depth, rngs=nnx.Rngs(config.train.seed))
+
+
+def load_pretrained(workdir, step: int | None = None):
+    """(model in eval mode, config, meta) from a pretraining workdir's checkpoint (default: newest)."""
+    import ml_collections
+    workdir = Path(workdir)
+    for name in ("config.json", "model_dims.json"):
+        if not (workdir / name).exists():
+            raise FileNotFoundError(f"{workdir} is not a chmr_jax pretraining workdir (no {name}); pass the "
+                                    "--workdir of a `chmr-jax pretrain` run")
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    dims = json.loads((workdir / "model_dims.json").read_text())
+    tx = train.make_optimizer(config.optim.lr, config.optim.weight_decay, 1, config.optim.schedule)
+    graphdef, template = train.init_state(build_model(config, dims), tx)
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+    try:
+        state, meta = ckpt.restore(template, step)
+    finally:
+        ckpt.close()
+    model = nnx.merge(graphdef, state.params, state.rest)
+    model.eval()
+    return model, config, meta
 
 
 # ---- the step -> batch map ---------------------------------------------------------------------------
@@ -310,12 +337,14 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     if is_main:
         _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
         _write_json(workdir / "corpus_manifest.json", corpus.manifest)
+        _write_json(workdir / "model_dims.json", model_dims(config, data, names))
 
     plan = BatchPlan(data, tcfg.seed)
     total = tcfg.steps if tcfg.steps > 0 else plan.total_steps(tcfg.epochs)
     schedule = train.lr_schedule(config.optim.lr, total, config.optim.schedule)
     tx = train.make_optimizer(config.optim.lr, config.optim.weight_decay, total, config.optim.schedule)
-    graphdef, state = train.init_state(build_model(config, data, names), tx)
+    dims = model_dims(config, data, names)
+    graphdef, state = train.init_state(build_model(config, dims), tx)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = train.place(state, replicated)
     ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints)

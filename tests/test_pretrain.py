@@ -192,3 +192,20 @@ def test_nan_inputs_skip_updates_then_stop_with_a_clear_error(tmp_path, cache_di
     assert [r["skipped"] for r in rows] == [1, 2, 3] and all(r["loss"] == "nan" for r in rows)
     # The stop is checkpointed, so the run can be inspected or resumed after a fix.
     assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+
+
+def test_load_pretrained_rebuilds_the_encoder_in_eval_mode(tiny_run, tmp_path):
+    import jax
+    from flax import nnx
+
+    model, config, meta = pretrain.load_pretrained(tiny_run)
+    assert meta["step"] == 10 and config.model.latent == 16
+    assert (tiny_run / "model_dims.json").exists()
+    early, _, meta4 = pretrain.load_pretrained(tiny_run, step=4)
+    assert meta4["step"] == 4
+    diff = jax.tree_util.tree_map(lambda a, b: float(abs(a - b).max()), nnx.state(model, nnx.Param),
+                                  nnx.state(early, nnx.Param))
+    assert max(jax.tree_util.tree_leaves(diff)) > 0          # training moved the parameters
+    assert model.gnn.dropout.deterministic and model.gnn.norms[0].use_running_average
+    with pytest.raises(FileNotFoundError, match="not a chmr_jax pretraining workdir"):
+        pretrain.load_pretrained(tmp_path)
