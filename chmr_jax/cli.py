@@ -1,6 +1,6 @@
 """The `chmr-jax` command: `chmr-jax <command> [flags]`.
 
-Commands: prepare (featurize and split benchmarks or a CSV, or build a corpus) and pretrain.
+Commands: prepare (featurize and split benchmarks or a CSV, or build a corpus), pretrain, finetune.
 `chmr-jax <command> --help` lists a command's flags.
 """
 from __future__ import annotations
@@ -10,7 +10,8 @@ import sys
 import time
 
 COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV), or build a pretraining corpus",
-            "pretrain": "pretrain CHMR from a config file into a workdir (resumes from its checkpoints)"}
+            "pretrain": "pretrain CHMR from a config file into a workdir (resumes from its checkpoints)",
+            "finetune": "train a head on a frozen pretrained encoder for a benchmark or CSV, over seeds"}
 
 PRETRAIN_USAGE = """chmr-jax pretrain --config configs/pretrain.py[:variant] --workdir DIR [--config.a.b=value ...]
 
@@ -130,40 +131,52 @@ def _prepare_corpus(args) -> int:
     return 0
 
 
-def _pretrain(argv: list[str]) -> int:
+def _config_flags(argv: list[str], command: str, default_config: str, usage: str, define_more):
+    """Parses `--config file.py[:arg] --config.a.b=v ... --other` with absl on a private registry.
+
+    Returns the FlagValues, or an exit code (help printed, or a parse error explained)."""
     from absl import flags
     from ml_collections import config_flags
 
     from chmr_jax import config_util
 
     fv = flags.FlagValues()   # a private registry: main() can run more than once in a process
-    config_flags.DEFINE_config_file("config", str(config_util.CONFIG_DIR / "pretrain.py"),
+    config_flags.DEFINE_config_file("config", str(config_util.CONFIG_DIR / default_config),
                                     "config file[:variant]", flag_values=fv, lock_config=True,
-                                    sys_argv=["chmr-jax pretrain"] + argv)  # overrides are found from argv
-    flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the run's config", flag_values=fv)
+                                    sys_argv=[f"chmr-jax {command}"] + argv)  # overrides are found from argv
+    flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)
     flags.DEFINE_string("data_dir", None, "data directory (default: config.data_dir > $CHMR_DATA_DIR > "
                         "~/.cache/chmr_jax)", flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (every host of a "
-                      "multi-host job runs the same command); also config.train.distributed", flag_values=fv)
+    define_more(flags, fv)
     if any(a in ("-h", "--help", "--helpfull") for a in argv):
-        print(PRETRAIN_USAGE)
-        print(fv.main_module_help() if hasattr(fv, "main_module_help") else "")
+        print(usage)
         return 0
     try:
-        fv(["chmr-jax pretrain"] + argv)
+        fv([f"chmr-jax {command}"] + argv)
     except flags.Error as e:
-        print(f"chmr-jax pretrain: {e}\n\n{PRETRAIN_USAGE}", file=sys.stderr)
+        print(f"chmr-jax {command}: {e}\n\n{usage}", file=sys.stderr)
         return 2
     except (KeyError, AttributeError, TypeError, ValueError) as e:
         # config_flags raises these for an override of a field the config does not have (or of the
         # wrong type); name the flags so the user sees which one.
         overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        print(f"chmr-jax pretrain: bad config override ({type(e).__name__}: {e}) among {overrides}; "
+        print(f"chmr-jax {command}: bad config override ({type(e).__name__}: {e}) among {overrides}; "
               "fields must exist in the config file (see its get_config)", file=sys.stderr)
         return 2
     if not fv.workdir:
-        print(f"chmr-jax pretrain: --workdir is required\n\n{PRETRAIN_USAGE}", file=sys.stderr)
+        print(f"chmr-jax {command}: --workdir is required\n\n{usage}", file=sys.stderr)
         return 2
+    return fv
+
+
+def _pretrain(argv: list[str]) -> int:
+    def more(flags, fv):
+        flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (every host of a "
+                          "multi-host job runs the same command); also config.train.distributed", flag_values=fv)
+
+    fv = _config_flags(argv, "pretrain", "pretrain.py", PRETRAIN_USAGE, more)
+    if isinstance(fv, int):
+        return fv
     config = fv.config
     if fv.distributed or config.train.distributed:
         import jax
@@ -174,6 +187,32 @@ def _pretrain(argv: list[str]) -> int:
         pretrain.run(config, fv.workdir, data_dir=fv.data_dir)
     except (pretrain.ConfigError, pretrain.TrainingDiverged, corpus.CorpusError, registry.DataNotFoundError) as e:
         print(f"chmr-jax pretrain: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+FINETUNE_USAGE = """chmr-jax finetune --config configs/finetune.py[:dataset=NAME,seeds=0,1,...] --pretrained DIR --workdir OUT
+
+Trains a prediction head on the frozen encoder of a `chmr-jax pretrain` workdir (eval mode) for one
+benchmark (or --config.csv=file.csv), one run per seed; writes OUT/results.json (valid/test scores at
+the best validation epoch, mean +- std)."""
+
+
+def _finetune(argv: list[str]) -> int:
+    def more(flags, fv):
+        flags.DEFINE_string("pretrained", None, "a `chmr-jax pretrain` workdir", flag_values=fv)
+
+    fv = _config_flags(argv, "finetune", "finetune.py", FINETUNE_USAGE, more)
+    if isinstance(fv, int):
+        return fv
+    if not fv.pretrained:
+        print(f"chmr-jax finetune: --pretrained is required\n\n{FINETUNE_USAGE}", file=sys.stderr)
+        return 2
+    from chmr_jax import finetune, registry
+    try:
+        finetune.run(fv.config, fv.pretrained, fv.workdir, data_dir=fv.data_dir)
+    except (FileNotFoundError, ValueError, registry.DataNotFoundError) as e:
+        print(f"chmr-jax finetune: {e}", file=sys.stderr)
         return 1
     return 0
 
@@ -190,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare(rest)
     if command == "pretrain":
         return _pretrain(rest)
+    if command == "finetune":
+        return _finetune(rest)
     print(f"chmr-jax: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

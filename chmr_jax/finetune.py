@@ -184,3 +184,60 @@ def fit(x: np.ndarray, y: np.ndarray, split: dict, task_type: str, cfg: FitConfi
     head = nnx.merge(graphdef, params, rest)
     head.eval()
     return {"head": head, "best_epoch": best_epoch, "valid": best, "test": test, "history": history}
+
+
+# ---- the job: one dataset, several seeds ---------------------------------------------------------------
+
+def fit_config(config, seed: int) -> FitConfig:
+    h = config.head
+    return FitConfig(hidden=h.hidden, norm=h.norm, dropout=h.dropout, lr=config.optim.lr,
+                     batch_size=config.optim.batch_size, epochs=config.optim.epochs,
+                     patience=config.optim.patience, seed=seed)
+
+
+def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
+    """Fine-tunes heads on a frozen pretrained encoder for config.dataset over config.seeds.
+
+    Writes <workdir>/results.json (per-seed valid/test scores, best epochs, mean +- std) and returns it.
+    """
+    import json
+    from pathlib import Path
+
+    from chmr_jax import datasets, featurize, paths, prepare, pretrain
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model, pre_config, meta = pretrain.load_pretrained(pretrained)
+    settings = featurize.FeaturizerSettings.from_config(pre_config.featurize)   # one radius for both (spec §8)
+    cache_dir = paths.resolve_cache_dir(config.cache_dir or None)
+    data_dir = paths.resolve_data_dir(data_dir or config.data_dir or None)
+    if config.csv:
+        ds = datasets.load_csv(config.csv, config.smiles_column, None, config.task_type or None,
+                               cache_dir=cache_dir)
+    else:
+        if config.dataset not in datasets.BENCHMARKS:
+            raise ValueError(f"config.dataset={config.dataset!r}: choose one of {list(datasets.ALL_BENCHMARKS)} "
+                             "or set config.csv")
+        ds = datasets.load_benchmark(config.dataset, data_dir, cache_dir)
+    prepared = prepare.prepare(ds, settings, cache_dir, config.split or None)
+    log(f"{ds.name}: {len(prepared.features)} molecules, {ds.num_tasks} tasks ({ds.task_type}); encoder "
+        f"{pretrained} step {meta['step']}")
+    emb = embed(model, prepared.features)
+    x = head_inputs(emb, tuple(p.strip() for p in config.head.parts.split(",")))
+    y = ds.labels[prepared.features.rows]
+    split = {part: prepared.split_indices(part) for part in ("train", "valid", "test")}
+    runs = []
+    for seed in [int(s) for s in str(config.seeds).split(",")]:
+        out = fit(x, y, split, ds.task_type, fit_config(config, seed))
+        runs.append({"seed": seed, "best_epoch": out["best_epoch"], "epochs_run": len(out["history"]),
+                     "valid": out["valid"], "test": out["test"]})
+        log(f"  seed {seed}: best epoch {out['best_epoch']}, valid {out['valid']}, test {out['test']}")
+    key = "roc_auc" if ds.task_type == "classification" else "mae"
+    scores = np.array([r["test"][key] for r in runs], np.float64)
+    result = {"dataset": ds.name, "metric": key, "pretrained": str(pretrained), "pretrained_step": meta["step"],
+              "molecules": len(prepared.features), "tasks": ds.num_tasks, "runs": runs,
+              "test_mean": float(scores.mean()), "test_std": float(scores.std())}
+    (workdir / "results.json").write_text(json.dumps(result, indent=1, default=float))
+    log(f"{ds.name} test {key}: {scores.mean():.4f} +- {scores.std():.4f} over {len(runs)} seed(s) "
+        f"-> {workdir / 'results.json'}")
+    return result

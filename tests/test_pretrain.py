@@ -209,3 +209,19 @@ def test_load_pretrained_rebuilds_the_encoder_in_eval_mode(tiny_run, tmp_path):
     assert model.gnn.dropout.deterministic and model.gnn.norms[0].use_running_average
     with pytest.raises(FileNotFoundError, match="not a chmr_jax pretraining workdir"):
         pretrain.load_pretrained(tmp_path)
+
+
+def test_finetune_command_on_a_benchmark_with_the_pretrained_encoder(tiny_run, data_dir, cache_dir, tmp_path):
+    out = tmp_path / "ft"
+    rc = cli.main(["finetune", "--config", str(ROOT / "configs" / "finetune.py") + ":dataset=bace,seeds=0,1",
+                   "--pretrained", str(tiny_run), "--workdir", str(out), f"--config.cache_dir={cache_dir}",
+                   "--config.optim.epochs=3", "--config.head.hidden=32"])
+    assert rc == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["dataset"] == "bace" and result["metric"] == "roc_auc" and result["pretrained_step"] == 10
+    assert [r["seed"] for r in result["runs"]] == [0, 1]
+    for r in result["runs"]:
+        assert 0.0 <= r["test"]["roc_auc"] <= 1.0 and r["test"]["tasks_evaluated"] == 1 and r["epochs_run"] <= 3
+    assert result["test_mean"] == pytest.approx(np.mean([r["test"]["roc_auc"] for r in result["runs"]]))
+    assert cli.main(["finetune", "--config", str(ROOT / "configs" / "finetune.py") + ":dataset=nope",
+                     "--pretrained", str(tiny_run), "--workdir", str(out)]) == 1
