@@ -1,6 +1,6 @@
 """The `chmr-jax` command: `chmr-jax <command> [flags]`.
 
-Commands: prepare (featurize and split benchmarks or a CSV, or build a corpus), pretrain, finetune.
+Commands: prepare (featurize and split benchmarks or a CSV, or build a corpus), pretrain, finetune, benchmark.
 `chmr-jax <command> --help` lists a command's flags.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ import time
 
 COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV), or build a pretraining corpus",
             "pretrain": "pretrain CHMR from a config file into a workdir (resumes from its checkpoints)",
-            "finetune": "train a head on a frozen pretrained encoder for a benchmark or CSV, over seeds"}
+            "finetune": "train a head on a frozen pretrained encoder for a benchmark or CSV, over seeds",
+            "benchmark": "finetune on several benchmarks and write a results table with the paper's numbers"}
 
 PRETRAIN_USAGE = """chmr-jax pretrain --config configs/pretrain.py[:variant] --workdir DIR [--config.a.b=value ...]
 
@@ -217,6 +218,42 @@ def _finetune(argv: list[str]) -> int:
     return 0
 
 
+BENCHMARK_USAGE = """chmr-jax benchmark --datasets all|a,b,... --seeds 0,1,2,3,4 --pretrained DIR --workdir OUT [--config configs/finetune.py]
+
+Runs `chmr-jax finetune` on each dataset (frozen encoder, one head per seed) and writes OUT/results.md
+and OUT/results.json: mean +- std per dataset next to the paper's published numbers."""
+
+
+def _benchmark(argv: list[str]) -> int:
+    def more(flags, fv):
+        flags.DEFINE_string("pretrained", None, "a `chmr-jax pretrain` workdir", flag_values=fv)
+        flags.DEFINE_string("datasets", "all", "'all' (the 9 benchmarks) or a comma list", flag_values=fv)
+        flags.DEFINE_string("seeds", None, "comma list of seeds (default: config.seeds)", flag_values=fv)
+
+    fv = _config_flags(argv, "benchmark", "finetune.py", BENCHMARK_USAGE, more)
+    if isinstance(fv, int):
+        return fv
+    if not fv.pretrained:
+        print(f"chmr-jax benchmark: --pretrained is required\n\n{BENCHMARK_USAGE}", file=sys.stderr)
+        return 2
+    from chmr_jax import datasets, finetune, registry
+    names = list(datasets.ALL_BENCHMARKS) if fv.datasets == "all" else fv.datasets.split(",")
+    unknown = [n for n in names if n not in datasets.BENCHMARKS]
+    if unknown:
+        print(f"chmr-jax benchmark: unknown dataset(s) {unknown}; choose from {list(datasets.ALL_BENCHMARKS)}",
+              file=sys.stderr)
+        return 2
+    config = fv.config.copy_and_resolve_references()
+    if fv.seeds:
+        config.seeds = fv.seeds
+    try:
+        finetune.run_benchmark(config, fv.pretrained, fv.workdir, names, data_dir=fv.data_dir)
+    except (FileNotFoundError, ValueError, registry.DataNotFoundError) as e:
+        print(f"chmr-jax benchmark: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -231,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         return _pretrain(rest)
     if command == "finetune":
         return _finetune(rest)
+    if command == "benchmark":
+        return _benchmark(rest)
     print(f"chmr-jax: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

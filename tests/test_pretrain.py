@@ -225,3 +225,19 @@ def test_finetune_command_on_a_benchmark_with_the_pretrained_encoder(tiny_run, d
     assert result["test_mean"] == pytest.approx(np.mean([r["test"]["roc_auc"] for r in result["runs"]]))
     assert cli.main(["finetune", "--config", str(ROOT / "configs" / "finetune.py") + ":dataset=nope",
                      "--pretrained", str(tiny_run), "--workdir", str(out)]) == 1
+
+
+def test_benchmark_command_writes_a_table_with_the_papers_numbers(tiny_run, data_dir, cache_dir, tmp_path):
+    out = tmp_path / "bench"
+    rc = cli.main(["benchmark", "--datasets", "bace,biogenadme", "--seeds", "0,1", "--pretrained", str(tiny_run),
+                   "--workdir", str(out), f"--config.cache_dir={cache_dir}", "--config.optim.epochs=2",
+                   "--config.head.hidden=16"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["dataset"] for r in results] == ["bace", "biogenadme"]
+    assert results[1]["metric"] == "mae" and len(results[1]["runs"]) == 2
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| dataset | metric | chmr_jax")
+    assert table[3].startswith("| biogenadme | mae |") and "40.9 +- 0.3" in table[3]   # paper CHMR, spec §9
+    assert (out / "bace" / "results.json").exists()
+    assert cli.main(["benchmark", "--datasets", "nope", "--pretrained", str(tiny_run), "--workdir", str(out)]) == 2
