@@ -114,7 +114,7 @@ def _ctx_numpy(data) -> dict:
 def run_worker_process(batch_size, n_devices, steps, warmup, dump=None) -> dict:
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "")
-    if n_devices > 1 and "cuda" not in env.get("JAX_PLATFORMS", "") :
+    if n_devices > 1 and "cuda" not in env.get("JAX_PLATFORMS", ""):
         # Fake devices share 2 cores: a device can wait minutes for the others at a collective,
         # past XLA CPU's default 40 s rendezvous limit.
         env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={n_devices} "

@@ -132,10 +132,12 @@ def _prepare_corpus(args) -> int:
     return 0
 
 
-def _config_flags(argv: list[str], command: str, default_config: str, usage: str, define_more):
+def _config_flags(argv: list[str], command: str, default_config: str, usage: str, define_more,
+                  required=("workdir",)):
     """Parses `--config file.py[:arg] --config.a.b=v ... --other` with absl on a private registry.
 
-    Returns the FlagValues, or an exit code (help printed, or a parse error explained)."""
+    Returns the FlagValues, or an exit code (help printed, a parse error or a missing `required`
+    flag explained)."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -164,9 +166,10 @@ def _config_flags(argv: list[str], command: str, default_config: str, usage: str
         print(f"chmr-jax {command}: bad config override ({type(e).__name__}: {e}) among {overrides}; "
               "fields must exist in the config file (see its get_config)", file=sys.stderr)
         return 2
-    if not fv.workdir:
-        print(f"chmr-jax {command}: --workdir is required\n\n{usage}", file=sys.stderr)
-        return 2
+    for name in required:
+        if not fv[name].value:
+            print(f"chmr-jax {command}: --{name} is required\n\n{usage}", file=sys.stderr)
+            return 2
     return fv
 
 
@@ -203,12 +206,9 @@ def _finetune(argv: list[str]) -> int:
     def more(flags, fv):
         flags.DEFINE_string("pretrained", None, "a `chmr-jax pretrain` workdir", flag_values=fv)
 
-    fv = _config_flags(argv, "finetune", "finetune.py", FINETUNE_USAGE, more)
+    fv = _config_flags(argv, "finetune", "finetune.py", FINETUNE_USAGE, more, required=("workdir", "pretrained"))
     if isinstance(fv, int):
         return fv
-    if not fv.pretrained:
-        print(f"chmr-jax finetune: --pretrained is required\n\n{FINETUNE_USAGE}", file=sys.stderr)
-        return 2
     from chmr_jax import finetune, registry
     try:
         finetune.run(fv.config, fv.pretrained, fv.workdir, data_dir=fv.data_dir)
@@ -230,12 +230,9 @@ def _benchmark(argv: list[str]) -> int:
         flags.DEFINE_string("datasets", "all", "'all' (the 9 benchmarks) or a comma list", flag_values=fv)
         flags.DEFINE_string("seeds", None, "comma list of seeds (default: config.seeds)", flag_values=fv)
 
-    fv = _config_flags(argv, "benchmark", "finetune.py", BENCHMARK_USAGE, more)
+    fv = _config_flags(argv, "benchmark", "finetune.py", BENCHMARK_USAGE, more, required=("workdir", "pretrained"))
     if isinstance(fv, int):
         return fv
-    if not fv.pretrained:
-        print(f"chmr-jax benchmark: --pretrained is required\n\n{BENCHMARK_USAGE}", file=sys.stderr)
-        return 2
     from chmr_jax import datasets, finetune, registry
     names = list(datasets.ALL_BENCHMARKS) if fv.datasets == "all" else fv.datasets.split(",")
     unknown = [n for n in names if n not in datasets.BENCHMARKS]

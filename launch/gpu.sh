@@ -11,12 +11,7 @@
 # (jax.distributed.initialize() reads the coordinator from SLURM / the JAX_COORDINATOR_* variables).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/chmr-jax ]; then
-  "$PYTHON" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e .
-fi
+source launch/_setup.sh   # .venv on first use, CHMR_DATA_DIR default
 if ! .venv/bin/python -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 1)" 2>/dev/null; then
   if [ "${INSTALL_CUDA:-0}" = 1 ]; then
     .venv/bin/python -m pip install -q -U "jax[cuda12]"
@@ -24,9 +19,6 @@ if ! .venv/bin/python -c "import jax, sys; sys.exit(0 if jax.default_backend() =
     echo "jax sees no GPU. Install a CUDA build (INSTALL_CUDA=1 bash launch/gpu.sh ...) or use launch/local.sh" >&2
     exit 1
   fi
-fi
-if [ -z "${CHMR_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
-  export CHMR_DATA_DIR=$(cd ../shared/data && pwd)
 fi
 WORKDIR=${1:?usage: bash launch/gpu.sh WORKDIR [flags]}
 shift

@@ -10,15 +10,7 @@
 # Data: $CHMR_DATA_DIR (default ../shared/data if present, else ~/.cache/chmr_jax).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/chmr-jax ]; then
-  "$PYTHON" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e .
-fi
-if [ -z "${CHMR_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
-  export CHMR_DATA_DIR=$(cd ../shared/data && pwd)
-fi
+source launch/_setup.sh   # .venv on first use, CHMR_DATA_DIR default
 WORKDIR=${1:-runs/local}
 shift || true
 CONFIG=${CONFIG:-configs/pretrain.py}
