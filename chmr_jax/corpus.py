@@ -115,9 +115,8 @@ class Corpus:
             arrays["gene_edges"] = np.asarray(self.gene_edges, dtype=str)
         featurize.atomic_savez(directory / "corpus.npz", **arrays)
         self.features.save(directory / "features.npz")
-        tmp = directory / f"manifest.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(self.manifest, indent=1))
-        os.replace(tmp, directory / "manifest.json")   # written last: its presence marks a complete corpus
+        # written last: its presence marks a complete corpus
+        featurize.atomic_write_text(directory / "manifest.json", json.dumps(self.manifest, indent=1))
         return directory
 
     @classmethod

@@ -315,6 +315,15 @@ def atomic_savez(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_text(path, text: str) -> None:
+    """Writes `text` to a temporary name then renames it: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def smiles_digest(smiles: Sequence[str]) -> str:
     h = hashlib.sha256()
     for s in smiles:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from chmr_jax import featurize
+
 # ---- CRC32C (Castagnoli), as TFRecord framing requires ------------------------------------------
 
 def _crc_table() -> list[int]:
@@ -154,9 +156,7 @@ class JsonlWriter:
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _complete_row(line) and json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            featurize.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._fh = open(self.path, "a")

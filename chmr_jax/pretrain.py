@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import queue
 import resource
 import signal
@@ -255,9 +254,7 @@ def _peak_memory() -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    featurize.atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def _check_same_run(workdir: Path, config) -> None:

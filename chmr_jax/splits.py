@@ -126,8 +126,5 @@ def load_or_make_split(smiles: Sequence[str], kind: str, cache_dir: str | os.Pat
         return {k: np.asarray(saved[k], dtype=np.int64) for k in ("train", "valid", "test")}
     split = make_split(smiles, kind, seed, fractions, n_workers)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump({**settings, **{k: v.tolist() for k, v in split.items()}}, fh)
-    os.replace(tmp, path)
+    featurize.atomic_write_text(path, json.dumps({**settings, **{k: v.tolist() for k, v in split.items()}}))
     return split
