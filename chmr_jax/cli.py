@@ -220,8 +220,10 @@ def _finetune(argv: list[str]) -> int:
 
 BENCHMARK_USAGE = """chmr-jax benchmark --datasets all|a,b,... --seeds 0,1,2,3,4 --pretrained DIR --workdir OUT [--config configs/finetune.py]
 
-Runs `chmr-jax finetune` on each dataset (frozen encoder, one head per seed) and writes OUT/results.md
-and OUT/results.json: mean +- std per dataset next to the paper's published numbers."""
+Runs `chmr-jax finetune` on each dataset (frozen encoder, one head per seed) with the in-house
+baselines (--baselines mlp,rf,gnn) on the same splits and seeds, and writes OUT/results.md and
+OUT/results.json: mean +- std per dataset and method next to the paper's published numbers. A dataset
+whose OUT/<dataset>/results.json matches the settings is reused, so an interrupted run continues."""
 
 
 def _benchmark(argv: list[str]) -> int:
@@ -229,6 +231,10 @@ def _benchmark(argv: list[str]) -> int:
         flags.DEFINE_string("pretrained", None, "a `chmr-jax pretrain` workdir", flag_values=fv)
         flags.DEFINE_string("datasets", "all", "'all' (the 9 benchmarks) or a comma list", flag_values=fv)
         flags.DEFINE_string("seeds", None, "comma list of seeds (default: config.seeds)", flag_values=fv)
+        flags.DEFINE_string("baselines", "mlp,rf,gnn", "in-house baselines on the same splits and seeds "
+                            "(comma list of mlp, rf, gnn; '' for none)", flag_values=fv)
+        flags.DEFINE_bool("ensemble", False, "also report the release's head + RF ensemble on "
+                          "BACE/ClinTox/SIDER/HIV (config.ensemble)", flag_values=fv)
 
     fv = _config_flags(argv, "benchmark", "finetune.py", BENCHMARK_USAGE, more, required=("workdir", "pretrained"))
     if isinstance(fv, int):
@@ -243,6 +249,8 @@ def _benchmark(argv: list[str]) -> int:
     config = fv.config.copy_and_resolve_references()
     if fv.seeds:
         config.seeds = fv.seeds
+    config.baselines = fv.baselines
+    config.ensemble.enabled = config.ensemble.enabled or fv.ensemble
     try:
         finetune.run_benchmark(config, fv.pretrained, fv.workdir, names, data_dir=fv.data_dir)
     except (FileNotFoundError, ValueError, registry.DataNotFoundError) as e:

@@ -180,10 +180,157 @@ def fit(x: np.ndarray, y: np.ndarray, split: dict, task_type: str, cfg: FitConfi
         if log:
             log(history[-1])
     params, rest = best_state
-    test = score(y[split["test"]], np.asarray(predict(params, rest, x[split["test"]])), task_type)
+    test_pred = np.asarray(predict(params, rest, x[split["test"]]))
+    test = score(y[split["test"]], test_pred, task_type)
     head = nnx.merge(graphdef, params, rest)
     head.eval()
-    return {"head": head, "best_epoch": best_epoch, "valid": best, "test": test, "history": history}
+    return {"head": head, "best_epoch": best_epoch, "valid": best, "test": test, "test_pred": test_pred,
+            "history": history}
+
+
+# ---- training the encoder too: full fine-tuning, and the GNN-from-scratch baseline -----------------------
+
+class EncoderWithHead(nnx.Module):
+    """encoder.encode -> the head's input parts (raw fingerprint passed through) -> Head."""
+
+    def __init__(self, encoder, head: Head, parts):
+        self.encoder = encoder
+        self.head = head
+        self.parts = tuple(p for p in parts if p == "fingerprint_raw" or p in encoder.mol_names)
+
+    def __call__(self, graph, inputs, fp_raw):
+        emb = dict(self.encoder.encode(graph, inputs), fingerprint_raw=fp_raw)
+        return self.head(jnp.concatenate([emb[p] for p in self.parts], axis=1))
+
+
+def _head_width(encoder, fp_width: int, parts) -> int:
+    latent = encoder.codebook.shape[-1]
+    return sum(fp_width if p == "fingerprint_raw" else latent for p in parts)
+
+
+def fit_encoder(encoder, features, y: np.ndarray, split: dict, task_type: str, cfg: FitConfig = FitConfig(),
+                encoder_lr: float = 1e-4, parts=DEFAULT_PARTS, extra_inputs: dict | None = None,
+                pad_multiple: int = 64, log=None) -> dict:
+    """Trains encoder + a new Head end to end (Adam: `encoder_lr` for the encoder, cfg.lr for the head).
+
+    Same protocol as `fit` (masked loss, best validation epoch, patience); the encoder is used in train
+    mode for updates (dropout, batch statistics) and eval mode for scoring. With a pretrained encoder this
+    is full fine-tuning; with a freshly initialised one it is the GNN-from-scratch baseline.
+    Returns {'model': EncoderWithHead at the best epoch (eval mode), 'best_epoch', 'valid', 'test',
+    'test_pred', 'history'}.
+    """
+    y = np.asarray(y, np.float32)
+    fp = features.fingerprints()
+    inputs_all = {"fingerprint": fp, **(extra_inputs or {})}
+    parts = tuple(p for p in parts if p == "fingerprint_raw" or p in encoder.mol_names)
+    head = Head(_head_width(encoder, fp.shape[1], parts), y.shape[1], cfg.hidden, cfg.norm, cfg.dropout,
+                rngs=nnx.Rngs(cfg.seed))
+    net = EncoderWithHead(encoder, head, parts)
+    is_head = lambda path, _: path[0] == "head"
+    graphdef, head_params, enc_params, rest = nnx.split(net, nnx.All(nnx.Param, is_head), nnx.Param, ...)
+    tx_enc, tx_head = optax.adam(encoder_lr), optax.adam(cfg.lr)
+    opt_state = (tx_enc.init(enc_params), tx_head.init(head_params))
+    budget = graphs.estimate_budget(features.n_atoms, features.n_edges, cfg.batch_size, pad_multiple)
+
+    def batch(group):
+        pad = lambda a, fill=0.0: np.concatenate(
+            [a[group], np.full((budget.n_graph - len(group),) + a.shape[1:], fill, a.dtype)])
+        inputs = {n: pad(inputs_all[n]) for n in encoder.mol_names if n != "graph"}
+        return graphs.pack(features, group, budget), inputs, pad(fp), pad(y, np.nan)
+
+    @jax.jit
+    def train_step(enc_params, head_params, rest, opt_state, graph, inputs, fp_b, yb):
+        def loss_fn(enc_params, head_params):
+            model = nnx.merge(graphdef, head_params, enc_params, rest, copy=True)
+            model.train()
+            loss = masked_loss(model(graph, inputs, fp_b), yb, task_type)
+            return loss, nnx.state(model, nnx.Not(nnx.Param))
+
+        (loss, rest), (g_enc, g_head) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+            enc_params, head_params)
+        u_enc, s_enc = tx_enc.update(g_enc, opt_state[0], enc_params)
+        u_head, s_head = tx_head.update(g_head, opt_state[1], head_params)
+        return (optax.apply_updates(enc_params, u_enc), optax.apply_updates(head_params, u_head), rest,
+                (s_enc, s_head), loss)
+
+    @jax.jit
+    def predict_step(enc_params, head_params, rest, graph, inputs, fp_b):
+        model = nnx.merge(graphdef, head_params, enc_params, rest, copy=True)
+        model.eval()
+        out = model(graph, inputs, fp_b)
+        return jax.nn.sigmoid(out) if task_type == "classification" else out
+
+    def predict(state, rows):
+        out = np.zeros((len(rows), y.shape[1]), np.float32)
+        pos = {r: i for i, r in enumerate(rows)}
+        for group in graphs.partition(features, np.asarray(rows), budget):
+            g, inputs, fp_b, _ = batch(group)
+            res = np.asarray(predict_step(*state, g, inputs, fp_b))
+            out[[pos[r] for r in group]] = res[:len(group)]
+        return out
+
+    rng = np.random.default_rng(cfg.seed)
+    best, best_state, best_epoch, history, waited = None, None, -1, [], 0
+    loss = np.nan
+    for epoch in range(cfg.epochs):
+        for group in graphs.partition(features, rng.permutation(np.asarray(split["train"])), budget):
+            g, inputs, fp_b, yb = batch(group)
+            enc_params, head_params, rest, opt_state, loss = train_step(
+                enc_params, head_params, rest, opt_state, g, inputs, fp_b, yb)
+        state = (enc_params, head_params, rest)
+        valid = score(y[split["valid"]], predict(state, split["valid"]), task_type)
+        history.append({"epoch": epoch, "train_loss": float(loss), **{f"valid_{k}": v for k, v in valid.items()}})
+        if log:
+            log(history[-1])
+        if _better(task_type, valid, best):
+            best, best_epoch, waited, best_state = valid, epoch, 0, jax.device_get(state)
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
+    test_pred = predict(best_state, split["test"])
+    enc_params, head_params, rest = best_state
+    model = nnx.merge(graphdef, head_params, enc_params, rest)
+    model.eval()
+    return {"model": model, "best_epoch": best_epoch, "valid": best,
+            "test": score(y[split["test"]], test_pred, task_type), "test_pred": test_pred, "history": history}
+
+
+# ---- baselines on the same splits and seeds -----------------------------------------------------------
+
+def random_forest(x: np.ndarray, y: np.ndarray, split: dict, task_type: str, seed: int = 0,
+                  trees: int = 100) -> dict:
+    """sklearn random forest on x (raw fingerprints), one forest per task on its labelled training rows.
+
+    Classification predicts P(class 1) (a constant for a task whose training labels have one class);
+    max_features='sqrt' for both task types. Returns {'valid', 'test', 'test_pred'}.
+    """
+    from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+
+    preds = {part: np.zeros((len(split[part]), y.shape[1]), np.float32) for part in ("valid", "test")}
+    train = np.asarray(split["train"])
+    for t in range(y.shape[1]):
+        rows = train[~np.isnan(y[train, t])]
+        labels = y[rows, t]
+        if len(rows) == 0 or (task_type == "classification" and len(np.unique(labels)) < 2):
+            const = float(labels.mean()) if len(rows) else 0.0
+            for part in preds:
+                preds[part][:, t] = const
+            continue
+        cls = RandomForestClassifier if task_type == "classification" else RandomForestRegressor
+        forest = cls(n_estimators=trees, max_features="sqrt", n_jobs=-1, random_state=seed).fit(x[rows], labels)
+        for part in preds:
+            p = forest.predict_proba(x[split[part]])[:, 1] if task_type == "classification" \
+                else forest.predict(x[split[part]])
+            preds[part][:, t] = p
+    return {"valid": score(y[split["valid"]], preds["valid"], task_type),
+            "test": score(y[split["test"]], preds["test"], task_type), "test_pred": preds["test"]}
+
+
+def ensemble(head_prob: np.ndarray, rf_prob: np.ndarray, gamma: float) -> np.ndarray:
+    """The release's ensemble for BACE/ClinTox/SIDER/HIV: gamma * head probability + RF probability
+    (not renormalised; rankings, hence ROC-AUC, are what it changes; gamma <= 0.1 lets the forest dominate)."""
+    return gamma * head_prob + rf_prob
 
 
 # ---- the job: one dataset, several seeds ---------------------------------------------------------------
@@ -195,51 +342,138 @@ def fit_config(config, seed: int) -> FitConfig:
                      patience=config.optim.patience, seed=seed)
 
 
-def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
-    """Fine-tunes heads on a frozen pretrained encoder for config.dataset over config.seeds.
+BASELINES = ("mlp", "rf", "gnn")
 
-    Writes <workdir>/results.json (per-seed valid/test scores, best epochs, mean +- std) and returns it.
-    """
+
+def run_settings(config, pretrained) -> dict:
+    """What a results.json depends on besides the code: the fine-tuning config and the checkpoint."""
     import json
     from pathlib import Path
 
-    from chmr_jax import datasets, featurize, paths, prepare, pretrain
+    ckpts = Path(pretrained) / "checkpoints"
+    steps = [int(d.name) for d in ckpts.iterdir() if d.name.isdigit()] if ckpts.is_dir() else []
+    return {"config": json.loads(config.to_json()), "pretrained": str(Path(pretrained).resolve()),
+            "pretrained_step": max(steps) if steps else None}
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    model, pre_config, meta = pretrain.load_pretrained(pretrained)
-    settings = featurize.FeaturizerSettings.from_config(pre_config.featurize)   # one radius for both (spec §8)
+
+def _parse_list(value) -> list[str]:
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def _summarise(runs: list[dict], key: str) -> dict:
+    scores = np.array([r["test"][key] for r in runs], np.float64)
+    return {"runs": runs, "test_mean": float(scores.mean()), "test_std": float(scores.std())}
+
+
+def load_task(config, pre_config, mol_names, data_dir=None, log=print):
+    """(dataset, prepared, extra encoder inputs) for config.dataset or config.csv, featurized with the
+    pretraining run's featurizer settings (one Morgan radius for both, spec §8)."""
+    from chmr_jax import datasets, featurize, paths, prepare
+
+    settings = featurize.FeaturizerSettings.from_config(pre_config.featurize)
     cache_dir = paths.resolve_cache_dir(config.cache_dir or None)
-    data_dir = paths.resolve_data_dir(data_dir or config.data_dir or None)
     if config.csv:
-        ds = datasets.load_csv(config.csv, config.smiles_column, None, config.task_type or None,
-                               cache_dir=cache_dir)
+        ds = datasets.load_csv(config.csv, config.smiles_column, _parse_list(config.task_columns) or None,
+                               config.task_type or None, cache_dir=cache_dir)
     else:
         if config.dataset not in datasets.BENCHMARKS:
             raise ValueError(f"config.dataset={config.dataset!r}: choose one of {list(datasets.ALL_BENCHMARKS)} "
                              "or set config.csv")
-        ds = datasets.load_benchmark(config.dataset, data_dir, cache_dir)
-    prepared = prepare.prepare(ds, settings, cache_dir, config.split or None)
+        ds = datasets.load_benchmark(config.dataset, paths.resolve_data_dir(data_dir or config.data_dir or None),
+                                     cache_dir)
+    uses_geometry = "geometry" in mol_names
+    prepared = prepare.prepare(ds, settings, cache_dir, config.split or None,
+                               geometry=pre_config.geometry if uses_geometry else "none",
+                               geometry_settings=featurize.GeometrySettings(seed=pre_config.geometry_seed))
+    extra = {}
+    if uses_geometry:
+        # z-scored with training-split statistics, as the encoder saw z-scored corpus descriptors
+        extra["geometry"] = prepared.geometry.standardized(prepared.split_indices("train")).astype(np.float32)
+    return ds, prepared, extra
+
+
+def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
+    """Fine-tunes on a pretrained encoder for config.dataset (or config.csv) over config.seeds.
+
+    Methods: 'chmr' (a head on the frozen encoder, or with config.encoder='finetune' the whole encoder
+    at optim.encoder_lr), 'chmr+rf' (config.ensemble, classification on its datasets), and the
+    baselines in config.baselines on the same splits and seeds: 'mlp' (the same head on the raw
+    fingerprint), 'rf' (sklearn forest on the raw fingerprint), 'gnn' (the encoder architecture from a
+    random initialisation, trained end to end). Writes <workdir>/results.json and returns it.
+    """
+    import json
+    from pathlib import Path
+
+    from chmr_jax import pretrain
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.encoder not in ("frozen", "finetune"):
+        raise ValueError(f"config.encoder={config.encoder!r}: choose 'frozen' or 'finetune'")
+    baselines = _parse_list(config.baselines)
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"config.baselines: unknown {unknown}; choose from {list(BASELINES)} (comma separated)")
+    model, pre_config, meta = pretrain.load_pretrained(pretrained)
+    ds, prepared, extra = load_task(config, pre_config, model.mol_names, data_dir, log)
+    parts = tuple(_parse_list(config.head.parts))
     log(f"{ds.name}: {len(prepared.features)} molecules, {ds.num_tasks} tasks ({ds.task_type}); encoder "
-        f"{pretrained} step {meta['step']}")
-    emb = embed(model, prepared.features)
-    x = head_inputs(emb, tuple(p.strip() for p in config.head.parts.split(",")))
+        f"{pretrained} step {meta['step']} ({config.encoder}); baselines: {', '.join(baselines) or 'none'}")
     y = ds.labels[prepared.features.rows]
     split = {part: prepared.split_indices(part) for part in ("train", "valid", "test")}
-    runs = []
-    for seed in [int(s) for s in str(config.seeds).split(",")]:
-        out = fit(x, y, split, ds.task_type, fit_config(config, seed))
-        runs.append({"seed": seed, "best_epoch": out["best_epoch"], "epochs_run": len(out["history"]),
-                     "valid": out["valid"], "test": out["test"]})
-        log(f"  seed {seed}: best epoch {out['best_epoch']}, valid {out['valid']}, test {out['test']}")
+    fp = prepared.features.fingerprints()
+    x = None
+    if config.encoder == "frozen":
+        x = head_inputs(embed(model, prepared.features, extra), parts)
+    ens = config.ensemble
+    use_ensemble = (ens.enabled and ds.task_type == "classification"
+                    and (config.csv or ds.name in _parse_list(ens.datasets)))
+    dims = json.loads((Path(pretrained) / "model_dims.json").read_text())
+    runs: dict[str, list] = {}
+
+    def record(method, seed, out):
+        entry = {"seed": seed, "valid": out["valid"], "test": out["test"]}
+        if "history" in out:
+            entry.update(best_epoch=out["best_epoch"], epochs_run=len(out["history"]))
+        runs.setdefault(method, []).append(entry)
+        log(f"  {method:8s} seed {seed}: test {out['test']}" +
+            (f" (best epoch {out['best_epoch']})" if "best_epoch" in out else ""))
+
+    o = config.optim
+    for seed in [int(s) for s in _parse_list(config.seeds)]:
+        cfg = fit_config(config, seed)
+        enc_cfg = dataclasses.replace(cfg, epochs=o.encoder_epochs, patience=o.encoder_patience)
+        if config.encoder == "frozen":
+            out = fit(x, y, split, ds.task_type, cfg)
+        else:
+            out = fit_encoder(nnx.clone(model), prepared.features, y, split, ds.task_type, enc_cfg,
+                              encoder_lr=o.encoder_lr, parts=parts, extra_inputs=extra)
+        record("chmr", seed, out)
+        rf = None
+        if "rf" in baselines or use_ensemble:
+            rf = random_forest(fp, y, split, ds.task_type, seed, config.rf.trees)
+            if "rf" in baselines:
+                record("rf", seed, rf)
+        if use_ensemble:
+            pred = ensemble(out["test_pred"], rf["test_pred"], ens.gamma)
+            record("chmr+rf", seed, {"valid": {}, "test": score(y[split["test"]], pred, ds.task_type)})
+        if "mlp" in baselines:
+            record("mlp", seed, fit(fp, y, split, ds.task_type, cfg))
+        if "gnn" in baselines:
+            scratch_config = pre_config.copy_and_resolve_references()
+            scratch_config.train.seed = seed
+            scratch = pretrain.build_model(scratch_config, dims)
+            record("gnn", seed, fit_encoder(scratch, prepared.features, y, split, ds.task_type, enc_cfg,
+                                            encoder_lr=cfg.lr, parts=parts, extra_inputs=extra))
     key = "roc_auc" if ds.task_type == "classification" else "mae"
-    scores = np.array([r["test"][key] for r in runs], np.float64)
+    methods = {m: _summarise(r, key) for m, r in runs.items()}
     result = {"dataset": ds.name, "metric": key, "pretrained": str(pretrained), "pretrained_step": meta["step"],
-              "molecules": len(prepared.features), "tasks": ds.num_tasks, "runs": runs,
-              "test_mean": float(scores.mean()), "test_std": float(scores.std())}
+              "encoder": config.encoder, "molecules": len(prepared.features),
+              "rejects": len(prepared.features.rejects), "tasks": ds.num_tasks, "settings": run_settings(config, pretrained), "methods": methods, **methods["chmr"]}
     (workdir / "results.json").write_text(json.dumps(result, indent=1, default=float))
-    log(f"{ds.name} test {key}: {scores.mean():.4f} +- {scores.std():.4f} over {len(runs)} seed(s) "
-        f"-> {workdir / 'results.json'}")
+    for m, r in methods.items():
+        log(f"{ds.name} {m} test {key}: {r['test_mean']:.4f} +- {r['test_std']:.4f} over {len(r['runs'])} seed(s)")
+    log(f"-> {workdir / 'results.json'}")
     return result
 
 
@@ -252,15 +486,25 @@ PAPER_TABLE = {
 }
 
 
+METHOD_LABELS = {"chmr": "chmr_jax", "chmr+rf": "chmr_jax + RF", "mlp": "MLP (ours)", "rf": "RF (ours)",
+                 "gnn": "GNN scratch (ours)"}
+
+
 def benchmark_table(results: list[dict]) -> str:
-    """Markdown: dataset, metric, chmr_jax mean +- std (x100), seeds, and the paper's numbers."""
-    lines = ["| dataset | metric | chmr_jax (x100) | seeds | paper CHMR | paper InfoAlign | paper MLP | paper RF |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown: dataset, metric, seeds, mean +- std (x100) per method run here, then the paper's numbers."""
+    methods = [m for m in METHOD_LABELS if any(m in r.get("methods", {"chmr": r}) for r in results)]
+    paper_cols = ("CHMR", "InfoAlign", "MLP", "RF")
+    lines = ["| dataset | metric | seeds | " + " | ".join(METHOD_LABELS[m] for m in methods) + " | "
+             + " | ".join(f"paper {c}" for c in paper_cols) + " |",
+             "|---|---|---|" + "---|" * (len(methods) + len(paper_cols))]
     for r in results:
+        got = r.get("methods", {"chmr": r})
         paper = PAPER_TABLE.get(r["dataset"], {})
-        cell = lambda k: f"{paper[k][0]} +- {paper[k][1]}" if k in paper else "-"
-        lines.append(f"| {r['dataset']} | {r['metric']} | {100 * r['test_mean']:.1f} +- {100 * r['test_std']:.1f} | "
-                     f"{len(r['runs'])} | {cell('CHMR')} | {cell('InfoAlign')} | {cell('MLP')} | {cell('RF')} |")
+        ours = [f"{100 * got[m]['test_mean']:.1f} +- {100 * got[m]['test_std']:.1f}" if m in got else "-"
+                for m in methods]
+        theirs = [f"{paper[c][0]} +- {paper[c][1]}" if c in paper else "-" for c in paper_cols]
+        lines.append(f"| {r['dataset']} | {r['metric']} | {len(got['chmr']['runs'])} | " + " | ".join(ours)
+                     + " | " + " | ".join(theirs) + " |")
     return "\n".join(lines)
 
 
@@ -274,6 +518,13 @@ def run_benchmark(config, pretrained, workdir, names, data_dir=None, log=print) 
     for name in names:
         cfg = config.copy_and_resolve_references()
         cfg.dataset = name
+        done = workdir / name / "results.json"
+        if done.exists():
+            previous = json.loads(done.read_text())
+            if previous.get("settings") == run_settings(cfg, pretrained):
+                log(f"{name}: reusing {done} (same settings)")
+                results.append(previous)
+                continue
         results.append(run(cfg, pretrained, workdir / name, data_dir, log))
     table = benchmark_table(results)
     workdir.mkdir(parents=True, exist_ok=True)

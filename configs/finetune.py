@@ -21,11 +21,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.split = ""            # empty: the dataset's protocol (paper scaffold / OGB scaffold)
     config.csv = ""              # instead of a benchmark: any CSV with a SMILES column and task columns
     config.smiles_column = "smiles"
+    config.task_columns = ""     # csv only: comma list; '' = every column after the SMILES column
     config.task_type = ""        # csv only: '' infers classification / regression
     config.head = ml_collections.ConfigDict(dict(
         parts="fingerprint_raw,fingerprint,graph,geometry",   # spec §8 head input (missing parts skipped)
         hidden=600, norm="layer", dropout=0.5))
-    config.optim = ml_collections.ConfigDict(dict(lr=1e-3, batch_size=128, epochs=100, patience=20))
+    config.optim = ml_collections.ConfigDict(dict(
+        lr=1e-3, batch_size=128, epochs=100, patience=20,
+        # encoder='finetune' and the GNN baseline train the encoder too: encoder_lr (fine-tuning; the GNN
+        # from scratch uses lr), and their own epoch budget (one epoch is a full GNN pass).
+        encoder_lr=1e-4, encoder_epochs=100, encoder_patience=20))
+    config.encoder = "frozen"    # 'frozen' (spec §8: eval mode, head only) | 'finetune' (whole encoder)
+    # In-house baselines on the same splits and seeds (comma list of mlp, rf, gnn); `chmr-jax benchmark`
+    # runs all three unless --baselines says otherwise.
+    config.baselines = ""
+    config.rf = ml_collections.ConfigDict(dict(trees=100))
+    # The release's ensemble (spec §8): gamma * head probability + RF probability, on these datasets
+    # (and on a classification CSV); reported as its own row next to the plain model.
+    config.ensemble = ml_collections.ConfigDict(dict(enabled=False, datasets="bace,clintox,sider,hiv", gamma=0.1))
     if arg:
         key, seeds = None, []
         for item in arg.split(","):

@@ -71,3 +71,65 @@ def test_embeddings_do_not_depend_on_batching(tmp_path):
     np.testing.assert_allclose(small["anchor"], small["fingerprint"] + small["graph"], rtol=1e-5, atol=1e-6)
     x = finetune.head_inputs(small)
     assert x.shape == (40, small["fingerprint_raw"].shape[1] + 2 * small["graph"].shape[1])
+
+
+def _graph_task(tmp_path, n=64):
+    """A tiny corpus with a label the structure determines (more atoms than the median)."""
+    corpus = tiny_corpus(tmp_path, n_molecules=n, seed=5)
+    data = PD.prepare(corpus, tiny_data_config())
+    atoms = corpus.features.n_atoms
+    y = (atoms > np.median(atoms)).astype(np.float32)[:, None]
+    idx = np.random.default_rng(0).permutation(n)
+    return corpus.features, data, y, {"train": idx[:40], "valid": idx[40:52], "test": idx[52:]}
+
+
+def test_fit_encoder_trains_the_encoder_only_when_given_a_learning_rate(tmp_path):
+    import jax
+    from flax import nnx
+    features, data, y, split = _graph_task(tmp_path)
+    cfg = finetune.FitConfig(hidden=16, dropout=0.0, lr=3e-3, batch_size=16, epochs=4, patience=4)
+    before = nnx.state(tiny_model(data, dropout=0.0), nnx.Param)
+    frozen = finetune.fit_encoder(tiny_model(data, dropout=0.0), features, y, split, "classification", cfg,
+                                  encoder_lr=0.0)
+    moved = finetune.fit_encoder(tiny_model(data, dropout=0.0), features, y, split, "classification", cfg,
+                                 encoder_lr=1e-3)
+    delta = lambda out: max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+        nnx.state(out["model"].encoder, nnx.Param), before)))
+    assert delta(frozen) == 0.0 and delta(moved) > 0.0
+    # The GNN's batch statistics move in training mode even with a zero learning rate (they are not
+    # parameters); the head must have learnt in both cases.
+    for out in (frozen, moved):
+        assert len(out["history"]) == 4 and np.isfinite(out["history"][-1]["train_loss"])
+        assert out["valid"]["roc_auc"] == max(h["valid_roc_auc"] for h in out["history"])
+        assert out["test_pred"].shape == (len(split["test"]), 1)
+
+
+def test_fit_encoder_returns_the_best_epochs_model_in_eval_mode(tmp_path):
+    features, data, y, split = _graph_task(tmp_path)
+    cfg = finetune.FitConfig(hidden=16, dropout=0.2, lr=3e-3, batch_size=16, epochs=5, patience=5)
+    out = finetune.fit_encoder(tiny_model(data), features, y, split, "classification", cfg, encoder_lr=1e-3)
+    # Re-predicting the test rows with the returned model (its own batching) gives the stored scores.
+    again = finetune.embed(out["model"].encoder, features, show_progress=False)
+    x = finetune.head_inputs(again, out["model"].parts)
+    pred = 1 / (1 + np.exp(-np.asarray(out["model"].head(jnp.asarray(x[split["test"]])))))
+    np.testing.assert_allclose(pred, out["test_pred"], rtol=1e-4, atol=1e-5)
+
+
+def test_random_forest_fits_each_task_on_its_labelled_rows():
+    from sklearn.ensemble import RandomForestClassifier
+    x, y, split = _toy(tasks=3, seed=3)
+    y[split["train"], 2] = 1.0                     # one class in training: constant prediction
+    out = finetune.random_forest(x, y, split, "classification", seed=7, trees=20)
+    tr = split["train"][~np.isnan(y[split["train"], 0])]
+    ref = RandomForestClassifier(n_estimators=20, max_features="sqrt", random_state=7).fit(x[tr], y[tr, 0])
+    np.testing.assert_allclose(out["test_pred"][:, 0], ref.predict_proba(x[split["test"]])[:, 1], atol=1e-6)
+    assert np.all(out["test_pred"][:, 2] == 1.0)
+    assert out["test"]["tasks_evaluated"] == 3 and out["test"]["roc_auc"] > 0.6
+    reg = finetune.random_forest(x, np.nan_to_num(y), split, "regression", trees=10)
+    assert set(reg["test"]) == {"mae", "rmse"}
+
+
+def test_ensemble_is_gamma_head_plus_forest():
+    head, rf = np.array([[0.9], [0.1]]), np.array([[0.2], [0.3]])
+    np.testing.assert_allclose(finetune.ensemble(head, rf, 0.1), [[0.29], [0.31]])

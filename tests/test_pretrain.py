@@ -229,15 +229,50 @@ def test_finetune_command_on_a_benchmark_with_the_pretrained_encoder(tiny_run, d
 
 def test_benchmark_command_writes_a_table_with_the_papers_numbers(tiny_run, data_dir, cache_dir, tmp_path):
     out = tmp_path / "bench"
-    rc = cli.main(["benchmark", "--datasets", "bace,biogenadme", "--seeds", "0,1", "--pretrained", str(tiny_run),
-                   "--workdir", str(out), f"--config.cache_dir={cache_dir}", "--config.optim.epochs=2",
-                   "--config.head.hidden=16"])
-    assert rc == 0
+    args = ["benchmark", "--datasets", "bace,biogenadme", "--seeds", "0,1", "--pretrained", str(tiny_run),
+            "--workdir", str(out), f"--config.cache_dir={cache_dir}", "--config.optim.epochs=2",
+            "--config.optim.encoder_epochs=1", "--config.head.hidden=16", "--config.rf.trees=10", "--ensemble"]
+    assert cli.main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["dataset"] for r in results] == ["bace", "biogenadme"]
     assert results[1]["metric"] == "mae" and len(results[1]["runs"]) == 2
+    # Every method on the same seeds; the RF ensemble only on bace (classification, spec §8).
+    assert set(results[0]["methods"]) == {"chmr", "chmr+rf", "mlp", "rf", "gnn"}
+    assert set(results[1]["methods"]) == {"chmr", "mlp", "rf", "gnn"}
+    for method in results[1]["methods"].values():
+        assert [r["seed"] for r in method["runs"]] == [0, 1] and method["test_mean"] > 0
     table = (out / "results.md").read_text().splitlines()
-    assert table[0].startswith("| dataset | metric | chmr_jax")
-    assert table[3].startswith("| biogenadme | mae |") and "40.9 +- 0.3" in table[3]   # paper CHMR, spec §9
+    assert table[0].startswith("| dataset | metric | seeds | chmr_jax | chmr_jax + RF | MLP (ours) | RF (ours) | GNN")
+    assert table[3].startswith("| biogenadme | mae | 2 |") and "40.9 +- 0.3" in table[3]   # paper CHMR, spec §9
     assert (out / "bace" / "results.json").exists()
+    # A second run with the same settings reuses the per-dataset results (an interrupted run continues).
+    (out / "results.md").unlink()
+    before = (out / "bace" / "results.json").stat().st_mtime_ns
+    assert cli.main(args) == 0
+    assert (out / "bace" / "results.json").stat().st_mtime_ns == before and (out / "results.md").exists()
     assert cli.main(["benchmark", "--datasets", "nope", "--pretrained", str(tiny_run), "--workdir", str(out)]) == 2
+
+
+def test_finetune_on_a_generic_csv_with_the_whole_encoder_trained(tiny_run, data_dir, cache_dir, tmp_path):
+    """--config.csv: any CSV with a SMILES column (here 300 ClinTox rows, its two task columns plus an
+    unrelated column we exclude) fine-tuned end to end (encoder='finetune')."""
+    rows = (data_dir / "moleculenet" / "clintox.csv").read_text().splitlines()
+    csv = tmp_path / "my_assays.csv"
+    csv.write_text("\n".join(["ID,SMILES,FDA_APPROVED,CT_TOX"] +
+                             [f"mol{i},{r}" for i, r in enumerate(rows[1:301])]) + "\n")
+    out = tmp_path / "ft"
+    rc = cli.main(["finetune", "--config", str(ROOT / "configs" / "finetune.py") + ":seeds=3", "--pretrained",
+                   str(tiny_run), "--workdir", str(out), f"--config.cache_dir={cache_dir}",
+                   f"--config.csv={csv}", "--config.smiles_column=SMILES", "--config.task_columns=FDA_APPROVED,CT_TOX",
+                   "--config.encoder=finetune", "--config.optim.encoder_epochs=2", "--config.head.hidden=16",
+                   "--config.baselines=mlp"])
+    assert rc == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["dataset"] == "my_assays" and result["tasks"] == 2
+    assert result["molecules"] + result["rejects"] == 300 and result["molecules"] > 280
+    assert result["encoder"] == "finetune" and set(result["methods"]) == {"chmr", "mlp"}
+    run = result["runs"][0]
+    assert run["seed"] == 3 and run["epochs_run"] <= 2 and 0 <= run["test"]["roc_auc"] <= 1
+    bad = cli.main(["finetune", "--config", str(ROOT / "configs" / "finetune.py"), "--pretrained", str(tiny_run),
+                    "--workdir", str(out), f"--config.csv={csv}", "--config.task_columns=pIC50"])
+    assert bad == 1
