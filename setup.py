@@ -20,6 +20,10 @@ setup(
         "chex",
         "tensorflow-datasets",
         "absl-py",
+        # The PNG plots of `chmr-jax stress` and `chmr-jax report` (the issue asks for matplotlib).
+        "matplotlib",
+        # Parquet export of `chmr-jax embed` (the reference Parquet writer; no TensorFlow involved).
+        "pyarrow",
     ],
     extras_require={
         # scipy / scikit-learn are the independent references the tests compare against.

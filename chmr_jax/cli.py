@@ -1,6 +1,7 @@
 """The `chmr-jax` command: `chmr-jax <command> [flags]`.
 
-Commands: prepare (featurize and split benchmarks or a CSV, or build a corpus), pretrain, finetune, benchmark.
+Commands: prepare (featurize and split benchmarks or a CSV, or build a corpus), pretrain, finetune,
+benchmark, stress.
 `chmr-jax <command> --help` lists a command's flags.
 """
 from __future__ import annotations
@@ -12,7 +13,8 @@ import time
 COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV), or build a pretraining corpus",
             "pretrain": "pretrain CHMR from a config file into a workdir (resumes from its checkpoints)",
             "finetune": "train a head on a frozen pretrained encoder for a benchmark or CSV, over seeds",
-            "benchmark": "finetune on several benchmarks and write a results table with the paper's numbers"}
+            "benchmark": "finetune on several benchmarks and write a results table with the paper's numbers",
+            "stress": "hide cellular profiles at several levels, pretrain + finetune each, table and plot"}
 
 PRETRAIN_USAGE = """chmr-jax pretrain --config configs/pretrain.py[:variant] --workdir DIR [--config.a.b=value ...]
 
@@ -259,6 +261,53 @@ def _benchmark(argv: list[str]) -> int:
     return 0
 
 
+STRESS_USAGE = """chmr-jax stress --workdir OUT [--config configs/pretrain.py] [--missing 0,0.2,0.4,0.6,0.8,0.9]
+    [--imputations propagate,mean,zero] [--dataset chembl2k] [--seeds 0] [--steps 200] [--config.a.b=v ...]
+
+Missing-modality stress test: hides a further fraction of the observed cellular profiles (per level),
+pretrains a short schedule per level and imputation (propagation vs mean vs zero for the missing rows)
+and fine-tunes on --dataset; writes OUT/results.md, results.json and stress.png. Re-running continues:
+finished pretraining runs and fine-tuning results are reused."""
+
+
+def _stress(argv: list[str]) -> int:
+    def more(flags, fv):
+        flags.DEFINE_string("missing", "0,0.2,0.4,0.6,0.8,0.9", "extra fractions of observed profiles to hide",
+                            flag_values=fv)
+        flags.DEFINE_string("imputations", "propagate,mean,zero", "main-input imputations to compare",
+                            flag_values=fv)
+        flags.DEFINE_string("dataset", "chembl2k", "benchmark to fine-tune on", flag_values=fv)
+        flags.DEFINE_string("seeds", "0", "fine-tuning seeds (comma list)", flag_values=fv)
+        flags.DEFINE_integer("steps", 200, "pretraining steps per run (0: the config's full schedule)",
+                             flag_values=fv)
+        flags.DEFINE_string("finetune_config", None, "fine-tuning config file[:args] (default "
+                            "configs/finetune.py)", flag_values=fv)
+        flags.DEFINE_integer("finetune_epochs", None, "override the fine-tuning epochs", flag_values=fv)
+        flags.DEFINE_integer("hide_seed", 0, "seed choosing the profiles to hide", flag_values=fv)
+
+    fv = _config_flags(argv, "stress", "pretrain.py", STRESS_USAGE, more)
+    if isinstance(fv, int):
+        return fv
+    from chmr_jax import config_util, corpus, pretrain, registry, stress
+    config = fv.config.copy_and_resolve_references()
+    if fv.steps:
+        config.train.steps = fv.steps
+    try:
+        ft = config_util.load_config(fv.finetune_config or str(config_util.CONFIG_DIR / "finetune.py"))
+        ft.dataset, ft.seeds = fv.dataset, fv.seeds
+        ft.cache_dir = ft.cache_dir or config.cache_dir
+        if fv.finetune_epochs:
+            ft.optim.epochs = fv.finetune_epochs
+        levels = [float(v) for v in fv.missing.split(",") if v.strip()]
+        stress.run(config, ft, levels, [m.strip() for m in fv.imputations.split(",") if m.strip()], fv.workdir,
+                   data_dir=fv.data_dir, hide_seed=fv.hide_seed)
+    except (FileNotFoundError, ValueError, pretrain.TrainingDiverged, corpus.CorpusError,
+            registry.DataNotFoundError) as e:
+        print(f"chmr-jax stress: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -275,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         return _finetune(rest)
     if command == "benchmark":
         return _benchmark(rest)
+    if command == "stress":
+        return _stress(rest)
     print(f"chmr-jax: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

@@ -104,6 +104,25 @@ class Corpus:
         return Corpus(keys=self.keys[idx], smiles=self.smiles[idx], features=self.features.subset(idx),
                       modalities=modalities, manifest=manifest, gene_edges=self.gene_edges)
 
+    def hide(self, fraction: float, seed: int = 0) -> "Corpus":
+        """A copy where a further `fraction` of each modality's observed profiles is marked missing
+        (values zeroed), chosen at random with `seed`; the manifest records how many per modality."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction to hide must be in [0, 1], got {fraction}")
+        rng = np.random.default_rng(seed)
+        modalities, hidden = {}, {}
+        for name, m in self.modalities.items():
+            observed = np.flatnonzero(m.available)
+            drop = rng.choice(observed, size=int(round(fraction * len(observed))), replace=False)
+            available = m.available.copy()
+            available[drop] = False
+            values = m.values.copy()
+            values[drop] = 0.0
+            modalities[name] = dataclasses.replace(m, values=values, available=available)
+            hidden[name] = {"observed_before": int(len(observed)), "hidden": int(len(drop))}
+        manifest = {**self.manifest, "hidden": {"fraction": fraction, "seed": seed, "modalities": hidden}}
+        return dataclasses.replace(self, modalities=modalities, manifest=manifest)
+
     def save(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -508,6 +508,20 @@ def benchmark_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_or_reuse(config, pretrained, workdir, data_dir=None, log=print) -> dict:
+    """`run`, unless workdir/results.json exists with the same settings (then that result)."""
+    import json
+    from pathlib import Path
+
+    done = Path(workdir) / "results.json"
+    if done.exists():
+        previous = json.loads(done.read_text())
+        if previous.get("settings") == run_settings(config, pretrained):
+            log(f"{previous['dataset']}: reusing {done} (same settings)")
+            return previous
+    return run(config, pretrained, workdir, data_dir, log)
+
+
 def run_benchmark(config, pretrained, workdir, names, data_dir=None, log=print) -> list[dict]:
     """finetune.run for each dataset in `names` (workdir/<dataset>/), then results.md / results.json."""
     import json
@@ -518,14 +532,7 @@ def run_benchmark(config, pretrained, workdir, names, data_dir=None, log=print) 
     for name in names:
         cfg = config.copy_and_resolve_references()
         cfg.dataset = name
-        done = workdir / name / "results.json"
-        if done.exists():
-            previous = json.loads(done.read_text())
-            if previous.get("settings") == run_settings(cfg, pretrained):
-                log(f"{name}: reusing {done} (same settings)")
-                results.append(previous)
-                continue
-        results.append(run(cfg, pretrained, workdir / name, data_dir, log))
+        results.append(run_or_reuse(cfg, pretrained, workdir / name, data_dir, log))
     table = benchmark_table(results)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.md").write_text(table + "\n")

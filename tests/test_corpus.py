@@ -236,3 +236,22 @@ def test_subset_keeps_each_molecules_graph_profiles_and_fingerprints(tmp_path):
     for name, m in corpus.modalities.items():
         np.testing.assert_array_equal(sub.modalities[name].values, m.values[idx])
         np.testing.assert_array_equal(sub.modalities[name].available, m.available[idx])
+
+
+def test_hide_marks_a_fraction_of_observed_profiles_missing(tmp_path):
+    from helpers import tiny_corpus
+    corpus = tiny_corpus(tmp_path, n_molecules=60, seed=2)
+    hidden = corpus.hide(0.5, seed=1)
+    for name, m in corpus.modalities.items():
+        h = hidden.modalities[name]
+        n_obs = int(m.available.sum())
+        assert int(h.available.sum()) == n_obs - round(0.5 * n_obs)
+        assert not np.any(h.available & ~m.available)              # nothing newly observed
+        gone = m.available & ~h.available
+        assert np.all(h.values[gone] == 0) and np.array_equal(h.values[h.available], m.values[h.available])
+        assert hidden.manifest["hidden"]["modalities"][name] == {"observed_before": n_obs,
+                                                                 "hidden": round(0.5 * n_obs)}
+    assert int(corpus.modalities["cell"].available.sum()) > 0      # the original is untouched
+    np.testing.assert_array_equal(corpus.hide(0.0).modalities["cell"].available, corpus.modalities["cell"].available)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        corpus.hide(1.5)

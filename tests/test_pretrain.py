@@ -276,3 +276,35 @@ def test_finetune_on_a_generic_csv_with_the_whole_encoder_trained(tiny_run, data
     bad = cli.main(["finetune", "--config", str(ROOT / "configs" / "finetune.py"), "--pretrained", str(tiny_run),
                     "--workdir", str(out), f"--config.csv={csv}", "--config.task_columns=pIC50"])
     assert bad == 1
+
+
+def test_stress_command_hides_profiles_and_reports_each_level_and_imputation(data_dir, cache_dir, tmp_path):
+    from chmr_jax import stress
+    out = tmp_path / "stress"
+    args = ["stress", "--config", TEST_CONFIG, "--workdir", str(out), "--missing", "0,0.5",
+            "--imputations", "propagate,zero", "--dataset", "bace", "--steps", "2", "--finetune_epochs", "2",
+            f"--config.cache_dir={cache_dir}", "--config.train.log_every=100"]
+    assert cli.main(args) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["missing"], r["imputation"]) for r in rows] == [(0.0, "propagate"), (0.0, "zero"),
+                                                              (0.5, "propagate"), (0.5, "zero")]
+    for r in rows:
+        assert r["dataset"] == "bace" and 0.0 <= r["test_mean"] <= 1.0
+    full, half = rows[0]["observed"], rows[2]["observed"]
+    assert set(full) == {"cell", "gene", "expression"}
+    assert all(half[n] == full[n] - round(0.5 * full[n]) for n in full)
+    # The pretraining runs saw the hidden corpus and their imputation.
+    run = out / "zero-missing0.5" / "pretrain"
+    assert json.loads((run / "corpus_manifest.json").read_text())["hidden"]["fraction"] == 0.5
+    assert json.loads((run / "config.json").read_text())["pretrain_data"]["imputation"] == "zero"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| extra missing | observed profiles | propagate (roc_auc x100) | zero")
+    assert len(table) == 4 and table[3].startswith("| 0.5 |")
+    width, height = stress.read_png_size(out / "stress.png")
+    assert width > 300 and height > 200
+    # Re-running reuses every stage (nothing retrained): the fine-tuning results are untouched.
+    before = (out / "zero-missing0.5" / "finetune" / "results.json").stat().st_mtime_ns
+    assert cli.main(args) == 0
+    assert (out / "zero-missing0.5" / "finetune" / "results.json").stat().st_mtime_ns == before
+    assert cli.main(args[:-2] + ["--missing", "1.5"]) == 1

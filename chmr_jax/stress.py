@@ -1,0 +1,114 @@
+"""Missing-modality stress test: how the downstream score degrades as cellular profiles go missing.
+
+For each level f in `levels` a further fraction f of every modality's observed profiles is hidden
+(`Corpus.hide`, one seed), and for each imputation of the main inputs ('propagate' = spec Eq. 1,
+'mean', 'zero'; spec §2) CHMR is pretrained on that corpus (a short schedule) and fine-tuned on one
+benchmark. Workdir layout (every stage resumes or is reused when re-run with the same settings):
+
+  corpus-missing<f>/                   the corpus with profiles hidden (manifest records the counts)
+  <imputation>-missing<f>/pretrain/    a `chmr-jax pretrain` workdir
+  <imputation>-missing<f>/finetune/    a `chmr-jax finetune` workdir (results.json)
+  results.json, results.md, stress.png  the metric per level and imputation (mean +- std over seeds)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from chmr_jax import featurize, finetune, paths, pretrain
+
+IMPUTATIONS = ("propagate", "mean", "zero")
+
+
+def run(config, finetune_config, levels, imputations=IMPUTATIONS, workdir="runs/stress", data_dir=None,
+        hide_seed: int = 0, log=print) -> list[dict]:
+    """Runs the grid levels x imputations; returns one row per (level, imputation)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    levels = [float(f) for f in levels]
+    bad = [f for f in levels if not 0.0 <= f < 1.0]
+    if bad or not levels:
+        raise ValueError(f"missing levels must be fractions in [0, 1), got {bad or levels}")
+    unknown = [m for m in imputations if m not in IMPUTATIONS]
+    if unknown or not imputations:
+        raise ValueError(f"imputations: unknown {unknown}; choose from {list(IMPUTATIONS)}")
+    data_dir = paths.resolve_data_dir(data_dir or config.data_dir or None)
+    cache_dir = paths.resolve_cache_dir(config.cache_dir or None)
+    corpus = None
+    rows = []
+    for level in levels:
+        hidden_dir = workdir / f"corpus-missing{level:g}"
+        if not (hidden_dir / "manifest.json").exists():
+            if corpus is None:
+                corpus = pretrain.load_corpus(config, data_dir, cache_dir, config.workers or None, log)
+            hidden = corpus.hide(level, hide_seed)
+            hidden.save(hidden_dir)
+            log(f"missing {level:g}: hid {hidden.manifest['hidden']['modalities']} -> {hidden_dir}")
+        manifest = json.loads((hidden_dir / "manifest.json").read_text())
+        for imputation in imputations:
+            run_dir = workdir / f"{imputation}-missing{level:g}"
+            cfg = config.copy_and_resolve_references()
+            cfg.corpus.saved = str(hidden_dir.resolve())
+            cfg.pretrain_data.imputation = imputation
+            log(f"== missing {level:g}, imputation {imputation}: pretrain -> {run_dir / 'pretrain'}")
+            pretrain.run(cfg, run_dir / "pretrain", data_dir, log)
+            result = finetune.run_or_reuse(finetune_config, run_dir / "pretrain", run_dir / "finetune", data_dir, log)
+            rows.append({"missing": level, "imputation": imputation, "dataset": result["dataset"],
+                         "metric": result["metric"], "test_mean": result["test_mean"],
+                         "test_std": result["test_std"], "seeds": len(result["runs"]),
+                         "observed": {n: v["observed_before"] - v["hidden"]
+                                      for n, v in manifest["hidden"]["modalities"].items()}})
+    featurize.atomic_write_text(workdir / "results.json", json.dumps(rows, indent=1))
+    table = format_table(rows)
+    featurize.atomic_write_text(workdir / "results.md", table + "\n")
+    plot(rows, workdir / "stress.png")
+    log("\n" + table + f"\n\nwritten to {workdir / 'results.md'}, results.json and stress.png")
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown: one row per missing level, one column per imputation (test metric x100, mean +- std)."""
+    imputations = list(dict.fromkeys(r["imputation"] for r in rows))
+    levels = list(dict.fromkeys(r["missing"] for r in rows))
+    cell = {(r["missing"], r["imputation"]): r for r in rows}
+    metric = rows[0]["metric"] if rows else ""
+    lines = ["| extra missing | observed profiles | " + " | ".join(f"{m} ({metric} x100)" for m in imputations) + " |",
+             "|---|---|" + "---|" * len(imputations)]
+    for level in levels:
+        first = cell[(level, imputations[0])]
+        obs = ", ".join(f"{n} {v}" for n, v in first["observed"].items())
+        vals = [f"{100 * cell[(level, m)]['test_mean']:.1f} +- {100 * cell[(level, m)]['test_std']:.1f}"
+                if (level, m) in cell else "-" for m in imputations]
+        lines.append(f"| {level:g} | {obs} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path) -> None:
+    """The metric against the extra missing fraction, one line (with std error bars) per imputation."""
+    import matplotlib
+    matplotlib.use("Agg")   # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for imputation in dict.fromkeys(r["imputation"] for r in rows):
+        rs = sorted((r for r in rows if r["imputation"] == imputation), key=lambda r: r["missing"])
+        ax.errorbar([r["missing"] for r in rs], [100 * r["test_mean"] for r in rs],
+                    yerr=[100 * r["test_std"] for r in rs], marker="o", capsize=3, label=imputation)
+    if rows:
+        ax.set_title(f"{rows[0]['dataset']}: test {rows[0]['metric']} vs hidden cellular profiles")
+        ax.set_ylabel(f"test {rows[0]['metric']} x100")
+    ax.set_xlabel("extra fraction of observed profiles hidden")
+    ax.legend(title="imputation")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def read_png_size(path) -> tuple[int, int]:
+    """(width, height) from a PNG header (for tests and sanity checks, no imaging library needed)."""
+    head = Path(path).read_bytes()[:24]
+    if head[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path} is not a PNG file")
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
