@@ -1,7 +1,7 @@
 """The `chmr-jax` command: `chmr-jax <command> [flags]`.
 
 Commands: prepare (featurize and split benchmarks or a CSV, or build a corpus), pretrain, finetune,
-benchmark, stress.
+benchmark, stress, embed.
 `chmr-jax <command> --help` lists a command's flags.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV), or build 
             "pretrain": "pretrain CHMR from a config file into a workdir (resumes from its checkpoints)",
             "finetune": "train a head on a frozen pretrained encoder for a benchmark or CSV, over seeds",
             "benchmark": "finetune on several benchmarks and write a results table with the paper's numbers",
-            "stress": "hide cellular profiles at several levels, pretrain + finetune each, table and plot"}
+            "stress": "hide cellular profiles at several levels, pretrain + finetune each, table and plot",
+            "embed": "embeddings, tree codes and straight-through vectors for molecules (npz, Parquet, TFDS)"}
 
 PRETRAIN_USAGE = """chmr-jax pretrain --config configs/pretrain.py[:variant] --workdir DIR [--config.a.b=value ...]
 
@@ -308,6 +309,31 @@ def _stress(argv: list[str]) -> int:
     return 0
 
 
+def _embed(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="chmr-jax embed", description=COMMANDS["embed"] + (
+        ". Writes OUT/manifest.json (model config, checkpoint step, featurizer settings, molecule ids, "
+        "rejects) beside the chosen formats; read back with chmr_jax.load_embeddings(OUT)."))
+    parser.add_argument("--pretrained", required=True, help="a `chmr-jax pretrain` or `chmr-jax convert` workdir")
+    parser.add_argument("--input", required=True, help="molecules: .csv/.csv.gz with a SMILES column, or .smi")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--smiles_column", default="smiles")
+    parser.add_argument("--id_column", help="CSV column with molecule ids (default: row numbers)")
+    parser.add_argument("--formats", default="npz,parquet,tfds", help="comma list of npz, parquet, tfds")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    parser.add_argument("--cache_dir", help="feature cache (default: $CHMR_CACHE_DIR or ~/.cache/chmr_jax/features)")
+    args = parser.parse_args(argv)
+    from chmr_jax import export, paths
+    try:
+        encoder = export.load_encoder(args.pretrained, args.step)
+        export.export(encoder, args.input, args.out, [f.strip() for f in args.formats.split(",") if f.strip()],
+                      args.smiles_column, args.id_column, args.batch_size, paths.resolve_cache_dir(args.cache_dir))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"chmr-jax embed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -326,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         return _benchmark(rest)
     if command == "stress":
         return _stress(rest)
+    if command == "embed":
+        return _embed(rest)
     print(f"chmr-jax: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

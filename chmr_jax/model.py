@@ -83,6 +83,9 @@ class GNNVirtualNode(nnx.Module):
         self.vn_mlps = nnx.List([MLP2(dim, 2 * dim, dim, final_norm=True, rngs=rngs)
                                  for _ in range(n_layers - 1)])
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        # OGB's learned initial virtual-node embedding (initialised to zero), so converted release
+        # checkpoints keep theirs.
+        self.virtual_node = nnx.Param(jnp.zeros((dim,)))
         self.residual = residual
         self.n_layers = n_layers
 
@@ -90,7 +93,7 @@ class GNNVirtualNode(nnx.Module):
         n_graph = batch.n_node.shape[0]
         node_mask = batch.node_mask
         h = self.atom(batch.nodes)
-        vn = jnp.zeros((n_graph, h.shape[-1]), h.dtype)
+        vn = jnp.broadcast_to(self.virtual_node[...], (n_graph, h.shape[-1])).astype(h.dtype)
         for layer in range(self.n_layers):
             h_in = h + vn[batch.node_graph]
             out = self.norms[layer](self.convs[layer](h_in, batch), mask=node_mask[:, None])

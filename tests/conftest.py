@@ -40,3 +40,15 @@ def mesh8():
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake) devices; JAX was initialised before conftest could ask for them")
     return jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cache_dir):
+    """One in-process pretraining run of configs/test.py on the 8 fake devices, via the CLI with
+    overrides (10 steps, checkpoints at 4, 8, 10); shared by the pretraining, fine-tuning and export tests."""
+    from chmr_jax import cli
+    workdir = tmp_path_factory.mktemp("run")
+    rc = cli.main(["pretrain", "--config", str(REPO / "configs" / "test.py"), "--workdir", str(workdir),
+                   f"--config.cache_dir={cache_dir}", "--config.train.steps=10", "--config.train.checkpoint_every=4"])
+    assert rc == 0
+    return workdir

@@ -33,16 +33,6 @@ def test_config_files_and_variants():
         config_util.load_config(str(ROOT / "configs" / "paper.py") + ":nope")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, cache_dir):
-    """One in-process run of configs/test.py on the 8 fake devices, via the CLI with overrides."""
-    workdir = tmp_path_factory.mktemp("run")
-    rc = cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
-                   "--config.train.steps=10", "--config.train.checkpoint_every=4"])
-    assert rc == 0
-    return workdir
-
-
 def test_run_writes_metrics_checkpoints_and_summary(tiny_run):
     rows = metric_writers.read_jsonl(tiny_run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 11))           # the override steps=10 took effect
