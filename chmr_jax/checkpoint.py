@@ -23,6 +23,12 @@ def _leaves_to_save(state) -> dict:
     return {f"{i:05d}": (jax.random.key_data(x) if _is_key(x) else x) for i, x in enumerate(leaves)}
 
 
+def _leaf_paths(state) -> list[str]:
+    """The tree path of every leaf, saved with the checkpoint so a restore into a different
+    structure fails with the names instead of silently loading leaves by position."""
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+
 def _abstract(x):
     data = jax.random.key_data(x) if _is_key(x) else x
     return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(data, "sharding", None))
@@ -45,6 +51,7 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
         """Saves `state` and JSON-able `meta` at `step` (asynchronously unless disabled)."""
+        meta = {**meta, "leaf_paths": _leaf_paths(state)}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_leaves_to_save(state)), meta=ocp.args.JsonSave(meta)), force=force)
 
@@ -57,6 +64,14 @@ class Checkpointer:
         abstract = {f"{i:05d}": _abstract(x) for i, x in enumerate(leaves)}
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        saved_paths = restored["meta"].pop("leaf_paths", None)
+        if saved_paths is not None and saved_paths != _leaf_paths(template):
+            want = _leaf_paths(template)
+            missing = [p for p in want if p not in saved_paths][:5]
+            extra = [p for p in saved_paths if p not in want][:5]
+            raise ValueError(f"checkpoint {self.directory / str(step)} holds a different state structure than "
+                             f"this code builds (not in the checkpoint: {missing}; only in the checkpoint: "
+                             f"{extra}); it was written by another chmr_jax version or config")
         saved = restored["state"]
         new_leaves = [jax.random.wrap_key_data(saved[f"{i:05d}"], impl=jax.random.key_impl(x)) if _is_key(x)
                       else saved[f"{i:05d}"] for i, x in enumerate(leaves)]

@@ -70,3 +70,15 @@ def test_resumed_training_continues_identically(setup, tmp_path):
         state, metrics = step(state, batches[i % len(batches)], keys[i])
         resumed.append(float(metrics["loss"]))
     assert resumed == straight[2:]           # bit-identical: same params, batch stats, RNG streams
+
+
+def test_restore_into_a_different_structure_names_the_leaves(tmp_path):
+    saved = {"encoder": {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}}
+    ckpt = checkpoint.Checkpointer(tmp_path / "c", async_save=False)
+    ckpt.save(1, saved, {"step": 1})
+    other = {"encoder": {"w": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}     # same shapes, renamed leaf
+    with pytest.raises(ValueError, match=r"different state structure.*\['encoder'\]\['bias'\].*\['encoder'\]\['b'\]"):
+        ckpt.restore(other)
+    state, meta = ckpt.restore(saved)
+    assert meta == {"step": 1} and float(state["encoder"]["w"].sum()) == 6.0
+    ckpt.close()
