@@ -28,6 +28,8 @@ setup(
     extras_require={
         # scipy / scikit-learn are the independent references the tests compare against.
         "dev": ["pytest", "scipy", "scikit-learn"],
+        # Only for legacy (pre-zip) torch.save files; `chmr-jax convert` reads the zip format without torch.
+        "torch": ["torch"],
     },
     entry_points={"console_scripts": ["chmr-jax=chmr_jax.cli:main"]},
 )

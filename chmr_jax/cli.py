@@ -1,7 +1,7 @@
 """The `chmr-jax` command: `chmr-jax <command> [flags]`.
 
 Commands: prepare (featurize and split benchmarks or a CSV, or build a corpus), pretrain, finetune,
-benchmark, stress, embed.
+benchmark, stress, embed, convert.
 `chmr-jax <command> --help` lists a command's flags.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV), or build 
             "finetune": "train a head on a frozen pretrained encoder for a benchmark or CSV, over seeds",
             "benchmark": "finetune on several benchmarks and write a results table with the paper's numbers",
             "stress": "hide cellular profiles at several levels, pretrain + finetune each, table and plot",
-            "embed": "embeddings, tree codes and straight-through vectors for molecules (npz, Parquet, TFDS)"}
+            "embed": "embeddings, tree codes and straight-through vectors for molecules (npz, Parquet, TFDS)",
+            "convert": "import the authors' PyTorch checkpoint (state_dict .pt) as a chmr_jax workdir"}
 
 PRETRAIN_USAGE = """chmr-jax pretrain --config configs/pretrain.py[:variant] --workdir DIR [--config.a.b=value ...]
 
@@ -334,6 +335,29 @@ def _embed(argv: list[str]) -> int:
     return 0
 
 
+def _convert(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="chmr-jax convert", description=COMMANDS["convert"] + (
+        ". The .pt file is read without torch (torch's zip format); the output workdir works with "
+        "embed, finetune and benchmark (--pretrained OUT)."))
+    parser.add_argument("--torch", required=True, help="the release's checkpoint (torch.save of the GNN state_dict)")
+    parser.add_argument("--out", required=True, help="new chmr_jax workdir")
+    parser.add_argument("--config", help="base chmr_jax config file[:variant] (default configs/paper.py)")
+    parser.add_argument("--drop_geometry", action="store_true",
+                        help="leave out the 3D projector (anchor = fingerprint + graph), so the encoder needs "
+                             "SMILES only; the release's 3D input is an external matrix")
+    parser.add_argument("--morgan_radius", type=int, default=4,
+                        help="Morgan radius of the 1D input the checkpoint was trained with (release: 4)")
+    args = parser.parse_args(argv)
+    from chmr_jax import config_util, convert
+    try:
+        base = config_util.load_config(args.config) if args.config else None
+        convert.convert(args.torch, args.out, base, args.drop_geometry, args.morgan_radius)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"chmr-jax convert: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -354,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         return _stress(rest)
     if command == "embed":
         return _embed(rest)
+    if command == "convert":
+        return _convert(rest)
     print(f"chmr-jax: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

@@ -119,7 +119,7 @@ class Projector(nnx.Module):
     """LayerNorm -> Linear(d_in, D) -> SiLU (spec Eq. 2)."""
 
     def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs):
-        self.norm = nnx.LayerNorm(d_in, rngs=rngs)
+        self.norm = nnx.LayerNorm(d_in, epsilon=1e-5, rngs=rngs)   # torch's default, as the release
         self.linear = nnx.Linear(d_in, d_out, rngs=rngs)
 
     def __call__(self, x):
@@ -130,7 +130,7 @@ class Decoder(nnx.Module):
     """LayerNorm -> Linear(D, 4D) -> exact GELU -> Dropout -> Linear(4D, d_out) (spec §6)."""
 
     def __init__(self, d_in: int, d_out: int, dropout: float = 0.3, *, rngs: nnx.Rngs):
-        self.norm = nnx.LayerNorm(d_in, rngs=rngs)
+        self.norm = nnx.LayerNorm(d_in, epsilon=1e-5, rngs=rngs)   # torch's default, as the release
         self.hidden = nnx.Linear(d_in, 4 * d_in, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.out = nnx.Linear(4 * d_in, d_out, rngs=rngs)
