@@ -24,9 +24,11 @@ setup(
         "matplotlib",
         # Parquet export of `chmr-jax embed` (the reference Parquet writer; no TensorFlow involved).
         "pyarrow",
+        # The random-forest baseline and ensemble of `chmr-jax benchmark` (spec §8-9), t-SNE in reports.
+        "scikit-learn",
     ],
     extras_require={
-        # scipy / scikit-learn are the independent references the tests compare against.
+        # scipy / scikit-learn are also the independent references the tests compare against.
         "dev": ["pytest", "scipy", "scikit-learn"],
         # Only for legacy (pre-zip) torch.save files; `chmr-jax convert` reads the zip format without torch.
         "torch": ["torch"],
