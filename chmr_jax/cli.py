@@ -1,7 +1,7 @@
 """The `chmr-jax` command: `chmr-jax <command> [flags]`.
 
 Commands: prepare (featurize and split benchmarks or a CSV, or build a corpus), pretrain, finetune,
-benchmark, stress, embed, convert.
+benchmark, stress, embed, convert, report.
 `chmr-jax <command> --help` lists a command's flags.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV), or build 
             "benchmark": "finetune on several benchmarks and write a results table with the paper's numbers",
             "stress": "hide cellular profiles at several levels, pretrain + finetune each, table and plot",
             "embed": "embeddings, tree codes and straight-through vectors for molecules (npz, Parquet, TFDS)",
-            "convert": "import the authors' PyTorch checkpoint (state_dict .pt) as a chmr_jax workdir"}
+            "convert": "import the authors' PyTorch checkpoint (state_dict .pt) as a chmr_jax workdir",
+            "report": "PNG plots of a pretraining run: losses, tree-code usage, embedding maps, task enrichment"}
 
 PRETRAIN_USAGE = """chmr-jax pretrain --config configs/pretrain.py[:variant] --workdir DIR [--config.a.b=value ...]
 
@@ -358,6 +359,28 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
+def _report(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="chmr-jax report", description=COMMANDS["report"] + (
+        ". Writes loss_curves.png, code_usage.png, embedding_map.png (and enrichment_<benchmark>.png) with "
+        "report.json into --out (default PRETRAINED/report)."))
+    parser.add_argument("--pretrained", required=True, help="a `chmr-jax pretrain` workdir")
+    parser.add_argument("--out", help="output directory (default: PRETRAINED/report)")
+    parser.add_argument("--benchmark", help="also plot which tree branches are enriched for each task's positives")
+    parser.add_argument("--method", choices=["pca", "tsne"], default="pca", help="2-D map (t-SNE is slower)")
+    parser.add_argument("--max_molecules", type=int, default=2000, help="corpus molecules to embed for the maps")
+    parser.add_argument("--data_dir")
+    parser.add_argument("--cache_dir")
+    args = parser.parse_args(argv)
+    from chmr_jax import corpus, registry, report
+    try:
+        report.run(args.pretrained, args.out, args.benchmark, args.method, args.max_molecules, args.data_dir,
+                   args.cache_dir)
+    except (FileNotFoundError, ValueError, corpus.CorpusError, registry.DataNotFoundError) as e:
+        print(f"chmr-jax report: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -380,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         return _embed(rest)
     if command == "convert":
         return _convert(rest)
+    if command == "report":
+        return _report(rest)
     print(f"chmr-jax: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,227 @@
+"""Interpretability plots of a pretraining workdir (PNG, matplotlib), for `chmr-jax report`.
+
+  loss_curves.png       total loss and each term (cpr, sca, vq) against the step (metrics.jsonl)
+  code_usage.png        per tree level: a histogram of how many corpus molecules each code holds (the
+                        final encoder's anchors), and the per-level perplexity over training
+  embedding_map.png     2-D PCA (or t-SNE) of the anchors coloured by level-1 and level-2 code, and of
+                        every modality's projections coloured by modality
+  enrichment_<ds>.png   with a benchmark: log2 enrichment of each task's positives per level-2/3 branch
+  report.json           the numbers behind the plots (usage counts, perplexities, enrichment table)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from chmr_jax import export, metric_writers
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")   # files only: no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def loss_curves(rows: list[dict], path) -> list[str]:
+    plt = _plt()
+    terms = [k for k in ("loss", "loss/cpr", "loss/sca", "loss/vq") if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3), dpi=110, squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        pts = [(r["step"], r[term]) for r in rows if term in r and np.isfinite(r[term])]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+        ax.set_title(term)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return terms
+
+
+def perplexity_over_training(rows: list[dict]) -> dict:
+    """{modality: [[step, perplexity level 1, ..., level H], ...]} from the vq/<m>/perplexity/<h> scalars."""
+    out: dict = {}
+    for r in rows:
+        for key, value in r.items():
+            parts = key.split("/")
+            if len(parts) == 4 and parts[0] == "vq" and parts[2] == "perplexity":
+                out.setdefault(parts[1], {}).setdefault(r["step"], {})[int(parts[3])] = value
+    return {m: [[s] + [v[h] for h in sorted(v)] for s, v in sorted(steps.items())] for m, steps in out.items()}
+
+
+def code_usage(codes: np.ndarray) -> list[np.ndarray]:
+    """Per level h (1..H): counts [2^h] of molecules whose path passes through each code."""
+    return [np.bincount(codes[:, h - 1] - 2 ** h, minlength=2 ** h) for h in range(1, codes.shape[1] + 1)]
+
+
+def perplexity(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / max(counts.sum(), 1)
+    return float(np.exp(-(p * np.log(p)).sum())) if p.size else 0.0
+
+
+def code_usage_plot(usage: list[np.ndarray], over_training: dict, path) -> None:
+    plt = _plt()
+    depth = len(usage)
+    fig, axes = plt.subplots(1, depth + 1, figsize=(2.6 * (depth + 1), 2.8), dpi=110)
+    for h, (ax, counts) in enumerate(zip(axes[:depth], usage), start=1):
+        ax.bar(np.arange(len(counts)), counts, width=0.9)
+        ax.set_title(f"level {h}: perplexity {perplexity(counts):.1f} / {2 ** h}", fontsize=8)
+        ax.set_xlabel("code", fontsize=8)
+    ax = axes[depth]
+    if over_training:
+        # mean over the quantised modalities: one line per level keeps the panel readable
+        arr = np.mean([np.asarray(series, float) for series in over_training.values()], axis=0)
+        for h in range(1, arr.shape[1]):
+            ax.plot(arr[:, 0], arr[:, h], lw=1, label=f"level {h} (max {2 ** h})")
+        ax.legend(fontsize=6)
+    ax.set_title("perplexity during training\n(mean over modalities)", fontsize=8)
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_yscale("log")
+    for a in axes[:depth]:
+        a.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def project_2d(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+        return TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, len(x) - 1)).fit_transform(x)
+    centred = x - x.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T
+
+
+def embedding_map(anchor: np.ndarray, codes: np.ndarray, modality_points: dict, path, method="pca") -> None:
+    plt = _plt()
+    xy = project_2d(anchor, method)
+    panels = [("anchor by level-1 code", codes[:, 0])]
+    if codes.shape[1] > 1:
+        panels.append(("anchor by level-2 code", codes[:, 1]))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.6), dpi=110)
+    for ax, (title, colour) in zip(axes, panels):
+        for code in np.unique(colour):            # categorical: one colour and legend entry per code
+            sel = colour == code
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=4, label=f"code {code} ({sel.sum()})")
+        ax.set_title(f"{title} ({method})", fontsize=9)
+        ax.legend(fontsize=6, markerscale=3)
+    ax = axes[-1]
+    names = list(modality_points)
+    stacked = np.concatenate([modality_points[n] for n in names])
+    xy_m = project_2d(stacked, method)
+    start = 0
+    for n in names:
+        k = len(modality_points[n])
+        ax.scatter(xy_m[start:start + k, 0], xy_m[start:start + k, 1], s=4, label=f"{n} ({k})")
+        start += k
+    ax.set_title(f"projections by modality ({method})", fontsize=9)
+    ax.legend(fontsize=7, markerscale=3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def enrichment(codes: np.ndarray, labels: np.ndarray, level: int) -> np.ndarray:
+    """log2((positives in branch / positives) / (labelled in branch / labelled)) per task and level-`level`
+    code: [tasks, 2^level]; NaN where a task has no positive or a branch no labelled molecule."""
+    branch = codes[:, level - 1] - 2 ** level
+    out = np.full((labels.shape[1], 2 ** level), np.nan)
+    for t in range(labels.shape[1]):
+        lab = ~np.isnan(labels[:, t])
+        pos = lab & (labels[:, t] > 0.5)
+        if pos.sum() == 0:
+            continue
+        n_lab = np.bincount(branch[lab], minlength=2 ** level).astype(float)
+        n_pos = np.bincount(branch[pos], minlength=2 ** level).astype(float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = (n_pos / pos.sum()) / (n_lab / lab.sum())
+            out[t] = np.where(n_lab > 0, np.log2(np.maximum(ratio, 1e-3)), np.nan)
+    return out
+
+
+def enrichment_plot(table: np.ndarray, task_names, level: int, dataset: str, path) -> None:
+    plt = _plt()
+    shown = table[:40]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * table.shape[1], 1.2 + 0.22 * len(shown)), dpi=110)
+    im = ax.imshow(np.nan_to_num(shown), cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto")
+    ax.set_yticks(range(len(shown)), [str(t)[:24] for t in task_names[:len(shown)]], fontsize=6)
+    ax.set_xticks(range(table.shape[1]), [str(2 ** level + i) for i in range(table.shape[1])], fontsize=6)
+    ax.set_xlabel(f"level-{level} tree branch (heap index)")
+    ax.set_title(f"{dataset}: log2 enrichment of positives", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca", max_molecules: int = 2000,
+        data_dir=None, cache_dir=None, seed: int = 0, log=print) -> dict:
+    """Writes the PNGs and report.json into `out` (default <pretrained>/report); returns report.json."""
+    import jax
+
+    from chmr_jax import paths, pretrain
+
+    pretrained = Path(pretrained)
+    out = Path(out) if out else pretrained / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = export.load_encoder(pretrained)
+    model, config, meta = pretrain.load_pretrained(pretrained)
+    report: dict = {"pretrained": str(pretrained), "step": meta["step"], "files": []}
+
+    metrics_path = pretrained / "metrics.jsonl"
+    rows = metric_writers.read_jsonl(metrics_path) if metrics_path.exists() else []
+    if rows:
+        report["loss_terms"] = loss_curves(rows, out / "loss_curves.png")
+        report["files"].append("loss_curves.png")
+    else:
+        log(f"no {metrics_path} (a converted checkpoint?): skipping loss curves")
+
+    data_dir = paths.resolve_data_dir(data_dir or config.data_dir or None)
+    cache_dir = paths.resolve_cache_dir(cache_dir or config.cache_dir or None)
+    corpus = pretrain.load_corpus(config, data_dir, cache_dir, config.workers or None, log=lambda *a, **k: None)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(corpus), size=min(max_molecules, len(corpus)), replace=False))
+    sample = corpus.subset(pick)
+    emb = export.embed_features(encoder, sample.features, show_progress=False)
+    usage = code_usage(emb["tree_codes"])
+    over_training = perplexity_over_training(rows)
+    code_usage_plot(usage, over_training, out / "code_usage.png")
+    report["code_usage"] = {f"level_{h}": {"counts": c.tolist(), "perplexity": perplexity(c)}
+                            for h, c in enumerate(usage, start=1)}
+    report["perplexity_over_training"] = over_training
+    report["files"].append("code_usage.png")
+
+    points = {n: emb[n] for n in encoder.mol_names}
+    for name, modality in sample.modalities.items():
+        if name in model.projectors and modality.available.any():
+            x = modality.values[modality.available].astype(np.float32)
+            points[name] = np.asarray(jax.jit(lambda v: model.projectors[name](v))(x))
+    embedding_map(emb["anchor"], emb["tree_codes"], points, out / "embedding_map.png", method)
+    report["embedding_map"] = {"method": method, "molecules": int(len(pick)),
+                               "points": {n: int(len(v)) for n, v in points.items()}}
+    report["files"].append("embedding_map.png")
+
+    if benchmark:
+        from chmr_jax import datasets, prepare
+        ds = datasets.load_benchmark(benchmark, data_dir, cache_dir)
+        prepared = prepare.prepare(ds, encoder.settings, cache_dir)
+        codes = export.embed_features(encoder, prepared.features, show_progress=False)["tree_codes"]
+        labels = ds.labels[prepared.features.rows]
+        if ds.task_type != "classification":
+            log(f"{benchmark} is a regression benchmark: enrichment uses values above each task's median")
+            med = np.nanmedian(labels, axis=0)
+            labels = np.where(np.isnan(labels), np.nan, (labels > med).astype(float))
+        level = min(3, codes.shape[1])
+        table = enrichment(codes, labels, level)
+        enrichment_plot(table, ds.task_names, level, benchmark, out / f"enrichment_{benchmark}.png")
+        report["enrichment"] = {"dataset": benchmark, "level": level, "tasks": list(ds.task_names),
+                                "log2_enrichment": np.where(np.isnan(table), None, table).tolist()}
+        report["files"].append(f"enrichment_{benchmark}.png")
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    log(f"report: {', '.join(report['files'])} -> {out}")
+    return report
