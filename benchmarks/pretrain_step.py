@@ -79,7 +79,7 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
         state, metrics = step(state, batches[i % 2], jax.random.fold_in(key, i))
     jax.block_until_ready(metrics["loss"])
     seconds = time.perf_counter() - t0
-    mem = pretrain._peak_memory()
+    mem = pretrain.peak_memory()
     return {"framework": "chmr_jax", "platform": devices[0].platform, "device_kind": devices[0].device_kind,
             "devices": n_devices, "batch_size": batch_size,
             "molecules_per_step": float(np.mean([mols[i % 2] for i in range(steps)])),

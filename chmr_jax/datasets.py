@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from chmr_jax import featurize, registry
+from chmr_jax import featurize, paths, registry
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
@@ -67,12 +66,8 @@ class MoleculeDataset:
                 "labels_missing": float(1 - observed.mean()) if observed.size else 0.0}
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")
-
-
 def _read_table(path: Path) -> tuple[list[str], list[list[str]]]:
-    with _open_text(path) as fh:
+    with paths.open_text(path) as fh:
         reader = csv.reader(fh)
         try:
             header = next(reader)

@@ -35,3 +35,10 @@ def resolve_cache_dir(flag: str | os.PathLike | None = None) -> Path:
         path = DEFAULT_HOME.expanduser() / "features"
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
+
+
+def open_text(path):
+    """A text file for reading, gunzipped on the fly when it ends in .gz (newline='' for the csv module)."""
+    import gzip
+    path = Path(path)
+    return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")

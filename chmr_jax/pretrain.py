@@ -244,7 +244,7 @@ def _prefetch(iterator, size: int = 2):
 
 # ---- the job -------------------------------------------------------------------------------------
 
-def _peak_memory() -> dict:
+def peak_memory() -> dict:
     out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     stats = [d.memory_stats() for d in jax.local_devices() if d.platform != "cpu"]
     peaks = [s.get("peak_bytes_in_use", 0) for s in stats if s]
@@ -421,7 +421,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
         "devices": n_dev, "platform": devices[0].platform, "molecules_seen": molecules,
         "wall_s": round(wall, 2),
         "molecules_per_s": round((molecules - mol_first) / steady, 1) if steady > 0 else None,
-        **_peak_memory(), "final_metrics": {k: float(np.asarray(v).mean()) for k, v in last.items()},
+        **peak_memory(), "final_metrics": {k: float(np.asarray(v).mean()) for k, v in last.items()},
         "checkpoint": str(ckpt.directory / str(step)), "workdir": str(workdir)}
     if is_main:
         _write_json(workdir / "summary.json", summary)

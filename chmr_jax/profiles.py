@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from chmr_jax import featurize
+from chmr_jax import featurize, paths
 from chmr_jax.corpus import CorpusError, ProfileTable
 
 PAPER_MODALITIES = {"CP-Bray": 1783, "CP-JUMP": 966, "G-CRISPR": 1111, "G-ORF": 862, "GE": 978}
@@ -34,7 +34,7 @@ def _open_text(path: Path):
     path = Path(path)
     if not path.exists():
         raise CorpusError(f"{path}: no such file")
-    return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")
+    return paths.open_text(path)
 
 
 def _float(cell: str) -> float:
