@@ -64,6 +64,38 @@ def embed(model, features, extra_inputs: dict | None = None, batch_size: int = 2
 DEFAULT_PARTS = ("fingerprint_raw", "fingerprint", "graph", "geometry")
 
 
+def tree_onehot(model, anchor: np.ndarray) -> np.ndarray:
+    """The anchor's Tree-VQ path as one-hot codes per level, concatenated: [n, 2 + 4 + ... + 2^H]."""
+    from chmr_jax import tree_vq
+    codes = np.asarray(jax.jit(tree_vq.tree_vq)(model.codebook[...], jnp.asarray(anchor)).codes)
+    return np.concatenate([np.eye(2 ** h, dtype=np.float32)[codes[:, h - 1] - 2 ** h]
+                           for h in range(1, codes.shape[1] + 1)], axis=1)
+
+
+def cellular_projections(model, pre_config, features, names, data_dir, config, log=print) -> dict:
+    """{cellular modality: [n, D]} projections of the pretraining corpus' main input (observed, else
+    propagated/imputed as in pretraining) for molecules found in the corpus by 14-char InChIKey block;
+    zeros for molecules outside it (counted in the log)."""
+    from chmr_jax import paths, pretrain, pretrain_data
+    data_dir = paths.resolve_data_dir(data_dir or config.data_dir or pre_config.data_dir or None)
+    cache_dir = paths.resolve_cache_dir(config.cache_dir or pre_config.cache_dir or None)
+    corpus = pretrain.load_corpus(pre_config, data_dir, cache_dir, pre_config.workers or None, log=lambda *a: None)
+    data = pretrain_data.prepare(corpus, pretrain.data_config(pre_config, 1))
+    index = {str(k)[:14]: i for i, k in enumerate(corpus.keys)}
+    rows = np.array([index.get(str(k)[:14], -1) for k in features.keys])
+    found = rows >= 0
+    out = {}
+    for name in names:
+        proj = np.zeros((len(rows), model.codebook.shape[-1]), np.float32)
+        if found.any():
+            x = data.inputs[name][rows[found]]
+            proj[found] = np.asarray(jax.jit(lambda v: model.projectors[name](v))(x))
+        out[name] = proj
+        log(f"  head input {name}: {int(found.sum())} of {len(rows)} molecules in the pretraining corpus "
+            f"({int(data.reached[name][rows[found]].sum())} observed or propagated), zeros for the rest")
+    return out
+
+
 def head_inputs(emb: dict, parts=DEFAULT_PARTS) -> np.ndarray:
     """The spec's head input: the available parts, concatenated in order."""
     return np.concatenate([emb[p] for p in parts if p in emb], axis=1).astype(np.float32)
@@ -424,7 +456,15 @@ def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
     fp = prepared.features.fingerprints()
     x = None
     if config.encoder == "frozen":
-        x = head_inputs(embed(model, prepared.features, extra), parts)
+        emb = embed(model, prepared.features, extra)
+        if "tree" in parts:
+            emb["tree"] = tree_onehot(model, emb["anchor"])
+        wanted = [p for p in parts if p in model.cell_names]
+        if wanted:
+            emb.update(cellular_projections(model, pre_config, prepared.features, wanted, data_dir, config, log))
+        x = head_inputs(emb, parts)
+    elif "tree" in parts or any(p in model.cell_names for p in parts):
+        raise ValueError("head parts 'tree' and cellular projections need the frozen encoder (config.encoder='frozen')")
     ens = config.ensemble
     use_ensemble = (ens.enabled and ds.task_type == "classification"
                     and (config.csv or ds.name in _parse_list(ens.datasets)))
@@ -469,7 +509,8 @@ def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
     methods = {m: _summarise(r, key) for m, r in runs.items()}
     result = {"dataset": ds.name, "metric": key, "pretrained": str(pretrained), "pretrained_step": meta["step"],
               "encoder": config.encoder, "molecules": len(prepared.features),
-              "rejects": len(prepared.features.rejects), "tasks": ds.num_tasks, "settings": run_settings(config, pretrained), "methods": methods, **methods["chmr"]}
+              "rejects": len(prepared.features.rejects), "tasks": ds.num_tasks,
+              "head_input": {"parts": list(parts), "width": None if x is None else int(x.shape[1])}, "settings": run_settings(config, pretrained), "methods": methods, **methods["chmr"]}
     (workdir / "results.json").write_text(json.dumps(result, indent=1, default=float))
     for m, r in methods.items():
         log(f"{ds.name} {m} test {key}: {r['test_mean']:.4f} +- {r['test_std']:.4f} over {len(r['runs'])} seed(s)")

@@ -24,7 +24,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.task_columns = ""     # csv only: comma list; '' = every column after the SMILES column
     config.task_type = ""        # csv only: '' infers classification / regression
     config.head = ml_collections.ConfigDict(dict(
-        parts="fingerprint_raw,fingerprint,graph,geometry",   # spec §8 head input (missing parts skipped)
+        # spec §8 head input (parts the encoder lacks are skipped); also available: 'tree' (the anchor's
+        # Tree-VQ path, one-hot per level) and cellular modalities by name (e.g. 'expression': the
+        # projection of the pretraining corpus' profile of the molecule, zeros outside the corpus).
+        parts="fingerprint_raw,fingerprint,graph,geometry",
         hidden=600, norm="layer", dropout=0.5))
     config.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, batch_size=128, epochs=100, patience=20,

@@ -133,3 +133,15 @@ def test_random_forest_fits_each_task_on_its_labelled_rows():
 def test_ensemble_is_gamma_head_plus_forest():
     head, rf = np.array([[0.9], [0.1]]), np.array([[0.2], [0.3]])
     np.testing.assert_allclose(finetune.ensemble(head, rf, 0.1), [[0.29], [0.31]])
+
+
+def test_tree_onehot_encodes_the_anchors_path(tmp_path):
+    from chmr_jax import tree_vq
+    corpus = tiny_corpus(tmp_path, n_molecules=30, seed=6)
+    model = tiny_model(PD.prepare(corpus, tiny_data_config()))
+    emb = finetune.embed(model, corpus.features, show_progress=False)
+    onehot = finetune.tree_onehot(model, emb["anchor"])
+    codes = np.asarray(tree_vq.tree_vq(model.codebook[...], jnp.asarray(emb["anchor"])).codes)
+    assert onehot.shape == (30, 2 + 4 + 8) and np.all(onehot.sum(1) == 3)
+    for h, start in ((1, 0), (2, 2), (3, 6)):
+        np.testing.assert_array_equal(np.argmax(onehot[:, start:start + 2 ** h], 1), codes[:, h - 1] - 2 ** h)

@@ -205,9 +205,12 @@ def test_finetune_command_on_a_benchmark_with_the_pretrained_encoder(tiny_run, d
     out = tmp_path / "ft"
     rc = cli.main(["finetune", "--config", str(ROOT / "configs" / "finetune.py") + ":dataset=bace,seeds=0,1",
                    "--pretrained", str(tiny_run), "--workdir", str(out), f"--config.cache_dir={cache_dir}",
-                   "--config.optim.epochs=3", "--config.head.hidden=32"])
+                   "--config.optim.epochs=3", "--config.head.hidden=32",
+                   "--config.head.parts=fingerprint_raw,fingerprint,graph,tree,expression"])
     assert rc == 0
     result = json.loads((out / "results.json").read_text())
+    # raw fingerprint (256 Morgan + 167 MACCS) + 2 projections (16) + tree one-hot (2+4+8) + expression (16)
+    assert result["head_input"]["width"] == 256 + 167 + 2 * 16 + 14 + 16
     assert result["dataset"] == "bace" and result["metric"] == "roc_auc" and result["pretrained_step"] == 10
     assert [r["seed"] for r in result["runs"]] == [0, 1]
     for r in result["runs"]:
