@@ -12,7 +12,7 @@ import time
 
 COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV), or build a pretraining corpus",
             "pretrain": "pretrain CHMR from a config file into a workdir (resumes from its checkpoints)",
-            "finetune": "train a head on a frozen pretrained encoder for a benchmark or CSV, over seeds",
+            "finetune": "fine-tune on a benchmark or CSV over seeds (frozen or full encoder, baselines)",
             "benchmark": "finetune on several benchmarks and write a results table with the paper's numbers",
             "stress": "hide cellular profiles at several levels, pretrain + finetune each, table and plot",
             "embed": "embeddings, tree codes and straight-through vectors for molecules (npz, Parquet, TFDS)",
@@ -204,7 +204,9 @@ FINETUNE_USAGE = """chmr-jax finetune --config configs/finetune.py[:dataset=NAME
 
 Trains a prediction head on the frozen encoder of a `chmr-jax pretrain` workdir (eval mode) for one
 benchmark (or --config.csv=file.csv), one run per seed; writes OUT/results.json (valid/test scores at
-the best validation epoch, mean +- std)."""
+the best validation epoch, mean +- std). Options (configs/finetune.py): --config.encoder=finetune (train
+the whole encoder), --config.baselines=mlp,rf,gnn, --config.ensemble.enabled=True (head + RF),
+--config.head.parts=... (add 'tree' or cellular modalities)."""
 
 
 def _finetune(argv: list[str]) -> int:
