@@ -257,6 +257,19 @@ def _write_json(path: Path, obj) -> None:
     featurize.atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
+def _finished_summary(workdir: Path, steps: int) -> dict | None:
+    """The summary of a run in `workdir` that already reached `steps` (> 0) with its final checkpoint,
+    so a repeated command returns at once instead of rebuilding inputs and recompiling."""
+    path = workdir / "summary.json"
+    if steps <= 0 or not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    ckpts = workdir / "checkpoints"
+    if summary.get("steps") == steps and ckpts.is_dir() and (ckpts / str(steps)).is_dir():
+        return summary
+    return None
+
+
 def _check_same_run(workdir: Path, config) -> None:
     saved_path = workdir / "config.json"
     if not saved_path.exists():
@@ -302,6 +315,10 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     is_main = jax.process_index() == 0
     log = log if is_main else (lambda *a, **k: None)
     _check_same_run(workdir, config)
+    done = _finished_summary(workdir, tcfg.steps)
+    if done is not None:
+        log(f"{workdir}: already complete at step {done['steps']} (summary.json); nothing to do")
+        return done
 
     devices = jax.devices()
     if tcfg.devices:
@@ -426,7 +443,8 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     if is_main:
         _write_json(workdir / "summary.json", summary)
     mem = summary.get("device_peak_bytes", summary["host_peak_rss_bytes"])
-    log(f"done: step {step}/{total} in {wall:.1f}s wall; {summary['molecules_per_s']} molecules/s after "
+    rate = summary["molecules_per_s"]
+    log(f"done: step {step}/{total} in {wall:.1f}s wall; {rate if rate is not None else 'n/a'} molecules/s after "
         f"compilation; peak memory {mem / 2**30:.2f} GiB ({'device' if 'device_peak_bytes' in summary else 'host RSS'})"
         + (f"; stopped by {stop_reason}" if stop_reason else ""))
     log(f"checkpoints: {ckpt.directory}  metrics: {workdir / 'metrics.jsonl'}  tensorboard: {workdir / 'tensorboard'}")

@@ -54,10 +54,12 @@ def test_run_writes_metrics_checkpoints_and_summary(tiny_run):
 
 def test_rerun_of_a_finished_run_trains_no_further(tiny_run, cache_dir, capsys):
     before = (tiny_run / "metrics.jsonl").read_text()
+    summary = (tiny_run / "summary.json").read_text()
     assert cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(tiny_run), f"--config.cache_dir={cache_dir}",
                      "--config.train.steps=10", "--config.train.checkpoint_every=4"]) == 0
-    assert "resumed from" in capsys.readouterr().out
-    assert (tiny_run / "metrics.jsonl").read_text() == before
+    # returns at once (no corpus, inputs or compilation) and keeps the original run's summary
+    assert "already complete at step 10" in capsys.readouterr().out
+    assert (tiny_run / "metrics.jsonl").read_text() == before and (tiny_run / "summary.json").read_text() == summary
 
 
 def test_restart_with_a_different_model_is_refused(tiny_run, cache_dir, capsys):
