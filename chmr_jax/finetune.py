@@ -438,6 +438,8 @@ def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
 
     from chmr_jax import pretrain
 
+    import time
+    t_start = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if config.encoder not in ("frozen", "finetune"):
@@ -510,7 +512,8 @@ def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
     result = {"dataset": ds.name, "metric": key, "pretrained": str(pretrained), "pretrained_step": meta["step"],
               "encoder": config.encoder, "molecules": len(prepared.features),
               "rejects": len(prepared.features.rejects), "tasks": ds.num_tasks,
-              "head_input": {"parts": list(parts), "width": None if x is None else int(x.shape[1])}, "settings": run_settings(config, pretrained), "methods": methods, **methods["chmr"]}
+              "head_input": {"parts": list(parts), "width": None if x is None else int(x.shape[1])}, "settings": run_settings(config, pretrained), "wall_s": round(time.perf_counter() - t_start, 1),
+              "methods": methods, **methods["chmr"]}
     (workdir / "results.json").write_text(json.dumps(result, indent=1, default=float))
     for m, r in methods.items():
         log(f"{ds.name} {m} test {key}: {r['test_mean']:.4f} +- {r['test_std']:.4f} over {len(r['runs'])} seed(s)")
