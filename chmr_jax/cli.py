@@ -310,6 +310,9 @@ def _stress(argv: list[str]) -> int:
             registry.DataNotFoundError) as e:
         print(f"chmr-jax stress: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        print(f"chmr-jax stress: interrupted: {e}", file=sys.stderr)
+        return 130
     return 0
 
 

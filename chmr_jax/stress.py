@@ -51,7 +51,11 @@ def run(config, finetune_config, levels, imputations=IMPUTATIONS, workdir="runs/
             cfg.corpus.saved = str(hidden_dir.resolve())
             cfg.pretrain_data.imputation = imputation
             log(f"== missing {level:g}, imputation {imputation}: pretrain -> {run_dir / 'pretrain'}")
-            pretrain.run(cfg, run_dir / "pretrain", data_dir, log)
+            summary = pretrain.run(cfg, run_dir / "pretrain", data_dir, log)
+            if summary.get("stopped_by") or (cfg.train.steps > 0 and summary.get("steps") != cfg.train.steps):
+                # interrupted (SIGTERM/Ctrl-C checkpoint and return): never fine-tune a partial encoder
+                raise KeyboardInterrupt(f"pretraining of {run_dir} stopped at step {summary.get('steps')} "
+                                        f"({summary.get('stopped_by')}); re-run the same command to continue")
             result = finetune.run_or_reuse(finetune_config, run_dir / "pretrain", run_dir / "finetune", data_dir, log)
             rows.append({"missing": level, "imputation": imputation, "dataset": result["dataset"],
                          "metric": result["metric"], "test_mean": result["test_mean"],

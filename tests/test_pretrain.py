@@ -303,3 +303,16 @@ def test_stress_command_hides_profiles_and_reports_each_level_and_imputation(dat
     assert cli.main(args) == 0
     assert (out / "zero-missing0.5" / "finetune" / "results.json").stat().st_mtime_ns == before
     assert cli.main(args[:-2] + ["--missing", "1.5"]) == 1
+
+
+def test_stress_never_finetunes_an_interrupted_pretraining(monkeypatch, tmp_path):
+    from chmr_jax import config_util, stress
+    monkeypatch.setattr(pretrain, "load_corpus", lambda *a, **k: pytest.fail("corpus already saved"))
+    (tmp_path / "corpus-missing0").mkdir()
+    (tmp_path / "corpus-missing0" / "manifest.json").write_text(json.dumps({"hidden": {"modalities": {}}}))
+    monkeypatch.setattr(pretrain, "run", lambda *a, **k: {"steps": 3, "stopped_by": "SIGTERM"})
+    monkeypatch.setattr(stress.finetune, "run_or_reuse", lambda *a, **k: pytest.fail("fine-tuned a partial run"))
+    config = config_util.load_config(TEST_CONFIG)
+    config.train.steps = 5
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
+        stress.run(config, None, [0.0], ["zero"], tmp_path)
