@@ -178,6 +178,16 @@ def _config_flags(argv: list[str], command: str, default_config: str, usage: str
     return fv
 
 
+def _report_errors(command: str, call, errors=(FileNotFoundError, ValueError)) -> int:
+    """Runs `call`; an expected error becomes one line on stderr naming the command, and exit code 1."""
+    try:
+        call()
+    except errors as e:
+        print(f"chmr-jax {command}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _pretrain(argv: list[str]) -> int:
     def more(flags, fv):
         flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (every host of a "
@@ -217,12 +227,8 @@ def _finetune(argv: list[str]) -> int:
     if isinstance(fv, int):
         return fv
     from chmr_jax import finetune, registry
-    try:
-        finetune.run(fv.config, fv.pretrained, fv.workdir, data_dir=fv.data_dir)
-    except (FileNotFoundError, ValueError, registry.DataNotFoundError) as e:
-        print(f"chmr-jax finetune: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return _report_errors("finetune", lambda: finetune.run(fv.config, fv.pretrained, fv.workdir, data_dir=fv.data_dir),
+                          (FileNotFoundError, ValueError, registry.DataNotFoundError))
 
 
 BENCHMARK_USAGE = """chmr-jax benchmark --datasets all|a,b,... --seeds 0,1,2,3,4 --pretrained DIR --workdir OUT [--config configs/finetune.py]
@@ -258,12 +264,9 @@ def _benchmark(argv: list[str]) -> int:
         config.seeds = fv.seeds
     config.baselines = fv.baselines
     config.ensemble.enabled = config.ensemble.enabled or fv.ensemble
-    try:
-        finetune.run_benchmark(config, fv.pretrained, fv.workdir, names, data_dir=fv.data_dir)
-    except (FileNotFoundError, ValueError, registry.DataNotFoundError) as e:
-        print(f"chmr-jax benchmark: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return _report_errors("benchmark", lambda: finetune.run_benchmark(config, fv.pretrained, fv.workdir, names,
+                                                                      data_dir=fv.data_dir),
+                          (FileNotFoundError, ValueError, registry.DataNotFoundError))
 
 
 STRESS_USAGE = """chmr-jax stress --workdir OUT [--config configs/pretrain.py] [--missing 0,0.2,0.4,0.6,0.8,0.9]
@@ -331,14 +334,10 @@ def _embed(argv: list[str]) -> int:
     parser.add_argument("--cache_dir", help="feature cache (default: $CHMR_CACHE_DIR or ~/.cache/chmr_jax/features)")
     args = parser.parse_args(argv)
     from chmr_jax import export, paths
-    try:
-        encoder = export.load_encoder(args.pretrained, args.step)
-        export.export(encoder, args.input, args.out, [f.strip() for f in args.formats.split(",") if f.strip()],
-                      args.smiles_column, args.id_column, args.batch_size, paths.resolve_cache_dir(args.cache_dir))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"chmr-jax embed: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return _report_errors("embed", lambda: export.export(
+        export.load_encoder(args.pretrained, args.step), args.input, args.out,
+        [f.strip() for f in args.formats.split(",") if f.strip()], args.smiles_column, args.id_column,
+        args.batch_size, paths.resolve_cache_dir(args.cache_dir)))
 
 
 def _convert(argv: list[str]) -> int:
@@ -355,13 +354,9 @@ def _convert(argv: list[str]) -> int:
                         help="Morgan radius of the 1D input the checkpoint was trained with (release: 4)")
     args = parser.parse_args(argv)
     from chmr_jax import config_util, convert
-    try:
-        base = config_util.load_config(args.config) if args.config else None
-        convert.convert(args.torch, args.out, base, args.drop_geometry, args.morgan_radius)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"chmr-jax convert: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return _report_errors("convert", lambda: convert.convert(
+        args.torch, args.out, config_util.load_config(args.config) if args.config else None, args.drop_geometry,
+        args.morgan_radius), (FileNotFoundError, ValueError, KeyError))
 
 
 def _report(argv: list[str]) -> int:
@@ -377,13 +372,9 @@ def _report(argv: list[str]) -> int:
     parser.add_argument("--cache_dir")
     args = parser.parse_args(argv)
     from chmr_jax import corpus, registry, report
-    try:
-        report.run(args.pretrained, args.out, args.benchmark, args.method, args.max_molecules, args.data_dir,
-                   args.cache_dir)
-    except (FileNotFoundError, ValueError, corpus.CorpusError, registry.DataNotFoundError) as e:
-        print(f"chmr-jax report: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return _report_errors("report", lambda: report.run(args.pretrained, args.out, args.benchmark, args.method,
+                                                       args.max_molecules, args.data_dir, args.cache_dir),
+                          (FileNotFoundError, ValueError, corpus.CorpusError, registry.DataNotFoundError))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,22 +385,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:10s} {desc}")
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "prepare":
-        return _prepare(rest)
-    if command == "pretrain":
-        return _pretrain(rest)
-    if command == "finetune":
-        return _finetune(rest)
-    if command == "benchmark":
-        return _benchmark(rest)
-    if command == "stress":
-        return _stress(rest)
-    if command == "embed":
-        return _embed(rest)
-    if command == "convert":
-        return _convert(rest)
-    if command == "report":
-        return _report(rest)
+    handlers = {"prepare": _prepare, "pretrain": _pretrain, "finetune": _finetune, "benchmark": _benchmark,
+                "stress": _stress, "embed": _embed, "convert": _convert, "report": _report}
+    if command in handlers:
+        return handlers[command](rest)
     print(f"chmr-jax: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 
