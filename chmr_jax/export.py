@@ -68,7 +68,11 @@ def load_encoder(workdir, step: int | None = None) -> Encoder:
     """The encoder of a `chmr-jax pretrain` (or `chmr-jax convert`) workdir, in eval mode."""
     from chmr_jax import pretrain
 
-    model, config, meta = pretrain.load_pretrained(workdir, step)
+    return encoder_of(*pretrain.load_pretrained(workdir, step), workdir)
+
+
+def encoder_of(model, config, meta, workdir) -> Encoder:
+    """The Encoder of an already restored model (eval mode), e.g. from `pretrain.load_pretrained`."""
     if "geometry" in model.mol_names:
         raise ValueError(f"{workdir}: this encoder takes the geometry modality as input; export supports "
                          "encoders on SMILES-derived inputs only (config.model.molecular='fingerprint,graph')")

@@ -169,8 +169,8 @@ def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca",
     pretrained = Path(pretrained)
     out = Path(out) if out else pretrained / "report"
     out.mkdir(parents=True, exist_ok=True)
-    encoder = export.load_encoder(pretrained)
-    model, config, meta = pretrain.load_pretrained(pretrained)
+    model, config, meta = pretrain.load_pretrained(pretrained)   # restored once, for the encoder and the projectors
+    encoder = export.encoder_of(model, config, meta, pretrained)
     report: dict = {"pretrained": str(pretrained), "step": meta["step"], "files": []}
 
     metrics_path = pretrained / "metrics.jsonl"
