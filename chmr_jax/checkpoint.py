@@ -37,7 +37,7 @@ def _abstract(x):
 class Checkpointer:
     """Periodic / final checkpoints in `directory`, keeping the newest `max_to_keep`."""
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3, async_save: bool = True):
         self.directory = Path(directory).resolve()
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(

@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 MOLECULE = "molecule"
-GENE = "gene"
+# Gene nodes (entities, no targets). Not "gene": the paper's genetic-perturbation modality (JUMP
+# CRISPR/ORF profiles) is called "gene" and has its own profile nodes and decoder.
+GENE = "gene_node"
 
 
 @dataclasses.dataclass
@@ -165,6 +167,9 @@ def build_context_graph(mol_bits: np.ndarray, mol_targets: np.ndarray, scaffolds
     expression / expression_genes: which modality's columns map to gene node ids (molecule-gene edges).
     """
     n_mol = len(mol_bits)
+    clash = [name for name in profiles if name in (MOLECULE, GENE)]
+    if clash:
+        raise ValueError(f"modality names {clash} clash with context node types {MOLECULE!r} / {GENE!r}")
     type_names = [MOLECULE] + list(profiles) + ([GENE] if n_genes else [])
     offsets, start = {}, n_mol
     for name, block in profiles.items():

@@ -104,6 +104,19 @@ class Corpus:
         return Corpus(keys=self.keys[idx], smiles=self.smiles[idx], features=self.features.subset(idx),
                       modalities=modalities, manifest=manifest, gene_edges=self.gene_edges)
 
+    def with_modalities(self, which: str = "all") -> "Corpus":
+        """The corpus restricted to some cellular modalities: 'all', 'none' (structure only) or a comma
+        list of names (an unknown name is an error naming the ones there are)."""
+        if which == "all":
+            return self
+        names = [] if which == "none" else [n.strip() for n in which.split(",") if n.strip()]
+        unknown = [n for n in names if n not in self.modalities]
+        if unknown:
+            raise CorpusError(f"modalities {unknown} are not in the corpus (it has {sorted(self.modalities)}); "
+                              "use 'all', 'none' or a comma list of those")
+        manifest = {**self.manifest, "modalities_used": names}
+        return dataclasses.replace(self, modalities={n: self.modalities[n] for n in names}, manifest=manifest)
+
     def hide(self, fraction: float, seed: int = 0) -> "Corpus":
         """A copy where a further `fraction` of each modality's observed profiles is marked missing
         (values zeroed), chosen at random with `seed`; the manifest records how many per modality."""

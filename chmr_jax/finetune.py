@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from chmr_jax import graphs, metrics as metrics_lib, progress as progress_lib
+from chmr_jax import graphs, metrics as metrics_lib, model as model_lib, progress as progress_lib
 
 
 def embed(model, features, extra_inputs: dict | None = None, batch_size: int = 256,
@@ -107,8 +107,7 @@ class Head(nnx.Module):
         if norm not in ("layer", "batch"):
             raise ValueError(f"head norm must be 'layer' or 'batch', got {norm!r}")
         self.lin1 = nnx.Linear(d_in, hidden, rngs=rngs)
-        self.norm = nnx.LayerNorm(hidden, rngs=rngs) if norm == "layer" else nnx.BatchNorm(hidden, momentum=0.9,
-                                                                                          rngs=rngs)
+        self.norm = nnx.LayerNorm(hidden, rngs=rngs) if norm == "layer" else model_lib.batch_norm(hidden, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.lin2 = nnx.Linear(hidden, tasks, rngs=rngs)
 

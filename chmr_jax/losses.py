@@ -168,8 +168,8 @@ def vicreg(x, y, mask=None, inv_weight: float = 1.0, var_weight: float = 1.0, co
     """VICReg between two views x, y [N, D] over rows where mask is True (spec §4).
 
     invariance  mean over valid rows and dims of (x - y)^2
-    variance    mean_d relu(1 - sqrt(var_d + eps)) per view, averaged over the two views;
-                var is unbiased (divides by n - 1) over the global batch
+    variance    mean_d relu(1 - sqrt(var_d + eps)) per view, summed over the two views (as the
+                release adds std_loss_x + std_loss_y); var is unbiased (n - 1) over the global batch
     covariance  sum of squared off-diagonal covariances / D, summed over the two views
     With axis_name (inside shard_map) all sums run over the global batch via psum.
     Returns (total, {'invariance', 'variance', 'covariance'}).
@@ -192,7 +192,7 @@ def vicreg(x, y, mask=None, inv_weight: float = 1.0, var_weight: float = 1.0, co
 
     var_x, cov_x = stats(x)
     var_y, cov_y = stats(y)
-    var = 0.5 * (var_x + var_y)
+    var = var_x + var_y
     cov = cov_x + cov_y
     total = inv_weight * inv + var_weight * var + cov_weight * cov
     ok = n > 1

@@ -41,14 +41,21 @@ class CategoricalEncoder(nnx.Module):
         return out
 
 
+def batch_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """BatchNorm with torch's momentum and the two-pass variance. Flax's default one-pass
+    E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std: on an Intel Xeon it made a 3-layer
+    GIN's readout differ by 1e-3 (relative) between two paddings of the same batch; two-pass: 6e-7."""
+    return nnx.BatchNorm(dim, momentum=0.9, use_fast_variance=False, rngs=rngs)
+
+
 class MLP2(nnx.Module):
     """Linear -> BatchNorm -> ReLU -> Linear [-> BatchNorm -> ReLU]; batch statistics under `mask`."""
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int, *, final_norm: bool, rngs: nnx.Rngs):
         self.lin1 = nnx.Linear(d_in, d_hidden, rngs=rngs)
-        self.bn1 = nnx.BatchNorm(d_hidden, momentum=0.9, rngs=rngs)
+        self.bn1 = batch_norm(d_hidden, rngs=rngs)
         self.lin2 = nnx.Linear(d_hidden, d_out, rngs=rngs)
-        self.bn2 = nnx.BatchNorm(d_out, momentum=0.9, rngs=rngs) if final_norm else None
+        self.bn2 = batch_norm(d_out, rngs=rngs) if final_norm else None
 
     def __call__(self, x, mask):
         x = jax.nn.relu(self.bn1(self.lin1(x), mask=mask[:, None]))
@@ -79,7 +86,7 @@ class GNNVirtualNode(nnx.Module):
                  max_norm: float | None = None, *, rngs: nnx.Rngs):
         self.atom = CategoricalEncoder(featurize.ATOM_VOCAB_SIZES, dim, max_norm=max_norm, rngs=rngs)
         self.convs = nnx.List([GINConv(dim, max_norm=max_norm, rngs=rngs) for _ in range(n_layers)])
-        self.norms = nnx.List([nnx.BatchNorm(dim, momentum=0.9, rngs=rngs) for _ in range(n_layers)])
+        self.norms = nnx.List([batch_norm(dim, rngs=rngs) for _ in range(n_layers)])
         self.vn_mlps = nnx.List([MLP2(dim, 2 * dim, dim, final_norm=True, rngs=rngs)
                                  for _ in range(n_layers - 1)])
         self.dropout = nnx.Dropout(dropout, rngs=rngs)

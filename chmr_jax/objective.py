@@ -5,21 +5,31 @@ Batch (a dict pytree, all leading dims G = graph slots of the padded batch):
   graph      graphs.GraphBatch
   inputs     {modality: [G, d]} molecular inputs (fingerprint, geometry, ...) and the main input of
              each cellular modality (after imputation: propagate | mean | zero)
+  view1      {cellular modality: [G, d]} VICReg's first view (default: observed rows, the modality
+             mean elsewhere, as the release; see pretrain_data.VICREG_FIRST_VIEWS)
   aug        {cellular modality: [G, d]} the propagated copy, VICReg's second view
   mask       {cellular modality: [G] bool} rows that take part in SCA for that modality
   node       [G] int32 context-graph node of each molecule (its walk start)
 Context (device arrays): indptr, indices, weights, node_type, node_row, and per node type
   targets [n_t, d_t] / target_mask [n_t, d_t] (see context.ContextGraph).
 Every term and metric is returned, so the train step can log them.
+
+Padding graph slots (graph_mask False) take part in no term: they are masked out of SCA and
+Tree-VQ rows and out of CPR's entries (numerator and count), so the loss of a batch does not depend
+on its padding budget, hence not on the device count it is rounded to.
+Reconstruction decoders (spec §6): the molecule target is decoded from the anchor; each cellular
+node type's target from the batch molecule's projection of that modality (cpr_source='modality', the
+release) or from the anchor too (cpr_source='anchor').
 """
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chmr_jax import context as context_lib, losses, tree_vq
+from chmr_jax import context as context_lib, diagnostics, losses, tree_vq
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +46,16 @@ class ObjectiveConfig:
     vq_reverse: bool = True
     walk_length: int = 4
     recon_kind: str = "bce"
+    lambda_cpr: float = 1.0
+    cpr_source: str = "modality"     # 'modality' (release) | 'anchor'
+    collapse_stats: bool = True      # effective rank / per-dim std of the molecular projections
+
+    def __post_init__(self):
+        if self.cpr_source not in CPR_SOURCES:
+            raise ValueError(f"cpr_source must be one of {CPR_SOURCES}, got {self.cpr_source!r}")
+
+
+CPR_SOURCES = ("modality", "anchor")
 
 
 def context_arrays(graph: context_lib.ContextGraph) -> dict:
@@ -66,47 +86,64 @@ def objective(model, batch: dict, ctx: dict, key, cfg: ObjectiveConfig, mesh=Non
     anchor = proj["anchor"]
     metrics = {}
 
-    # Semantic consistency alignment (spec §4).
+    # Semantic consistency alignment (spec §4). Skipped (not computed) when its weight is 0.
     sca = 0.0
-    for name in model.cell_names:
+    for name in model.cell_names if cfg.lambda_sca else ():
         m = batch["mask"][name] & gm
         nce = losses.infonce(anchor, proj[name], m, cfg.tau, cfg.symmetric, cfg.infonce_impl,
                              cfg.infonce_block, mesh)
+        # Two different inputs of the same molecule (view1 = observed-or-mean, aug = propagated): with
+        # imputation='propagate' the main input *is* the propagated copy, so reusing it as a view
+        # would make the invariance term identically 0.
+        view1 = model.projectors[name](batch["view1"][name]) if "view1" in batch else proj[name]
         aug = model.projectors[name](batch["aug"][name])
-        vic, parts = losses.vicreg(proj[name], aug, m, *cfg.vicreg_weights)
+        vic, parts = losses.vicreg(view1, aug, m, *cfg.vicreg_weights)
         sca = sca + nce + vic
         metrics[f"sca/{name}/infonce"] = nce
         metrics[f"sca/{name}/vicreg"] = vic
+        metrics[f"sca/{name}/invariance"] = parts["invariance"]
         metrics[f"sca/{name}/rows"] = jnp.sum(m)
 
     # Tree-VQ over every modality's projection (spec §5), averaged over modalities.
-    table = model.codebook[...]
-    vq_terms = []
-    for name in model.mol_names + model.cell_names:
-        m = gm if name in model.mol_names else batch["mask"][name] & gm
-        out = tree_vq.tree_vq(table, proj[name], m, cfg.vq_eta, cfg.vq_mu, cfg.vq_reverse)
-        vq_terms.append(out.loss)
-        metrics[f"vq/{name}/perplexity"] = out.perplexity
-        metrics[f"vq/{name}/dead_fraction"] = out.dead_fraction
-    vq = sum(vq_terms) / max(len(vq_terms), 1)
+    vq = 0.0
+    if cfg.lambda_vq:
+        table = model.codebook[...]
+        vq_terms = []
+        for name in model.mol_names + model.cell_names:
+            m = gm if name in model.mol_names else batch["mask"][name] & gm
+            out = tree_vq.tree_vq(table, proj[name], m, cfg.vq_eta, cfg.vq_mu, cfg.vq_reverse)
+            vq_terms.append(out.loss)
+            metrics[f"vq/{name}/perplexity"] = out.perplexity
+            metrics[f"vq/{name}/dead_fraction"] = out.dead_fraction
+        vq = sum(vq_terms) / max(len(vq_terms), 1)
 
     # Context-propagation reconstruction (spec §6): walks from each molecule's node; every node
     # on the walk contributes its target, weighted by the walk's path weight beta.
-    nodes, beta = context_lib.random_walks(ctx["indptr"], ctx["indices"], ctx["weights"], batch["node"], key,
-                                           cfg.walk_length)
-    beta = beta * gm[:, None]
     cpr = 0.0
-    for name, decoder in model.decoders.items():
-        t = ctx["type_index"][name]
-        logits = decoder(anchor)                                             # [G, d_t]
-        is_t = ctx["node_type"][nodes] == t                                  # [G, L+1]
-        rows = jnp.where(is_t, ctx["node_row"][nodes], 0)
-        target = ctx["targets"][name][rows]                                  # [G, L+1, d_t]
-        tmask = ctx["target_mask"][name][rows] & is_t[..., None]
-        term = context_lib.walk_reconstruction_loss(logits, target, tmask, beta, cfg.recon_kind)
-        cpr = cpr + term
-        metrics[f"cpr/{name}"] = term
+    if cfg.lambda_cpr:
+        nodes, beta = context_lib.random_walks(ctx["indptr"], ctx["indices"], ctx["weights"], batch["node"], key,
+                                               cfg.walk_length)
+        beta = beta * gm[:, None]
+        for name, decoder in model.decoders.items():
+            t = ctx["type_index"][name]
+            source = anchor if (name == context_lib.MOLECULE or cfg.cpr_source == "anchor") else proj[name]
+            logits = decoder(source)                                             # [G, d_t]
+            # Padding slots contribute no entries: neither to the sum nor to the count of the mean.
+            is_t = (ctx["node_type"][nodes] == t) & gm[:, None]                  # [G, L+1]
+            rows = jnp.where(is_t, ctx["node_row"][nodes], 0)
+            target = ctx["targets"][name][rows]                                  # [G, L+1, d_t]
+            tmask = ctx["target_mask"][name][rows] & is_t[..., None]
+            term = context_lib.walk_reconstruction_loss(logits, target, tmask, beta, cfg.recon_kind)
+            cpr = cpr + term
+            metrics[f"cpr/{name}"] = term
 
-    total = cpr + cfg.lambda_sca * sca + cfg.lambda_vq * vq
-    metrics.update({"loss": total, "loss/cpr": cpr, "loss/sca": sca, "loss/vq": vq})
+    if cfg.collapse_stats:
+        for name in model.mol_names + ["anchor"]:
+            stats = diagnostics.collapse_stats(jax.lax.stop_gradient(proj[name]), gm)
+            metrics[f"collapse/{name}/effective_rank"] = stats["effective_rank"]
+            metrics[f"collapse/{name}/std"] = stats["std"]
+
+    total = cfg.lambda_cpr * cpr + cfg.lambda_sca * sca + cfg.lambda_vq * vq
+    metrics.update({"loss": total, "loss/cpr": jnp.asarray(cpr, jnp.float32), "loss/sca": jnp.asarray(sca, jnp.float32),
+                    "loss/vq": jnp.asarray(vq, jnp.float32)})
     return total, metrics

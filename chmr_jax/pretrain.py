@@ -65,7 +65,9 @@ def data_config(config, n_devices: int) -> pretrain_data.DataConfig:
     return pretrain_data.DataConfig(
         batch_size=b.batch_size, pad_multiple=math.lcm(b.pad_multiple, n_devices), n_sigma=b.n_sigma,
         graph_multiple=n_devices, knn_k=p.knn_k, propagation_steps=p.propagation_steps,
-        imputation=p.imputation, sca_mask=p.sca_mask, context_clusters=p.context_clusters,
+        imputation=p.imputation, sca_mask=p.sca_mask, vicreg_first_view=p.get("vicreg_first_view", "mean"),
+        context_clusters=p.context_clusters, gene_modality=p.get("gene_modality", "expression"),
+        gene_quantile=p.get("gene_quantile", 0.99), gene_network=p.get("gene_network", ""),
         context_floor=p.context_floor, context_sparsity=p.context_sparsity)
 
 
@@ -75,7 +77,8 @@ def objective_config(config) -> objective_lib.ObjectiveConfig:
         lambda_sca=o.lambda_sca, lambda_vq=o.lambda_vq, tau=o.tau, symmetric=o.symmetric,
         infonce_impl=o.infonce_impl, infonce_block=o.infonce_block, vicreg_weights=tuple(o.vicreg_weights),
         vq_eta=o.vq_eta, vq_mu=o.vq_mu, vq_reverse=o.vq_reverse, walk_length=o.walk_length,
-        recon_kind=o.recon_kind)
+        recon_kind=o.recon_kind, lambda_cpr=o.get("lambda_cpr", 1.0),
+        cpr_source=o.get("cpr_source", "modality"))
 
 
 def _digest(obj) -> str:
@@ -165,6 +168,9 @@ def load_pretrained(workdir, step: int | None = None):
     tx = train.make_optimizer(config.optim.lr, config.optim.weight_decay, 1, config.optim.schedule)
     graphdef, template = train.init_state(build_model(config, dims), tx)
     ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+    if step is not None and step not in ckpt.all_steps() and (workdir / "snapshots" / str(step)).is_dir():
+        ckpt.close()    # an epoch snapshot (config.train.snapshot_epochs), kept beside the rotation
+        ckpt = checkpoint_lib.Checkpointer(workdir / "snapshots", max_to_keep=None, async_save=False)
     try:
         state, meta = ckpt.restore(template, step)
     finally:
@@ -335,6 +341,10 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     names = molecular_names(config)
     corpus = load_corpus(config, data_dir, cache_dir, config.workers or None, log)
     validate(config, corpus, config.corpus.saved or f"kind={config.corpus.kind}")
+    try:
+        corpus = corpus.with_modalities(config.pretrain_data.get("modalities", "all"))
+    except corpus_lib.CorpusError as e:
+        raise ConfigError(f"config.pretrain_data.modalities={config.pretrain_data.modalities!r}: {e}") from None
 
     t0 = time.perf_counter()
     data = pretrain_data.prepare(corpus, data_config(config, n_dev))
@@ -362,6 +372,10 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = train.place(state, replicated)
     ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints)
+    # Epoch-end snapshots that the keep-N rotation never deletes (pretraining-length experiments
+    # fine-tune them: `--config.pretrained_step`).
+    snapshot_epochs = {int(e) for e in str(tcfg.get("snapshot_epochs", "")).split(",") if e.strip()}
+    snapshots = checkpoint_lib.Checkpointer(workdir / "snapshots", max_to_keep=None) if snapshot_epochs else None
     start = 0
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
@@ -418,6 +432,10 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
                 bar.update(1)
                 if step % tcfg.checkpoint_every == 0 and step < total:
                     save(step)
+                if snapshots is not None and (epoch + 1) in snapshot_epochs and \
+                        (step == total or plan.locate(step)[0] != epoch):
+                    snapshots.save(step, state, {"step": step, "epoch": epoch, "epochs_done": epoch + 1,
+                                                 **meta_common}, force=True)
                 if stop.signal is not None:
                     stop_reason = signal.Signals(stop.signal).name
                     break
@@ -428,6 +446,8 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
         finally:
             bar.close()
             ckpt.close()
+            if snapshots is not None:
+                snapshots.close()
             if writers is not None:
                 writers.close()
 

@@ -5,9 +5,16 @@
         modality, Eq. 1 propagation -> the propagated copy (VICReg's second view) and `reached`
       - the main input of each cellular modality by `imputation`: 'propagate' (the propagated copy,
         default), 'mean' (observed rows, column mean elsewhere) or 'zero'
-      - SCA row masks: 'observed_or_propagated' (default: rows with a measured or propagated value)
-        or 'all' (the release: every row, imputed ones act as false negatives)
-      - the context graph (molecules, one profile node per observed profile, optional genes)
+      - VICReg's first view: 'mean' (default, the release: observed rows, the column mean elsewhere) or
+        'main' (the main input; with imputation='propagate' both views are then the same array and
+        the invariance term is identically 0); the second view is always the propagated copy
+      - SCA row masks: 'observed_or_propagated' (default: rows with a measured or propagated value),
+        'observed' (measured rows only) or 'all' (the release: every row, imputed ones act as false
+        negatives)
+      - the context graph (molecules, one profile node per observed profile, and gene nodes: the
+        columns of `gene_modality` (L1000 landmark genes by Entrez id) linked to molecules by the top
+        1% |z| of its observed signatures, weight clip(|z|, 0, 1), and to each other by the corpus'
+        gene-gene edges and/or `gene_network`)
   batches(data, order)   fixed-shape numpy batch dicts in `order` (see objective.py for the layout)
 """
 from __future__ import annotations
@@ -21,7 +28,8 @@ from chmr_jax import context, graphs, propagation, splits
 from chmr_jax.corpus import Corpus
 
 IMPUTATIONS = ("propagate", "mean", "zero")
-SCA_MASKS = ("observed_or_propagated", "all")
+SCA_MASKS = ("observed_or_propagated", "observed", "all")
+VICREG_FIRST_VIEWS = ("mean", "main")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,16 +42,22 @@ class DataConfig:
     propagation_steps: int = 5
     imputation: str = "propagate"
     sca_mask: str = "observed_or_propagated"
+    vicreg_first_view: str = "mean"
     context_clusters: int = 100
     context_floor: float = 0.8
     context_sparsity: float = 0.995
+    gene_modality: str = "expression"   # its columns (Entrez ids) become gene nodes ('' = no gene nodes)
+    gene_quantile: float = 0.99         # molecule-gene edges: top 1% |z| of its observed profiles (spec §6)
+    gene_network: str = ""              # optional gene-gene edges (Hetionet sif or source_id,target_id table)
 
 
 @dataclasses.dataclass
 class PretrainData:
     corpus: Corpus
     inputs: dict            # modality -> float32 [n, d]: 'fingerprint' and each cellular main input
-    aug: dict               # cellular modality -> float32 [n, d] propagated copy
+    aug: dict               # cellular modality -> float32 [n, d] propagated copy (VICReg's second view)
+    view1_fill: dict        # cellular modality -> VICReg's first view: the fill [d] of unobserved rows
+                            # (observed rows keep their values), or None for the main input
     sca_mask: dict          # cellular modality -> bool [n]
     reached: dict           # cellular modality -> bool [n] (observed or reached by propagation)
     energy: dict            # cellular modality -> float32 [T + 1] Dirichlet energy per step
@@ -59,10 +73,12 @@ def prepare(corpus: Corpus, cfg: DataConfig = DataConfig()) -> PretrainData:
         raise ValueError(f"imputation must be one of {IMPUTATIONS}, got {cfg.imputation!r}")
     if cfg.sca_mask not in SCA_MASKS:
         raise ValueError(f"sca_mask must be one of {SCA_MASKS}, got {cfg.sca_mask!r}")
+    if cfg.vicreg_first_view not in VICREG_FIRST_VIEWS:
+        raise ValueError(f"vicreg_first_view must be one of {VICREG_FIRST_VIEWS}, got {cfg.vicreg_first_view!r}")
     feats = corpus.features
     n = len(corpus)
     inputs = {"fingerprint": feats.fingerprints()}
-    aug, sca_mask, reached, energy = {}, {}, {}, {}
+    aug, view1_fill, sca_mask, reached, energy = {}, {}, {}, {}, {}
     if corpus.modalities and n > 1:
         knn = propagation.tanimoto_knn(feats.morgan, k=cfg.knn_k, n_bits=feats.settings.morgan_size)
         graph = propagation.build_graph(*knn)
@@ -74,25 +90,61 @@ def prepare(corpus: Corpus, cfg: DataConfig = DataConfig()) -> PretrainData:
             energy[name] = np.asarray(result.energy, np.float32)
         else:
             aug[name], reached[name], energy[name] = m.values.copy(), m.available.copy(), np.zeros(1, np.float32)
+        mean = m.values[m.available].mean(0) if m.available.any() else np.zeros(m.dim, np.float32)
         if cfg.imputation == "propagate":
             inputs[name] = aug[name]
         elif cfg.imputation == "mean":
-            mean = m.values[m.available].mean(0) if m.available.any() else np.zeros(m.dim, np.float32)
             inputs[name] = np.where(m.available[:, None], m.values, mean[None, :]).astype(np.float32)
         else:
             inputs[name] = np.where(m.available[:, None], m.values, 0.0).astype(np.float32)
-        sca_mask[name] = reached[name] if cfg.sca_mask == "observed_or_propagated" else np.ones(n, bool)
+        # Built per batch from the corpus values (a second n x d copy per modality is not kept).
+        view1_fill[name] = mean.astype(np.float32) if cfg.vicreg_first_view == "mean" else None
+        sca_mask[name] = {"observed_or_propagated": reached[name], "observed": m.available.copy(),
+                          "all": np.ones(n, bool)}[cfg.sca_mask]
 
     blocks = {name: context.ProfileBlock(features=m.values[m.available], molecule=np.nonzero(m.available)[0])
               for name, m in corpus.modalities.items()}
+    genes = gene_nodes(corpus, cfg.gene_modality, cfg.gene_network)
+    if genes:
+        genes["gene_quantile"] = cfg.gene_quantile
     ctx = context.build_context_graph(
         np.unpackbits(feats.morgan, axis=1, count=feats.settings.morgan_size), feats.targets(),
         splits.scaffolds_of(list(corpus.smiles)), blocks, n_clusters=cfg.context_clusters,
-        floor=cfg.context_floor, sparsity=cfg.context_sparsity)
+        floor=cfg.context_floor, sparsity=cfg.context_sparsity, **genes)
     budget = graphs.estimate_budget(feats.n_atoms, feats.n_edges, cfg.batch_size, cfg.pad_multiple, cfg.n_sigma,
                                     cfg.graph_multiple)
-    return PretrainData(corpus=corpus, inputs=inputs, aug=aug, sca_mask=sca_mask, reached=reached,
+    return PretrainData(corpus=corpus, inputs=inputs, aug=aug, view1_fill=view1_fill, sca_mask=sca_mask, reached=reached,
                         energy=energy, context=ctx, budget=budget)
+
+
+def gene_nodes(corpus: Corpus, modality: str = "expression", network: str = "") -> dict:
+    """The gene part of the context graph as build_context_graph's keyword arguments.
+
+    Gene nodes are the columns of `modality` (named by gene id by the importers: Entrez ids for the
+    L1000 consensus / plate readers and the paper layout's L1k_idmaps.csv) plus every gene of the
+    gene-gene edges (the corpus' G-G.csv.gz and the `network` file). Empty dict: no gene nodes
+    (no such modality, or it has no observed profile).
+    """
+    if not modality or modality not in corpus.modalities or not corpus.modalities[modality].available.any():
+        return {}
+    from chmr_jax import profiles
+    columns = [str(g) for g in corpus.modalities[modality].feature_names]
+    pairs = [np.asarray(corpus.gene_edges, str).reshape(-1, 2)] if corpus.gene_edges is not None else []
+    if network:
+        pairs.append(profiles.read_gene_network(network))
+    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), str)
+    ids = list(dict.fromkeys(columns + [str(g) for g in pairs.ravel()]))
+    index = {g: i for i, g in enumerate(ids)}
+    edges = np.array([(index[a], index[b]) for a, b in pairs if a != b], np.int64).reshape(-1, 2)
+    return {"n_genes": len(ids), "gene_edges": edges, "expression": modality,
+            "expression_genes": np.array([index[g] for g in columns], np.int64)}
+
+
+def _view1(data: PretrainData, name: str, idx) -> np.ndarray:
+    """[n, d] VICReg first view of corpus rows: observed rows as measured, the fill elsewhere."""
+    m = data.corpus.modalities[name]
+    rows = np.asarray(idx)
+    return np.where(m.available[rows, None], m.values[rows], data.view1_fill[name][None, :]).astype(np.float32)
 
 
 def batch_of(data: PretrainData, group) -> dict:
@@ -103,14 +155,19 @@ def batch_of(data: PretrainData, group) -> dict:
     graph = graphs.pack(data.corpus.features, group, data.budget)
     idx = np.asarray(group, np.int64)
 
-    def rows(x):
+    def padded(x):    # [len(idx), ...] -> [g, ...] with zero padding slots
         out = np.zeros((g,) + x.shape[1:], x.dtype)
-        out[:len(idx)] = x[idx]
+        out[:len(idx)] = x
         return out
+
+    def rows(x):
+        return padded(x[idx])
 
     return {"graph": graph,
             "inputs": {name: rows(x) for name, x in data.inputs.items()},
             "aug": {name: rows(x) for name, x in data.aug.items()},
+            "view1": {name: padded(_view1(data, name, idx)) if data.view1_fill[name] is not None
+                      else rows(data.inputs[name]) for name in data.aug},
             "mask": {name: rows(x) for name, x in data.sca_mask.items()},
             "node": rows(np.arange(len(data), dtype=np.int32))}
 

@@ -374,8 +374,44 @@ def read_paper_layout(root, modalities: Sequence[str] | None = None, join: str =
     if (root / "L1k_idmaps.csv").exists():
         with _open_text(root / "L1k_idmaps.csv") as fh:
             l1k = np.array([r["ncbi_gene_id"] for r in csv.DictReader(fh)], dtype=str)
+    if l1k is not None and "GE" in tables and tables["GE"].values.shape[1] == len(l1k):
+        # GE's columns are the L1000 landmark genes in L1k_idmaps.csv order: name them by Entrez id,
+        # so molecule-gene edges of the context graph reach the same gene nodes as G-G.csv.gz.
+        tables["GE"].feature_names = [str(g) for g in l1k]
     structures = [(s, "structure.csv.gz") for s in mol_smiles.values()]
     return structures, tables, gene_edges, l1k
+
+
+def read_gene_network(path) -> np.ndarray:
+    """Gene-gene edges [E, 2] (str Entrez ids) from Hetionet's layout or a two-column table.
+
+    Accepted: Hetionet's `hetionet-v1.0-edges.sif(.gz)` (tab-separated source, metaedge, target;
+    rows whose two ends are `Gene::<id>` are kept, e.g. GiG / GcG / Gr>G), or a CSV/TSV with columns
+    source_id and target_id (the paper layout's G-G.csv.gz).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"gene network file {path} not found (config.pretrain_data.gene_network)")
+    with _open_text(path) as fh:
+        header = fh.readline().rstrip("\n")
+        delim = "\t" if "\t" in header else ","
+        cols = header.split(delim)
+        edges = []
+        if {"source_id", "target_id"} <= set(cols):
+            a, b = cols.index("source_id"), cols.index("target_id")
+            for line in fh:
+                f = line.rstrip("\n").split(delim)
+                if len(f) > max(a, b):
+                    edges.append((f[a], f[b]))
+        elif cols[:3] == ["source", "metaedge", "target"]:
+            for line in fh:
+                f = line.rstrip("\n").split("\t")
+                if len(f) >= 3 and f[0].startswith("Gene::") and f[2].startswith("Gene::"):
+                    edges.append((f[0][6:], f[2][6:]))
+        else:
+            raise CorpusError(f"{path}: expected Hetionet's sif header 'source metaedge target' or columns "
+                              f"source_id,target_id; got {cols}")
+    return np.array(edges, dtype=str).reshape(-1, 2)
 
 
 def synthetic_smiles(n: int) -> list[str]:

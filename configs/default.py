@@ -63,8 +63,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         knn_k=10,                    # spec §2: top-10 Tanimoto neighbours
         propagation_steps=5,         # spec §2: T = 5
         imputation="propagate",      # spec §2: 'propagate' | 'mean' (release) | 'zero'
-        sca_mask="observed_or_propagated",  # spec §4: or 'all' (release: imputed rows are negatives)
-        context_clusters=100, context_floor=0.8, context_sparsity=0.995))  # spec §6
+        sca_mask="observed_or_propagated",  # spec §4: | 'observed' | 'all' (release: imputed rows are negatives)
+        vicreg_first_view="mean",    # release: VICReg(observed-or-mean view, propagated view); 'main' = main input
+        context_clusters=100, context_floor=0.8, context_sparsity=0.995,  # spec §6
+        # Gene nodes of the context graph (spec §6): the L1000 landmark genes of this modality, linked
+        # to molecules by the top 1% |z| of the observed signatures (weight clip(|z|, 0, 1)); gene-gene
+        # edges from the corpus (paper layout G-G.csv.gz) and/or a Hetionet file (sif) given here.
+        gene_modality="expression", gene_quantile=0.99, gene_network="",
+        # Which cellular modalities pretraining uses: 'all', 'none' (structure only: no SCA, no profile
+        # nodes) or a comma list.
+        modalities="all"))
 
     # Model (spec §1, §3, §5, §6). molecular: the always-present modalities; 'geometry' needs
     # config.geometry != 'none'.
@@ -79,7 +87,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lambda_sca=10.0, lambda_vq=1.0, tau=0.2, symmetric=False,
         infonce_impl="chunked",      # 'dense' | 'chunked' | 'ring' (across the devices of the mesh)
         infonce_block=1024, vicreg_weights=(1.0, 1.0, 1.0), vq_eta=1.0, vq_mu=1.0, vq_reverse=True,
-        walk_length=4, recon_kind="bce"))
+        walk_length=4, recon_kind="bce",
+        lambda_cpr=1.0,              # weight of L_CPR (0: the "w/o CPR" ablation; not computed)
+        cpr_source="modality"))      # release: cellular targets decoded from p_c, molecule target from the anchor
 
     # Optimiser (spec §7): Adam + coupled L2 1e-8, lr 1e-4, the release's cosine lr*cos(7pi/16 t/T).
     config.optim = ml_collections.ConfigDict(dict(lr=1e-4, weight_decay=1e-8, schedule="release_cosine"))
@@ -90,6 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         steps=0, seed=0,
         log_every=10,                # metrics to metrics.jsonl / TensorBoard every n steps
         checkpoint_every=200, keep_checkpoints=3,
+        snapshot_epochs="",          # e.g. "1,3,10": also keep the checkpoint at the end of these epochs (snapshots/)
         max_skipped=20,              # stop when this many updates were skipped for NaN/inf
         devices=0,                   # 0 = every device (every process's devices with distributed)
         distributed=False,           # jax.distributed.initialize() first (multi-host: TPU pods, clusters)

@@ -22,3 +22,20 @@ def tiny_model(data: PD.PretrainData, dropout: float = 0.5):
                   {n: m.dim for n, m in data.corpus.modalities.items()},
                   {t: data.context.targets[t].shape[1] for t in data.context.targets},
                   latent=16, gnn_layers=2, gnn_width=32, gnn_dropout=dropout, tree_depth=3, rngs=nnx.Rngs(0))
+
+
+def as_float64(module):
+    """Casts a module's floating-point state (parameters, batch statistics) to float64 in place.
+
+    Masking and batching tests compare two computations that must be equal in exact arithmetic; in
+    float32 their reduction orders differ and XLA's rounding differs between CPUs (1e-3 relative after
+    batch norm's variance on an Intel Xeon), so those tests run under `jax.enable_x64(True)` with this
+    cast, where the same comparisons agree to ~1e-13 and a tolerance of 1e-9 still catches any real
+    leak of padding or batch mates.
+    """
+    import jax
+    import jax.numpy as jnp
+    state = nnx.state(module)
+    nnx.update(module, jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, state))
+    return module

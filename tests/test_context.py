@@ -86,7 +86,7 @@ def test_build_context_graph():
     g = C.build_context_graph(bits, targets, scaffolds, {"cell": cell, "expression": expression},
                               gene_edges=np.array([[0, 1], [1, 2]]), n_genes=5, expression="expression",
                               expression_genes=np.arange(5), gene_quantile=0.99, n_clusters=3)
-    assert g.type_names == ["molecule", "cell", "expression", "gene"]
+    assert g.type_names == ["molecule", "cell", "expression", "gene_node"]
     assert g.n_nodes == 40 + 12 + 6 + 5
     edges = {}
     for v in range(g.n_nodes):

@@ -106,7 +106,7 @@ def numpy_vicreg(x, y, eps=1e-4):
         return np.mean(np.maximum(0, 1 - std)), np.sum(off ** 2) / d
     vx, cx = terms(x)
     vy, cy = terms(y)
-    return inv, 0.5 * (vx + vy), cx + cy
+    return inv, vx + vy, cx + cy
 
 
 def test_vicreg_matches_numpy_and_weights():
@@ -130,6 +130,14 @@ def test_vicreg_closed_form_identical_whitened_views():
     total, parts = losses.vicreg(x, x)
     assert float(parts["invariance"]) == 0.0 and abs(float(parts["covariance"])) < 1e-12
     assert float(parts["variance"]) == 0.0          # std = sqrt(4/3 + 1e-4) > 1
+
+
+def test_vicreg_variance_hinges_of_the_two_views_add():
+    # Two collapsed (constant) views: each view's hinge is 1 - sqrt(eps); the release adds them.
+    x = np.zeros((6, 3), np.float32)
+    _, parts = losses.vicreg(x, x + 1.0)
+    np.testing.assert_allclose(parts["variance"], 2 * (1 - np.sqrt(1e-4)), rtol=1e-6)
+    assert float(parts["invariance"]) == 1.0
 
 
 def test_vicreg_global_statistics_under_shard_map(mesh8):

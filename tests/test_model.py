@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import as_float64
+
 from chmr_jax import featurize, graphs, model as M
 
 SMILES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C1CCCCC1N", "CCCl"]
@@ -37,17 +39,20 @@ def test_encode_shapes_and_anchor(feats):
 
 
 def test_padding_and_batch_mates_do_not_change_results(feats):
-    m = small_model(dropout=0.0)
-    small = to_jax(graphs.pack(feats, [0, 1, 2], graphs.GraphBudget(32, 64, 4)))
-    large = to_jax(graphs.pack(feats, [0, 1, 2], graphs.GraphBudget(128, 256, 9)))
-    # Train mode: batch norm statistics come from real nodes only, so extra padding is invisible.
-    m.train()
-    np.testing.assert_allclose(m.gnn.readout(small)[:3], m.gnn.readout(large)[:3], rtol=1e-5, atol=1e-5)
-    # Eval mode: a molecule's embedding does not depend on the other molecules in its batch.
-    m.eval()
-    alone = to_jax(graphs.pack(feats, [2], graphs.GraphBudget(32, 64, 4)))
-    np.testing.assert_allclose(m.gnn.readout(small)[2], m.gnn.readout(alone)[0], rtol=1e-5, atol=1e-6)
-    assert np.all(np.asarray(m.gnn.readout(small)[3:]) == 0)  # padding graph slots
+    # Semantics, not rounding: float64 (see helpers.as_float64), where equal means equal to ~1e-13.
+    with jax.enable_x64(True):
+        m = as_float64(small_model(dropout=0.0))
+        small = to_jax(graphs.pack(feats, [0, 1, 2], graphs.GraphBudget(32, 64, 4)))
+        large = to_jax(graphs.pack(feats, [0, 1, 2], graphs.GraphBudget(128, 256, 9)))
+        # Train mode: batch norm statistics come from real nodes only, so extra padding is invisible.
+        m.train()
+        assert m.gnn.readout(small).dtype == jnp.float64
+        np.testing.assert_allclose(m.gnn.readout(small)[:3], m.gnn.readout(large)[:3], rtol=1e-9, atol=1e-9)
+        # Eval mode: a molecule's embedding does not depend on the other molecules in its batch.
+        m.eval()
+        alone = to_jax(graphs.pack(feats, [2], graphs.GraphBudget(32, 64, 4)))
+        np.testing.assert_allclose(m.gnn.readout(small)[2], m.gnn.readout(alone)[0], rtol=1e-9, atol=1e-9)
+        assert np.all(np.asarray(m.gnn.readout(small)[3:]) == 0)  # padding graph slots
 
 
 def test_gin_aggregates_over_real_incoming_edges(feats):

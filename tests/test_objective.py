@@ -55,3 +55,41 @@ def test_a_few_steps_reduce_the_loss(setup):
         assert bool(finite) and np.isfinite(float(loss))
         losses.append(float(loss))
     assert losses[-1] < losses[0]
+
+
+def _eval_terms(model, batch, ctx, **kw):
+    model.eval()          # no dropout: the comparison below is deterministic
+    try:
+        _, metrics = objective.objective(model, batch, ctx, jax.random.key(0),
+                                         objective.ObjectiveConfig(infonce_block=8, **kw))
+    finally:
+        model.train()
+    return metrics
+
+
+def test_cellular_targets_are_decoded_from_the_modality_projection(setup):
+    """cpr_source='modality' (the release): the cell node type's target comes from p_cell, so changing
+    the cell input changes cpr/cell; the molecule target always comes from the anchor."""
+    model, batch, ctx = setup
+    # (A constant shift would be invisible: the projector starts with a LayerNorm.)
+    noise = jax.random.normal(jax.random.key(3), batch["inputs"]["cell"].shape)
+    changed = dict(batch, inputs={**batch["inputs"], "cell": batch["inputs"]["cell"] + noise})
+    for source, cell_moves in (("modality", True), ("anchor", False)):
+        a = _eval_terms(model, batch, ctx, cpr_source=source)
+        b = _eval_terms(model, changed, ctx, cpr_source=source)
+        assert float(a["cpr/molecule"]) == float(b["cpr/molecule"])
+        assert (float(a["cpr/cell"]) != float(b["cpr/cell"])) == cell_moves, source
+    with pytest.raises(ValueError, match="cpr_source"):
+        objective.ObjectiveConfig(cpr_source="graph")
+
+
+def test_vicreg_views_differ_and_zero_weights_skip_terms(setup):
+    model, batch, ctx = setup
+    m = _eval_terms(model, batch, ctx)
+    # The first view is observed-or-mean, the second propagated: the invariance term is not 0.
+    assert float(m["sca/cell/invariance"]) > 0
+    same = dict(batch, view1=batch["aug"])
+    assert float(_eval_terms(model, same, ctx)["sca/cell/invariance"]) == 0.0
+    off = _eval_terms(model, batch, ctx, lambda_sca=0.0, lambda_cpr=0.0, lambda_vq=0.0)
+    assert float(off["loss"]) == 0.0 and "sca/cell/infonce" not in off and "cpr/molecule" not in off
+    assert float(off["collapse/anchor/effective_rank"]) > 1

@@ -57,10 +57,63 @@ def test_batches_fixed_shapes_and_rows(corpus):
         np.testing.assert_array_equal(batch["mask"]["cell"][real], data.sca_mask["cell"][idx])
         assert (batch["inputs"]["cell"][~real] == 0).all() and not batch["mask"]["cell"][~real].any()
         np.testing.assert_array_equal(batch["node"][real], idx)
+        # VICReg's two views differ: observed rows as measured, the column mean elsewhere vs propagated.
+        m = corpus.modalities["cell"]
+        obs = m.available[idx]
+        view1 = batch["view1"]["cell"][real]
+        np.testing.assert_array_equal(view1[obs], m.values[idx][obs])
+        np.testing.assert_allclose(view1[~obs], np.broadcast_to(m.values[m.available].mean(0), view1[~obs].shape),
+                                   rtol=1e-6)
+        np.testing.assert_array_equal(batch["aug"]["cell"][real], data.aug["cell"][idx])
+        assert (batch["view1"]["cell"][~real] == 0).all()
     assert len(shapes) == 1 and seen == order.tolist()
-    # The context graph: one node per molecule, then one per observed profile.
+    # The context graph: one node per molecule, one per observed profile, then the expression
+    # modality's genes (its columns).
     n_profiles = sum(int(m.available.sum()) for m in corpus.modalities.values())
-    assert data.context.n_nodes == len(corpus) + n_profiles
+    n_genes = corpus.modalities["expression"].dim
+    assert data.context.n_nodes == len(corpus) + n_profiles + n_genes
+
+
+def test_gene_nodes_from_the_top_percent_of_expression(corpus):
+    """Molecule-gene edges: entries of the observed expression rows above the 99th percentile of
+    |z|, weight clip(|z|, 0, 1), to the gene node of the column; gene-gene edges from a network file."""
+    m = corpus.modalities["expression"]
+    z = np.abs(m.values[m.available].astype(np.float64))
+    rows, cols = np.nonzero(z > np.quantile(z, 0.99))
+    expected = {(int(np.flatnonzero(m.available)[r]), int(c)): min(z[r, c], 1.0) for r, c in zip(rows, cols)}
+    data = PD.prepare(corpus, small_cfg())
+    ctx = data.context
+    gene_type = ctx.type_names.index("gene_node")
+    first_gene = int(np.flatnonzero(ctx.node_type == gene_type)[0])
+    got = {}
+    for mol in range(len(corpus)):
+        nbr, w = ctx.neighbours(mol)
+        for v, wt in zip(nbr, w):
+            if ctx.node_type[v] == gene_type:
+                got[(mol, int(v) - first_gene)] = float(wt)
+    assert got.keys() == expected.keys() and len(got) > 0
+    np.testing.assert_allclose([got[k] for k in expected], [expected[k] for k in expected], rtol=1e-6)
+    # No gene nodes when asked for none.
+    assert "gene_node" not in PD.prepare(corpus, small_cfg(gene_modality="")).context.type_names
+
+
+def test_gene_network_file(corpus, tmp_path):
+    genes = [str(g) for g in corpus.modalities["expression"].feature_names]
+    sif = tmp_path / "hetionet-v1.0-edges.sif"
+    sif.write_text("source\tmetaedge\ttarget\n"
+                   f"Gene::{genes[0]}\tGiG\tGene::{genes[1]}\n"
+                   f"Compound::DB00001\tCbG\tGene::{genes[2]}\n"      # not gene-gene: ignored
+                   "Gene::99999999\tGcG\tGene::88888888\n")           # genes outside L1000: new nodes
+    data = PD.prepare(corpus, small_cfg(gene_network=str(sif)))
+    ctx = data.context
+    gene_type = ctx.type_names.index("gene_node")
+    gene_nodes = np.flatnonzero(ctx.node_type == gene_type)
+    assert len(gene_nodes) == len(genes) + 2
+    first = int(gene_nodes[0])
+    nbr, w = ctx.neighbours(first)
+    assert first + 1 in nbr.tolist() and w[nbr.tolist().index(first + 1)] == 1.0
+    nbr, _ = ctx.neighbours(first + len(genes))
+    assert nbr.tolist() == [first + len(genes) + 1]
 
 
 def test_objective_runs_on_pipeline_batches(corpus):
