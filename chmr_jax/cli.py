@@ -265,7 +265,8 @@ def _benchmark(argv: list[str]) -> int:
     config.baselines = fv.baselines
     config.ensemble.enabled = config.ensemble.enabled or fv.ensemble
     return _report_errors("benchmark", lambda: finetune.run_benchmark(config, fv.pretrained, fv.workdir, names,
-                                                                      data_dir=fv.data_dir),
+                                                                      data_dir=fv.data_dir,
+                                                                      command="chmr-jax benchmark " + " ".join(argv)),
                           (FileNotFoundError, ValueError, registry.DataNotFoundError))
 
 

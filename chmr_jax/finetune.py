@@ -391,6 +391,21 @@ def _parse_list(value) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
+def higher_is_better(metric: str) -> bool:
+    return metric in ("roc_auc", "pr_auc")
+
+
+def paired_lift(methods: dict, metric: str, method: str = "chmr", control: str = "untrained") -> dict:
+    """Pretrained minus untrained test score per seed (sign flipped for MAE, so positive = pretrained
+    better), with the mean and the std of those paired differences, on the seeds both ran."""
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    ours = {r["seed"]: r["test"][metric] for r in methods[method]["runs"]}
+    base = {r["seed"]: r["test"][metric] for r in methods[control]["runs"]}
+    seeds = sorted(set(ours) & set(base))
+    diffs = np.array([sign * (ours[s] - base[s]) for s in seeds], np.float64)
+    return {"mean": float(diffs.mean()), "std": float(diffs.std()), "per_seed": dict(zip(map(str, seeds), diffs.tolist()))}
+
+
 def _summarise(runs: list[dict], key: str) -> dict:
     scores = np.array([r["test"][key] for r in runs], np.float64)
     return {"runs": runs, "test_mean": float(scores.mean()), "test_std": float(scores.std())}
@@ -447,29 +462,41 @@ def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"config.baselines: unknown {unknown}; choose from {list(BASELINES)} (comma separated)")
-    model, pre_config, meta = pretrain.load_pretrained(pretrained)
+    model, pre_config, meta = pretrain.load_pretrained(pretrained, config.get("pretrained_step", 0) or None)
     ds, prepared, extra = load_task(config, pre_config, model.mol_names, data_dir, log)
+    dims = json.loads((Path(pretrained) / "model_dims.json").read_text())
+    control = None
+    if config.get("control", True):
+        # The control every pretraining claim needs: the same architecture and config, initialised with
+        # the pretraining run's seed, no pretraining step, used exactly like the pretrained encoder.
+        control = pretrain.build_model(pre_config, dims)
+        control.eval()
     parts = tuple(_parse_list(config.head.parts))
     log(f"{ds.name}: {len(prepared.features)} molecules, {ds.num_tasks} tasks ({ds.task_type}); encoder "
         f"{pretrained} step {meta['step']} ({config.encoder}); baselines: {', '.join(baselines) or 'none'}")
     y = ds.labels[prepared.features.rows]
     split = {part: prepared.split_indices(part) for part in ("train", "valid", "test")}
     fp = prepared.features.fingerprints()
-    x = None
-    if config.encoder == "frozen":
-        emb = embed(model, prepared.features, extra)
+    x = x_control = None
+
+    def frozen_inputs(encoder):
+        emb = embed(encoder, prepared.features, extra)
         if "tree" in parts:
-            emb["tree"] = tree_onehot(model, emb["anchor"])
-        wanted = [p for p in parts if p in model.cell_names]
+            emb["tree"] = tree_onehot(encoder, emb["anchor"])
+        wanted = [p for p in parts if p in encoder.cell_names]
         if wanted:
-            emb.update(cellular_projections(model, pre_config, prepared.features, wanted, data_dir, config, log))
-        x = head_inputs(emb, parts)
+            emb.update(cellular_projections(encoder, pre_config, prepared.features, wanted, data_dir, config, log))
+        return head_inputs(emb, parts)
+
+    if config.encoder == "frozen":
+        x = frozen_inputs(model)
+        if control is not None:
+            x_control = frozen_inputs(control)
     elif "tree" in parts or any(p in model.cell_names for p in parts):
         raise ValueError("head parts 'tree' and cellular projections need the frozen encoder (config.encoder='frozen')")
     ens = config.ensemble
     use_ensemble = (ens.enabled and ds.task_type == "classification"
                     and (config.csv or ds.name in _parse_list(ens.datasets)))
-    dims = json.loads((Path(pretrained) / "model_dims.json").read_text())
     runs: dict[str, list] = {}
 
     def record(method, seed, out):
@@ -490,6 +517,13 @@ def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
             out = fit_encoder(nnx.clone(model), prepared.features, y, split, ds.task_type, enc_cfg,
                               encoder_lr=o.encoder_lr, parts=parts, extra_inputs=extra)
         record("chmr", seed, out)
+        if control is not None:
+            if config.encoder == "frozen":
+                record("untrained", seed, fit(x_control, y, split, ds.task_type, cfg))
+            else:
+                record("untrained", seed, fit_encoder(nnx.clone(control), prepared.features, y, split, ds.task_type,
+                                                      enc_cfg, encoder_lr=o.encoder_lr, parts=parts,
+                                                      extra_inputs=extra))
         rf = None
         if "rf" in baselines or use_ensemble:
             rf = random_forest(fp, y, split, ds.task_type, seed, config.rf.trees)
@@ -508,14 +542,19 @@ def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
                                             encoder_lr=cfg.lr, parts=parts, extra_inputs=extra))
     key = "roc_auc" if ds.task_type == "classification" else "mae"
     methods = {m: _summarise(r, key) for m, r in runs.items()}
+    lift = paired_lift(methods, key) if "untrained" in methods else None
     result = {"dataset": ds.name, "metric": key, "pretrained": str(pretrained), "pretrained_step": meta["step"],
+              "pretrained_epochs": meta.get("epochs_done", meta.get("epoch", -1) + 1),
               "encoder": config.encoder, "molecules": len(prepared.features),
               "rejects": len(prepared.features.rejects), "tasks": ds.num_tasks,
               "head_input": {"parts": list(parts), "width": None if x is None else int(x.shape[1])}, "settings": run_settings(config, pretrained), "wall_s": round(time.perf_counter() - t_start, 1),
-              "methods": methods, **methods["chmr"]}
+              "methods": methods, "lift": lift, **methods["chmr"]}
     (workdir / "results.json").write_text(json.dumps(result, indent=1, default=float))
     for m, r in methods.items():
         log(f"{ds.name} {m} test {key}: {r['test_mean']:.4f} +- {r['test_std']:.4f} over {len(r['runs'])} seed(s)")
+    if lift is not None:
+        log(f"{ds.name} lift over the untrained encoder (positive = pretrained better): "
+            f"{lift['mean']:+.4f} +- {lift['std']:.4f} (paired over seeds)")
     log(f"-> {workdir / 'results.json'}")
     return result
 
@@ -529,7 +568,7 @@ PAPER_TABLE = {
 }
 
 
-METHOD_LABELS = {"chmr": "chmr_jax", "chmr+rf": "chmr_jax + RF", "mlp": "MLP (ours)", "rf": "RF (ours)",
+METHOD_LABELS = {"chmr": "chmr_jax", "untrained": "untrained encoder", "chmr+rf": "chmr_jax + RF", "mlp": "MLP (ours)", "rf": "RF (ours)",
                  "gnn": "GNN scratch (ours)"}
 
 
@@ -537,16 +576,20 @@ def benchmark_table(results: list[dict]) -> str:
     """Markdown: dataset, metric, seeds, mean +- std (x100) per method run here, then the paper's numbers."""
     methods = [m for m in METHOD_LABELS if any(m in r.get("methods", {"chmr": r}) for r in results)]
     paper_cols = ("CHMR", "InfoAlign", "MLP", "RF")
+    with_lift = any(r.get("lift") for r in results)
     lines = ["| dataset | metric | seeds | " + " | ".join(METHOD_LABELS[m] for m in methods) + " | "
+             + ("lift (paired) | " if with_lift else "")
              + " | ".join(f"paper {c}" for c in paper_cols) + " |",
-             "|---|---|---|" + "---|" * (len(methods) + len(paper_cols))]
+             "|---|---|---|" + "---|" * (len(methods) + len(paper_cols) + with_lift)]
     for r in results:
         got = r.get("methods", {"chmr": r})
         paper = PAPER_TABLE.get(r["dataset"], {})
         ours = [f"{100 * got[m]['test_mean']:.1f} +- {100 * got[m]['test_std']:.1f}" if m in got else "-"
                 for m in methods]
         theirs = [f"{paper[c][0]} +- {paper[c][1]}" if c in paper else "-" for c in paper_cols]
-        lines.append(f"| {r['dataset']} | {r['metric']} | {len(got['chmr']['runs'])} | " + " | ".join(ours)
+        lift = r.get("lift")
+        lift_cell = ([f"{100 * lift['mean']:+.1f} +- {100 * lift['std']:.1f}" if lift else "-"] if with_lift else [])
+        lines.append(f"| {r['dataset']} | {r['metric']} | {len(got['chmr']['runs'])} | " + " | ".join(ours + lift_cell)
                      + " | " + " | ".join(theirs) + " |")
     return "\n".join(lines)
 
@@ -565,7 +608,30 @@ def run_or_reuse(config, pretrained, workdir, data_dir=None, log=print) -> dict:
     return run(config, pretrained, workdir, data_dir, log)
 
 
-def run_benchmark(config, pretrained, workdir, names, data_dir=None, log=print) -> list[dict]:
+def lift_report(results: list[dict], command: str = "") -> dict:
+    """The benchmark's lift summary (issue 12's lift.json): per dataset the pretrained and untrained
+    scores, their paired lift (positive = pretrained better) and the best in-house baseline."""
+    out = {"pretrain_epochs": None, "pretrain_steps": None, "seeds": None, "command": command, "datasets": {}}
+    for r in results:
+        if not r.get("lift"):
+            continue
+        got, metric = r["methods"], r["metric"]
+        pick = max if higher_is_better(metric) else min
+        base = [m for m in BASELINES if m in got]
+        best = pick(base, key=lambda m: got[m]["test_mean"]) if base else None
+        stat = lambda m: {"mean": got[m]["test_mean"], "std": got[m]["test_std"]}
+        out["seeds"] = [run["seed"] for run in got["chmr"]["runs"]]
+        out["pretrain_steps"] = r["pretrained_step"]
+        out["pretrain_epochs"] = r.get("pretrained_epochs")
+        out["datasets"][r["dataset"]] = {
+            "metric": metric, "higher_is_better": higher_is_better(metric),
+            "pretrained": stat("chmr"), "untrained": stat("untrained"),
+            "lift": {"mean": r["lift"]["mean"], "std": r["lift"]["std"]},
+            "best_baseline": {"name": best, **stat(best)} if best else None}
+    return out
+
+
+def run_benchmark(config, pretrained, workdir, names, data_dir=None, log=print, command: str = "") -> list[dict]:
     """finetune.run for each dataset in `names` (workdir/<dataset>/), then results.md / results.json."""
     import json
     from pathlib import Path
@@ -580,5 +646,7 @@ def run_benchmark(config, pretrained, workdir, names, data_dir=None, log=print) 
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.md").write_text(table + "\n")
     (workdir / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    if any(r.get("lift") for r in results):
+        (workdir / "lift.json").write_text(json.dumps(lift_report(results, command), indent=1))
     log("\n" + table + f"\n\nwritten to {workdir / 'results.md'} and results.json")
     return results

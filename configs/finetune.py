@@ -15,7 +15,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.dataset = "chembl2k"
-    config.seeds = "0"
+    config.seeds = "0,1,2,3,4"    # spec §8: seeds 0..4
     config.data_dir = ""
     config.cache_dir = ""
     config.split = ""            # empty: the dataset's protocol (paper scaffold / OGB scaffold)
@@ -34,6 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # encoder='finetune' and the GNN baseline train the encoder too: encoder_lr (fine-tuning; the GNN
         # from scratch uses lr), and their own epoch budget (one epoch is a full GNN pass).
         encoder_lr=1e-4, encoder_epochs=100, encoder_patience=20))
+    config.pretrained_step = 0   # 0: the newest checkpoint; else a step of checkpoints/ or snapshots/
+    # The untrained control: the same encoder (architecture, config, seed) with no pretraining step, used
+    # exactly as the pretrained one (same head, splits, seeds); results.json reports the paired lift.
+    config.control = True
     config.encoder = "frozen"    # 'frozen' (spec §8: eval mode, head only) | 'finetune' (whole encoder)
     # In-house baselines on the same splits and seeds (comma list of mlp, rf, gnn); `chmr-jax benchmark`
     # runs all three unless --baselines says otherwise.

@@ -218,6 +218,14 @@ def test_finetune_command_on_a_benchmark_with_the_pretrained_encoder(tiny_run, d
     for r in result["runs"]:
         assert 0.0 <= r["test"]["roc_auc"] <= 1.0 and r["test"]["tasks_evaluated"] == 1 and r["epochs_run"] <= 3
     assert result["test_mean"] == pytest.approx(np.mean([r["test"]["roc_auc"] for r in result["runs"]]))
+    # The untrained control (same architecture, config and seed, no pretraining step) on the same
+    # seeds, and the paired lift = pretrained - untrained per seed.
+    control = {r["seed"]: r["test"]["roc_auc"] for r in result["methods"]["untrained"]["runs"]}
+    ours = {r["seed"]: r["test"]["roc_auc"] for r in result["runs"]}
+    assert sorted(control) == [0, 1]
+    diffs = [ours[s] - control[s] for s in (0, 1)]
+    assert result["lift"]["per_seed"] == {"0": pytest.approx(diffs[0]), "1": pytest.approx(diffs[1])}
+    assert result["lift"]["mean"] == pytest.approx(np.mean(diffs)) and result["lift"]["std"] == pytest.approx(np.std(diffs))
     assert cli.main(["finetune", "--config", str(ROOT / "configs" / "finetune.py") + ":dataset=nope",
                      "--pretrained", str(tiny_run), "--workdir", str(out)]) == 1
 
@@ -232,13 +240,23 @@ def test_benchmark_command_writes_a_table_with_the_papers_numbers(tiny_run, data
     assert [r["dataset"] for r in results] == ["bace", "biogenadme"]
     assert results[1]["metric"] == "mae" and len(results[1]["runs"]) == 2
     # Every method on the same seeds; the RF ensemble only on bace (classification, spec §8).
-    assert set(results[0]["methods"]) == {"chmr", "chmr+rf", "mlp", "rf", "gnn"}
-    assert set(results[1]["methods"]) == {"chmr", "mlp", "rf", "gnn"}
+    assert set(results[0]["methods"]) == {"chmr", "untrained", "chmr+rf", "mlp", "rf", "gnn"}
+    assert set(results[1]["methods"]) == {"chmr", "untrained", "mlp", "rf", "gnn"}
     for method in results[1]["methods"].values():
         assert [r["seed"] for r in method["runs"]] == [0, 1] and method["test_mean"] > 0
     table = (out / "results.md").read_text().splitlines()
-    assert table[0].startswith("| dataset | metric | seeds | chmr_jax | chmr_jax + RF | MLP (ours) | RF (ours) | GNN")
+    assert table[0].startswith("| dataset | metric | seeds | chmr_jax | untrained encoder | chmr_jax + RF | MLP (ours) "
+                               "| RF (ours) | GNN scratch (ours) | lift (paired) |")
     assert table[3].startswith("| biogenadme | mae | 2 |") and "40.9 +- 0.3" in table[3]   # paper CHMR, spec §9
+    # lift.json: MAE's lift is untrained - pretrained (positive = pretrained better); best baseline = lowest MAE.
+    lift = json.loads((out / "lift.json").read_text())
+    assert lift["seeds"] == [0, 1] and lift["pretrain_steps"] == 10 and lift["command"].startswith("chmr-jax benchmark")
+    bio, m = lift["datasets"]["biogenadme"], results[1]["methods"]
+    assert bio["metric"] == "mae" and bio["higher_is_better"] is False
+    assert bio["lift"]["mean"] == pytest.approx(m["untrained"]["test_mean"] - m["chmr"]["test_mean"])
+    best = min(("mlp", "rf", "gnn"), key=lambda k: m[k]["test_mean"])
+    assert bio["best_baseline"] == {"name": best, "mean": m[best]["test_mean"], "std": m[best]["test_std"]}
+    assert lift["datasets"]["bace"]["pretrained"]["mean"] == results[0]["methods"]["chmr"]["test_mean"]
     assert (out / "bace" / "results.json").exists()
     # A second run with the same settings reuses the per-dataset results (an interrupted run continues).
     (out / "results.md").unlink()
@@ -265,7 +283,7 @@ def test_finetune_on_a_generic_csv_with_the_whole_encoder_trained(tiny_run, data
     result = json.loads((out / "results.json").read_text())
     assert result["dataset"] == "my_assays" and result["tasks"] == 2
     assert result["molecules"] + result["rejects"] == 300 and result["molecules"] > 280
-    assert result["encoder"] == "finetune" and set(result["methods"]) == {"chmr", "mlp"}
+    assert result["encoder"] == "finetune" and set(result["methods"]) == {"chmr", "untrained", "mlp"}
     run = result["runs"][0]
     assert run["seed"] == 3 and run["epochs_run"] <= 2 and 0 <= run["test"]["roc_auc"] <= 1
     bad = cli.main(["finetune", "--config", str(ROOT / "configs" / "finetune.py"), "--pretrained", str(tiny_run),

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 12's experiments on the reachable corpus: does pretraining beat the same encoder untrained?
+# Every number in RESULTS.md's "Pretraining lift" section comes from these commands.
+#   bash benchmarks/lift_experiments.sh pretrain      # full objective, 10 epochs, snapshots after 1, 3, 5, 10
+#   bash benchmarks/lift_experiments.sh ablation NAME # 1-epoch ablation runs (see below)
+#   bash benchmarks/lift_experiments.sh finetune DIR STEP OUT  # the 4 datasets, frozen head, untrained control
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CHMR_DATA_DIR=${CHMR_DATA_DIR:-$(cd .. && pwd)/shared/data}
+CLI=".venv/bin/chmr-jax"
+RUNS=${RUNS:-runs/lift}
+case "$1" in
+  pretrain)
+    $CLI pretrain --config configs/pretrain.py --workdir "$RUNS/full" --config.train.epochs=10 \
+      --config.train.checkpoint_every=100 --config.train.snapshot_epochs=1,3,5,10 --config.train.progress=log ;;
+  ablation)
+    name=$2; shift 2
+    case "$name" in
+      no_sca)     extra=(--config.objective.lambda_sca=0) ;;
+      no_vq)      extra=(--config.objective.lambda_vq=0) ;;
+      no_cpr)     extra=(--config.objective.lambda_cpr=0) ;;
+      structure)  extra=(--config.pretrain_data.modalities=none) ;;
+      observed)   extra=(--config.pretrain_data.sca_mask=observed) ;;
+      sca1)       extra=(--config.objective.lambda_sca=1) ;;
+      full1)      extra=() ;;
+      *) echo "unknown ablation $name"; exit 2 ;;
+    esac
+    $CLI pretrain --config configs/pretrain.py --workdir "$RUNS/ablation_$name" --config.train.epochs=1 \
+      --config.train.checkpoint_every=100 --config.train.progress=log "${extra[@]}" ;;
+  finetune)
+    dir=$2; step=$3; out=$4
+    $CLI benchmark --datasets chembl2k,broad6k,biogenadme,moltoxcast --seeds 0,1,2 --pretrained "$dir" \
+      --workdir "$out" --baselines '' --config.pretrained_step="$step" ;;
+  *) echo "usage: $0 pretrain | ablation NAME | finetune DIR STEP OUT"; exit 2 ;;
+esac
