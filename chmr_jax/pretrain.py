@@ -165,14 +165,24 @@ def load_pretrained(workdir, step: int | None = None):
                                     "--workdir of a `chmr-jax pretrain` run")
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     dims = json.loads((workdir / "model_dims.json").read_text())
-    tx = train.make_optimizer(config.optim.lr, config.optim.weight_decay, 1, config.optim.schedule)
-    graphdef, template = train.init_state(build_model(config, dims), tx)
-    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", async_save=False)
-    if step is not None and step not in ckpt.all_steps() and (workdir / "snapshots" / str(step)).is_dir():
-        ckpt.close()    # an epoch snapshot (config.train.snapshot_epochs), kept beside the rotation
-        ckpt = checkpoint_lib.Checkpointer(workdir / "snapshots", max_to_keep=None, async_save=False)
+    # Parameters and batch statistics alone, restored into abstract shapes: no throwaway model
+    # initialisation or optimiser state (checkpoints of the earlier positional format need both).
+    abstract = nnx.eval_shape(lambda: build_model(config, dims))
+    abstract.train()
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    directory = workdir / "checkpoints"
+    if step is not None and (workdir / "snapshots" / str(step)).is_dir() and not (directory / str(step)).is_dir():
+        directory = workdir / "snapshots"    # an epoch snapshot (config.train.snapshot_epochs), kept beside the rotation
+    ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=None, async_save=False)
     try:
-        state, meta = ckpt.restore(template, step)
+        step = ckpt.latest_step() if step is None else step
+        if step is not None and ckpt.format_of(step) < checkpoint_lib.FORMAT:
+            tx = train.make_optimizer(config.optim.lr, config.optim.weight_decay, 1, config.optim.schedule)
+            graphdef, template = train.init_state(build_model(config, dims), tx)
+            state, meta = ckpt.restore(template, step)
+        else:
+            state, meta = ckpt.restore(train.TrainState(step=None, params=params, rest=rest, opt_state=None,
+                                                        skipped=None), step, subtrees=("params", "rest"))
     finally:
         ckpt.close()
     model = nnx.merge(graphdef, state.params, state.rest)
@@ -378,7 +388,14 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     snapshots = checkpoint_lib.Checkpointer(workdir / "snapshots", max_to_keep=None) if snapshot_epochs else None
     start = 0
     if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
+        # The newest checkpoint that passes the integrity checks (digests, finite parameters); corrupt
+        # newer ones are moved aside with a warning, so the rotation cannot delete a good one for them.
+        restored, meta = ckpt.restore_newest_good(state, log)
+        if restored is None:
+            raise checkpoint_lib.CorruptCheckpoint(
+                f"every checkpoint in {ckpt.directory} failed its integrity check (moved to "
+                f"{ckpt.directory.parent / 'corrupt'}); start again with a new --workdir or remove the checkpoints")
+        state = restored
         start = int(meta["step"])
         log(f"resumed from {ckpt.directory}/{start} (step {start} of {total})")
     step_fn = train.make_train_step(graphdef, tx, objective_config(config), objective_lib.context_arrays(data.context),

@@ -442,17 +442,23 @@ def synthetic_smiles(n: int) -> list[str]:
 
 def write_synthetic_paper_layout(root, n_molecules: int = 400, seed: int = 0,
                                  dims: dict | None = None, observed: dict | None = None,
-                                 replicate_fraction: float = 0.1, n_genes: int = 50) -> Path:
+                                 replicate_fraction: float = 0.1, n_genes: int = 50, smiles: list | None = None,
+                                 factors: np.ndarray | None = None, noise: float = 0.3) -> Path:
     """Writes a small corpus in exactly the paper's layout (see read_paper_layout) with synthetic
     values that depend on structure (a random projection of Morgan bits plus noise), so that
     structure-aware propagation has signal. Missingness per modality (`observed` fractions)
-    defaults to the paper corpus' flavour: GE and the genetic modalities > 90% missing."""
+    defaults to the paper corpus' flavour: GE and the genetic modalities > 90% missing.
+
+    smiles: the molecules (default: `synthetic_smiles(n_molecules)`); factors [n, k]: when given,
+    every modality's values are a random linear map of these per-molecule factors plus `noise`
+    (the planted-signal corpus, see chmr_jax.planted) instead of a projection of the bits."""
     rng = np.random.default_rng(seed)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     dims = dict(dims or PAPER_MODALITIES)
     observed = {"CP-Bray": 0.35, "CP-JUMP": 0.5, "G-CRISPR": 0.06, "G-ORF": 0.05, "GE": 0.08, **(observed or {})}
-    smiles = synthetic_smiles(n_molecules)
+    smiles = list(smiles) if smiles is not None else synthetic_smiles(n_molecules)
+    n_molecules = len(smiles)
     mol_ids = [f"m{i}" for i in range(n_molecules)]
     with gzip.open(root / "structure.csv.gz", "wt", newline="") as fh:
         w = csv.writer(fh)
@@ -466,8 +472,12 @@ def write_synthetic_paper_layout(root, n_molecules: int = 400, seed: int = 0,
         chosen = np.nonzero(rng.random(n_molecules) < observed[name])[0]
         reps = chosen[rng.random(len(chosen)) < replicate_fraction]
         rows = np.concatenate([chosen, reps])
-        proj = rng.normal(size=(256, dim)).astype(np.float32) / 8
-        values = bits[rows] @ proj + 0.3 * rng.normal(size=(len(rows), dim)).astype(np.float32)
+        if factors is None:
+            proj = rng.normal(size=(256, dim)).astype(np.float32) / 8
+            values = bits[rows] @ proj + noise * rng.normal(size=(len(rows), dim)).astype(np.float32)
+        else:
+            mix = rng.normal(size=(factors.shape[1], dim)).astype(np.float32) / np.sqrt(factors.shape[1])
+            values = factors[rows] @ mix + noise * rng.normal(size=(len(rows), dim)).astype(np.float32)
         id_col = PAPER_ROW_ID.get(name, "row_id")
         with gzip.open(root / f"{name}.csv.gz", "wt", newline="") as fh:
             w = csv.writer(fh)

@@ -1,6 +1,9 @@
 """Interpretability plots of a pretraining workdir (PNG, matplotlib), for `chmr-jax report`.
 
   loss_curves.png       total loss and each term (cpr, sca, vq) against the step (metrics.jsonl)
+  collapse.png          effective rank and per-dimension std of p_fingerprint, p_graph and the anchor
+                        during training (collapse/<name>/... in metrics.jsonl): a falling rank is a
+                        representation collapsing while it trains
   code_usage.png        per tree level: a histogram of how many corpus molecules each code holds (the
                         final encoder's anchors), and the per-level perplexity over training
   embedding_map.png     2-D PCA (or t-SNE) of the anchors coloured by level-1 and level-2 code, and of
@@ -39,6 +42,35 @@ def loss_curves(rows: list[dict], path) -> list[str]:
     fig.savefig(path)
     plt.close(fig)
     return terms
+
+
+def collapse_over_training(rows: list[dict]) -> dict:
+    """{projection: {'step': [...], 'effective_rank': [...], 'std': [...]}} from collapse/<name>/<stat>."""
+    out: dict = {}
+    for r in rows:
+        names = {k.split("/")[1] for k in r if k.startswith("collapse/") and k.endswith("/effective_rank")}
+        for name in sorted(names):
+            series = out.setdefault(name, {"step": [], "effective_rank": [], "std": []})
+            series["step"].append(r["step"])
+            series["effective_rank"].append(r[f"collapse/{name}/effective_rank"])
+            series["std"].append(r.get(f"collapse/{name}/std", float("nan")))
+    return out
+
+
+def collapse_plot(series: dict, path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3), dpi=110)
+    for name, s in series.items():
+        axes[0].plot(s["step"], s["effective_rank"], lw=1, label=name)
+        axes[1].plot(s["step"], s["std"], lw=1, label=name)
+    for ax, title in zip(axes, ("effective rank (batch)", "mean per-dimension std")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def perplexity_over_training(rows: list[dict]) -> dict:
@@ -178,6 +210,13 @@ def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca",
     if rows:
         report["loss_terms"] = loss_curves(rows, out / "loss_curves.png")
         report["files"].append("loss_curves.png")
+        collapse = collapse_over_training(rows)
+        if collapse:
+            collapse_plot(collapse, out / "collapse.png")
+            report["collapse"] = {n: {"first_effective_rank": v["effective_rank"][0],
+                                      "last_effective_rank": v["effective_rank"][-1],
+                                      "first_std": v["std"][0], "last_std": v["std"][-1]} for n, v in collapse.items()}
+            report["files"].append("collapse.png")
     else:
         log(f"no {metrics_path} (a converted checkpoint?): skipping loss curves")
 

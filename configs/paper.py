@@ -14,6 +14,10 @@ Where each value comes from (spec = ../shared/docs/CHMR_SPEC.md):
   D = 300, GIN 5 x 300, dropout 0.5, residual                        spec §1, §3
   kNN K = 10, T = 5 propagation steps                                spec §2
   modalities cell = CP-Bray,CP-JUMP (2749), gene = G-CRISPR,G-ORF (1973), expression = GE (978)   spec §1
+  anchor = fingerprint + graph + geometry (1D + 2D + 3D)             spec §3; the paper's 3D is a frozen Uni-Mol
+                                                                     CLS embedding, offline we use RDKit 3D
+                                                                     descriptors (geometry='rdkit3d'); a Uni-Mol
+                                                                     matrix can be given as config.geometry=PATH
 Choices of chmr_jax, not the paper: imputation 'propagate' and SCA masks 'observed_or_propagated'
 (spec §2, §4: the release's behaviour is `imputation='mean'`, `sca_mask='all'`).
 """
@@ -27,6 +31,8 @@ def get_config(arg: str | None = None):
     if arg not in VARIANTS:
         raise ValueError(f"unknown config variant {arg!r}; choose from {VARIANTS}")
     config = config_util.load_sibling(__file__, "default.py", "paper")
+    config.geometry = "rdkit3d"
+    config.model.molecular = "fingerprint,graph,geometry"
     config.batch.batch_size = 3072
     config.optim.lr = 1e-4
     config.optim.weight_decay = 1e-8

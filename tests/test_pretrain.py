@@ -24,6 +24,8 @@ def test_config_files_and_variants():
     assert (paper.batch.batch_size, paper.optim.lr, paper.optim.weight_decay, paper.train.epochs) == (3072, 1e-4, 1e-8, 50)
     assert (paper.objective.lambda_sca, paper.objective.lambda_vq) == (10.0, 1.0)
     assert dict(paper.corpus.dims) == {"cell": 2749, "gene": 1973, "expression": 978}
+    assert paper.model.molecular == "fingerprint,graph,geometry" and paper.geometry == "rdkit3d"   # 1D + 2D + 3D anchor
+    pretrain.molecular_names(paper)                                   # a consistent config
     pod = config_util.load_config(str(ROOT / "configs" / "paper.py") + ":tpu_pod")
     assert pod.train.distributed and pod.objective.infonce_impl == "ring"
     default = config_util.load_config(str(ROOT / "configs" / "pretrain.py"))

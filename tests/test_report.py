@@ -12,7 +12,12 @@ def test_report_command_writes_its_pngs(tiny_run, data_dir, cache_dir, tmp_path)
     assert cli.main(["report", "--pretrained", str(tiny_run), "--out", str(out), "--benchmark", "bace",
                      "--cache_dir", str(cache_dir)]) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["files"] == ["loss_curves.png", "code_usage.png", "embedding_map.png", "enrichment_bace.png"]
+    assert rep["files"] == ["loss_curves.png", "collapse.png", "code_usage.png", "embedding_map.png",
+                            "enrichment_bace.png"]
+    assert set(rep["collapse"]) == {"anchor", "fingerprint", "graph"}
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert rep["collapse"]["anchor"]["last_effective_rank"] == rows[-1]["collapse/anchor/effective_rank"]
+    assert 1.0 <= rep["collapse"]["graph"]["first_effective_rank"] <= 16      # latent width of configs/test.py
     for name in rep["files"]:
         w, h = stress.read_png_size(out / name)
         assert w > 300 and h > 150, name
