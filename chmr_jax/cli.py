@@ -192,14 +192,25 @@ def _pretrain(argv: list[str]) -> int:
     def more(flags, fv):
         flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (every host of a "
                           "multi-host job runs the same command); also config.train.distributed", flag_values=fv)
+        # jax.distributed.initialize's own argument names; unset = auto-detection (SLURM, TPU pods, or
+        # JAX's environment variables), which stays the default.
+        flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed)",
+                            flag_values=fv)
+        flags.DEFINE_integer("num_processes", None, "number of processes in the job", flag_values=fv)
+        flags.DEFINE_integer("process_id", None, "this process' index in [0, num_processes)", flag_values=fv)
 
     fv = _config_flags(argv, "pretrain", "pretrain.py", PRETRAIN_USAGE, more)
     if isinstance(fv, int):
         return fv
     config = fv.config
-    if fv.distributed or config.train.distributed:
+    if fv.distributed or config.train.distributed or fv.coordinator_address:
         import jax
-        jax.distributed.initialize()   # before any other jax call touches the devices
+        # CPU processes (tests, laptops) need a collectives backend between them; a no-op on GPU/TPU.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Before any other jax call touches the devices. A lost peer is detected by the coordination
+        # service's heartbeat (config.train.heartbeat_timeout_s) and ends the others with an error.
+        jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id,
+                                   heartbeat_timeout_seconds=int(config.train.get("heartbeat_timeout_s", 100)))
 
     from chmr_jax import corpus, pretrain, registry
     try:

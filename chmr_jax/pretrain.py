@@ -108,6 +108,13 @@ def _cached_corpus(config, data_dir, cache_dir, n_workers, log) -> corpus_lib.Co
     spec = {"corpus": {k: v for k, v in cfg.to_dict().items() if k not in ("dims", "saved")},
             "featurize": dataclasses.asdict(settings)}
     path = Path(cache_dir) / f"corpus-{cfg.kind}-{_digest(spec)}"
+    if jax.process_count() > 1:
+        # Several processes share the cache: process 0 builds it, the others wait, then all load it.
+        from jax.experimental import multihost_utils
+        if jax.process_index() == 0 and not (path / "manifest.json").exists():
+            log(f"corpus: building kind={cfg.kind} (cached afterwards in {path})")
+            prepare.build_corpus(cfg, settings, data_dir, cache_dir, n_workers, verbose=False).save(path)
+        multihost_utils.sync_global_devices("chmr_corpus_cache")
     if (path / "manifest.json").exists():
         log(f"corpus: cached {path}")
         return corpus_lib.Corpus.load(path)
@@ -435,7 +442,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
                     # Rate and ETA from here on: the first step's time is mostly compilation.
                     bar.start, bar.initial = t_first_done, step
                 if step % tcfg.log_every == 0 or step == total:
-                    last = jax.device_get(metrics)
+                    last = train.host_values(metrics)
                     if writers is not None:
                         writers.write(step, {**last, "epoch": epoch, "lr": float(schedule(step - 1))})
                         writers.flush()

@@ -115,12 +115,32 @@ def place(tree, sharding):
     """Host arrays -> global jax Arrays with `sharding`. Each process materialises only the
     shards of its own devices (jax.make_array_from_callback), so the same code feeds one CPU, one
     GPU or every host of a pod, each host holding the same global numpy batch."""
-    def put(x):
-        if isinstance(x, jax.Array):   # already on a device (e.g. a fresh state, PRNG keys)
-            return jax.device_put(x, sharding)
+    def from_host(x):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    def put(x):
+        if isinstance(x, jax.Array):   # already on a device (e.g. a fresh state, PRNG keys)
+            if sharding.is_fully_addressable:
+                return jax.device_put(x, sharding)
+            # Multi-process: device_put cannot target other processes' devices; every process holds
+            # the same value, so each builds its own shards of the global array from a host copy.
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(from_host(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+            return from_host(x)
+        return from_host(x)
     return jax.tree_util.tree_map(put, tree)
+
+
+def host_values(tree):
+    """Replicated device arrays -> numpy on this host. In a multi-process run a replicated global
+    array is not fully addressable (jax.device_get refuses it); every process holds a full copy in
+    its own shards, so the first local shard is the value."""
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_shards[0].data)
+        return np.asarray(jax.device_get(x))
+    return jax.tree_util.tree_map(get, tree)
 
 
 def shard_batch(batch: dict, mesh):

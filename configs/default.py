@@ -104,5 +104,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_skipped=20,              # stop when this many updates were skipped for NaN/inf
         devices=0,                   # 0 = every device (every process's devices with distributed)
         distributed=False,           # jax.distributed.initialize() first (multi-host: TPU pods, clusters)
+        heartbeat_timeout_s=100,     # multi-process: a peer silent this long ends the job with an error
         progress="auto"))            # 'auto' (a bar on a terminal, log lines otherwise) | 'bar' | 'log'
     return config

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# A real multi-process JAX job on one machine: N CPU processes on 127.0.0.1 (gloo collectives), each
+# with its own devices, running the same `chmr-jax pretrain` command, exactly as the hosts of a TPU pod
+# or GPU cluster do. It exercises the multi-host code paths (process-0-only writes, cooperative Orbax
+# checkpoints, global batches assembled from per-process shards) without a cluster.
+#
+# Usage: [NUM_PROCESSES=2] [DEVICES_PER_PROCESS=1] [PORT=free] bash launch/two_process.sh WORKDIR [pretrain flags]
+#   bash launch/two_process.sh runs/mp --config configs/test.py
+# Each process' log goes to WORKDIR/process_<i>.log (its pid to process_<i>.pid); the script exits non-zero if any process does.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORKDIR=${1:?usage: bash launch/two_process.sh WORKDIR [flags]}
+shift
+N=${NUM_PROCESSES:-2}
+PY=${PYTHON:-.venv/bin/python}
+PORT=${PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+mkdir -p "$WORKDIR"
+pids=()
+for ((i = 0; i < N; i++)); do
+  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}" \
+    "$PY" -m chmr_jax.cli pretrain --workdir "$WORKDIR" --coordinator_address "127.0.0.1:$PORT" \
+    --num_processes "$N" --process_id "$i" "$@" > "$WORKDIR/process_$i.log" 2>&1 &
+  pids+=($!)
+  echo $! > "$WORKDIR/process_$i.pid"
+done
+status=0
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    echo "process $i failed; see $WORKDIR/process_$i.log" >&2
+    status=1
+  fi
+done
+exit $status
