@@ -4,6 +4,7 @@
 #   bash benchmarks/lift_experiments.sh pretrain      # full objective, 10 epochs, snapshots after 1, 3, 5, 10
 #   bash benchmarks/lift_experiments.sh ablation NAME # 1-epoch ablation runs (see below)
 #   bash benchmarks/lift_experiments.sh finetune DIR STEP OUT  # the 4 datasets, frozen head, untrained control
+#   bash benchmarks/lift_experiments.sh headline DIR STEP OUT  # the same plus the MLP / RF baselines (-> OUT/lift.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CHMR_DATA_DIR=${CHMR_DATA_DIR:-$(cd .. && pwd)/shared/data}
@@ -31,5 +32,9 @@ case "$1" in
     dir=$2; step=$3; out=$4
     $CLI benchmark --datasets chembl2k,broad6k,biogenadme,moltoxcast --seeds 0,1,2 --pretrained "$dir" \
       --workdir "$out" --baselines '' --config.pretrained_step="$step" ;;
-  *) echo "usage: $0 pretrain | ablation NAME | finetune DIR STEP OUT"; exit 2 ;;
+  headline)
+    dir=$2; step=$3; out=$4
+    $CLI benchmark --datasets chembl2k,broad6k,biogenadme,moltoxcast --seeds 0,1,2 --pretrained "$dir" \
+      --workdir "$out" --baselines mlp,rf --config.pretrained_step="$step" ;;
+  *) echo "usage: $0 pretrain | ablation NAME | finetune DIR STEP OUT | headline DIR STEP OUT"; exit 2 ;;
 esac

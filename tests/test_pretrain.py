@@ -30,6 +30,8 @@ def test_config_files_and_variants():
     assert pod.train.distributed and pod.objective.infonce_impl == "ring"
     default = config_util.load_config(str(ROOT / "configs" / "pretrain.py"))
     assert default.corpus.kind == "reachable" and default.model.gnn_layers == 5 and default.model.latent == 300
+    assert default.pretrain_data.sca_mask == "observed"          # chosen by the lift experiments (issue 12)
+    assert config_util.load_config(str(ROOT / "configs" / "default.py")).pretrain_data.sca_mask == "observed_or_propagated"
     assert config_util.load_config(str(ROOT / "configs" / "pretrain.py") + ":rdkit3d").geometry == "rdkit3d"
     with pytest.raises(ValueError, match="unknown config variant"):
         config_util.load_config(str(ROOT / "configs" / "paper.py") + ":nope")
