@@ -12,14 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from chmr_jax import finetune
+
 
 def paired(result, part):
-    metric = result["metric"]
-    sign = 1.0 if metric in ("roc_auc", "pr_auc") else -1.0
-    ours = {r["seed"]: r[part][metric] for r in result["methods"]["chmr"]["runs"]}
-    base = {r["seed"]: r[part][metric] for r in result["methods"]["untrained"]["runs"]}
-    d = np.array([sign * (ours[s] - base[s]) for s in sorted(set(ours) & set(base))]) * 100
-    return float(d.mean()), float(d.std())
+    lift = finetune.paired_lift(result["methods"], result["metric"], part=part)
+    return 100 * lift["mean"], 100 * lift["std"]
 
 
 def main():

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from chmr_jax import train
+
 FORMAT = 2
 
 
@@ -68,15 +70,8 @@ def _get(nested: dict, parts):
     return nested
 
 
-def _host(x) -> np.ndarray:
-    """A full host copy of a (replicated) array; in a multi-process run, this process' own replica."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = x.addressable_shards[0].data
-    return np.asarray(jax.device_get(x))
-
-
 def _digest(x) -> str:
-    a = np.ascontiguousarray(_host(x))
+    a = np.ascontiguousarray(train.host_array(x))
     return hashlib.sha256(a.tobytes() + str((a.dtype, a.shape)).encode()).hexdigest()[:32]
 
 
@@ -88,7 +83,7 @@ def _finite_problems(items, what=("params", "opt_state")) -> list[str]:
     bad = []
     for parts, leaf in items:
         if parts and parts[0] in what and hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, np.floating):
-            if not np.isfinite(_host(leaf)).all():
+            if not np.isfinite(train.host_array(leaf)).all():
                 bad.append("/".join(parts))
     return bad
 

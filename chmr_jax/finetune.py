@@ -395,12 +395,13 @@ def higher_is_better(metric: str) -> bool:
     return metric in ("roc_auc", "pr_auc")
 
 
-def paired_lift(methods: dict, metric: str, method: str = "chmr", control: str = "untrained") -> dict:
-    """Pretrained minus untrained test score per seed (sign flipped for MAE, so positive = pretrained
-    better), with the mean and the std of those paired differences, on the seeds both ran."""
+def paired_lift(methods: dict, metric: str, method: str = "chmr", control: str = "untrained",
+                part: str = "test") -> dict:
+    """Pretrained minus untrained score on split `part` per seed (sign flipped for MAE, so positive =
+    pretrained better), with the mean and the std of those paired differences, on the seeds both ran."""
     sign = 1.0 if higher_is_better(metric) else -1.0
-    ours = {r["seed"]: r["test"][metric] for r in methods[method]["runs"]}
-    base = {r["seed"]: r["test"][metric] for r in methods[control]["runs"]}
+    ours = {r["seed"]: r[part][metric] for r in methods[method]["runs"]}
+    base = {r["seed"]: r[part][metric] for r in methods[control]["runs"]}
     seeds = sorted(set(ours) & set(base))
     diffs = np.array([sign * (ours[s] - base[s]) for s in seeds], np.float64)
     return {"mean": float(diffs.mean()), "std": float(diffs.std()), "per_seed": dict(zip(map(str, seeds), diffs.tolist()))}

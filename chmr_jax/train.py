@@ -132,15 +132,18 @@ def place(tree, sharding):
     return jax.tree_util.tree_map(put, tree)
 
 
-def host_values(tree):
-    """Replicated device arrays -> numpy on this host. In a multi-process run a replicated global
+def host_array(x) -> np.ndarray:
+    """A replicated device array -> numpy on this host. In a multi-process run a replicated global
     array is not fully addressable (jax.device_get refuses it); every process holds a full copy in
     its own shards, so the first local shard is the value."""
-    def get(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(x.addressable_shards[0].data)
-        return np.asarray(jax.device_get(x))
-    return jax.tree_util.tree_map(get, tree)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(jax.device_get(x))
+
+
+def host_values(tree):
+    """`host_array` over a pytree (e.g. the step's metrics)."""
+    return jax.tree_util.tree_map(host_array, tree)
 
 
 def shard_batch(batch: dict, mesh):
