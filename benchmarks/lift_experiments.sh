@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12's experiments on the reachable corpus: does pretraining beat the same encoder untrained?
 # Every number in RESULTS.md's "Pretraining lift" section comes from these commands.
-#   bash benchmarks/lift_experiments.sh pretrain      # full objective, 10 epochs, snapshots after 1, 3, 5, 10
+#   bash benchmarks/lift_experiments.sh pretrain      # configs/pretrain.py, 10 epochs, snapshots after 1, 3, 5, 10
 #   bash benchmarks/lift_experiments.sh ablation NAME # 1-epoch ablation runs (see below)
 #   bash benchmarks/lift_experiments.sh finetune DIR STEP OUT  # the 4 datasets, frozen head, untrained control
 #   bash benchmarks/lift_experiments.sh headline DIR STEP OUT  # the same plus the MLP / RF baselines (-> OUT/lift.json)
@@ -12,7 +12,7 @@ CLI=".venv/bin/chmr-jax"
 RUNS=${RUNS:-runs/lift}
 case "$1" in
   pretrain)
-    $CLI pretrain --config configs/pretrain.py --workdir "$RUNS/full" --config.train.epochs=10 \
+    $CLI pretrain --config configs/pretrain.py --workdir "$RUNS/pretrain10" --config.train.epochs=10 \
       --config.train.checkpoint_every=100 --config.train.snapshot_epochs=1,3,5,10 --config.train.progress=log ;;
   ablation)
     name=$2; shift 2

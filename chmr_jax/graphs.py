@@ -85,8 +85,31 @@ def estimate_budget(n_atoms: Sequence[int], n_edges: Sequence[int], batch_size: 
         n_graph=round_up(batch_size + 1, graph_multiple), batch_size=batch_size)
 
 
-def pack(features, indices: Sequence[int], budget: GraphBudget) -> GraphBatch:
-    """Packs molecules `indices` of a featurize.MoleculeFeatures into one padded GraphBatch."""
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """Leading-axis ranges [start, stop) of a GraphBatch's node arrays, edge arrays and graph-slot arrays.
+
+    A host of a multi-process run packs only the rows its own devices hold (`pack(..., rows=)`); the
+    ranges come from the batch sharding (train.local_rows). `Rows.full(budget)` is the whole batch."""
+    node: tuple[int, int]
+    edge: tuple[int, int]
+    graph: tuple[int, int]
+
+    @classmethod
+    def full(cls, budget: GraphBudget) -> "Rows":
+        return cls((0, budget.n_node), (0, budget.n_edge), (0, budget.n_graph))
+
+
+def _overlap(a: int, b: int, lo: int, hi: int) -> tuple[int, int]:
+    return max(a, lo), min(b, hi)
+
+
+def pack(features, indices: Sequence[int], budget: GraphBudget, rows: Rows | None = None) -> GraphBatch:
+    """Packs molecules `indices` of a featurize.MoleculeFeatures into one padded GraphBatch.
+
+    With `rows`, only those rows of each array are built (the layout, i.e. where each molecule's
+    nodes and edges sit, is the whole batch's, so the pieces of several hosts concatenate to exactly
+    `pack(features, indices, budget)`); only the molecules overlapping the ranges are read."""
     indices = np.asarray(indices, dtype=np.int64)
     n_mol = len(indices)
     atoms = features.n_atoms[indices]
@@ -97,34 +120,47 @@ def pack(features, indices: Sequence[int], budget: GraphBudget) -> GraphBatch:
         raise ValueError(f"molecules need {atoms.sum()} nodes / {bonds.sum()} edges; the budget "
                          f"holds {budget.n_node - 1} / {budget.n_edge}")
     N, E, G = budget.n_node, budget.n_edge, budget.n_graph
-    nodes = np.zeros((N, features.nodes.shape[1]), np.int32)
-    edges = np.zeros((E, features.edge_feats.shape[1]), np.int32)
-    senders = np.full(E, N - 1, np.int32)
-    receivers = np.full(E, N - 1, np.int32)
-    node_graph = np.full(N, G - 1, np.int32)
-    n_node = np.zeros(G, np.int32)
-    index = np.full(G, -1, np.int32)
+    rows = rows or Rows.full(budget)
+    (n_lo, n_hi), (e_lo, e_hi), (g_lo, g_hi) = rows.node, rows.edge, rows.graph
+    nodes = np.zeros((n_hi - n_lo, features.nodes.shape[1]), np.int32)
+    edges = np.zeros((e_hi - e_lo, features.edge_feats.shape[1]), np.int32)
+    senders = np.full(e_hi - e_lo, N - 1, np.int32)
+    receivers = np.full(e_hi - e_lo, N - 1, np.int32)
+    node_graph = np.full(n_hi - n_lo, G - 1, np.int32)
 
-    node_start = np.concatenate([[0], np.cumsum(atoms)])
-    edge_start = np.concatenate([[0], np.cumsum(bonds)])
-    for slot, i in enumerate(indices):
-        n0, n1 = features.node_offsets[i], features.node_offsets[i + 1]
-        e0, e1 = features.edge_offsets[i], features.edge_offsets[i + 1]
+    node_start = np.concatenate([[0], np.cumsum(atoms)]).astype(np.int64)
+    edge_start = np.concatenate([[0], np.cumsum(bonds)]).astype(np.int64)
+    # The slots whose nodes or edges reach into the requested ranges (starts are sorted).
+    first = min(np.searchsorted(node_start, n_lo, "right"), np.searchsorted(edge_start, e_lo, "right")) - 1
+    for slot in range(max(first, 0), n_mol):
         a, b = node_start[slot], node_start[slot + 1]
         c, d = edge_start[slot], edge_start[slot + 1]
-        nodes[a:b] = features.nodes[n0:n1]
-        node_graph[a:b] = slot
-        edges[c:d] = features.edge_feats[e0:e1]
-        senders[c:d] = features.edge_index[e0:e1, 0] + a
-        receivers[c:d] = features.edge_index[e0:e1, 1] + a
+        if a >= n_hi and c >= e_hi:
+            break
+        i = indices[slot]
+        lo, hi = _overlap(a, b, n_lo, n_hi)
+        if lo < hi:
+            n0 = features.node_offsets[i]
+            nodes[lo - n_lo:hi - n_lo] = features.nodes[n0 + lo - a:n0 + hi - a]
+            node_graph[lo - n_lo:hi - n_lo] = slot
+        lo, hi = _overlap(c, d, e_lo, e_hi)
+        if lo < hi:
+            e0 = features.edge_offsets[i]
+            edges[lo - e_lo:hi - e_lo] = features.edge_feats[e0 + lo - c:e0 + hi - c]
+            senders[lo - e_lo:hi - e_lo] = features.edge_index[e0 + lo - c:e0 + hi - c, 0] + a
+            receivers[lo - e_lo:hi - e_lo] = features.edge_index[e0 + lo - c:e0 + hi - c, 1] + a
     n_real_nodes, n_real_edges = int(node_start[-1]), int(edge_start[-1])
+    n_node = np.zeros(G, np.int32)
     n_node[:n_mol] = atoms
     n_node[G - 1] = N - n_real_nodes
+    index = np.full(G, -1, np.int32)
     index[:n_mol] = indices
+    slots = slice(g_lo, g_hi)
     return GraphBatch(
         nodes=nodes, edges=edges, senders=senders, receivers=receivers, node_graph=node_graph,
-        n_node=n_node, node_mask=np.arange(N) < n_real_nodes, edge_mask=np.arange(E) < n_real_edges,
-        graph_mask=np.arange(G) < n_mol, index=index)
+        n_node=n_node[slots], node_mask=np.arange(n_lo, n_hi) < n_real_nodes,
+        edge_mask=np.arange(e_lo, e_hi) < n_real_edges, graph_mask=(np.arange(G) < n_mol)[slots],
+        index=index[slots])
 
 
 def partition(features, order: Sequence[int], budget: GraphBudget) -> list[np.ndarray]:

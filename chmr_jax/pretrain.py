@@ -197,6 +197,35 @@ def load_pretrained(workdir, step: int | None = None):
     return model, config, meta
 
 
+def build_inputs(config, n_devices: int, data_dir=None, log=print):
+    """(corpus, PretrainData) for `config` on `n_devices` devices: the corpus (cached), its modality
+    selection, kNN propagation, the context graph, the batch budget and, if used, geometry descriptors.
+    Every process of a multi-process run builds the same (cheap, deterministic) index; batches are
+    then packed per host (train.local_rows)."""
+    data_dir = paths.resolve_data_dir(data_dir or config.data_dir or None)
+    cache_dir = paths.resolve_cache_dir(config.cache_dir or None)
+    corpus = load_corpus(config, data_dir, cache_dir, config.workers or None, log)
+    validate(config, corpus, config.corpus.saved or f"kind={config.corpus.kind}")
+    try:
+        corpus = corpus.with_modalities(config.pretrain_data.get("modalities", "all"))
+    except corpus_lib.CorpusError as e:
+        raise ConfigError(f"config.pretrain_data.modalities={config.pretrain_data.modalities!r}: {e}") from None
+
+    t0 = time.perf_counter()
+    data = pretrain_data.prepare(corpus, data_config(config, n_devices))
+    if "geometry" in molecular_names(config):
+        geo = prepare.geometry_features(list(corpus.smiles), list(corpus.keys), config.geometry,
+                                        featurize.GeometrySettings(seed=config.geometry_seed), cache_dir,
+                                        f"corpus-{config.corpus.kind}", config.workers or None)
+        data.inputs["geometry"] = geo.standardized().astype(np.float32)
+    obs = {n: int(m.available.sum()) for n, m in corpus.modalities.items()}
+    reached = {n: int(r.sum()) for n, r in data.reached.items()}
+    log(f"inputs: {len(corpus)} molecules; observed {obs}; observed or propagated {reached}; "
+        f"context graph {len(data.context.node_type)} nodes / {len(data.context.indices)} edges; "
+        f"budget {data.budget} ({time.perf_counter() - t0:.1f}s)")
+    return corpus, data
+
+
 # ---- the step -> batch map ---------------------------------------------------------------------------
 
 class BatchPlan:
@@ -353,28 +382,8 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     if config.objective.infonce_impl == "ring" and n_dev == 1:
         log("note: infonce_impl='ring' on one device is the chunked computation")
 
-    data_dir = paths.resolve_data_dir(data_dir or config.data_dir or None)
-    cache_dir = paths.resolve_cache_dir(config.cache_dir or None)
     names = molecular_names(config)
-    corpus = load_corpus(config, data_dir, cache_dir, config.workers or None, log)
-    validate(config, corpus, config.corpus.saved or f"kind={config.corpus.kind}")
-    try:
-        corpus = corpus.with_modalities(config.pretrain_data.get("modalities", "all"))
-    except corpus_lib.CorpusError as e:
-        raise ConfigError(f"config.pretrain_data.modalities={config.pretrain_data.modalities!r}: {e}") from None
-
-    t0 = time.perf_counter()
-    data = pretrain_data.prepare(corpus, data_config(config, n_dev))
-    if "geometry" in names:
-        geo = prepare.geometry_features(list(corpus.smiles), list(corpus.keys), config.geometry,
-                                        featurize.GeometrySettings(seed=config.geometry_seed), cache_dir,
-                                        f"corpus-{config.corpus.kind}", config.workers or None)
-        data.inputs["geometry"] = geo.standardized().astype(np.float32)
-    obs = {n: int(m.available.sum()) for n, m in corpus.modalities.items()}
-    reached = {n: int(r.sum()) for n, r in data.reached.items()}
-    log(f"inputs: {len(corpus)} molecules; observed {obs}; observed or propagated {reached}; "
-        f"context graph {len(data.context.node_type)} nodes / {len(data.context.indices)} edges; "
-        f"budget {data.budget} ({time.perf_counter() - t0:.1f}s)")
+    corpus, data = build_inputs(config, n_dev, data_dir, log)
     if is_main:
         _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
         _write_json(workdir / "corpus_manifest.json", corpus.manifest)
@@ -424,10 +433,12 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     last = {}
     stop_reason = None
 
+    # Per-host input: each process packs only the rows of the global batch its own devices hold.
+    rows = train.local_rows(data.budget, mesh)
+
     def batches():
         for step, epoch, group in plan.iterate(start, total):
-            packed = pretrain_data.batch_of(data, group)
-            yield step, epoch, len(group), train.shard_batch(packed, mesh)
+            yield step, epoch, len(group), train.assemble_batch(pretrain_data.batch_of(data, group, rows), mesh)
 
     step = start
     with _StopFlag() as stop:

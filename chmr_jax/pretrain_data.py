@@ -147,29 +147,36 @@ def _view1(data: PretrainData, name: str, idx) -> np.ndarray:
     return np.where(m.available[rows, None], m.values[rows], data.view1_fill[name][None, :]).astype(np.float32)
 
 
-def batch_of(data: PretrainData, group) -> dict:
+def batch_of(data: PretrainData, group, rows: graphs.Rows | None = None) -> dict:
     """The fixed-shape batch dict of the molecules `group` (see objective.py for the layout).
     Padding graph slots carry zeros and False masks; `node` is the molecule's context node (= its
-    corpus index)."""
-    g = data.budget.n_graph
-    graph = graphs.pack(data.corpus.features, group, data.budget)
-    idx = np.asarray(group, np.int64)
+    corpus index).
 
-    def padded(x):    # [len(idx), ...] -> [g, ...] with zero padding slots
-        out = np.zeros((g,) + x.shape[1:], x.dtype)
+    With `rows` (graphs.Rows), only those rows of the batch are built: the graph's node / edge ranges
+    and, for every per-molecule array, the graph-slot range; only the corpus rows of the molecules in
+    them are read. A multi-process run's hosts each build their devices' rows this way
+    (train.local_rows), and the pieces concatenate to the whole batch."""
+    budget = data.budget
+    rows = rows or graphs.Rows.full(budget)
+    graph = graphs.pack(data.corpus.features, group, budget, rows)
+    g_lo, g_hi = rows.graph
+    idx = np.asarray(group, np.int64)[g_lo:g_hi]   # the real molecules among this host's slots
+
+    def padded(x):    # [len(idx), ...] -> [g_hi - g_lo, ...] with zero padding slots
+        out = np.zeros((g_hi - g_lo,) + x.shape[1:], x.dtype)
         out[:len(idx)] = x
         return out
 
-    def rows(x):
+    def take(x):
         return padded(x[idx])
 
     return {"graph": graph,
-            "inputs": {name: rows(x) for name, x in data.inputs.items()},
-            "aug": {name: rows(x) for name, x in data.aug.items()},
+            "inputs": {name: take(x) for name, x in data.inputs.items()},
+            "aug": {name: take(x) for name, x in data.aug.items()},
             "view1": {name: padded(_view1(data, name, idx)) if data.view1_fill[name] is not None
-                      else rows(data.inputs[name]) for name in data.aug},
-            "mask": {name: rows(x) for name, x in data.sca_mask.items()},
-            "node": rows(np.arange(len(data), dtype=np.int32))}
+                      else take(data.inputs[name]) for name in data.aug},
+            "mask": {name: take(x) for name, x in data.sca_mask.items()},
+            "node": padded(idx.astype(np.int32))}
 
 
 def batches(data: PretrainData, order) -> Iterator[dict]:

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from chmr_jax import graphs
 from chmr_jax import objective as objective_lib
 
 
@@ -114,7 +115,7 @@ def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict,
 def place(tree, sharding):
     """Host arrays -> global jax Arrays with `sharding`. Each process materialises only the
     shards of its own devices (jax.make_array_from_callback), so the same code feeds one CPU, one
-    GPU or every host of a pod, each host holding the same global numpy batch."""
+    GPU or every host of a pod, each host holding the same global value (states, keys)."""
     def from_host(x):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
@@ -146,6 +147,42 @@ def host_values(tree):
     return jax.tree_util.tree_map(host_array, tree)
 
 
+def local_range(sharding, length: int) -> tuple[int, int]:
+    """[start, stop) of a leading axis of `length` rows that this process's devices hold under
+    `sharding` (rows split over the mesh's 'data' axis). The devices of one process are adjacent in the
+    mesh (jax.devices() lists them process by process), so the range is contiguous; anything else is
+    an error rather than a silently wrong batch."""
+    spans = sorted({(0 if s[0].start is None else s[0].start, length if s[0].stop is None else s[0].stop)
+                    for s in sharding.addressable_devices_indices_map((length,)).values()})
+    start, stop = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != stop - start:
+        raise ValueError(f"this process's devices hold the non-contiguous rows {spans} of the batch; build "
+                         "the mesh with each process's devices adjacent (train.data_mesh does)")
+    return start, stop
+
+
+def local_rows(budget, mesh) -> graphs.Rows:
+    """The node, edge and graph-slot ranges of a batch with `budget` that this process feeds."""
+    sharding = NamedSharding(mesh, P("data"))
+    return graphs.Rows(local_range(sharding, budget.n_node), local_range(sharding, budget.n_edge),
+                       local_range(sharding, budget.n_graph))
+
+
+def assemble_batch(local_batch: dict, mesh):
+    """This process's rows of a batch (built with `local_rows`) -> global jax Arrays split along the
+    leading axis over 'data' (jax.make_array_from_process_local_data): no host holds, packs or
+    transfers another host's rows. On one process the local rows are the whole batch."""
+    sharding = NamedSharding(mesh, P("data"))
+    n_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    scale = mesh.devices.size // n_local
+
+    def make(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * scale,) + x.shape[1:])
+    return jax.tree_util.tree_map(make, local_batch)
+
+
 def shard_batch(batch: dict, mesh):
-    """Places every batch array on the mesh, split along its leading axis over 'data'."""
+    """Places a whole host batch on the mesh, split along its leading axis over 'data' (every process
+    holding the same global batch; the per-host path is `local_rows` + `assemble_batch`)."""
     return place(batch, NamedSharding(mesh, P("data")))

@@ -4,7 +4,9 @@ launch/two_process.sh, the same code path as the hosts of a TPU pod:
   - only process 0 writes metrics, summary and JSON files;
   - Orbax checkpoints are written cooperatively and a 2-process restart resumes to the same curve
     (from a checkpoint verified by its digests);
-  - when one process is killed the other exits non-zero, naming the lost task, in bounded time."""
+  - when one process is killed the other exits non-zero, naming the lost task, in bounded time;
+  - per-host input: each process packs only its devices' rows, and the global batch they assemble is
+    the 1-process batch."""
 import json
 import os
 import shutil
@@ -34,6 +36,13 @@ def launch(workdir, cache_dir, *flags, wait=True):
                      if (Path(workdir) / f"process_{i}.log").exists())
     assert out.returncode == 0, out.stderr + logs[-4000:]
     return logs
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def losses(workdir):
@@ -108,3 +117,36 @@ def test_a_killed_peer_ends_the_other_process_with_an_error(tmp_path, cache_dir,
     assert proc.returncode != 0 and waited < 120
     log0 = (workdir / "process_0.log").read_text()
     assert "stopped sending heartbeats" in log0 and "process 1 failed" in proc.stdout.read().decode()
+
+
+def test_global_batch_from_two_hosts_equals_the_one_process_batch(tmp_path, cache_dir, reference):
+    import numpy as np
+    from jax.tree_util import keystr, tree_leaves_with_path
+
+    from chmr_jax import config_util, pretrain, pretrain_data
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_process_batch.py"), str(port), str(i),
+                               str(cache_dir), str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    # Each host built half of every leading axis, the halves adjacent.
+    r0, r1 = (json.loads((tmp_path / f"rows_{i}.json").read_text()) for i in (0, 1))
+    budget = r0["budget"]
+    for axis, n in (("node", budget["n_node"]), ("edge", budget["n_edge"]), ("graph", budget["n_graph"])):
+        assert r0[axis] == [0, n // 2] and r1[axis] == [n // 2, n], axis
+    assert r0["local_nodes"] == budget["n_node"] // 2
+    # The same batches built whole by one process (the tiny config on 2 devices).
+    config = config_util.load_config(TEST_CONFIG)
+    config.cache_dir = str(cache_dir)
+    _, data = pretrain.build_inputs(config, 2, log=lambda *a: None)
+    assert data.budget.__dict__ == budget
+    got = np.load(tmp_path / "batches.npz")
+    plan = pretrain.BatchPlan(data, config.train.seed)
+    n = 0
+    for step, _, group in plan.iterate(0, 2):
+        for path, want in tree_leaves_with_path(pretrain_data.batch_of(data, group)):
+            np.testing.assert_array_equal(got[f"{step}{keystr(path)}"], want, err_msg=f"step {step} {keystr(path)}")
+            n += 1
+    assert n == len(got.files) and n > 20

@@ -74,6 +74,25 @@ def test_batches_fixed_shapes_and_rows(corpus):
     assert data.context.n_nodes == len(corpus) + n_profiles + n_genes
 
 
+@pytest.mark.parametrize("hosts", [2, 3, 4])
+def test_per_host_rows_concatenate_to_the_whole_batch(corpus, hosts):
+    # Each host of a multi-process run packs only its devices' rows (graphs.Rows); the pieces, in host
+    # order, must be the whole batch exactly, including molecules whose nodes or edges a cut splits.
+    data = PD.prepare(corpus, small_cfg(graph_multiple=4))
+    b = data.budget
+    cut = lambda n, k: (n * k // hosts, n * (k + 1) // hosts)
+    for group in PD.graphs.partition(corpus.features, np.random.default_rng(1).permutation(len(data)), b)[:3]:
+        whole = PD.batch_of(data, group)
+        parts = [PD.batch_of(data, group, PD.graphs.Rows(cut(b.n_node, k), cut(b.n_edge, k), cut(b.n_graph, k)))
+                 for k in range(hosts)]
+        joined = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, joined, whole)
+        # A host whose rows hold no molecule still returns its (padding) rows.
+        tail = PD.batch_of(data, group, PD.graphs.Rows((b.n_node - 1, b.n_node), (b.n_edge, b.n_edge),
+                                                       (b.n_graph - 1, b.n_graph)))
+        assert tail["graph"].node_graph.tolist() == [b.n_graph - 1] and tail["graph"].senders.shape == (0,)
+
+
 def test_gene_nodes_from_the_top_percent_of_expression(corpus):
     """Molecule-gene edges: entries of the observed expression rows above the 99th percentile of
     |z|, weight clip(|z|, 0, 1), to the gene node of the column; gene-gene edges from a network file."""
