@@ -5,6 +5,9 @@
 #   bash benchmarks/lift_experiments.sh ablation NAME # 1-epoch ablation runs (see below)
 #   bash benchmarks/lift_experiments.sh finetune DIR STEP OUT  # the 4 datasets, frozen head, untrained control
 #   bash benchmarks/lift_experiments.sh headline DIR STEP OUT  # the same plus the MLP / RF baselines (-> OUT/lift.json)
+#   bash benchmarks/lift_experiments.sh table DIR STEP OUT [BASELINES] [GNN_EPOCHS]
+#        # issue 12 §5: all 9 benchmarks, seeds 0-4, the untrained control and baselines (default mlp,rf;
+#        # re-running with mlp,rf,gnn adds the GNN-from-scratch runs to a finished table without refitting)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CHMR_DATA_DIR=${CHMR_DATA_DIR:-$(cd .. && pwd)/shared/data}
@@ -36,5 +39,9 @@ case "$1" in
     dir=$2; step=$3; out=$4
     $CLI benchmark --datasets chembl2k,broad6k,biogenadme,moltoxcast --seeds 0,1,2 --pretrained "$dir" \
       --workdir "$out" --baselines mlp,rf --config.pretrained_step="$step" ;;
-  *) echo "usage: $0 pretrain | ablation NAME | finetune DIR STEP OUT | headline DIR STEP OUT"; exit 2 ;;
+  table)
+    dir=$2; step=$3; out=$4; baselines=${5:-mlp,rf}; gnn_epochs=${6:-10}
+    $CLI benchmark --datasets all --seeds 0,1,2,3,4 --pretrained "$dir" --workdir "$out" --baselines "$baselines" \
+      --config.pretrained_step="$step" --config.optim.encoder_epochs="$gnn_epochs" ;;
+  *) echo "usage: $0 pretrain | ablation NAME | finetune DIR STEP OUT | headline DIR STEP OUT | table DIR STEP OUT [BASELINES] [GNN_EPOCHS]"; exit 2 ;;
 esac

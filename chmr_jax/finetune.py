@@ -439,7 +439,7 @@ def load_task(config, pre_config, mol_names, data_dir=None, log=print):
     return ds, prepared, extra
 
 
-def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
+def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | None = None) -> dict:
     """Fine-tunes on a pretrained encoder for config.dataset (or config.csv) over config.seeds.
 
     Methods: 'chmr' (a head on the frozen encoder, or with config.encoder='finetune' the whole encoder
@@ -447,6 +447,8 @@ def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
     baselines in config.baselines on the same splits and seeds: 'mlp' (the same head on the raw
     fingerprint), 'rf' (sklearn forest on the raw fingerprint), 'gnn' (the encoder architecture from a
     random initialisation, trained end to end). Writes <workdir>/results.json and returns it.
+    `reuse`: an earlier results.json of the same settings but other baselines; its (method, seed) runs
+    are kept and only the missing ones computed (e.g. adding the GNN baseline to a finished benchmark).
     """
     import json
     from pathlib import Path
@@ -489,16 +491,26 @@ def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
             emb.update(cellular_projections(encoder, pre_config, prepared.features, wanted, data_dir, config, log))
         return head_inputs(emb, parts)
 
-    if config.encoder == "frozen":
-        x = frozen_inputs(model)
-        if control is not None:
-            x_control = frozen_inputs(control)
-    elif "tree" in parts or any(p in model.cell_names for p in parts):
-        raise ValueError("head parts 'tree' and cellular projections need the frozen encoder (config.encoder='frozen')")
     ens = config.ensemble
     use_ensemble = (ens.enabled and ds.task_type == "classification"
                     and (config.csv or ds.name in _parse_list(ens.datasets)))
     runs: dict[str, list] = {}
+    seeds = [int(s) for s in _parse_list(config.seeds)]
+    done = {} if use_ensemble else {(m, r["seed"]): r for m, v in (reuse or {}).get("methods", {}).items()
+                                    for r in v["runs"]}
+    need = lambda method: any((method, s) not in done for s in seeds)
+    if config.encoder == "frozen":
+        x = frozen_inputs(model) if need("chmr") else None
+        if control is not None and need("untrained"):
+            x_control = frozen_inputs(control)
+    elif "tree" in parts or any(p in model.cell_names for p in parts):
+        raise ValueError("head parts 'tree' and cellular projections need the frozen encoder (config.encoder='frozen')")
+
+    def reused(method, seed) -> bool:
+        if (method, seed) in done:
+            runs.setdefault(method, []).append(done[(method, seed)])
+            return True
+        return False
 
     def record(method, seed, out):
         entry = {"seed": seed, "valid": out["valid"], "test": out["test"]}
@@ -509,16 +521,19 @@ def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
             (f" (best epoch {out['best_epoch']})" if "best_epoch" in out else ""))
 
     o = config.optim
-    for seed in [int(s) for s in _parse_list(config.seeds)]:
+    for seed in seeds:
         cfg = fit_config(config, seed)
         enc_cfg = dataclasses.replace(cfg, epochs=o.encoder_epochs, patience=o.encoder_patience)
-        if config.encoder == "frozen":
+        if reused("chmr", seed):
+            out = None
+        elif config.encoder == "frozen":
             out = fit(x, y, split, ds.task_type, cfg)
         else:
             out = fit_encoder(nnx.clone(model), prepared.features, y, split, ds.task_type, enc_cfg,
                               encoder_lr=o.encoder_lr, parts=parts, extra_inputs=extra)
-        record("chmr", seed, out)
-        if control is not None:
+        if out is not None:
+            record("chmr", seed, out)
+        if control is not None and not reused("untrained", seed):
             if config.encoder == "frozen":
                 record("untrained", seed, fit(x_control, y, split, ds.task_type, cfg))
             else:
@@ -526,16 +541,16 @@ def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
                                                       enc_cfg, encoder_lr=o.encoder_lr, parts=parts,
                                                       extra_inputs=extra))
         rf = None
-        if "rf" in baselines or use_ensemble:
+        if ("rf" in baselines and not reused("rf", seed)) or use_ensemble:
             rf = random_forest(fp, y, split, ds.task_type, seed, config.rf.trees)
             if "rf" in baselines:
                 record("rf", seed, rf)
         if use_ensemble:
             pred = ensemble(out["test_pred"], rf["test_pred"], ens.gamma)
             record("chmr+rf", seed, {"valid": {}, "test": score(y[split["test"]], pred, ds.task_type)})
-        if "mlp" in baselines:
+        if "mlp" in baselines and not reused("mlp", seed):
             record("mlp", seed, fit(fp, y, split, ds.task_type, cfg))
-        if "gnn" in baselines:
+        if "gnn" in baselines and not reused("gnn", seed):
             scratch_config = pre_config.copy_and_resolve_references()
             scratch_config.train.seed = seed
             scratch = pretrain.build_model(scratch_config, dims)
@@ -548,7 +563,8 @@ def run(config, pretrained, workdir, data_dir=None, log=print) -> dict:
               "pretrained_epochs": meta.get("epochs_done", meta.get("epoch", -1) + 1),
               "encoder": config.encoder, "molecules": len(prepared.features),
               "rejects": len(prepared.features.rejects), "tasks": ds.num_tasks,
-              "head_input": {"parts": list(parts), "width": None if x is None else int(x.shape[1])}, "settings": run_settings(config, pretrained), "wall_s": round(time.perf_counter() - t_start, 1),
+              "head_input": {"parts": list(parts), "width": int(x.shape[1]) if x is not None
+                             else (reuse or {}).get("head_input", {}).get("width")}, "settings": run_settings(config, pretrained), "wall_s": round(time.perf_counter() - t_start, 1),
               "methods": methods, "lift": lift, **methods["chmr"]}
     (workdir / "results.json").write_text(json.dumps(result, indent=1, default=float))
     for m, r in methods.items():
@@ -592,21 +608,35 @@ def benchmark_table(results: list[dict]) -> str:
         lift_cell = ([f"{100 * lift['mean']:+.1f} +- {100 * lift['std']:.1f}" if lift else "-"] if with_lift else [])
         lines.append(f"| {r['dataset']} | {r['metric']} | {len(got['chmr']['runs'])} | " + " | ".join(ours + lift_cell)
                      + " | " + " | ".join(theirs) + " |")
+    budgets = {(o["encoder_epochs"], o["encoder_patience"], o["lr"]) for r in results if "gnn" in r.get("methods", {})
+               for o in [r.get("settings", {}).get("config", {}).get("optim")] if o}
+    if budgets:
+        lines.append("\nGNN scratch: the encoder architecture from a random initialisation trained end to end, "
+                     + "; ".join(f"at most {e} epochs (early stop after {p} without a better validation score), "
+                                 f"lr {lr}" for e, p, lr in sorted(budgets)) + ".")
     return "\n".join(lines)
 
 
 def run_or_reuse(config, pretrained, workdir, data_dir=None, log=print) -> dict:
-    """`run`, unless workdir/results.json exists with the same settings (then that result)."""
+    """`run`, unless workdir/results.json exists with the same settings (then that result); with the
+    same settings but other baselines, `run` reuses its (method, seed) runs."""
     import json
     from pathlib import Path
 
     done = Path(workdir) / "results.json"
+    reuse = None
     if done.exists():
         previous = json.loads(done.read_text())
-        if previous.get("settings") == run_settings(config, pretrained):
+        settings = run_settings(config, pretrained)
+        if previous.get("settings") == settings:
             log(f"{previous['dataset']}: reusing {done} (same settings)")
             return previous
-    return run(config, pretrained, workdir, data_dir, log)
+        # Same settings except the baselines: keep the runs it has, compute only the missing ones.
+        without = lambda st: {**st, "config": {**st["config"], "baselines": None}}
+        if previous.get("settings") and without(previous["settings"]) == without(settings):
+            log(f"{previous['dataset']}: reusing the runs in {done}; computing the missing baselines")
+            reuse = previous
+    return run(config, pretrained, workdir, data_dir, log, reuse=reuse)
 
 
 def lift_report(results: list[dict], command: str = "") -> dict:

@@ -252,6 +252,7 @@ def test_benchmark_command_writes_a_table_with_the_papers_numbers(tiny_run, data
     assert table[0].startswith("| dataset | metric | seeds | chmr_jax | untrained encoder | chmr_jax + RF | MLP (ours) "
                                "| RF (ours) | GNN scratch (ours) | lift (paired) |")
     assert table[3].startswith("| biogenadme | mae | 2 |") and "40.9 +- 0.3" in table[3]   # paper CHMR, spec §9
+    assert table[-1].startswith("GNN scratch: ") and "at most 1 epochs" in table[-1]
     # lift.json: MAE's lift is untrained - pretrained (positive = pretrained better); best baseline = lowest MAE.
     lift = json.loads((out / "lift.json").read_text())
     assert lift["seeds"] == [0, 1] and lift["pretrain_steps"] == 10 and lift["command"].startswith("chmr-jax benchmark")
@@ -268,6 +269,27 @@ def test_benchmark_command_writes_a_table_with_the_papers_numbers(tiny_run, data
     assert cli.main(args) == 0
     assert (out / "bace" / "results.json").stat().st_mtime_ns == before and (out / "results.md").exists()
     assert cli.main(["benchmark", "--datasets", "nope", "--pretrained", str(tiny_run), "--workdir", str(out)]) == 2
+
+
+def test_benchmark_adds_a_baseline_without_refitting_the_finished_runs(tiny_run, data_dir, cache_dir, tmp_path,
+                                                                      monkeypatch):
+    from chmr_jax import finetune
+    out = tmp_path / "bench"
+    args = ["benchmark", "--datasets", "biogenadme", "--seeds", "0,1", "--pretrained", str(tiny_run), "--workdir",
+            str(out), f"--config.cache_dir={cache_dir}", "--config.optim.epochs=2", "--config.head.hidden=16",
+            "--config.rf.trees=5"]
+    assert cli.main(args + ["--baselines", "mlp"]) == 0
+    first = json.loads((out / "biogenadme" / "results.json").read_text())
+    fail = lambda *a, **k: pytest.fail("re-embedded or refitted a run the first benchmark finished")
+    monkeypatch.setattr(finetune, "fit", fail)
+    monkeypatch.setattr(finetune, "embed", fail)
+    assert cli.main(args + ["--baselines", "mlp,rf"]) == 0
+    second = json.loads((out / "biogenadme" / "results.json").read_text())
+    assert set(second["methods"]) == {"chmr", "untrained", "mlp", "rf"}
+    for method in ("chmr", "untrained", "mlp"):
+        assert second["methods"][method] == first["methods"][method]
+    assert [r["seed"] for r in second["methods"]["rf"]["runs"]] == [0, 1] and second["lift"] == first["lift"]
+    assert second["settings"]["config"]["baselines"] == "mlp,rf"
 
 
 def test_finetune_on_a_generic_csv_with_the_whole_encoder_trained(tiny_run, data_dir, cache_dir, tmp_path):
