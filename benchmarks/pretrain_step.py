@@ -2,6 +2,7 @@
 
   python benchmarks/pretrain_step.py                        # batch 256/1024/3072 x 1 and 8 devices
   python benchmarks/pretrain_step.py --devices 1 --batch_sizes 3072 --torch /path/to/python-with-torch
+  python benchmarks/pretrain_step.py --synthetic --devices 1 --batch_sizes 256,1024   # without the shared data
 
 Setting: the paper's model (GIN 5 x 300 with virtual node, D = 300, depth-6 tree, decoders) and the
 paper's three cellular modalities at their widths (cell 2749, gene 1973, expression 978, observed for
@@ -32,14 +33,19 @@ HERE = Path(__file__).resolve().parent
 PAPER_CELLULAR = {"cell": (2749, 0.35), "gene": (1973, 0.06), "expression": (978, 0.08)}
 
 
-def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str | None) -> dict:
+def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str | None, synthetic: bool = False) -> dict:
     import jax
     import numpy as np
 
     from chmr_jax import config_util, corpus as corpus_lib, objective, paths, pretrain, pretrain_data, train
 
-    config = config_util.load_config(str(config_util.CONFIG_DIR / "pretrain.py"))
+    config = config_util.load_config(str(config_util.CONFIG_DIR / "pretrain.py") + (":paper" if synthetic else ""))
     config.batch.batch_size = batch_size
+    if synthetic:   # no shared data (e.g. a lent accelerator): enumerated molecules in the paper's layout,
+        config.corpus.kind = "synthetic"        # narrow stand-in profiles (replaced below anyway)
+        config.corpus.synthetic_molecules = 2 * batch_size
+        config.corpus.synthetic_dims = {"CP-Bray": 8, "CP-JUMP": 8, "G-CRISPR": 4, "G-ORF": 4, "GE": 8}
+        config.corpus.dims = {"cell": 16, "gene": 8, "expression": 8}
     cache_dir = paths.resolve_cache_dir(None)
     full = pretrain.load_corpus(config, paths.resolve_data_dir(None), cache_dir, log=lambda *a: None)
     rng = np.random.default_rng(0)
@@ -111,7 +117,7 @@ def _ctx_numpy(data) -> dict:
     return out
 
 
-def run_worker_process(batch_size, n_devices, steps, warmup, dump=None) -> dict:
+def run_worker_process(batch_size, n_devices, steps, warmup, dump=None, synthetic=False) -> dict:
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "")
     if n_devices > 1 and "cuda" not in env.get("JAX_PLATFORMS", ""):
@@ -120,7 +126,8 @@ def run_worker_process(batch_size, n_devices, steps, warmup, dump=None) -> dict:
         env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={n_devices} "
                             "--xla_cpu_collective_call_terminate_timeout_seconds=1200").strip()
     cmd = [sys.executable, __file__, "--worker", "--batch_sizes", str(batch_size), "--devices", str(n_devices),
-           "--steps", str(steps), "--warmup", str(warmup)] + (["--dump", dump] if dump else [])
+           "--steps", str(steps), "--warmup", str(warmup)] + (["--dump", dump] if dump else []) \
+        + (["--synthetic"] if synthetic else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         return {"framework": "chmr_jax", "devices": n_devices, "batch_size": batch_size,
@@ -154,13 +161,15 @@ def main() -> int:
     parser.add_argument("--torch", help="a python with torch: also time the PyTorch release-structured step")
     parser.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--out", default=str(HERE / "pretrain_step.json"))
+    parser.add_argument("--synthetic", action="store_true",
+                        help="enumerated molecules instead of the reachable corpus (no CHMR_DATA_DIR needed)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dump", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     device_counts = [int(d) for d in args.devices.split(",")]
     if args.worker:
-        print(json.dumps(worker(sizes[0], device_counts[0], args.steps, args.warmup, args.dump)))
+        print(json.dumps(worker(sizes[0], device_counts[0], args.steps, args.warmup, args.dump, args.synthetic)))
         return 0
 
     rows = []
@@ -168,7 +177,7 @@ def main() -> int:
         for b in sizes:
             with tempfile.TemporaryDirectory() as tmp:
                 dump = str(Path(tmp) / "batch.npz") if args.torch and n_dev == 1 else None
-                row = run_worker_process(b, n_dev, args.steps, args.warmup, dump)
+                row = run_worker_process(b, n_dev, args.steps, args.warmup, dump, args.synthetic)
                 rows.append(row)
                 print(format_table([row]).splitlines()[-1], flush=True)
                 if dump and "error" not in row:
@@ -183,8 +192,10 @@ def main() -> int:
                         t = {"framework": "torch_release", "batch_size": b, "error": out.stderr[-2000:]}
                     rows.append(t)
                     print(format_table([t]).splitlines()[-1], flush=True)
+    # (Device facts come from the workers' rows: initialising JAX here would hold the accelerator's memory.)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "python": platform.python_version()}
+               "python": platform.python_version(),
+               "devices": sorted({r.get("device_kind", "") for r in rows if r.get("framework") == "chmr_jax"} - {""})}
     Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     print("\n" + format_table(rows))
     print(f"\nwritten to {args.out}")
