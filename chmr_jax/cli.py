@@ -7,6 +7,7 @@ benchmark, stress, embed, convert, report.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -178,13 +179,25 @@ def _config_flags(argv: list[str], command: str, default_config: str, usage: str
     return fv
 
 
+# Errors in what the user gave (a file, a row, a flag, a config value), as opposed to bugs: `main` reports
+# them in one line and exits 2 (CHMR_TRACEBACK=1 shows the traceback instead).
+USER_ERRORS = ("FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "ValueError", "CorpusError",
+               "DataNotFoundError", "ConfigError", "CorruptCheckpoint")
+
+
+def is_user_error(e: BaseException) -> bool:
+    return any(cls.__name__ in USER_ERRORS for cls in type(e).__mro__)
+
+
 def _report_errors(command: str, call, errors=(FileNotFoundError, ValueError)) -> int:
-    """Runs `call`; an expected error becomes one line on stderr naming the command, and exit code 1."""
+    """Runs `call`; an expected error becomes one line on stderr naming the command, and exit code 2."""
     try:
         call()
     except errors as e:
+        if os.environ.get("CHMR_TRACEBACK"):
+            raise
         print(f"chmr-jax {command}: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
@@ -212,10 +225,10 @@ def _pretrain(argv: list[str]) -> int:
         jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id,
                                    heartbeat_timeout_seconds=int(config.train.get("heartbeat_timeout_s", 100)))
 
-    from chmr_jax import corpus, pretrain, registry
-    try:
+    from chmr_jax import pretrain
+    try:   # (bad configs and data files are user errors: `main` reports them and exits 2)
         pretrain.run(config, fv.workdir, data_dir=fv.data_dir)
-    except (pretrain.ConfigError, pretrain.TrainingDiverged, corpus.CorpusError, registry.DataNotFoundError) as e:
+    except pretrain.TrainingDiverged as e:
         print(f"chmr-jax pretrain: {e}", file=sys.stderr)
         return 1
     return 0
@@ -308,7 +321,7 @@ def _stress(argv: list[str]) -> int:
     fv = _config_flags(argv, "stress", "pretrain.py", STRESS_USAGE, more)
     if isinstance(fv, int):
         return fv
-    from chmr_jax import config_util, corpus, pretrain, registry, stress
+    from chmr_jax import config_util, pretrain, stress
     config = fv.config.copy_and_resolve_references()
     if fv.steps:
         config.train.steps = fv.steps
@@ -321,8 +334,7 @@ def _stress(argv: list[str]) -> int:
         levels = [float(v) for v in fv.missing.split(",") if v.strip()]
         stress.run(config, ft, levels, [m.strip() for m in fv.imputations.split(",") if m.strip()], fv.workdir,
                    data_dir=fv.data_dir, hide_seed=fv.hide_seed)
-    except (FileNotFoundError, ValueError, pretrain.TrainingDiverged, corpus.CorpusError,
-            registry.DataNotFoundError) as e:
+    except pretrain.TrainingDiverged as e:   # (user errors: `main` reports them and exits 2)
         print(f"chmr-jax stress: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
@@ -400,7 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"prepare": _prepare, "pretrain": _pretrain, "finetune": _finetune, "benchmark": _benchmark,
                 "stress": _stress, "embed": _embed, "convert": _convert, "report": _report}
     if command in handlers:
-        return handlers[command](rest)
+        try:
+            return handlers[command](rest)
+        except Exception as e:   # an expected user error: one line naming the file / row / flag, exit 2
+            if not is_user_error(e) or os.environ.get("CHMR_TRACEBACK"):
+                raise
+            print(f"chmr-jax {command}: {e}", file=sys.stderr)
+            return 2
     print(f"chmr-jax: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

@@ -1,6 +1,8 @@
 """The `chmr-jax prepare` command end to end on shared data and on a user CSV."""
 import re
 
+import pytest
+
 from chmr_jax import cli
 
 
@@ -34,6 +36,21 @@ def test_unknown_command_and_dataset(capsys):
     with pytest.raises(SystemExit):
         cli.main(["prepare", "--dataset", "tox21"])
     assert "unknown dataset(s) ['tox21']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("name,y\na,1\n", "no SMILES column 'smiles'; columns are ['name', 'y']"),
+    ("smiles,y\nCCO,abc\n", "line 2, column 'y': label 'abc' is not a number"),
+    ("", "empty file"),
+    (None, "no such file"),
+])
+def test_prepare_reports_a_bad_csv_in_one_line_and_exits_2(tmp_path, capsys, content, message):
+    path = tmp_path / "assays.csv"
+    if content is not None:
+        path.write_text(content)
+    assert cli.main(["prepare", "--csv", str(path), "--cache_dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"chmr-jax prepare: {path}") and message in err and len(err.splitlines()) == 1
 
 
 def test_prepare_with_user_supplied_geometry_matrix(tmp_path, capsys):

@@ -326,4 +326,4 @@ def test_geometry_projector_and_errors(tmp_path):
     bad_shape = dict(sd, **{"modal_projectors.3.1.weight": np.zeros((LAT + 1, 10), np.float32)})
     with pytest.raises(ValueError, match="modal_projectors"):
         convert.convert_state_dict(bad_shape)
-    assert cli.main(["convert", "--torch", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["convert", "--torch", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2

@@ -102,8 +102,8 @@ def test_load_encoder_is_a_pure_function_inside_user_jit_code(tiny_run):
 def test_embed_errors_name_the_problem(tiny_run, tmp_path):
     bad = tmp_path / "x.csv"
     bad.write_text("name,structure\nm0,CCO\n")
-    assert cli.main(["embed", "--pretrained", str(tiny_run), "--input", str(bad), "--out", str(tmp_path / "o")]) == 1
-    assert cli.main(["embed", "--pretrained", str(tmp_path), "--input", str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["embed", "--pretrained", str(tiny_run), "--input", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert cli.main(["embed", "--pretrained", str(tmp_path), "--input", str(bad), "--out", str(tmp_path / "o")]) == 2
     smi = tmp_path / "x.smi"
     smi.write_text("# header\nCCO ethanol\nc1ccccc1\n")
     assert export.read_molecules(smi) == (["CCO", "c1ccccc1"], ["ethanol", "line3"])

@@ -69,7 +69,7 @@ def test_rerun_of_a_finished_run_trains_no_further(tiny_run, cache_dir, capsys):
 def test_restart_with_a_different_model_is_refused(tiny_run, cache_dir, capsys):
     rc = cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(tiny_run), f"--config.cache_dir={cache_dir}",
                    "--config.model.latent=32"])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert "different config" in err and "model" in err and "new --workdir" in err
 
@@ -77,7 +77,7 @@ def test_restart_with_a_different_model_is_refused(tiny_run, cache_dir, capsys):
 def test_wrong_dim_and_missing_modality_fail_at_start(tmp_path, cache_dir, capsys):
     rc = cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(tmp_path / "a"), f"--config.cache_dir={cache_dir}",
                    "--config.corpus.dims.cell=21"])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert "config.corpus.dims.cell=21" in err and "has 20 features" in err
     config = config_util.load_config(TEST_CONFIG)
@@ -231,7 +231,7 @@ def test_finetune_command_on_a_benchmark_with_the_pretrained_encoder(tiny_run, d
     assert result["lift"]["per_seed"] == {"0": pytest.approx(diffs[0]), "1": pytest.approx(diffs[1])}
     assert result["lift"]["mean"] == pytest.approx(np.mean(diffs)) and result["lift"]["std"] == pytest.approx(np.std(diffs))
     assert cli.main(["finetune", "--config", str(ROOT / "configs" / "finetune.py") + ":dataset=nope",
-                     "--pretrained", str(tiny_run), "--workdir", str(out)]) == 1
+                     "--pretrained", str(tiny_run), "--workdir", str(out)]) == 2
 
 
 def test_benchmark_command_writes_a_table_with_the_papers_numbers(tiny_run, data_dir, cache_dir, tmp_path):
@@ -314,7 +314,7 @@ def test_finetune_on_a_generic_csv_with_the_whole_encoder_trained(tiny_run, data
     assert run["seed"] == 3 and run["epochs_run"] <= 2 and 0 <= run["test"]["roc_auc"] <= 1
     bad = cli.main(["finetune", "--config", str(ROOT / "configs" / "finetune.py"), "--pretrained", str(tiny_run),
                     "--workdir", str(out), f"--config.csv={csv}", "--config.task_columns=pIC50"])
-    assert bad == 1
+    assert bad == 2
 
 
 def test_stress_command_hides_profiles_and_reports_each_level_and_imputation(data_dir, cache_dir, tmp_path):
