@@ -9,6 +9,12 @@
   CHMR             holds the above plus the heap-ordered Tree-VQ code table; `encode` returns the
                    per-modality projections and the anchor (sum of molecular projections).
 All sizes come from the config and the data (modality dims); nothing is fixed to the paper's six.
+
+Precision (`dtype`, config.model.dtype; None = the parameters' float32): activations and matmuls run
+in `dtype` (bfloat16 on TPU / GPU), while parameters, batch-norm statistics (flax reduces them in
+float32), sums over a graph's nodes, and every projection or decoder output the losses see stay
+float32. `remat=True` recomputes each GIN layer in the backward pass (jax.checkpoint) instead of
+storing its activations.
 """
 from __future__ import annotations
 
@@ -19,15 +25,22 @@ from flax import nnx
 from chmr_jax import featurize, graphs, tree_vq
 
 
+def at_least_f32(x):
+    """bfloat16 / float16 -> float32; float32 and float64 (the float64 semantics tests) unchanged."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class CategoricalEncoder(nnx.Module):
     """Sum of one embedding per categorical field (OGB AtomEncoder / BondEncoder).
 
     With max_norm (the release's option), looked-up rows are rescaled to norm <= max_norm.
     """
 
-    def __init__(self, vocab_sizes, dim: int, *, max_norm: float | None = None, rngs: nnx.Rngs):
+    def __init__(self, vocab_sizes, dim: int, *, max_norm: float | None = None, dtype=None,
+                 rngs: nnx.Rngs):
         init = nnx.initializers.xavier_uniform()
-        self.tables = nnx.List([nnx.Embed(v, dim, embedding_init=init, rngs=rngs) for v in vocab_sizes])
+        self.tables = nnx.List([nnx.Embed(v, dim, embedding_init=init, dtype=dtype, rngs=rngs)
+                                for v in vocab_sizes])
         self.max_norm = max_norm
 
     def __call__(self, x):
@@ -41,21 +54,22 @@ class CategoricalEncoder(nnx.Module):
         return out
 
 
-def batch_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+def batch_norm(dim: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:
     """BatchNorm with torch's momentum and the two-pass variance. Flax's default one-pass
     E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std: on an Intel Xeon it made a 3-layer
     GIN's readout differ by 1e-3 (relative) between two paddings of the same batch; two-pass: 6e-7."""
-    return nnx.BatchNorm(dim, momentum=0.9, use_fast_variance=False, rngs=rngs)
+    return nnx.BatchNorm(dim, momentum=0.9, use_fast_variance=False, dtype=dtype, rngs=rngs)
 
 
 class MLP2(nnx.Module):
     """Linear -> BatchNorm -> ReLU -> Linear [-> BatchNorm -> ReLU]; batch statistics under `mask`."""
 
-    def __init__(self, d_in: int, d_hidden: int, d_out: int, *, final_norm: bool, rngs: nnx.Rngs):
-        self.lin1 = nnx.Linear(d_in, d_hidden, rngs=rngs)
-        self.bn1 = batch_norm(d_hidden, rngs=rngs)
-        self.lin2 = nnx.Linear(d_hidden, d_out, rngs=rngs)
-        self.bn2 = batch_norm(d_out, rngs=rngs) if final_norm else None
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, *, final_norm: bool, dtype=None,
+                 rngs: nnx.Rngs):
+        self.lin1 = nnx.Linear(d_in, d_hidden, dtype=dtype, rngs=rngs)
+        self.bn1 = batch_norm(d_hidden, dtype=dtype, rngs=rngs)
+        self.lin2 = nnx.Linear(d_hidden, d_out, dtype=dtype, rngs=rngs)
+        self.bn2 = batch_norm(d_out, dtype=dtype, rngs=rngs) if final_norm else None
 
     def __call__(self, x, mask):
         x = jax.nn.relu(self.bn1(self.lin1(x), mask=mask[:, None]))
@@ -68,27 +82,29 @@ class MLP2(nnx.Module):
 class GINConv(nnx.Module):
     """h_i' = MLP((1 + eps) h_i + sum_{j -> i} relu(h_j + bond(e_ji))) over real edges."""
 
-    def __init__(self, dim: int, *, max_norm=None, rngs: nnx.Rngs):
-        self.bond = CategoricalEncoder(featurize.BOND_VOCAB_SIZES, dim, max_norm=max_norm, rngs=rngs)
-        self.mlp = MLP2(dim, 2 * dim, dim, final_norm=False, rngs=rngs)
+    def __init__(self, dim: int, *, max_norm=None, dtype=None, rngs: nnx.Rngs):
+        self.bond = CategoricalEncoder(featurize.BOND_VOCAB_SIZES, dim, max_norm=max_norm, dtype=dtype, rngs=rngs)
+        self.mlp = MLP2(dim, 2 * dim, dim, final_norm=False, dtype=dtype, rngs=rngs)
         self.eps = nnx.Param(jnp.zeros(()))
 
     def __call__(self, h, batch: graphs.GraphBatch):
         msg = jax.nn.relu(h[batch.senders] + self.bond(batch.edges))
         agg = graphs.segment_sum(msg, batch.receivers, h.shape[0], batch.edge_mask)
-        return self.mlp((1.0 + self.eps[...]) * h + agg, batch.node_mask)
+        return self.mlp(((1.0 + self.eps[...]) * h + agg).astype(h.dtype), batch.node_mask)
 
 
 class GNNVirtualNode(nnx.Module):
     """OGB's GNN_node_Virtualnode (GIN, JK = last) on a padded GraphBatch; returns node states [N, D]."""
 
     def __init__(self, n_layers: int = 5, dim: int = 300, dropout: float = 0.5, residual: bool = True,
-                 max_norm: float | None = None, *, rngs: nnx.Rngs):
-        self.atom = CategoricalEncoder(featurize.ATOM_VOCAB_SIZES, dim, max_norm=max_norm, rngs=rngs)
-        self.convs = nnx.List([GINConv(dim, max_norm=max_norm, rngs=rngs) for _ in range(n_layers)])
-        self.norms = nnx.List([batch_norm(dim, rngs=rngs) for _ in range(n_layers)])
-        self.vn_mlps = nnx.List([MLP2(dim, 2 * dim, dim, final_norm=True, rngs=rngs)
+                 max_norm: float | None = None, *, dtype=None, remat: bool = False, rngs: nnx.Rngs):
+        self.atom = CategoricalEncoder(featurize.ATOM_VOCAB_SIZES, dim, max_norm=max_norm, dtype=dtype, rngs=rngs)
+        self.convs = nnx.List([GINConv(dim, max_norm=max_norm, dtype=dtype, rngs=rngs) for _ in range(n_layers)])
+        self.norms = nnx.List([batch_norm(dim, dtype=dtype, rngs=rngs) for _ in range(n_layers)])
+        self.vn_mlps = nnx.List([MLP2(dim, 2 * dim, dim, final_norm=True, dtype=dtype, rngs=rngs)
                                  for _ in range(n_layers - 1)])
+        self.dtype = dtype
+        self.remat = remat
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         # OGB's learned initial virtual-node embedding (initialised to zero), so converted release
         # checkpoints keep theirs.
@@ -101,49 +117,57 @@ class GNNVirtualNode(nnx.Module):
         node_mask = batch.node_mask
         h = self.atom(batch.nodes)
         vn = jnp.broadcast_to(self.virtual_node[...], (n_graph, h.shape[-1])).astype(h.dtype)
+        # remat: the backward pass recomputes each conv + norm from its input instead of keeping the
+        # [N, 2D] hidden activations of every layer (the largest buffers of the step).
+        conv_norm = nnx.remat(_conv_norm) if self.remat else _conv_norm
         for layer in range(self.n_layers):
             h_in = h + vn[batch.node_graph]
-            out = self.norms[layer](self.convs[layer](h_in, batch), mask=node_mask[:, None])
+            out = conv_norm(self.convs[layer], self.norms[layer], h_in, batch)
             if layer < self.n_layers - 1:
                 out = jax.nn.relu(out)
             out = self.dropout(out)
             if self.residual:
                 out = out + h_in
             if layer < self.n_layers - 1:
-                pooled = graphs.segment_sum(h_in, batch.node_graph, n_graph, node_mask) + vn
+                pooled = (graphs.segment_sum(at_least_f32(h_in), batch.node_graph, n_graph, node_mask)
+                          .astype(h.dtype) + vn)
                 upd = self.dropout(self.vn_mlps[layer](pooled, batch.graph_mask))
                 vn = vn + upd if self.residual else upd
             h = out
         return jnp.where(node_mask[:, None], h, 0.0)
 
     def readout(self, batch: graphs.GraphBatch):
-        """Sum of real node states per graph [G, D] (padding graphs are zero)."""
-        h = self(batch)
+        """Sum of real node states per graph [G, D] float32 (padding graphs are zero)."""
+        h = at_least_f32(self(batch))
         return graphs.segment_sum(h, batch.node_graph, batch.n_node.shape[0], batch.node_mask)
+
+
+def _conv_norm(conv: GINConv, norm: nnx.BatchNorm, h, batch: graphs.GraphBatch):
+    return norm(conv(h, batch), mask=batch.node_mask[:, None])
 
 
 class Projector(nnx.Module):
     """LayerNorm -> Linear(d_in, D) -> SiLU (spec Eq. 2)."""
 
-    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs):
-        self.norm = nnx.LayerNorm(d_in, epsilon=1e-5, rngs=rngs)   # torch's default, as the release
-        self.linear = nnx.Linear(d_in, d_out, rngs=rngs)
+    def __init__(self, d_in: int, d_out: int, *, dtype=None, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(d_in, epsilon=1e-5, dtype=dtype, rngs=rngs)   # torch's default, as the release
+        self.linear = nnx.Linear(d_in, d_out, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        return jax.nn.silu(self.linear(self.norm(x)))
+        return at_least_f32(jax.nn.silu(self.linear(self.norm(x))))   # the losses see float32 (or f64)
 
 
 class Decoder(nnx.Module):
     """LayerNorm -> Linear(D, 4D) -> exact GELU -> Dropout -> Linear(4D, d_out) (spec §6)."""
 
-    def __init__(self, d_in: int, d_out: int, dropout: float = 0.3, *, rngs: nnx.Rngs):
-        self.norm = nnx.LayerNorm(d_in, epsilon=1e-5, rngs=rngs)   # torch's default, as the release
-        self.hidden = nnx.Linear(d_in, 4 * d_in, rngs=rngs)
+    def __init__(self, d_in: int, d_out: int, dropout: float = 0.3, *, dtype=None, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(d_in, epsilon=1e-5, dtype=dtype, rngs=rngs)   # torch's default, as the release
+        self.hidden = nnx.Linear(d_in, 4 * d_in, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.out = nnx.Linear(4 * d_in, d_out, rngs=rngs)
+        self.out = nnx.Linear(4 * d_in, d_out, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        return self.out(self.dropout(jax.nn.gelu(self.hidden(self.norm(x)), approximate=False)))
+        return at_least_f32(self.out(self.dropout(jax.nn.gelu(self.hidden(self.norm(x)), approximate=False))))
 
 
 class CHMR(nnx.Module):
@@ -157,17 +181,17 @@ class CHMR(nnx.Module):
     def __init__(self, mol_dims: dict, cell_dims: dict, target_dims: dict, *, latent: int = 300,
                  gnn_layers: int = 5, gnn_width: int = 300, gnn_dropout: float = 0.5, residual: bool = True,
                  max_norm: float | None = None, decoder_dropout: float = 0.3, tree_depth: int = 6,
-                 rngs: nnx.Rngs):
+                 dtype=None, remat: bool = False, rngs: nnx.Rngs):
         if "graph" in mol_dims and mol_dims["graph"] != gnn_width:
             raise ValueError(f"the graph modality is the GNN readout: its dim must equal gnn_width "
                              f"({gnn_width}), got {mol_dims['graph']}")
         self.mol_names = list(mol_dims)
         self.cell_names = list(cell_dims)
-        self.gnn = GNNVirtualNode(gnn_layers, gnn_width, gnn_dropout, residual, max_norm, rngs=rngs) \
-            if "graph" in mol_dims else None
-        self.projectors = nnx.Dict({name: Projector(d, latent, rngs=rngs)
+        self.gnn = GNNVirtualNode(gnn_layers, gnn_width, gnn_dropout, residual, max_norm, dtype=dtype, remat=remat,
+                                  rngs=rngs) if "graph" in mol_dims else None
+        self.projectors = nnx.Dict({name: Projector(d, latent, dtype=dtype, rngs=rngs)
                                     for name, d in {**mol_dims, **cell_dims}.items()})
-        self.decoders = nnx.Dict({name: Decoder(latent, d, decoder_dropout, rngs=rngs)
+        self.decoders = nnx.Dict({name: Decoder(latent, d, decoder_dropout, dtype=dtype, rngs=rngs)
                                   for name, d in target_dims.items()})
         self.codebook = nnx.Param(tree_vq.init_table(rngs.params(), tree_depth, latent))
 

@@ -159,7 +159,8 @@ def build_model(config, dims: dict) -> model_lib.CHMR:
     return model_lib.CHMR(dims["mol_dims"], dims["cell_dims"], dims["target_dims"], latent=m.latent,
                           gnn_layers=m.gnn_layers, gnn_width=m.gnn_width, gnn_dropout=m.gnn_dropout,
                           residual=m.residual, max_norm=m.max_norm or None, decoder_dropout=m.decoder_dropout,
-                          tree_depth=m.tree_depth, rngs=nnx.Rngs(config.train.seed))
+                          tree_depth=m.tree_depth, dtype=None if m.get("dtype", "float32") == "float32" else jax.numpy.dtype(m.dtype),
+                          remat=bool(m.get("remat", False)), rngs=nnx.Rngs(config.train.seed))
 
 
 def load_pretrained(workdir, step: int | None = None):
@@ -322,11 +323,18 @@ def _finished_summary(workdir: Path, steps: int) -> dict | None:
     return None
 
 
+# Config fields added after workdirs were made, with the value that reproduces those runs (what the code
+# assumes when the field is missing), so adding a field does not make old runs unresumable.
+ADDED_FIELDS = {("model", "dtype"): "float32", ("model", "remat"): False}
+
+
 def _check_same_run(workdir: Path, config) -> None:
     saved_path = workdir / "config.json"
     if not saved_path.exists():
         return
     saved = json.loads(saved_path.read_text())
+    for (section, key), value in ADDED_FIELDS.items():   # a run saved before the field existed had its default
+        saved.get(section, {}).setdefault(key, value)
     now = json.loads(config.to_json_best_effort())
     changed = [k for k in RUN_DEFINING if saved.get(k) != now.get(k)]
     if changed:

@@ -79,7 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         molecular="fingerprint,graph", latent=300, gnn_layers=5, gnn_width=300, gnn_dropout=0.5,
         residual=True, max_norm=0.0,   # max_norm > 0: the release's max-norm embedding option
-        decoder_dropout=0.3, tree_depth=6))
+        decoder_dropout=0.3, tree_depth=6,
+        dtype="float32",             # 'bfloat16': activations / matmuls in bf16 (params, BN stats, losses float32)
+        remat=False))                # recompute each GIN layer in the backward pass (less memory, ~1/3 more GIN FLOPs)
 
     # Objective (spec §4, §5, §7). lambda_sca = lambda1, lambda_vq = lambda2: the paper's best
     # setting (lambda1 = 10, lambda2 in {0.1, 1}); the release's argparse says 0.1 / 0.01.

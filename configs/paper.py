@@ -49,4 +49,6 @@ def get_config(arg: str | None = None):
         config.objective.infonce_impl = "ring"
         config.objective.infonce_block = 512
         config.train.progress = "log"
+        # TPU matrix units run bfloat16; parameters, BN statistics and the losses stay float32.
+        config.model.dtype = "bfloat16"
     return config

@@ -17,11 +17,11 @@ def tiny_data_config(**overrides):
                             "context_floor": 0.3, **overrides})
 
 
-def tiny_model(data: PD.PretrainData, dropout: float = 0.5):
+def tiny_model(data: PD.PretrainData, dropout: float = 0.5, **kw):
     return M.CHMR({"fingerprint": data.inputs["fingerprint"].shape[1], "graph": 32},
                   {n: m.dim for n, m in data.corpus.modalities.items()},
                   {t: data.context.targets[t].shape[1] for t in data.context.targets},
-                  latent=16, gnn_layers=2, gnn_width=32, gnn_dropout=dropout, tree_depth=3, rngs=nnx.Rngs(0))
+                  latent=16, gnn_layers=2, gnn_width=32, gnn_dropout=dropout, tree_depth=3, rngs=nnx.Rngs(0), **kw)
 
 
 def as_float64(module):

@@ -15,9 +15,9 @@ def data(tmp_path_factory):
     return PD.prepare(corpus, tiny_data_config(batch_size=15, pad_multiple=64, graph_multiple=8))
 
 
-def fresh(data, dropout=0.5, tx=None):
+def fresh(data, dropout=0.5, tx=None, **model_kw):
     tx = tx or train.make_optimizer(lr=1e-3, total_steps=100)
-    graphdef, state = train.init_state(tiny_model(data, dropout), tx)
+    graphdef, state = train.init_state(tiny_model(data, dropout, **model_kw), tx)
     return graphdef, state, tx
 
 
@@ -63,6 +63,30 @@ def test_compiles_once_and_loss_decreases(data):
     assert step._cache_size() == 1                      # 20 steps, one compilation
     assert all(np.isfinite(losses)) and int(state.step) == 20 and int(state.skipped) == 0
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
+
+
+def test_bfloat16_and_remat_training_track_float32(data):
+    # 20 steps from the same initial parameters on the same batches. remat recomputes the same float32
+    # operations; bfloat16 changes only the activations' arithmetic (parameters, optimiser state, batch
+    # statistics and losses stay float32), so its curve stays within a few bf16 roundings of float32's.
+    ctx = objective.context_arrays(data.context)
+    cfg = objective.ObjectiveConfig(infonce_block=8)
+    curves = {}
+    for name, kw in {"f32": {}, "bf16": {"dtype": jnp.bfloat16}, "remat": {"remat": True}}.items():
+        graphdef, state, tx = fresh(data, dropout=0.0, **kw)
+        step = train.make_train_step(graphdef, tx, cfg, ctx)
+        losses = []
+        for i, batch in enumerate(batches(data, 20)):
+            state, metrics = step(state, batch, jax.random.key(i))
+            losses.append(float(metrics["loss"]))
+        assert int(state.skipped) == 0 and np.all(np.isfinite(losses)), name
+        assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params)), name
+        curves[name] = np.array(losses)
+    np.testing.assert_allclose(curves["remat"], curves["f32"], rtol=1e-4)   # float32 rounding only
+    rel = np.abs(curves["bf16"] - curves["f32"]) / np.abs(curves["f32"])
+    print("bf16 vs f32 relative loss difference per step:", np.round(rel, 4).tolist())
+    assert rel[0] <= 8 * 2.0 ** -8 and rel.max() <= 32 * 2.0 ** -8
+    assert curves["bf16"][-4:].mean() < curves["bf16"][:4].mean()
 
 
 def test_nan_guard_skips_the_update(data):
