@@ -379,3 +379,15 @@ def test_first_step_loss_does_not_depend_on_padding_or_device_count(tmp_path, ca
     for key in ("loss", "loss/cpr", "loss/sca", "loss/vq", "cpr/molecule", "cpr/cell", "sca/cell/infonce"):
         assert one[key] == pytest.approx(eight[key], rel=2e-5, abs=1e-6), key
     assert one["sca/cell/rows"] == eight["sca/cell/rows"]
+
+
+def test_a_workdir_saved_before_a_config_field_existed_still_resumes(tmp_path):
+    config = config_util.load_config(TEST_CONFIG)
+    saved = json.loads(config.to_json_best_effort())
+    for section, key in pretrain.ADDED_FIELDS:
+        del saved[section][key]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    pretrain._check_same_run(tmp_path, config)          # the defaults reproduce the old run: accepted
+    config.model.dtype = "bfloat16"                     # a real change is still refused
+    with pytest.raises(pretrain.ConfigError, match="different config in \\['model'\\]"):
+        pretrain._check_same_run(tmp_path, config)
