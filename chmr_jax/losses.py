@@ -98,35 +98,59 @@ def infonce_chunked(a, p, mask=None, tau: float = 0.2, symmetric: bool = False, 
     return _finish(row_lse_sum - diag_sum, col, count, symmetric)
 
 
-def _ring_local(a, p, mask, *, tau, symmetric, axis_name, axis_size):
-    """Per-device body of infonce_ring: a, p, mask are this device's shards [n, D] / [n]."""
+def _block_update(an_blk, m_blk, p_vis, m_vis, row_m, row_s, col_m, col_s, tau):
+    """One [block, n] tile of logits: merges it into its rows' and the visiting columns' running
+    (max, sum of exp) statistics."""
+    logits = an_blk @ p_vis.T / tau
+    pair = m_blk[:, None] & m_vis[None, :]
+    masked = jnp.where(pair, logits, _NEG)
+    row_m, row_s = _online_lse(row_m, row_s, jnp.max(masked, axis=1),
+                               lambda new_m: jnp.sum(jnp.where(pair, jnp.exp(masked - new_m[:, None]), 0.0), axis=1))
+    col_m, col_s = _online_lse(col_m, col_s, jnp.max(masked, axis=0),
+                               lambda new_m: jnp.sum(jnp.where(pair, jnp.exp(masked - new_m[None, :]), 0.0), axis=0))
+    return row_m, row_s, col_m, col_s
+
+
+def _ring_local(a, p, mask, *, tau, symmetric, axis_name, axis_size, block=None):
+    """Per-device body of infonce_ring: a, p, mask are this device's shards [n, D] / [n].
+
+    Each of the axis_size hops meets one visiting shard of p. With `block` < n the hop walks its rows
+    in [block, n] tiles (a rematerialised inner scan), so a device never holds more than block x n
+    logits: the per-device memory of the chunked form inside the ring's communication pattern."""
     an, pn = l2_normalize(a), l2_normalize(p)
     perm = [(i, (i + 1) % axis_size) for i in range(axis_size)]
     diag = jnp.sum(an * pn, axis=-1) / tau
     n = a.shape[0]
+    block = n if not block or block >= n else block
+    n_blocks = -(-n // block)
+    pad = n_blocks * block - n
+    a_blocks = jnp.pad(an, ((0, pad), (0, 0))).reshape(n_blocks, block, -1)
+    m_blocks = jnp.pad(mask, (0, pad)).reshape(n_blocks, block)
 
     def varying(x):
         # Carries created inside shard_map must be marked as device-varying to match the body.
         return jax.lax.pcast(x, axis_name, to="varying")
 
     @jax.checkpoint
-    def body(carry, _):
+    def tile(carry, xs):
+        col_m, col_s, p_vis, m_vis = carry
+        a_blk, m_blk, row_m, row_s = xs
+        row_m, row_s, col_m, col_s = _block_update(a_blk, m_blk, p_vis, m_vis, row_m, row_s, col_m, col_s, tau)
+        return (col_m, col_s, p_vis, m_vis), (row_m, row_s)
+
+    def hop(carry, _):
         row_m, row_s, p_vis, m_vis, col_m, col_s = carry
-        logits = an @ p_vis.T / tau                                 # [n, n]: my rows x visiting cols
-        pair = mask[:, None] & m_vis[None, :]
-        masked = jnp.where(pair, logits, _NEG)
-        row_m, row_s = _online_lse(row_m, row_s, jnp.max(masked, axis=1),
-                                   lambda new_m: jnp.sum(jnp.where(pair, jnp.exp(masked - new_m[:, None]), 0.0), axis=1))
-        col_m, col_s = _online_lse(col_m, col_s, jnp.max(masked, axis=0),
-                                   lambda new_m: jnp.sum(jnp.where(pair, jnp.exp(masked - new_m[None, :]), 0.0), axis=0))
+        (col_m, col_s, _, _), (row_m, row_s) = jax.lax.scan(
+            tile, (col_m, col_s, p_vis, m_vis), (a_blocks, m_blocks, row_m, row_s))
         # The visiting shard travels on with its column statistics; after axis_size hops every
         # shard is home again with statistics over all rows.
         p_vis, m_vis, col_m, col_s = jax.lax.ppermute((p_vis, m_vis, col_m, col_s), axis_name, perm)
         return (row_m, row_s, p_vis, m_vis, col_m, col_s), None
 
-    init = (varying(jnp.full((n,), _NEG, a.dtype)), varying(jnp.zeros((n,), a.dtype)), pn, mask,
-            varying(jnp.full((n,), _NEG, a.dtype)), varying(jnp.zeros((n,), a.dtype)))
-    (row_m, row_s, _, _, col_m, col_s), _ = jax.lax.scan(body, init, None, length=axis_size)
+    init = (varying(jnp.full((n_blocks, block), _NEG, a.dtype)), varying(jnp.zeros((n_blocks, block), a.dtype)),
+            pn, mask, varying(jnp.full((n,), _NEG, a.dtype)), varying(jnp.zeros((n,), a.dtype)))
+    (row_m, row_s, _, _, col_m, col_s), _ = jax.lax.scan(jax.checkpoint(hop), init, None, length=axis_size)
+    row_m, row_s = row_m.reshape(-1)[:n], row_s.reshape(-1)[:n]
     row_lse = row_m + jnp.log(jnp.maximum(row_s, 1e-30))
     col_lse = col_m + jnp.log(jnp.maximum(col_s, 1e-30))
     row = jnp.sum(jnp.where(mask, row_lse - diag, 0.0))
@@ -137,14 +161,16 @@ def _ring_local(a, p, mask, *, tau, symmetric, axis_name, axis_size):
 
 
 def infonce_ring(a, p, mask=None, tau: float = 0.2, symmetric: bool = False, *, mesh,
-                 axis_name: str = "data"):
+                 axis_name: str = "data", block: int | None = None):
     """InfoNCE with a, p, mask sharded by rows over mesh axis `axis_name` (N divisible by its size).
 
+    block: rows per logits tile within a device (None: the whole local shard, an [n, n] tile per hop).
     Returns the replicated scalar loss; gradients flow back through the ring (ppermute transposes).
     """
     mask = jnp.ones(a.shape[0], bool) if mask is None else mask
     size = mesh.shape[axis_name]
-    fn = functools.partial(_ring_local, tau=tau, symmetric=symmetric, axis_name=axis_name, axis_size=size)
+    fn = functools.partial(_ring_local, tau=tau, symmetric=symmetric, axis_name=axis_name, axis_size=size,
+                           block=block)
     return jax.shard_map(fn, mesh=mesh, in_specs=(P(axis_name), P(axis_name), P(axis_name)),
                          out_specs=P())(a, p, mask)
 
@@ -159,7 +185,7 @@ def infonce(a, p, mask=None, tau: float = 0.2, symmetric: bool = False, impl: st
     if impl == "ring":
         if mesh is None:
             raise ValueError("impl='ring' needs the device mesh (mesh=...)")
-        return infonce_ring(a, p, mask, tau, symmetric, mesh=mesh, axis_name=axis_name)
+        return infonce_ring(a, p, mask, tau, symmetric, mesh=mesh, axis_name=axis_name, block=block)
     raise ValueError(f"unknown InfoNCE implementation {impl!r}; choose dense, chunked or ring")
 
 

@@ -88,6 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.objective = ml_collections.ConfigDict(dict(
         lambda_sca=10.0, lambda_vq=1.0, tau=0.2, symmetric=False,
         infonce_impl="chunked",      # 'dense' | 'chunked' | 'ring' (across the devices of the mesh)
+        # infonce_block: anchor rows per logits block (chunked) and per tile within a device (ring), so
+        # no device holds more than infonce_block x N (chunked) or x N / devices (ring) logits.
         infonce_block=1024, vicreg_weights=(1.0, 1.0, 1.0), vq_eta=1.0, vq_mu=1.0, vq_reverse=True,
         walk_length=4, recon_kind="bce",
         lambda_cpr=1.0,              # weight of L_CPR (0: the "w/o CPR" ablation; not computed)

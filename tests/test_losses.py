@@ -67,11 +67,13 @@ def test_chunked_matches_dense_value_and_grad(symmetric, block):
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_ring_matches_dense_on_8_devices(mesh8, symmetric):
+@pytest.mark.parametrize("block", [None, 5, 12])   # 12 rows per device: whole shard, ragged tiles, one tile
+def test_ring_matches_dense_on_8_devices(mesh8, symmetric, block):
     a, p, mask = data(n=96, seed=3)
     m = jnp.asarray(mask)
     v0, g0 = value_and_grads(lambda a, p: losses.infonce_dense(a, p, m, 0.2, symmetric), a, p)
-    v1, g1 = value_and_grads(lambda a, p: losses.infonce_ring(a, p, m, 0.2, symmetric, mesh=mesh8), a, p)
+    v1, g1 = value_and_grads(lambda a, p: losses.infonce_ring(a, p, m, 0.2, symmetric, mesh=mesh8, block=block),
+                             a, p)
     assert_agree(v1, g1, v0, g0)
 
 
