@@ -260,7 +260,9 @@ BENCHMARK_USAGE = """chmr-jax benchmark --datasets all|a,b,... --seeds 0,1,2,3,4
 Runs `chmr-jax finetune` on each dataset (frozen encoder, one head per seed) with the in-house
 baselines (--baselines mlp,rf,gnn) on the same splits and seeds, and writes OUT/results.md and
 OUT/results.json: mean +- std per dataset and method next to the paper's published numbers. A dataset
-whose OUT/<dataset>/results.json matches the settings is reused, so an interrupted run continues."""
+whose OUT/<dataset>/results.json matches the settings is reused, so an interrupted run continues;
+re-running with more --baselines computes only the new ones. --table_only tabulates the datasets
+finished so far without computing anything."""
 
 
 def _benchmark(argv: list[str]) -> int:
@@ -272,6 +274,8 @@ def _benchmark(argv: list[str]) -> int:
                             "(comma list of mlp, rf, gnn; '' for none)", flag_values=fv)
         flags.DEFINE_bool("ensemble", False, "also report the release's head + RF ensemble on "
                           "BACE/ClinTox/SIDER/HIV (config.ensemble)", flag_values=fv)
+        flags.DEFINE_bool("table_only", False, "compute nothing: tabulate the finished datasets in --workdir "
+                          "(results.md, results.json, lift.json) with the methods each holds", flag_values=fv)
 
     fv = _config_flags(argv, "benchmark", "finetune.py", BENCHMARK_USAGE, more, required=("workdir", "pretrained"))
     if isinstance(fv, int):
@@ -290,7 +294,8 @@ def _benchmark(argv: list[str]) -> int:
     config.ensemble.enabled = config.ensemble.enabled or fv.ensemble
     return _report_errors("benchmark", lambda: finetune.run_benchmark(config, fv.pretrained, fv.workdir, names,
                                                                       data_dir=fv.data_dir,
-                                                                      command="chmr-jax benchmark " + " ".join(argv)),
+                                                                      command="chmr-jax benchmark " + " ".join(argv),
+                                                                      table_only=fv.table_only),
                           (FileNotFoundError, ValueError, registry.DataNotFoundError))
 
 

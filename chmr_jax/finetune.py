@@ -658,21 +658,34 @@ def lift_report(results: list[dict], command: str = "") -> dict:
             "metric": metric, "higher_is_better": higher_is_better(metric),
             "pretrained": stat("chmr"), "untrained": stat("untrained"),
             "lift": {"mean": r["lift"]["mean"], "std": r["lift"]["std"]},
-            "best_baseline": {"name": best, **stat(best)} if best else None}
+            "best_baseline": {"name": best, **stat(best)} if best else None, "baselines_run": base}
     return out
 
 
-def run_benchmark(config, pretrained, workdir, names, data_dir=None, log=print, command: str = "") -> list[dict]:
-    """finetune.run for each dataset in `names` (workdir/<dataset>/), then results.md / results.json."""
+def run_benchmark(config, pretrained, workdir, names, data_dir=None, log=print, command: str = "",
+                  table_only: bool = False) -> list[dict]:
+    """finetune.run for each dataset in `names` (workdir/<dataset>/), then results.md / results.json.
+
+    table_only: compute nothing; tabulate the datasets whose workdir/<dataset>/results.json exists, with
+    whatever methods each holds (e.g. to report a benchmark that is still being extended)."""
     import json
     from pathlib import Path
 
     workdir = Path(workdir)
     results = []
     for name in names:
+        if table_only:
+            done = workdir / name / "results.json"
+            if done.exists():
+                results.append(json.loads(done.read_text()))
+            else:
+                log(f"{name}: no {done} yet; left out of the table")
+            continue
         cfg = config.copy_and_resolve_references()
         cfg.dataset = name
         results.append(run_or_reuse(cfg, pretrained, workdir / name, data_dir, log))
+    if not results:
+        raise FileNotFoundError(f"{workdir}: no finished dataset (<dataset>/results.json) to tabulate")
     table = benchmark_table(results)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.md").write_text(table + "\n")

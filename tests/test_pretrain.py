@@ -290,6 +290,14 @@ def test_benchmark_adds_a_baseline_without_refitting_the_finished_runs(tiny_run,
         assert second["methods"][method] == first["methods"][method]
     assert [r["seed"] for r in second["methods"]["rf"]["runs"]] == [0, 1] and second["lift"] == first["lift"]
     assert second["settings"]["config"]["baselines"] == "mlp,rf"
+    # --table_only: the finished datasets' table without computing (bace was never run: left out).
+    (out / "lift.json").unlink()
+    assert cli.main(["benchmark", "--datasets", "biogenadme,bace", "--pretrained", str(tiny_run), "--workdir",
+                     str(out), "--table_only"]) == 0
+    lift = json.loads((out / "lift.json").read_text())
+    assert list(lift["datasets"]) == ["biogenadme"] and lift["datasets"]["biogenadme"]["baselines_run"] == ["mlp", "rf"]
+    assert cli.main(["benchmark", "--pretrained", str(tiny_run), "--workdir", str(tmp_path / "none"),
+                     "--table_only"]) == 2
 
 
 def test_finetune_on_a_generic_csv_with_the_whole_encoder_trained(tiny_run, data_dir, cache_dir, tmp_path):
