@@ -7,7 +7,8 @@
 #   bash benchmarks/lift_experiments.sh headline DIR STEP OUT  # the same plus the MLP / RF baselines (-> OUT/lift.json)
 #   bash benchmarks/lift_experiments.sh table DIR STEP OUT [BASELINES] [GNN_EPOCHS]
 #        # issue 12 §5: all 9 benchmarks, seeds 0-4, the untrained control and baselines (default mlp,rf;
-#        # re-running with mlp,rf,gnn adds the GNN-from-scratch runs to a finished table without refitting)
+#        # re-running with mlp,rf,gnn adds the GNN-from-scratch runs to a finished table without refitting;
+#        # DATASETS=a,b,... picks and orders the datasets; `chmr-jax benchmark ... --table_only` tabulates)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CHMR_DATA_DIR=${CHMR_DATA_DIR:-$(cd .. && pwd)/shared/data}
@@ -41,7 +42,7 @@ case "$1" in
       --workdir "$out" --baselines mlp,rf --config.pretrained_step="$step" ;;
   table)
     dir=$2; step=$3; out=$4; baselines=${5:-mlp,rf}; gnn_epochs=${6:-10}
-    $CLI benchmark --datasets all --seeds 0,1,2,3,4 --pretrained "$dir" --workdir "$out" --baselines "$baselines" \
+    $CLI benchmark --datasets "${DATASETS:-all}" --seeds 0,1,2,3,4 --pretrained "$dir" --workdir "$out" --baselines "$baselines" \
       --config.pretrained_step="$step" --config.optim.encoder_epochs="$gnn_epochs" ;;
   *) echo "usage: $0 pretrain | ablation NAME | finetune DIR STEP OUT | headline DIR STEP OUT | table DIR STEP OUT [BASELINES] [GNN_EPOCHS]"; exit 2 ;;
 esac
