@@ -275,27 +275,27 @@ def test_benchmark_adds_a_baseline_without_refitting_the_finished_runs(tiny_run,
                                                                       monkeypatch):
     from chmr_jax import finetune
     out = tmp_path / "bench"
-    args = ["benchmark", "--datasets", "biogenadme", "--seeds", "0,1", "--pretrained", str(tiny_run), "--workdir",
-            str(out), f"--config.cache_dir={cache_dir}", "--config.optim.epochs=2", "--config.head.hidden=16",
+    args = ["benchmark", "--datasets", "bace", "--seeds", "0,1", "--pretrained", str(tiny_run), "--workdir",
+            str(out), f"--config.cache_dir={cache_dir}", "--config.optim.epochs=1", "--config.head.hidden=16",
             "--config.rf.trees=5"]
     assert cli.main(args + ["--baselines", "mlp"]) == 0
-    first = json.loads((out / "biogenadme" / "results.json").read_text())
+    first = json.loads((out / "bace" / "results.json").read_text())
     fail = lambda *a, **k: pytest.fail("re-embedded or refitted a run the first benchmark finished")
     monkeypatch.setattr(finetune, "fit", fail)
     monkeypatch.setattr(finetune, "embed", fail)
     assert cli.main(args + ["--baselines", "mlp,rf"]) == 0
-    second = json.loads((out / "biogenadme" / "results.json").read_text())
+    second = json.loads((out / "bace" / "results.json").read_text())
     assert set(second["methods"]) == {"chmr", "untrained", "mlp", "rf"}
     for method in ("chmr", "untrained", "mlp"):
         assert second["methods"][method] == first["methods"][method]
     assert [r["seed"] for r in second["methods"]["rf"]["runs"]] == [0, 1] and second["lift"] == first["lift"]
     assert second["settings"]["config"]["baselines"] == "mlp,rf"
-    # --table_only: the finished datasets' table without computing (bace was never run: left out).
+    # --table_only: the finished datasets' table without computing (bbbp was never run: left out).
     (out / "lift.json").unlink()
-    assert cli.main(["benchmark", "--datasets", "biogenadme,bace", "--pretrained", str(tiny_run), "--workdir",
+    assert cli.main(["benchmark", "--datasets", "bbbp,bace", "--pretrained", str(tiny_run), "--workdir",
                      str(out), "--table_only"]) == 0
     lift = json.loads((out / "lift.json").read_text())
-    assert list(lift["datasets"]) == ["biogenadme"] and lift["datasets"]["biogenadme"]["baselines_run"] == ["mlp", "rf"]
+    assert list(lift["datasets"]) == ["bace"] and lift["datasets"]["bace"]["baselines_run"] == ["mlp", "rf"]
     assert cli.main(["benchmark", "--pretrained", str(tiny_run), "--workdir", str(tmp_path / "none"),
                      "--table_only"]) == 2
 

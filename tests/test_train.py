@@ -65,28 +65,26 @@ def test_compiles_once_and_loss_decreases(data):
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
 
 
-def test_bfloat16_and_remat_training_track_float32(data):
-    # 20 steps from the same initial parameters on the same batches. remat recomputes the same float32
-    # operations; bfloat16 changes only the activations' arithmetic (parameters, optimiser state, batch
-    # statistics and losses stay float32), so its curve stays within a few bf16 roundings of float32's.
+def test_bfloat16_training_tracks_float32(data):
+    # 10 steps from the same initial parameters on the same batches: bfloat16 changes only the
+    # activations' arithmetic (parameters, optimiser state, batch statistics and losses stay float32),
+    # so its curve stays within a few bf16 roundings of float32's. (remat = no remat: test_model.py.)
     ctx = objective.context_arrays(data.context)
     cfg = objective.ObjectiveConfig(infonce_block=8)
     curves = {}
-    for name, kw in {"f32": {}, "bf16": {"dtype": jnp.bfloat16}, "remat": {"remat": True}}.items():
+    for name, kw in {"f32": {}, "bf16": {"dtype": jnp.bfloat16}}.items():
         graphdef, state, tx = fresh(data, dropout=0.0, **kw)
         step = train.make_train_step(graphdef, tx, cfg, ctx)
         losses = []
-        for i, batch in enumerate(batches(data, 20)):
+        for i, batch in enumerate(batches(data, 10)):
             state, metrics = step(state, batch, jax.random.key(i))
             losses.append(float(metrics["loss"]))
         assert int(state.skipped) == 0 and np.all(np.isfinite(losses)), name
         assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params)), name
         curves[name] = np.array(losses)
-    np.testing.assert_allclose(curves["remat"], curves["f32"], rtol=1e-4)   # float32 rounding only
     rel = np.abs(curves["bf16"] - curves["f32"]) / np.abs(curves["f32"])
-    print("bf16 vs f32 relative loss difference per step:", np.round(rel, 4).tolist())
-    assert rel[0] <= 8 * 2.0 ** -8 and rel.max() <= 32 * 2.0 ** -8
-    assert curves["bf16"][-4:].mean() < curves["bf16"][:4].mean()
+    # Budget: 8 bf16 roundings (2^-8 each) at the first step, 32 over the run; measured <= 0.5% here.
+    assert rel[0] <= 8 * 2.0 ** -8 and rel.max() <= 32 * 2.0 ** -8, rel
 
 
 def test_nan_guard_skips_the_update(data):
