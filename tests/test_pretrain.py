@@ -354,7 +354,7 @@ def test_stress_command_hides_profiles_and_reports_each_level_and_imputation(dat
     before = (out / "zero-missing0.5" / "finetune" / "results.json").stat().st_mtime_ns
     assert cli.main(args) == 0
     assert (out / "zero-missing0.5" / "finetune" / "results.json").stat().st_mtime_ns == before
-    assert cli.main(args[:-2] + ["--missing", "1.5"]) == 1
+    assert cli.main(args[:-2] + ["--missing", "1.5"]) == 2        # a bad flag value: one line, exit 2
 
 
 def test_stress_never_finetunes_an_interrupted_pretraining(monkeypatch, tmp_path):
