@@ -68,30 +68,16 @@ class Stage:
 def enumerated_smiles(n: int, exclude: set) -> list[str]:
     """n more distinct valid SMILES (fragment products: head, ring, linker, ring, tail), canonical,
     not in `exclude`."""
-    from rdkit import Chem
+    import itertools
 
-    from chmr_jax import featurize
+    from chmr_jax import profiles
     heads = ["", "C", "CC", "CCC", "CC(C)", "OCC", "NCC", "FC", "ClCC", "N#CC"]
     rings = ["c1ccccc1", "C1CCCCC1", "c1ccncc1", "C1CCNCC1", "c1ccoc1", "c1ccsc1", "C1CCOC1", "c1cnccn1",
              "C1CC1", "c1cc[nH]c1", "C1CCN(C)CC1", "c1ccc2ccccc2c1"]
     links = ["", "C", "CC", "C(=O)N", "OC", "NC(=O)", "S(=O)(=O)N", "C=C"]
     tails = ["O", "N", "Cl", "F", "C(=O)O", "C#N", "S", "OC", "C(F)(F)F", "Br"]
-    out, seen = [], set(exclude)
-    for t in tails:
-        for r2 in rings:
-            for link in links:
-                for r in rings:
-                    for h in heads:
-                        mol = featurize.parse_smiles(f"{h}{r}{link}{r2}{t}")
-                        if mol is None:
-                            continue
-                        s = Chem.MolToSmiles(mol)
-                        if s not in seen:
-                            seen.add(s)
-                            out.append(s)
-                            if len(out) == n:
-                                return out
-    raise ValueError(f"the enumeration gives only {len(out)} new molecules; {n} asked")
+    products = itertools.product(tails, rings, links, rings, heads)
+    return profiles.enumerate_smiles((f"{h}{r}{link}{r2}{t}" for t, r2, link, r, h in products), n, exclude)
 
 
 def main():

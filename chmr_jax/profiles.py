@@ -414,30 +414,36 @@ def read_gene_network(path) -> np.ndarray:
     return np.array(edges, dtype=str).reshape(-1, 2)
 
 
+def enumerate_smiles(candidates, n: int, exclude=()) -> list[str]:
+    """The first n distinct valid canonical SMILES among `candidates` (an iterable of SMILES strings,
+    e.g. fragment products) that are not in `exclude`; an error if there are fewer."""
+    from rdkit import Chem
+    out, seen = [], set(exclude)
+    if n <= 0:
+        return out
+    for smiles in candidates:
+        mol = featurize.parse_smiles(smiles)
+        if mol is None:
+            continue
+        canonical = Chem.MolToSmiles(mol)
+        if canonical in seen:
+            continue
+        seen.add(canonical)
+        out.append(canonical)
+        if len(out) == n:
+            return out
+    raise ValueError(f"can enumerate at most {len(out)} synthetic molecules; {n} asked")
+
+
 def synthetic_smiles(n: int) -> list[str]:
     """n distinct, valid, drug-like-ish SMILES enumerated from fragments (deterministic)."""
+    import itertools
     heads = ["", "C", "CC", "CCC", "CC(C)", "CCCC", "OCC", "NCC", "FC", "ClCC"]
     rings = ["c1ccccc1", "C1CCCCC1", "c1ccncc1", "C1CCNCC1", "c1ccoc1", "c1ccsc1", "C1CCOC1", "c1cnccn1",
              "c1ccc2ccccc2c1", "C1CC1"]
     links = ["", "C", "CC", "C(=O)N", "OC", "NC(=O)"]
     tails = ["O", "N", "Cl", "F", "C(=O)O", "C#N", "S", "OC", "C(F)(F)F", "c1ccccc1"]
-    from rdkit import Chem
-    out, seen = [], set()
-    for t in tails:
-        for link in links:
-            for r in rings:
-                for h in heads:
-                    mol = featurize.parse_smiles(f"{h}{r}{link}{t}")
-                    if mol is None:
-                        continue
-                    canonical = Chem.MolToSmiles(mol)
-                    if canonical in seen:
-                        continue
-                    seen.add(canonical)
-                    out.append(canonical)
-                    if len(out) == n:
-                        return out
-    raise ValueError(f"can enumerate at most {len(out)} synthetic molecules")
+    return enumerate_smiles((f"{h}{r}{link}{t}" for t, link, r, h in itertools.product(tails, links, rings, heads)), n)
 
 
 def write_synthetic_paper_layout(root, n_molecules: int = 400, seed: int = 0,
