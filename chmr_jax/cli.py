@@ -189,15 +189,21 @@ def is_user_error(e: BaseException) -> bool:
     return any(cls.__name__ in USER_ERRORS for cls in type(e).__mro__)
 
 
+def _user_error(command: str, e: BaseException) -> int:
+    """Reports a user error in one line on stderr naming the command; exit code 2 (or re-raises it
+    with CHMR_TRACEBACK set, from inside the caller's `except`)."""
+    if os.environ.get("CHMR_TRACEBACK"):
+        raise e
+    print(f"chmr-jax {command}: {e}", file=sys.stderr)
+    return 2
+
+
 def _report_errors(command: str, call, errors=(FileNotFoundError, ValueError)) -> int:
-    """Runs `call`; an expected error becomes one line on stderr naming the command, and exit code 2."""
+    """Runs `call`; an expected error (`errors`, e.g. a command's own KeyError) is a user error."""
     try:
         call()
     except errors as e:
-        if os.environ.get("CHMR_TRACEBACK"):
-            raise
-        print(f"chmr-jax {command}: {e}", file=sys.stderr)
-        return 2
+        return _user_error(command, e)
     return 0
 
 
@@ -420,10 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return handlers[command](rest)
         except Exception as e:   # an expected user error: one line naming the file / row / flag, exit 2
-            if not is_user_error(e) or os.environ.get("CHMR_TRACEBACK"):
+            if not is_user_error(e):
                 raise
-            print(f"chmr-jax {command}: {e}", file=sys.stderr)
-            return 2
+            return _user_error(command, e)
     print(f"chmr-jax: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 
