@@ -69,7 +69,7 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
                                  objective.context_arrays(data.context), mesh)
     groups = pretrain_data.graphs.partition(data.corpus.features, np.arange(n), data.budget)
     host = [pretrain_data.batch_of(data, g) for g in groups[:2]]
-    batches = [train.shard_batch(b, mesh) for b in host]
+    batches = [train.assemble_batch(b, mesh) for b in host]
     mols = [int(b["graph"].graph_mask.sum()) for b in host]
     if dump:
         np.savez(dump, **_flat(host[0]), **{f"ctx/{k}": v for k, v in _ctx_numpy(data).items()})

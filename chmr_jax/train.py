@@ -181,8 +181,3 @@ def assemble_batch(local_batch: dict, mesh):
         return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * scale,) + x.shape[1:])
     return jax.tree_util.tree_map(make, local_batch)
 
-
-def shard_batch(batch: dict, mesh):
-    """Places a whole host batch on the mesh, split along its leading axis over 'data' (every process
-    holding the same global batch; the per-host path is `local_rows` + `assemble_batch`)."""
-    return place(batch, NamedSharding(mesh, P("data")))

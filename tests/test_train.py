@@ -45,7 +45,7 @@ def test_eight_devices_equal_one_device(data, mesh8, infonce_impl):
     state1, m1 = train.make_train_step(graphdef, tx, cfg1, ctx)(state1, batch, key)
     graphdef, state8, tx = fresh(data, tx=sgd)
     step8 = train.make_train_step(graphdef, tx, cfg8, ctx, mesh=mesh8)
-    state8, m8 = step8(state8, train.shard_batch(batch, mesh8), key)
+    state8, m8 = step8(state8, train.assemble_batch(batch, mesh8), key)
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(state8.params), jax.tree_util.tree_leaves(state1.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
