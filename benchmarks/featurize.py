@@ -10,7 +10,7 @@ import platform
 import tempfile
 import time
 
-from chmr_jax import datasets, featurize, paths
+from chmr_jax.data import datasets, featurize, paths
 
 
 def main():

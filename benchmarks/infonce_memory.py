@@ -23,7 +23,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from chmr_jax import losses  # noqa: E402
+from chmr_jax.mechanisms import losses  # noqa: E402
 
 GIB = 1 << 30
 

@@ -70,7 +70,7 @@ def enumerated_smiles(n: int, exclude: set) -> list[str]:
     not in `exclude`."""
     import itertools
 
-    from chmr_jax import profiles
+    from chmr_jax.data import profiles
     heads = ["", "C", "CC", "CCC", "CC(C)", "OCC", "NCC", "FC", "ClCC", "N#CC"]
     rings = ["c1ccccc1", "C1CCCCC1", "c1ccncc1", "C1CCNCC1", "c1ccoc1", "c1ccsc1", "C1CCOC1", "c1cnccn1",
              "C1CC1", "c1cc[nH]c1", "C1CCN(C)CC1", "c1ccc2ccccc2c1"]
@@ -92,7 +92,10 @@ def main():
 
     import jax
 
-    from chmr_jax import config_util, featurize, objective, paths, pretrain, pretrain_data, prepare, profiles, train
+    from chmr_jax import config_util
+    from chmr_jax.data import featurize, paths, prepare, profiles
+    from chmr_jax.mechanisms import objective
+    from chmr_jax.training import pretrain, pretrain_data, train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from chmr_jax import planted, profiles
+from chmr_jax.data import profiles
+from chmr_jax.downstream import planted
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -37,7 +37,10 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
     import jax
     import numpy as np
 
-    from chmr_jax import config_util, corpus as corpus_lib, objective, paths, pretrain, pretrain_data, train
+    from chmr_jax import config_util
+    from chmr_jax.data import corpus as corpus_lib, paths
+    from chmr_jax.mechanisms import objective
+    from chmr_jax.training import pretrain, pretrain_data, train
 
     config = config_util.load_config(str(config_util.CONFIG_DIR / "pretrain.py") + (":paper" if synthetic else ""))
     config.batch.batch_size = batch_size

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import scipy.sparse as sp
 
-from chmr_jax import propagation as PR
+from chmr_jax.mechanisms import propagation as PR
 
 # Column chunk per implementation: gather-based formats materialise [nnz, chunk] (or [N, Kmax,
 # chunk]) intermediates, so they get narrower chunks to stay within the machine's memory.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chmr_jax import finetune
+from chmr_jax.downstream import finetune
 
 
 def paired(result, part):

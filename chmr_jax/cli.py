@@ -29,7 +29,7 @@ Multi-host (TPU pods, GPU clusters): run the same command on every host with --d
 
 
 def _prepare(argv: list[str]) -> int:
-    from chmr_jax import datasets, featurize, paths, prepare
+    from chmr_jax.data import datasets, featurize, paths, prepare
 
     parser = argparse.ArgumentParser(prog="chmr-jax prepare", description=COMMANDS["prepare"])
     parser.add_argument("--dataset", default="all",
@@ -101,8 +101,9 @@ def _prepare(argv: list[str]) -> int:
 
 
 def _prepare_corpus(args) -> int:
-    from chmr_jax import config_util, datasets, featurize, paths, prepare
-    from chmr_jax import corpus as corpus_lib
+    from chmr_jax import config_util
+    from chmr_jax.data import datasets, featurize, paths, prepare
+    from chmr_jax.data import corpus as corpus_lib
 
     # The paper's layout (real or synthetic) uses the 'paper' variant: six modalities, no benchmarks.
     paper_variant = f"{config_util.DEFAULT_CONFIG}:paper" if args.corpus in ("paper", "synthetic") else None
@@ -231,7 +232,7 @@ def _pretrain(argv: list[str]) -> int:
         jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id,
                                    heartbeat_timeout_seconds=int(config.train.get("heartbeat_timeout_s", 100)))
 
-    from chmr_jax import pretrain
+    from chmr_jax.training import pretrain
     try:   # (bad configs and data files are user errors: `main` reports them and exits 2)
         pretrain.run(config, fv.workdir, data_dir=fv.data_dir)
     except pretrain.TrainingDiverged as e:
@@ -256,7 +257,8 @@ def _finetune(argv: list[str]) -> int:
     fv = _config_flags(argv, "finetune", "finetune.py", FINETUNE_USAGE, more, required=("workdir", "pretrained"))
     if isinstance(fv, int):
         return fv
-    from chmr_jax import finetune, registry
+    from chmr_jax.data import registry
+    from chmr_jax.downstream import finetune
     return _report_errors("finetune", lambda: finetune.run(fv.config, fv.pretrained, fv.workdir, data_dir=fv.data_dir),
                           (FileNotFoundError, ValueError, registry.DataNotFoundError))
 
@@ -286,7 +288,8 @@ def _benchmark(argv: list[str]) -> int:
     fv = _config_flags(argv, "benchmark", "finetune.py", BENCHMARK_USAGE, more, required=("workdir", "pretrained"))
     if isinstance(fv, int):
         return fv
-    from chmr_jax import datasets, finetune, registry
+    from chmr_jax.data import datasets, registry
+    from chmr_jax.downstream import finetune
     names = list(datasets.ALL_BENCHMARKS) if fv.datasets == "all" else fv.datasets.split(",")
     unknown = [n for n in names if n not in datasets.BENCHMARKS]
     if unknown:
@@ -332,7 +335,9 @@ def _stress(argv: list[str]) -> int:
     fv = _config_flags(argv, "stress", "pretrain.py", STRESS_USAGE, more)
     if isinstance(fv, int):
         return fv
-    from chmr_jax import config_util, pretrain, stress
+    from chmr_jax import config_util
+    from chmr_jax.downstream import stress
+    from chmr_jax.training import pretrain
     config = fv.config.copy_and_resolve_references()
     if fv.steps:
         config.train.steps = fv.steps
@@ -368,7 +373,8 @@ def _embed(argv: list[str]) -> int:
     parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     parser.add_argument("--cache_dir", help="feature cache (default: $CHMR_CACHE_DIR or ~/.cache/chmr_jax/features)")
     args = parser.parse_args(argv)
-    from chmr_jax import export, paths
+    from chmr_jax.data import paths
+    from chmr_jax.downstream import export
     return _report_errors("embed", lambda: export.export(
         export.load_encoder(args.pretrained, args.step), args.input, args.out,
         [f.strip() for f in args.formats.split(",") if f.strip()], args.smiles_column, args.id_column,
@@ -388,7 +394,8 @@ def _convert(argv: list[str]) -> int:
     parser.add_argument("--morgan_radius", type=int, default=4,
                         help="Morgan radius of the 1D input the checkpoint was trained with (release: 4)")
     args = parser.parse_args(argv)
-    from chmr_jax import config_util, convert
+    from chmr_jax import config_util
+    from chmr_jax.downstream import convert
     return _report_errors("convert", lambda: convert.convert(
         args.torch, args.out, config_util.load_config(args.config) if args.config else None, args.drop_geometry,
         args.morgan_radius), (FileNotFoundError, ValueError, KeyError))
@@ -406,7 +413,8 @@ def _report(argv: list[str]) -> int:
     parser.add_argument("--data_dir")
     parser.add_argument("--cache_dir")
     args = parser.parse_args(argv)
-    from chmr_jax import corpus, registry, report
+    from chmr_jax.data import corpus, registry
+    from chmr_jax.downstream import report
     return _report_errors("report", lambda: report.run(args.pretrained, args.out, args.benchmark, args.method,
                                                        args.max_molecules, args.data_dir, args.cache_dir),
                           (FileNotFoundError, ValueError, corpus.CorpusError, registry.DataNotFoundError))

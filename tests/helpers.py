@@ -1,7 +1,9 @@
 """Small builders shared by the pretraining tests (a tiny generated corpus and model)."""
 from flax import nnx
 
-from chmr_jax import corpus as C, model as M, pretrain_data as PD, profiles
+from chmr_jax.data import corpus as C, profiles
+from chmr_jax.mechanisms import model as M
+from chmr_jax.training import pretrain_data as PD
 
 
 def tiny_corpus(root, n_molecules=64, seed=0, observed=None):

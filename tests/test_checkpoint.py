@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from helpers import tiny_corpus, tiny_data_config, tiny_model
 
-from chmr_jax import checkpoint, objective, pretrain_data as PD, train
+from chmr_jax.mechanisms import objective
+from chmr_jax.training import checkpoint, pretrain_data as PD, train
 
 
 @pytest.fixture(scope="module")

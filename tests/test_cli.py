@@ -55,7 +55,7 @@ def test_prepare_reports_a_bad_csv_in_one_line_and_exits_2(tmp_path, capsys, con
 
 def test_prepare_with_user_supplied_geometry_matrix(tmp_path, capsys):
     import numpy as np
-    from chmr_jax import datasets, featurize, prepare
+    from chmr_jax.data import datasets, featurize, prepare
     path = tmp_path / "mine.csv"
     path.write_text("smiles,y\nCCO,1\nc1ccccc1O,0\nCCN,1\n")
     matrix = tmp_path / "unimol.npz"

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chmr_jax import context as C
+from chmr_jax.mechanisms import context as C
 
 
 def small_csr():

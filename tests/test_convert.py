@@ -29,7 +29,10 @@ import numpy as np
 import pytest
 
 import chmr_jax
-from chmr_jax import cli, convert, featurize, pretrain
+from chmr_jax import cli
+from chmr_jax.data import featurize
+from chmr_jax.downstream import convert
+from chmr_jax.training import pretrain
 
 D, LAT, DEPTH, LAYERS, MORGAN = 32, 16, 3, 2, 256
 ATOM, BOND = (119, 5, 12, 12, 10, 6, 6, 2, 2), (5, 6, 2)

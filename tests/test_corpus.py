@@ -5,7 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from chmr_jax import cli, config_util, corpus as C, datasets, prepare, profiles, registry
+from chmr_jax import cli, config_util
+from chmr_jax.data import corpus as C, datasets, prepare, profiles, registry
 
 
 # ---- real files ----------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def test_reachable_corpus(data_dir, cache_dir, tmp_path):
 
 
 def test_leakage_guard_keys(data_dir, cache_dir):
-    from chmr_jax import splits
+    from chmr_jax.data import splits
     keys = prepare.test_split_keys("chembl2k", "inchikey14", data_dir, cache_dir)
     ds = datasets.load_benchmark("chembl2k", data_dir, cache_dir)
     split = splits.load_or_make_split(ds.smiles, "paper_scaffold", cache_dir, "chembl2k")

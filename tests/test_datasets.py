@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from chmr_jax import datasets
+from chmr_jax.data import datasets
 
 # name: (rows, tasks, task type), from ../shared/data/README.md
 EXPECTED = {

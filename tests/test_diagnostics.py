@@ -1,7 +1,7 @@
 """Collapse measures against closed forms and numpy."""
 import numpy as np
 
-from chmr_jax import diagnostics
+from chmr_jax.training import diagnostics
 
 
 def test_effective_rank_closed_forms():

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 import chmr_jax
-from chmr_jax import cli, export, featurize, finetune, pretrain, tree_vq
+from chmr_jax import cli
+from chmr_jax.data import featurize
+from chmr_jax.downstream import export, finetune
+from chmr_jax.mechanisms import tree_vq
+from chmr_jax.training import pretrain
 
 NEW_MOLECULES = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "not-a-smiles", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C",
                  "OC(=O)c1ccccc1OC(C)=O", ""]

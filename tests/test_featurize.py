@@ -4,7 +4,7 @@ import csv
 import numpy as np
 import pytest
 
-from chmr_jax import featurize as F
+from chmr_jax.data import featurize as F
 
 # Columns: atomic_num-1, chirality, total degree, formal charge + 5, total Hs, radicals,
 # hybridization (SP=0, SP2=1, SP3=2), aromatic, in ring.

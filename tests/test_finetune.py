@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from helpers import tiny_corpus, tiny_data_config, tiny_model
 
-from chmr_jax import finetune, pretrain_data as PD
+from chmr_jax.downstream import finetune
+from chmr_jax.training import pretrain_data as PD
 
 
 def test_masked_losses_use_labelled_entries_only():
@@ -136,7 +137,7 @@ def test_ensemble_is_gamma_head_plus_forest():
 
 
 def test_tree_onehot_encodes_the_anchors_path(tmp_path):
-    from chmr_jax import tree_vq
+    from chmr_jax.mechanisms import tree_vq
     corpus = tiny_corpus(tmp_path, n_molecules=30, seed=6)
     model = tiny_model(PD.prepare(corpus, tiny_data_config()))
     emb = finetune.embed(model, corpus.features, show_progress=False)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chmr_jax import featurize, graphs
+from chmr_jax.data import featurize, graphs
 
 SMILES = ["CCO", "c1ccccc1", "CC(=O)O", "C", "C1CCCCC1N", "CCCCCCCCCC", "O=C=O", "c1ccncc1"] * 5
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from chmr_jax import losses
+from chmr_jax.mechanisms import losses
 
 
 def numpy_infonce(a, p, mask, tau, symmetric):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from chmr_jax import metric_writers as mw
+from chmr_jax.training import metric_writers as mw
 
 
 def _event_class():

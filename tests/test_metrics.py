@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, mean_absolute_error, mean_squared_error, roc_auc_score
 
-from chmr_jax import metrics
+from chmr_jax.downstream import metrics
 
 
 @pytest.mark.parametrize("seed", range(5))

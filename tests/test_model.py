@@ -7,7 +7,8 @@ from flax import nnx
 
 from helpers import as_float64
 
-from chmr_jax import featurize, graphs, model as M
+from chmr_jax.data import featurize, graphs
+from chmr_jax.mechanisms import model as M
 
 SMILES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C1CCCCC1N", "CCCl"]
 

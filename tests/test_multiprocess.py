@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from chmr_jax import cli, metric_writers
+from chmr_jax import cli
+from chmr_jax.training import metric_writers
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = str(ROOT / "configs" / "test.py")
@@ -123,7 +124,8 @@ def test_global_batch_from_two_hosts_equals_the_one_process_batch(tmp_path, cach
     import numpy as np
     from jax.tree_util import keystr, tree_leaves_with_path
 
-    from chmr_jax import config_util, pretrain, pretrain_data
+    from chmr_jax import config_util
+    from chmr_jax.training import pretrain, pretrain_data
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_process_batch.py"), str(port), str(i),

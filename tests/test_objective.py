@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 from helpers import tiny_corpus, tiny_data_config, tiny_model
 
-from chmr_jax import objective, pretrain_data as PD
+from chmr_jax.mechanisms import objective
+from chmr_jax.training import pretrain_data as PD
 
 
 @pytest.fixture(scope="module")

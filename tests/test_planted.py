@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chmr_jax import planted, profiles
+from chmr_jax.data import profiles
+from chmr_jax.downstream import planted
 
 ROOT = Path(__file__).resolve().parents[1]
 

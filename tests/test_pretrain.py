@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chmr_jax import cli, config_util, metric_writers, pretrain
+from chmr_jax import cli, config_util
+from chmr_jax.training import metric_writers, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = str(ROOT / "configs" / "test.py")
@@ -273,7 +274,7 @@ def test_benchmark_command_writes_a_table_with_the_papers_numbers(tiny_run, data
 
 def test_benchmark_adds_a_baseline_without_refitting_the_finished_runs(tiny_run, data_dir, cache_dir, tmp_path,
                                                                       monkeypatch):
-    from chmr_jax import finetune
+    from chmr_jax.downstream import finetune
     out = tmp_path / "bench"
     args = ["benchmark", "--datasets", "bace", "--seeds", "0,1", "--pretrained", str(tiny_run), "--workdir",
             str(out), f"--config.cache_dir={cache_dir}", "--config.optim.epochs=1", "--config.head.hidden=16",
@@ -326,7 +327,7 @@ def test_finetune_on_a_generic_csv_with_the_whole_encoder_trained(tiny_run, data
 
 
 def test_stress_command_hides_profiles_and_reports_each_level_and_imputation(data_dir, cache_dir, tmp_path):
-    from chmr_jax import stress
+    from chmr_jax.downstream import stress
     out = tmp_path / "stress"
     args = ["stress", "--config", TEST_CONFIG, "--workdir", str(out), "--missing", "0,0.5",
             "--imputations", "propagate,zero", "--dataset", "bace", "--steps", "2", "--finetune_epochs", "2",
@@ -358,7 +359,8 @@ def test_stress_command_hides_profiles_and_reports_each_level_and_imputation(dat
 
 
 def test_stress_never_finetunes_an_interrupted_pretraining(monkeypatch, tmp_path):
-    from chmr_jax import config_util, stress
+    from chmr_jax import config_util
+    from chmr_jax.downstream import stress
     monkeypatch.setattr(pretrain, "load_corpus", lambda *a, **k: pytest.fail("corpus already saved"))
     (tmp_path / "corpus-missing0").mkdir()
     (tmp_path / "corpus-missing0" / "manifest.json").write_text(json.dumps({"hidden": {"modalities": {}}}))

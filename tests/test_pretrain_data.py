@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from helpers import tiny_corpus, tiny_data_config, tiny_model
 
-from chmr_jax import objective, pretrain_data as PD
+from chmr_jax.mechanisms import objective
+from chmr_jax.training import pretrain_data as PD
 
 
 @pytest.fixture(scope="module")

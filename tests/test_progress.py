@@ -1,7 +1,7 @@
 """Progress reporting: plain log lines off a terminal, a live bar on one, rates of resumed work."""
 import io
 
-from chmr_jax.progress import Progress
+from chmr_jax.training.progress import Progress
 
 
 def test_log_lines_off_a_terminal_end_with_one_final_line():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from chmr_jax import propagation as PR
+from chmr_jax.mechanisms import propagation as PR
 
 
 def brute_force_knn(bits, k):

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from chmr_jax import paths, registry
+from chmr_jax.data import paths, registry
 
 
 def test_data_dir_precedence(monkeypatch, tmp_path):

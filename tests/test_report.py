@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from chmr_jax import cli, report, stress
+from chmr_jax import cli
+from chmr_jax.downstream import report, stress
 
 
 def test_report_command_writes_its_pngs(tiny_run, data_dir, cache_dir, tmp_path):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from chmr_jax import datasets, splits
+from chmr_jax.data import datasets, splits
 
 PAPER_SIZES = {"chembl2k": (1413, 353, 589), "broad6k": (3940, 985, 1642),
                "biogenadme": (2112, 528, 881), "moltoxcast": (5145, 1286, 2145)}

@@ -6,7 +6,8 @@ import optax
 import pytest
 from helpers import tiny_corpus, tiny_data_config, tiny_model
 
-from chmr_jax import objective, pretrain_data as PD, train
+from chmr_jax.mechanisms import objective
+from chmr_jax.training import pretrain_data as PD, train
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from chmr_jax import tree_vq as T
+from chmr_jax.mechanisms import tree_vq as T
 
 
 def random_case(depth=4, dim=8, n=128, seed=0):

@@ -19,7 +19,8 @@ def main():
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from chmr_jax import config_util, pretrain, pretrain_data, train
+    from chmr_jax import config_util
+    from chmr_jax.training import pretrain, pretrain_data, train
 
     config = config_util.load_config(CONFIG)
     config.cache_dir = cache_dir

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from chmr_jax import featurize, paths, registry
+from chmr_jax.data import featurize, paths, registry
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"

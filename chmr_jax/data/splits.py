@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from chmr_jax import featurize
+from chmr_jax.data import featurize
 
 SPLIT_KINDS = ("paper_scaffold", "ogb_scaffold", "random")
 

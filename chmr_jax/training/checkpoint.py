@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from chmr_jax import train
+from chmr_jax.training import train
 
 FORMAT = 2
 

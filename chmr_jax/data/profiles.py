@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from chmr_jax import featurize, paths
-from chmr_jax.corpus import CorpusError, ProfileTable
+from chmr_jax.data import featurize, paths
+from chmr_jax.data.corpus import CorpusError, ProfileTable
 
 PAPER_MODALITIES = {"CP-Bray": 1783, "CP-JUMP": 966, "G-CRISPR": 1111, "G-ORF": 862, "GE": 978}
 PAPER_ROW_ID = {"CP-Bray": "cell_bid", "CP-JUMP": "cell_jid", "G-CRISPR": "ncbi_gene_id",
@@ -457,7 +457,7 @@ def write_synthetic_paper_layout(root, n_molecules: int = 400, seed: int = 0,
 
     smiles: the molecules (default: `synthetic_smiles(n_molecules)`); factors [n, k]: when given,
     every modality's values are a random linear map of these per-molecule factors plus `noise`
-    (the planted-signal corpus, see chmr_jax.planted) instead of a projection of the bits."""
+    (the planted-signal corpus, see chmr_jax.downstream.planted) instead of a projection of the bits."""
     rng = np.random.default_rng(seed)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from chmr_jax.losses import l2_normalize
+from chmr_jax.mechanisms.losses import l2_normalize
 
 
 class TreeVQOutput(NamedTuple):

@@ -21,7 +21,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from chmr_jax import graphs, metrics as metrics_lib, model as model_lib, progress as progress_lib
+from chmr_jax.data import graphs
+from chmr_jax.downstream import metrics as metrics_lib
+from chmr_jax.mechanisms import model as model_lib
+from chmr_jax.training import progress as progress_lib
 
 
 def embed(model, features, extra_inputs: dict | None = None, batch_size: int = 256,
@@ -66,7 +69,7 @@ DEFAULT_PARTS = ("fingerprint_raw", "fingerprint", "graph", "geometry")
 
 def tree_onehot(model, anchor: np.ndarray) -> np.ndarray:
     """The anchor's Tree-VQ path as one-hot codes per level, concatenated: [n, 2 + 4 + ... + 2^H]."""
-    from chmr_jax import tree_vq
+    from chmr_jax.mechanisms import tree_vq
     codes = np.asarray(jax.jit(tree_vq.tree_vq)(model.codebook[...], jnp.asarray(anchor)).codes)
     return np.concatenate([np.eye(2 ** h, dtype=np.float32)[codes[:, h - 1] - 2 ** h]
                            for h in range(1, codes.shape[1] + 1)], axis=1)
@@ -76,7 +79,8 @@ def cellular_projections(model, pre_config, features, names, data_dir, config, l
     """{cellular modality: [n, D]} projections of the pretraining corpus' main input (observed, else
     propagated/imputed as in pretraining) for molecules found in the corpus by 14-char InChIKey block;
     zeros for molecules outside it (counted in the log)."""
-    from chmr_jax import paths, pretrain, pretrain_data
+    from chmr_jax.data import paths
+    from chmr_jax.training import pretrain, pretrain_data
     data_dir = paths.resolve_data_dir(data_dir or config.data_dir or pre_config.data_dir or None)
     cache_dir = paths.resolve_cache_dir(config.cache_dir or pre_config.cache_dir or None)
     corpus = pretrain.load_corpus(pre_config, data_dir, cache_dir, pre_config.workers or None, log=lambda *a: None)
@@ -415,7 +419,7 @@ def _summarise(runs: list[dict], key: str) -> dict:
 def load_task(config, pre_config, mol_names, data_dir=None, log=print):
     """(dataset, prepared, extra encoder inputs) for config.dataset or config.csv, featurized with the
     pretraining run's featurizer settings (one Morgan radius for both, spec §8)."""
-    from chmr_jax import datasets, featurize, paths, prepare
+    from chmr_jax.data import datasets, featurize, paths, prepare
 
     settings = featurize.FeaturizerSettings.from_config(pre_config.featurize)
     cache_dir = paths.resolve_cache_dir(config.cache_dir or None)
@@ -453,7 +457,7 @@ def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | Non
     import json
     from pathlib import Path
 
-    from chmr_jax import pretrain
+    from chmr_jax.training import pretrain
 
     import time
     t_start = time.perf_counter()

@@ -30,8 +30,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from chmr_jax import (checkpoint as checkpoint_lib, corpus as corpus_lib, featurize, graphs, metric_writers, model as model_lib,
-                      objective as objective_lib, paths, prepare, pretrain_data, progress as progress_lib, train)
+from chmr_jax.data import corpus as corpus_lib, featurize, graphs, paths, prepare
+from chmr_jax.mechanisms import model as model_lib, objective as objective_lib
+from chmr_jax.training import checkpoint as checkpoint_lib, metric_writers, pretrain_data, progress as progress_lib, train
 
 MOLECULAR = ("fingerprint", "graph", "geometry")
 # Sections whose change makes a checkpoint unusable (shapes, data order): a restart must match them.

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chmr_jax import context as context_lib, diagnostics, losses, tree_vq
+from chmr_jax.mechanisms import context as context_lib, losses, tree_vq
+from chmr_jax.training import diagnostics
 
 
 @dataclasses.dataclass(frozen=True)

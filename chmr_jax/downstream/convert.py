@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chmr_jax import tree_vq
+from chmr_jax.mechanisms import tree_vq
 
 RELEASE_MOLECULAR = ("fingerprint", "graph", "geometry")     # modal_projectors 0..2
 RELEASE_CELLULAR = ("gene", "cell", "expression")            # modal_projectors 3..5
@@ -249,7 +249,8 @@ def load_into(model, sd: dict) -> list[str]:
 def convert_state_dict(sd: dict, base_config=None, drop_geometry: bool = False, morgan_radius: int = 4):
     """(config, dims, model) for a release state_dict. base_config: a chmr_jax config (default
     configs/paper.py) whose model/featurize sections are set from the checkpoint."""
-    from chmr_jax import config_util, pretrain
+    from chmr_jax import config_util
+    from chmr_jax.training import pretrain
 
     settings, dims = infer_dims(sd, drop_geometry)
     config = (base_config or config_util.load_config(str(config_util.CONFIG_DIR / "paper.py")))
@@ -280,7 +281,8 @@ def convert_state_dict(sd: dict, base_config=None, drop_geometry: bool = False, 
 def convert(torch_path, out, base_config=None, drop_geometry: bool = False, morgan_radius: int = 4,
             log=print) -> Path:
     """Writes a chmr_jax workdir at `out` holding the converted release checkpoint (as step 0)."""
-    from chmr_jax import checkpoint as checkpoint_lib, featurize, train
+    from chmr_jax.data import featurize
+    from chmr_jax.training import checkpoint as checkpoint_lib, train
 
     sd = read_torch_state_dict(torch_path)
     config, dims, model = convert_state_dict(sd, base_config, drop_geometry, morgan_radius)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chmr_jax import featurize
+from chmr_jax.data import featurize
 
 # ---- CRC32C (Castagnoli), as TFRecord framing requires ------------------------------------------
 

@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from chmr_jax import featurize, graphs, progress as progress_lib, tree_vq
+from chmr_jax.data import featurize, graphs
+from chmr_jax.mechanisms import tree_vq
+from chmr_jax.training import progress as progress_lib
 
 FORMATS = ("npz", "parquet", "tfds")
 TFDS_NAME = "chmr_embeddings"
@@ -66,7 +68,7 @@ class Encoder:
 
 def load_encoder(workdir, step: int | None = None) -> Encoder:
     """The encoder of a `chmr-jax pretrain` (or `chmr-jax convert`) workdir, in eval mode."""
-    from chmr_jax import pretrain
+    from chmr_jax.training import pretrain
 
     return encoder_of(*pretrain.load_pretrained(workdir, step), workdir)
 
@@ -111,7 +113,7 @@ def embed_features(encoder: Encoder, features: featurize.MoleculeFeatures, batch
 def read_molecules(path, smiles_column: str = "smiles", id_column: str | None = None) -> tuple[list, list]:
     """(smiles, ids) from a .csv[.gz] (SMILES column by name, ids from id_column or the row number)
     or a .smi file (one 'SMILES [id]' per line, whitespace separated, '#' comments)."""
-    from chmr_jax import datasets
+    from chmr_jax.data import datasets
 
     path = Path(path)
     if not path.exists():

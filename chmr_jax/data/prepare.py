@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chmr_jax import datasets, featurize, splits
+from chmr_jax.data import datasets, featurize, splits
 
 
 @dataclasses.dataclass
@@ -100,7 +100,7 @@ def parse_modality_spec(spec: str) -> list[list[str]]:
 
 def _reachable_sources(data_dir, join: str, dose: str) -> dict:
     """The real profile files reachable offline, as ProfileTables by source name."""
-    from chmr_jax import profiles, registry
+    from chmr_jax.data import profiles, registry
     lookup = profiles.read_repurposing_samples(
         registry.fetch("cellpainting_plate", "repurposing_samples_20200324.txt", data_dir))
     return {
@@ -139,7 +139,7 @@ def test_split_keys(benchmark: str, join: str, data_dir, cache_dir, n_workers=No
 def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
                  data_dir=None, cache_dir=None, n_workers=None, verbose=True):
     """Builds the pretraining corpus described by `cfg` (config.corpus; see configs/default.py)."""
-    from chmr_jax import corpus as corpus_lib, profiles
+    from chmr_jax.data import corpus as corpus_lib, profiles
 
     kind = cfg.kind
     if kind not in CORPUS_KINDS:

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from chmr_jax import featurize
+from chmr_jax.data import featurize
 
 FORMAT_VERSION = 1
 JOIN_KEYS = featurize.JOIN_KEYS

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chmr_jax import export, metric_writers
+from chmr_jax.downstream import export
+from chmr_jax.training import metric_writers
 
 
 def _plt():
@@ -196,7 +197,8 @@ def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca",
     """Writes the PNGs and report.json into `out` (default <pretrained>/report); returns report.json."""
     import jax
 
-    from chmr_jax import paths, pretrain
+    from chmr_jax.data import paths
+    from chmr_jax.training import pretrain
 
     pretrained = Path(pretrained)
     out = Path(out) if out else pretrained / "report"
@@ -246,7 +248,7 @@ def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca",
     report["files"].append("embedding_map.png")
 
     if benchmark:
-        from chmr_jax import datasets, prepare
+        from chmr_jax.data import datasets, prepare
         ds = datasets.load_benchmark(benchmark, data_dir, cache_dir)
         prepared = prepare.prepare(ds, encoder.settings, cache_dir)
         codes = export.embed_features(encoder, prepared.features, show_progress=False)["tree_codes"]

@@ -24,8 +24,9 @@ from typing import Iterator
 
 import numpy as np
 
-from chmr_jax import context, graphs, propagation, splits
-from chmr_jax.corpus import Corpus
+from chmr_jax.data import graphs, splits
+from chmr_jax.mechanisms import context, propagation
+from chmr_jax.data.corpus import Corpus
 
 IMPUTATIONS = ("propagate", "mean", "zero")
 SCA_MASKS = ("observed_or_propagated", "observed", "all")
@@ -127,7 +128,7 @@ def gene_nodes(corpus: Corpus, modality: str = "expression", network: str = "") 
     """
     if not modality or modality not in corpus.modalities or not corpus.modalities[modality].available.any():
         return {}
-    from chmr_jax import profiles
+    from chmr_jax.data import profiles
     columns = [str(g) for g in corpus.modalities[modality].feature_names]
     pairs = [np.asarray(corpus.gene_edges, str).reshape(-1, 2)] if corpus.gene_edges is not None else []
     if network:

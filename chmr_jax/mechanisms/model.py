@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from chmr_jax import featurize, graphs, tree_vq
+from chmr_jax.data import featurize, graphs
+from chmr_jax.mechanisms import tree_vq
 
 
 def at_least_f32(x):

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from chmr_jax import featurize, finetune, paths, pretrain
+from chmr_jax.data import featurize, paths
+from chmr_jax.downstream import finetune
+from chmr_jax.training import pretrain
 
 IMPUTATIONS = ("propagate", "mean", "zero")
 

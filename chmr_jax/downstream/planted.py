@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chmr_jax import featurize, profiles
+from chmr_jax.data import featurize, profiles
 
 CELL_DIM, EXPRESSION_DIM = 32, 24
 
@@ -92,7 +92,9 @@ def run(workdir, smiles, config: str, steps: int, seeds=(0, 1, 2), cache_dir: st
     """Writes the planted corpus and task, pretrains with and without the cellular modalities, fine-tunes
     both with the untrained control. Returns {'cellular', 'structure', 'untrained': mean test ROC-AUC,
     'lift_cellular', 'lift_structure': paired lifts over the untrained encoder, 'results': per run}."""
-    from chmr_jax import config_util, finetune, pretrain
+    from chmr_jax import config_util
+    from chmr_jax.downstream import finetune
+    from chmr_jax.training import pretrain
 
     workdir = Path(workdir)
     made = write(workdir, smiles, **write_kw)

@@ -17,8 +17,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from chmr_jax import graphs
-from chmr_jax import objective as objective_lib
+from chmr_jax.data import graphs
+from chmr_jax.mechanisms import objective as objective_lib
 
 
 class TrainState(NamedTuple):
