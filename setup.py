@@ -26,6 +26,10 @@ setup(
         "pyarrow",
         # The random-forest baseline and ensemble of `chmr-jax benchmark` (spec §8-9), t-SNE in reports.
         "scikit-learn",
+        # TensorBoard event files without TensorFlow (a maintained writer instead of our own protobuf encoding).
+        "tensorboardX",
+        # Progress bars (featurization, downloads, embedding, training) instead of a hand-written bar.
+        "tqdm",
     ],
     extras_require={
         # scipy / scikit-learn are also the independent references the tests compare against.

@@ -41,3 +41,44 @@ def as_float64(module):
     nnx.update(module, jax.tree_util.tree_map(
         lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, state))
     return module
+
+
+def read_event_records(path) -> list[bytes]:
+    """The serialized Event protos of a TensorBoard event file (TFRecord framing: 8-byte little-endian
+    length, 4-byte CRC, payload, 4-byte CRC); the CRCs are the writer library's business."""
+    import struct
+    from pathlib import Path
+    data, out, pos = Path(path).read_bytes(), [], 0
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        out.append(data[pos + 12:pos + 12 + length])
+        pos += 16 + length
+    assert pos == len(data), f"{path}: truncated record"
+    return out
+
+
+def event_class():
+    """tensorflow.Event / Summary / SessionLog (the fields we write) as dynamic protobuf classes,
+    declared with event.proto / summary.proto's field numbers: an independent decoder."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    f = descriptor_pb2.FileDescriptorProto(name="chmr_test_event.proto", package="tftest", syntax="proto3")
+    T = descriptor_pb2.FieldDescriptorProto
+
+    def msg(name, fields):
+        m = f.message_type.add(name=name)
+        for fname, number, ftype, label, type_name in fields:
+            fd = m.field.add(name=fname, number=number, type=ftype, label=label)
+            if type_name:
+                fd.type_name = type_name
+        return m
+
+    opt, rep = T.LABEL_OPTIONAL, T.LABEL_REPEATED
+    msg("Value", [("tag", 1, T.TYPE_STRING, opt, None), ("simple_value", 2, T.TYPE_FLOAT, opt, None)])
+    msg("Summary", [("value", 1, T.TYPE_MESSAGE, rep, ".tftest.Value")])
+    msg("SessionLog", [("status", 1, T.TYPE_INT32, opt, None)])
+    msg("Event", [("wall_time", 1, T.TYPE_DOUBLE, opt, None), ("step", 2, T.TYPE_INT64, opt, None),
+                  ("file_version", 3, T.TYPE_STRING, opt, None), ("summary", 5, T.TYPE_MESSAGE, opt, ".tftest.Summary"),
+                  ("session_log", 7, T.TYPE_MESSAGE, opt, ".tftest.SessionLog")])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tftest.Event"))

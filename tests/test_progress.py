@@ -1,5 +1,7 @@
-"""Progress reporting: plain log lines off a terminal, a live bar on one, rates of resumed work."""
+"""Progress reporting (tqdm): plain log lines off a terminal, a live bar on one, rates of resumed
+work and after a restarted clock."""
 import io
+import re
 
 from chmr_jax.training.progress import Progress
 
@@ -13,9 +15,25 @@ def test_log_lines_off_a_terminal_end_with_one_final_line():
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue()
     assert len(lines) == 6                       # steps 5..9, then the final line once
-    assert lines[-1].startswith("pretrain: [########################] 10/10 100.0%")
-    assert lines[-1].endswith("loss 1.2345") and "step/s" in lines[-1] and "eta" in lines[-1]
+    assert [int(re.search(r"(\d+)/10", line).group(1)) for line in lines] == [5, 6, 7, 8, 9, 10]
+    assert lines[-1].startswith("pretrain: 100%") and lines[-1].endswith("loss 1.2345]")
+    assert "step/s" in lines[-1]
     assert bar.count - bar.initial == 6
+
+
+def test_rate_counts_only_the_work_after_the_clock_restarts(monkeypatch):
+    import time
+    now = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    out = io.StringIO()
+    bar = Progress(100, "pretrain", unit="step", stream=out, log_every_s=1e9)
+    bar.update(1)                 # a slow first step (compilation)...
+    now[0] += 50.0
+    bar.restart_clock()           # ...is left out of the rate: 10 steps in 5 s = 2 step/s
+    bar.update(10)
+    now[0] += 5.0
+    assert "2.00step/s" in bar.line() and "11/100" in bar.line()
+    assert "00:44" in bar.line()  # 89 steps left at 2 step/s
 
 
 def test_terminal_bar_rewrites_one_line():
@@ -28,5 +46,5 @@ def test_terminal_bar_rewrites_one_line():
     assert bar.interactive
     bar.update(3)
     bar.close()
-    assert out.getvalue().startswith("\r") and out.getvalue().count("\n") == 1
+    assert "\r" in out.getvalue() and out.getvalue().count("\n") == 1 and "3/3" in out.getvalue()
     assert Progress(3, "x", stream=Tty(), interactive=False).interactive is False

@@ -151,7 +151,7 @@ def download(url: str, dest: Path, sha256: str | None, timeout_s: float = 30.0,
             total = response.headers.get("Content-Length")
             total = int(total) if total else None
             digest = hashlib.sha256()
-            with Progress(total, f"download {dest.name}", unit="B", enabled=show_progress) as bar:
+            with Progress(total, f"download {dest.name}", unit="B", unit_scale=True, enabled=show_progress) as bar:
                 while block := response.read(1 << 16):
                     out.write(block)
                     digest.update(block)

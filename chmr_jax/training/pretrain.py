@@ -460,7 +460,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
                     jax.block_until_ready(state.step)
                     t_first_done, mol_first = time.perf_counter(), molecules
                     # Rate and ETA from here on: the first step's time is mostly compilation.
-                    bar.start, bar.initial = t_first_done, step
+                    bar.restart_clock(step)
                 if step % tcfg.log_every == 0 or step == total:
                     last = train.host_values(metrics)
                     if writers is not None:

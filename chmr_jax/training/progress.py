@@ -1,8 +1,9 @@
-"""A dependency-free progress reporter: a live bar on a terminal, plain log lines otherwise.
+"""Progress of long work (featurization, downloads, embedding, training) through tqdm: a live bar on a
+terminal, plain log lines otherwise.
 
-Used by long work (featurization, downloads, training) so that a user always sees the rate and
-the time left. On a non-interactive stream (CI, a log file) it prints one line at most every
-`log_every_s` seconds plus a final line, so logs stay short.
+On a non-interactive stream (CI, a log file) tqdm's carriage-return redraws would fill the log, so
+there the same tqdm-formatted line is printed at most every `log_every_s` seconds plus a final line.
+`restart_clock` lets the training loop measure the rate and ETA from the first compiled step on.
 """
 from __future__ import annotations
 
@@ -10,36 +11,35 @@ import sys
 import time
 from typing import IO
 
-
-def _fmt_seconds(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+from tqdm import tqdm
 
 
 class Progress:
     """Counts work items and reports rate and ETA.
 
-    Usage: `with Progress(total, "featurize") as bar: ...; bar.update(n)`.
+    Usage: `with Progress(total, "featurize") as bar: ...; bar.update(n)`; `bar.postfix = "loss 1.2"`
+    appends to every line. initial: work already done (a resumed run), excluded from the rate.
     """
 
     def __init__(self, total: int | None, desc: str, unit: str = "it",
                  stream: IO[str] | None = None, log_every_s: float = 10.0,
-                 enabled: bool = True, interactive: bool | None = None, initial: int = 0):
-        self.total = total
-        self.desc = desc
-        self.unit = unit
+                 enabled: bool = True, interactive: bool | None = None, initial: int = 0,
+                 unit_scale: bool = False):
+        self.total, self.desc, self.unit, self.unit_scale = total, desc, unit, unit_scale
         self.stream = stream if stream is not None else sys.stderr
         self.log_every_s = log_every_s
         self.enabled = enabled
-        self.count = self.initial = initial   # initial: work already done (a resumed run)
+        self.count = self.initial = initial
         self.start = time.perf_counter()
         self._last_print = 0.0
-        self.postfix = ""   # e.g. the current loss, appended to each line
+        self.postfix = ""
         if interactive is None:
             interactive = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interactive = interactive
+        # smoothing=0: the rate is the average since the clock (re)started, not a moving estimate.
+        self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, initial=initial, file=self.stream,
+                         smoothing=0,
+                         dynamic_ncols=True, leave=True) if enabled and interactive else None
 
     def __enter__(self) -> "Progress":
         return self
@@ -47,47 +47,45 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+    def restart_clock(self, count: int | None = None) -> None:
+        """Rate and ETA from now on, over the work after `count` (default: what is done so far)."""
+        self.start = time.perf_counter()
+        self.initial = self.count if count is None else count
+        if self._bar is not None:
+            self._bar.start_t = self._bar._time()
+            self._bar.initial = self._bar.n = self.initial
+            self._bar.last_print_n, self._bar.last_print_t = self.initial, self._bar.start_t
 
-    def rate(self) -> float:
-        return (self.count - self.initial) / max(self.elapsed, 1e-9)
-
-    def _line(self) -> str:
-        return self._core() + (f" {self.postfix}" if self.postfix else "")
-
-    def _core(self) -> str:
-        rate = self.rate()
-        if self.total:
-            frac = min(self.count / self.total, 1.0)
-            eta = (self.total - self.count) / rate if rate > 0 else float("inf")
-            eta_s = _fmt_seconds(eta) if eta != float("inf") else "?"
-            bar = "#" * int(frac * 24)
-            return (f"{self.desc}: [{bar:<24}] {self.count}/{self.total} {frac:6.1%} "
-                    f"{rate:,.1f} {self.unit}/s elapsed {_fmt_seconds(self.elapsed)} eta {eta_s}")
-        return f"{self.desc}: {self.count} {self.unit} {rate:,.1f} {self.unit}/s elapsed {_fmt_seconds(self.elapsed)}"
+    def line(self) -> str:
+        """The tqdm-formatted status (ASCII, for logs): description, bar, count, rate, elapsed, ETA, postfix."""
+        return tqdm.format_meter(self.count, self.total, time.perf_counter() - self.start, ncols=100,
+                                 prefix=self.desc, unit=self.unit, unit_scale=self.unit_scale, ascii=True,
+                                 initial=self.initial, postfix=self.postfix or None)
 
     def update(self, n: int = 1) -> None:
         self.count += n
         if not self.enabled:
             return
+        if self._bar is not None:
+            if self.postfix:
+                self._bar.set_postfix_str(self.postfix, refresh=False)
+            self._bar.update(n)
+            return
         now = time.perf_counter()
-        if self.interactive:
-            if now - self._last_print >= 0.1:
-                self.stream.write("\r" + self._line())
-                self.stream.flush()
-                self._last_print = now
-        elif now - self._last_print >= self.log_every_s and self.count != self.total:
+        if now - self._last_print >= self.log_every_s and self.count != self.total:
             # (the final count is written once, by close())
-            self.stream.write(self._line() + "\n")
+            self.stream.write(self.line() + "\n")
             self.stream.flush()
             self._last_print = now
 
     def close(self) -> None:
         if not self.enabled:
             return
-        prefix = "\r" if self.interactive else ""
-        self.stream.write(prefix + self._line() + "\n")
-        self.stream.flush()
+        if self._bar is not None:
+            if self.postfix:
+                self._bar.set_postfix_str(self.postfix, refresh=False)
+            self._bar.close()
+        else:
+            self.stream.write(self.line() + "\n")
+            self.stream.flush()
         self.enabled = False
