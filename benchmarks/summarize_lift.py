@@ -25,7 +25,7 @@ def main():
     p.add_argument("runs", nargs="+", help="NAME=WORKDIR")
     p.add_argument("--json")
     args = p.parse_args()
-    rows, out = [], {}
+    out = {}
     datasets = None
     for item in args.runs:
         name, _, workdir = item.partition("=")

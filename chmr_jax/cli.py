@@ -289,7 +289,7 @@ def _benchmark(argv: list[str]) -> int:
     if isinstance(fv, int):
         return fv
     from chmr_jax.data import datasets, registry
-    from chmr_jax.downstream import finetune
+    from chmr_jax.downstream import benchmark
     names = list(datasets.ALL_BENCHMARKS) if fv.datasets == "all" else fv.datasets.split(",")
     unknown = [n for n in names if n not in datasets.BENCHMARKS]
     if unknown:
@@ -301,7 +301,7 @@ def _benchmark(argv: list[str]) -> int:
         config.seeds = fv.seeds
     config.baselines = fv.baselines
     config.ensemble.enabled = config.ensemble.enabled or fv.ensemble
-    return _report_errors("benchmark", lambda: finetune.run_benchmark(config, fv.pretrained, fv.workdir, names,
+    return _report_errors("benchmark", lambda: benchmark.run_benchmark(config, fv.pretrained, fv.workdir, names,
                                                                       data_dir=fv.data_dir,
                                                                       command="chmr-jax benchmark " + " ".join(argv),
                                                                       table_only=fv.table_only),

@@ -10,7 +10,7 @@ import pytest
 import chmr_jax
 from chmr_jax import cli
 from chmr_jax.data import featurize
-from chmr_jax.downstream import export, finetune
+from chmr_jax.downstream import embeddings, export
 from chmr_jax.mechanisms import tree_vq
 from chmr_jax.training import pretrain
 
@@ -60,7 +60,7 @@ def test_exported_values_match_the_encoder_and_the_tree(exported, tiny_run):
     model, _, _ = pretrain.load_pretrained(tiny_run)
     feats = featurize.featurize_smiles(list(arrays["smiles"]), export.load_encoder(tiny_run).settings, None,
                                        show_progress=False, verbose=False)
-    emb = finetune.embed(model, feats, batch_size=7, show_progress=False)
+    emb = embeddings.embed(model, feats, batch_size=7, show_progress=False)
     for name in ("fingerprint", "graph", "anchor"):
         np.testing.assert_allclose(arrays[name], emb[name], rtol=1e-4, atol=1e-5)
     # Tree path: every level's code is a child of the previous one, in the level's heap range, and is

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from helpers import tiny_corpus, tiny_data_config, tiny_model
 
-from chmr_jax.downstream import finetune
+from chmr_jax.downstream import baselines, embeddings, encoder_fit, head
 from chmr_jax.training import pretrain_data as PD
 
 
@@ -17,11 +17,11 @@ def test_masked_losses_use_labelled_entries_only():
     m = ~np.isnan(y)
     p = 1 / (1 + np.exp(-logits))
     bce = -(np.nan_to_num(y) * np.log(p) + (1 - np.nan_to_num(y)) * np.log(1 - p))
-    assert float(finetune.masked_loss(jnp.asarray(logits), jnp.asarray(y), "classification")) == pytest.approx(
+    assert float(head.masked_loss(jnp.asarray(logits), jnp.asarray(y), "classification")) == pytest.approx(
         bce[m].mean(), rel=1e-5)
-    assert float(finetune.masked_loss(jnp.asarray(logits), jnp.asarray(y), "regression")) == pytest.approx(
+    assert float(head.masked_loss(jnp.asarray(logits), jnp.asarray(y), "regression")) == pytest.approx(
         np.abs(logits - np.nan_to_num(y))[m].mean(), rel=1e-5)
-    assert float(finetune.masked_loss(jnp.asarray(logits), jnp.full((10, 3), jnp.nan), "classification")) == 0.0
+    assert float(head.masked_loss(jnp.asarray(logits), jnp.full((10, 3), jnp.nan), "classification")) == 0.0
 
 
 def _toy(n=400, d=16, tasks=3, seed=0, noise_only=False):
@@ -37,24 +37,24 @@ def _toy(n=400, d=16, tasks=3, seed=0, noise_only=False):
 @pytest.mark.parametrize("norm", ["layer", "batch"])
 def test_fit_learns_and_returns_the_best_validation_epochs_state(norm):
     x, y, split = _toy()
-    cfg = finetune.FitConfig(hidden=32, norm=norm, dropout=0.1, lr=3e-3, batch_size=32, epochs=30, patience=30)
-    out = finetune.fit(x, y, split, "classification", cfg)
+    cfg = head.FitConfig(hidden=32, norm=norm, dropout=0.1, lr=3e-3, batch_size=32, epochs=30, patience=30)
+    out = head.fit(x, y, split, "classification", cfg)
     assert out["test"]["roc_auc"] > 0.85 and out["test"]["tasks_evaluated"] == 3
     aucs = [h["valid_roc_auc"] for h in out["history"]]
     assert out["best_epoch"] == int(np.argmax(aucs)) and out["valid"]["roc_auc"] == max(aucs)
     # The returned head is that epoch's state: it reproduces the best validation score exactly.
     pred = np.asarray(1 / (1 + np.exp(-np.asarray(out["head"](jnp.asarray(x[split["valid"]]))))))
-    assert finetune.score(y[split["valid"]], pred, "classification")["roc_auc"] == pytest.approx(max(aucs), abs=1e-6)
+    assert head.score(y[split["valid"]], pred, "classification")["roc_auc"] == pytest.approx(max(aucs), abs=1e-6)
 
 
 def test_early_stopping_on_patience_and_regression_mae():
     x, y, split = _toy(noise_only=True, seed=1)
-    out = finetune.fit(x, y, split, "classification", finetune.FitConfig(hidden=16, epochs=200, patience=3, lr=1e-2))
+    out = head.fit(x, y, split, "classification", head.FitConfig(hidden=16, epochs=200, patience=3, lr=1e-2))
     assert len(out["history"]) == out["best_epoch"] + 1 + 3 < 200
     rng = np.random.default_rng(2)
     xr = rng.normal(size=(400, 8)).astype(np.float32)
     yr = (xr[:, :2] @ np.array([[1.0, -0.5], [0.5, 2.0]])).astype(np.float32)
-    reg = finetune.fit(xr, yr, split, "regression", finetune.FitConfig(hidden=64, dropout=0.0, lr=3e-3, epochs=60))
+    reg = head.fit(xr, yr, split, "regression", head.FitConfig(hidden=64, dropout=0.0, lr=3e-3, epochs=60))
     baseline = np.abs(yr[split["test"]] - yr[split["train"]].mean(0)).mean()
     assert reg["test"]["mae"] < 0.5 * baseline
 
@@ -63,14 +63,14 @@ def test_embeddings_do_not_depend_on_batching(tmp_path):
     corpus = tiny_corpus(tmp_path, n_molecules=40, seed=4)
     data = PD.prepare(corpus, tiny_data_config())
     model = tiny_model(data)
-    small = finetune.embed(model, corpus.features, batch_size=3, pad_multiple=8, show_progress=False)
-    large = finetune.embed(model, corpus.features, batch_size=64, pad_multiple=64, show_progress=False)
+    small = embeddings.embed(model, corpus.features, batch_size=3, pad_multiple=8, show_progress=False)
+    large = embeddings.embed(model, corpus.features, batch_size=64, pad_multiple=64, show_progress=False)
     assert set(small) == {"fingerprint_raw", "fingerprint", "graph", "anchor"}
     for key in small:
         assert small[key].shape[0] == 40 and np.isfinite(small[key]).all()
         np.testing.assert_allclose(small[key], large[key], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(small["anchor"], small["fingerprint"] + small["graph"], rtol=1e-5, atol=1e-6)
-    x = finetune.head_inputs(small)
+    x = embeddings.head_inputs(small)
     assert x.shape == (40, small["fingerprint_raw"].shape[1] + 2 * small["graph"].shape[1])
 
 
@@ -88,11 +88,11 @@ def test_fit_encoder_trains_the_encoder_only_when_given_a_learning_rate(tmp_path
     import jax
     from flax import nnx
     features, data, y, split = _graph_task(tmp_path)
-    cfg = finetune.FitConfig(hidden=16, dropout=0.0, lr=3e-3, batch_size=16, epochs=4, patience=4)
+    cfg = head.FitConfig(hidden=16, dropout=0.0, lr=3e-3, batch_size=16, epochs=4, patience=4)
     before = nnx.state(tiny_model(data, dropout=0.0), nnx.Param)
-    frozen = finetune.fit_encoder(tiny_model(data, dropout=0.0), features, y, split, "classification", cfg,
+    frozen = encoder_fit.fit_encoder(tiny_model(data, dropout=0.0), features, y, split, "classification", cfg,
                                   encoder_lr=0.0)
-    moved = finetune.fit_encoder(tiny_model(data, dropout=0.0), features, y, split, "classification", cfg,
+    moved = encoder_fit.fit_encoder(tiny_model(data, dropout=0.0), features, y, split, "classification", cfg,
                                  encoder_lr=1e-3)
     delta = lambda out: max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
@@ -108,11 +108,11 @@ def test_fit_encoder_trains_the_encoder_only_when_given_a_learning_rate(tmp_path
 
 def test_fit_encoder_returns_the_best_epochs_model_in_eval_mode(tmp_path):
     features, data, y, split = _graph_task(tmp_path)
-    cfg = finetune.FitConfig(hidden=16, dropout=0.2, lr=3e-3, batch_size=16, epochs=5, patience=5)
-    out = finetune.fit_encoder(tiny_model(data), features, y, split, "classification", cfg, encoder_lr=1e-3)
+    cfg = head.FitConfig(hidden=16, dropout=0.2, lr=3e-3, batch_size=16, epochs=5, patience=5)
+    out = encoder_fit.fit_encoder(tiny_model(data), features, y, split, "classification", cfg, encoder_lr=1e-3)
     # Re-predicting the test rows with the returned model (its own batching) gives the stored scores.
-    again = finetune.embed(out["model"].encoder, features, show_progress=False)
-    x = finetune.head_inputs(again, out["model"].parts)
+    again = embeddings.embed(out["model"].encoder, features, show_progress=False)
+    x = embeddings.head_inputs(again, out["model"].parts)
     pred = 1 / (1 + np.exp(-np.asarray(out["model"].head(jnp.asarray(x[split["test"]])))))
     np.testing.assert_allclose(pred, out["test_pred"], rtol=1e-4, atol=1e-5)
 
@@ -121,27 +121,27 @@ def test_random_forest_fits_each_task_on_its_labelled_rows():
     from sklearn.ensemble import RandomForestClassifier
     x, y, split = _toy(tasks=3, seed=3)
     y[split["train"], 2] = 1.0                     # one class in training: constant prediction
-    out = finetune.random_forest(x, y, split, "classification", seed=7, trees=20)
+    out = baselines.random_forest(x, y, split, "classification", seed=7, trees=20)
     tr = split["train"][~np.isnan(y[split["train"], 0])]
     ref = RandomForestClassifier(n_estimators=20, max_features="sqrt", random_state=7).fit(x[tr], y[tr, 0])
     np.testing.assert_allclose(out["test_pred"][:, 0], ref.predict_proba(x[split["test"]])[:, 1], atol=1e-6)
     assert np.all(out["test_pred"][:, 2] == 1.0)
     assert out["test"]["tasks_evaluated"] == 3 and out["test"]["roc_auc"] > 0.6
-    reg = finetune.random_forest(x, np.nan_to_num(y), split, "regression", trees=10)
+    reg = baselines.random_forest(x, np.nan_to_num(y), split, "regression", trees=10)
     assert set(reg["test"]) == {"mae", "rmse"}
 
 
 def test_ensemble_is_gamma_head_plus_forest():
-    head, rf = np.array([[0.9], [0.1]]), np.array([[0.2], [0.3]])
-    np.testing.assert_allclose(finetune.ensemble(head, rf, 0.1), [[0.29], [0.31]])
+    head_prob, rf = np.array([[0.9], [0.1]]), np.array([[0.2], [0.3]])
+    np.testing.assert_allclose(baselines.ensemble(head_prob, rf, 0.1), [[0.29], [0.31]])
 
 
 def test_tree_onehot_encodes_the_anchors_path(tmp_path):
     from chmr_jax.mechanisms import tree_vq
     corpus = tiny_corpus(tmp_path, n_molecules=30, seed=6)
     model = tiny_model(PD.prepare(corpus, tiny_data_config()))
-    emb = finetune.embed(model, corpus.features, show_progress=False)
-    onehot = finetune.tree_onehot(model, emb["anchor"])
+    emb = embeddings.embed(model, corpus.features, show_progress=False)
+    onehot = embeddings.tree_onehot(model, emb["anchor"])
     codes = np.asarray(tree_vq.tree_vq(model.codebook[...], jnp.asarray(emb["anchor"])).codes)
     assert onehot.shape == (30, 2 + 4 + 8) and np.all(onehot.sum(1) == 3)
     for h, start in ((1, 0), (2, 2), (3, 6)):

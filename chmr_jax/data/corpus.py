@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from chmr_jax.data import featurize
+from chmr_jax.data import featurize, files
 
 FORMAT_VERSION = 1
 JOIN_KEYS = featurize.JOIN_KEYS
@@ -145,10 +145,10 @@ class Corpus:
             arrays[f"available/{name}"] = m.available
         if self.gene_edges is not None:
             arrays["gene_edges"] = np.asarray(self.gene_edges, dtype=str)
-        featurize.atomic_savez(directory / "corpus.npz", **arrays)
+        files.atomic_savez(directory / "corpus.npz", **arrays)
         self.features.save(directory / "features.npz")
         # written last: its presence marks a complete corpus
-        featurize.atomic_write_text(directory / "manifest.json", json.dumps(self.manifest, indent=1))
+        files.atomic_write_text(directory / "manifest.json", json.dumps(self.manifest, indent=1))
         return directory
 
     @classmethod
@@ -210,7 +210,7 @@ def aggregate_table(table: ProfileTable, aggregate: str = "median", max_nan_frac
     return out, counts
 
 
-def assemble(structures: Sequence[tuple[str, str]], modality_sources: dict, join: str = "inchikey14",
+def assemble(structures: Sequence[tuple], modality_sources: dict, join: str = "inchikey14",
              aggregate: str = "median", max_nan_fraction: float = 0.5,
              settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
              cache_dir=None, exclude_keys: set | None = None, n_workers: int | None = None,
@@ -219,7 +219,8 @@ def assemble(structures: Sequence[tuple[str, str]], modality_sources: dict, join
     """Builds a Corpus.
 
     structures: (smiles, origin) pairs of molecules to include even without profiles (e.g. the
-        benchmarks); profile tables add their own molecules.
+        benchmarks), or (smiles, origin, join key) when the caller already computed the `join` keys
+        (read_paper_layout does); profile tables add their own molecules.
     modality_sources: {modality: [ProfileTable, ...]} concatenated in the given order.
     exclude_keys: join keys never to include (the leakage guard: a benchmark's test molecules).
     expected_dims: {modality: dim} from the config; a mismatch is an error naming the sources.
@@ -234,9 +235,13 @@ def assemble(structures: Sequence[tuple[str, str]], modality_sources: dict, join
     order: list = []
     smiles_of: dict = {}
     origin_keys: dict = {}
-    keys_for_structures = featurize.keys_of_smiles([s for s, _ in structures], join, n_workers)
+    keys_for_structures = [s[2] if len(s) > 2 else None for s in structures]
+    todo = [i for i, k in enumerate(keys_for_structures) if k is None]
+    if todo:
+        for i, key in zip(todo, featurize.keys_of_smiles([structures[i][0] for i in todo], join, n_workers)):
+            keys_for_structures[i] = key
     excluded = set()
-    for (smiles, origin), key in zip(structures, keys_for_structures):
+    for (smiles, origin, *_), key in zip(structures, keys_for_structures):
         if not key:
             counts["structures_unparsable"] += 1
             continue

@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from chmr_jax.data import files
 from chmr_jax.training.progress import Progress
 
 FEATURIZE_VERSION = 1  # bump when the feature definitions change; invalidates caches
@@ -293,7 +294,7 @@ class MoleculeFeatures:
         meta = {"n_input": self.n_input, "rejects": self.rejects,
                 "settings": dataclasses.asdict(self.settings), "version": FEATURIZE_VERSION}
         arrays = {name: getattr(self, name) for name in self._ARRAYS}
-        atomic_savez(path, meta=np.array(json.dumps(meta)), **arrays)
+        files.atomic_savez(path, meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
     def load(cls, path: Path) -> "MoleculeFeatures":
@@ -303,25 +304,6 @@ class MoleculeFeatures:
         return cls(**arrays, n_input=meta["n_input"],
                    rejects=[tuple(r) for r in meta["rejects"]],
                    settings=FeaturizerSettings(**meta["settings"]))
-
-
-def atomic_savez(path: Path, **arrays) -> None:
-    """np.savez to a temporary name then rename, so an interrupted write never leaves a bad cache."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Writes `text` to a temporary name then renames it: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def smiles_digest(smiles: Sequence[str]) -> str:
@@ -555,7 +537,7 @@ def featurize_geometry(smiles: Sequence[str], settings: GeometrySettings = Geome
             values[i] = r
             ok[i] = True
     if cache_path is not None:
-        atomic_savez(cache_path, values=values, ok=ok, reasons=np.array(json.dumps(reasons)))
+        files.atomic_savez(cache_path, values=values, ok=ok, reasons=np.array(json.dumps(reasons)))
     return GeometryFeatures(values=values, ok=ok, reasons=reasons, names=geometry_feature_names())
 
 

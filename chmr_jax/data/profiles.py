@@ -303,7 +303,7 @@ def read_paper_layout(root, modalities: Sequence[str] | None = None, join: str =
                       expected_dims: dict | None = None, n_workers: int | None = None):
     """Reads InfoAlign/CHMR `raw_data/pretrain/raw` as-is.
 
-    Returns (structures [(smiles, 'structure.csv.gz')], {NAME: ProfileTable}, gene_edges [E, 2] str
+    Returns (structures [(smiles, 'structure.csv.gz', join key)], {NAME: ProfileTable}, gene_edges [E, 2] str
     or None, l1k_gene_ids [978] str or None). Profile rows are joined to structures through mol_id
     (the first SMILES of each mol_id); rows whose mol_id is unknown or does not parse are skipped
     and counted.
@@ -378,7 +378,8 @@ def read_paper_layout(root, modalities: Sequence[str] | None = None, join: str =
         # GE's columns are the L1000 landmark genes in L1k_idmaps.csv order: name them by Entrez id,
         # so molecule-gene edges of the context graph reach the same gene nodes as G-G.csv.gz.
         tables["GE"].feature_names = [str(g) for g in l1k]
-    structures = [(s, "structure.csv.gz") for s in mol_smiles.values()]
+    # The join keys go along, so corpus.assemble does not compute them a second time.
+    structures = [(mol_smiles[m], "structure.csv.gz", mol_key[m]) for m in mol_ids]
     return structures, tables, gene_edges, l1k
 
 

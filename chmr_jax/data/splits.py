@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from chmr_jax.data import featurize
+from chmr_jax.data import featurize, files
 
 SPLIT_KINDS = ("paper_scaffold", "ogb_scaffold", "random")
 
@@ -126,5 +126,5 @@ def load_or_make_split(smiles: Sequence[str], kind: str, cache_dir: str | os.Pat
         return {k: np.asarray(saved[k], dtype=np.int64) for k in ("train", "valid", "test")}
     split = make_split(smiles, kind, seed, fractions, n_workers)
     path.parent.mkdir(parents=True, exist_ok=True)
-    featurize.atomic_write_text(path, json.dumps({**settings, **{k: v.tolist() for k, v in split.items()}}))
+    files.atomic_write_text(path, json.dumps({**settings, **{k: v.tolist() for k, v in split.items()}}))
     return split

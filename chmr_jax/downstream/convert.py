@@ -281,7 +281,7 @@ def convert_state_dict(sd: dict, base_config=None, drop_geometry: bool = False, 
 def convert(torch_path, out, base_config=None, drop_geometry: bool = False, morgan_radius: int = 4,
             log=print) -> Path:
     """Writes a chmr_jax workdir at `out` holding the converted release checkpoint (as step 0)."""
-    from chmr_jax.data import featurize
+    from chmr_jax.data import files
     from chmr_jax.training import checkpoint as checkpoint_lib, train
 
     sd = read_torch_state_dict(torch_path)
@@ -292,8 +292,8 @@ def convert(torch_path, out, base_config=None, drop_geometry: bool = False, morg
         raise ValueError(f"{out} already holds checkpoints; convert into a new directory")
     tx = train.make_optimizer(config.optim.lr, config.optim.weight_decay, 1, config.optim.schedule)
     _, state = train.init_state(model, tx)
-    featurize.atomic_write_text(out / "config.json", json.dumps(json.loads(config.to_json_best_effort()), indent=1))
-    featurize.atomic_write_text(out / "model_dims.json", json.dumps(dims, indent=1))
+    files.atomic_write_text(out / "config.json", json.dumps(json.loads(config.to_json_best_effort()), indent=1))
+    files.atomic_write_text(out / "model_dims.json", json.dumps(dims, indent=1))
     ckpt = checkpoint_lib.Checkpointer(out / "checkpoints", async_save=False)
     try:
         ckpt.save(0, state, {"step": 0, "converted_from": str(Path(torch_path).resolve())}, force=True)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from chmr_jax.data import featurize, graphs
+from chmr_jax.data import featurize, files, graphs
 from chmr_jax.mechanisms import tree_vq
 from chmr_jax.training import progress as progress_lib
 
@@ -172,7 +172,7 @@ FILES = {"npz": "embeddings.npz", "parquet": "embeddings.parquet", "tfds": f"tfd
 
 def write_npz(out: Path, arrays: dict) -> Path:
     path = Path(out) / FILES["npz"]
-    featurize.atomic_savez(path, **arrays)
+    files.atomic_savez(path, **arrays)
     return path
 
 
@@ -248,7 +248,7 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
     for f in formats:
         log(f"{f}: {WRITERS[f](out, arrays)}")
     manifest = manifest_for(encoder, arrays, rejects, input_path, formats)
-    featurize.atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
+    files.atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     log(f"embedded {manifest['molecules']} of {len(smiles)} molecules ({len(rejects)} rejected, listed in "
         f"manifest.json) with {encoder.workdir} step {encoder.step} -> {out}")
     return manifest

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from chmr_jax.data import featurize, paths
+from chmr_jax.data import files, paths
 from chmr_jax.downstream import finetune
 from chmr_jax.training import pretrain
 
@@ -64,9 +64,9 @@ def run(config, finetune_config, levels, imputations=IMPUTATIONS, workdir="runs/
                          "test_std": result["test_std"], "seeds": len(result["runs"]),
                          "observed": {n: v["observed_before"] - v["hidden"]
                                       for n, v in manifest["hidden"]["modalities"].items()}})
-    featurize.atomic_write_text(workdir / "results.json", json.dumps(rows, indent=1))
+    files.atomic_write_text(workdir / "results.json", json.dumps(rows, indent=1))
     table = format_table(rows)
-    featurize.atomic_write_text(workdir / "results.md", table + "\n")
+    files.atomic_write_text(workdir / "results.md", table + "\n")
     plot(rows, workdir / "stress.png")
     log("\n" + table + f"\n\nwritten to {workdir / 'results.md'}, results.json and stress.png")
     return rows

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chmr_jax.data import featurize
+from chmr_jax.data import files
 
 
 def scalars_of(metrics: dict) -> dict:
@@ -65,7 +65,7 @@ class JsonlWriter:
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _complete_row(line) and json.loads(line)["step"] <= resume_step]
-            featurize.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            files.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._fh = open(self.path, "a")
