@@ -68,8 +68,9 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
     tx = train.make_optimizer(total_steps=1000)
     graphdef, state = train.init_state(model, tx)
     state = train.place(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    step = train.make_train_step(graphdef, tx, pretrain.objective_config(config),
-                                 objective.context_arrays(data.context), mesh)
+    ctx = objective.context_arrays(data.context)
+    step = train.make_train_step(graphdef, tx, pretrain.objective_config(config), ctx, mesh)
+    ctx_device = train.context_on_devices(ctx, mesh)
     groups = pretrain_data.graphs.partition(data.corpus.features, np.arange(n), data.budget)
     host = [pretrain_data.batch_of(data, g) for g in groups[:2]]
     batches = [train.assemble_batch(b, mesh) for b in host]
@@ -77,15 +78,15 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
     if dump:
         np.savez(dump, **_flat(host[0]), **{f"ctx/{k}": v for k, v in _ctx_numpy(data).items()})
     key = jax.random.key(0)
-    compiled = step.lower(state, batches[0], key).compile().memory_analysis()
+    compiled = step.lower(state, batches[0], key, ctx_device).compile().memory_analysis()
     xla_bytes = None if compiled is None else int(compiled.temp_size_in_bytes + compiled.argument_size_in_bytes
                                                   + compiled.output_size_in_bytes - compiled.alias_size_in_bytes)
     for i in range(warmup):
-        state, metrics = step(state, batches[i % 2], key)
+        state, metrics = step(state, batches[i % 2], key, ctx_device)
     jax.block_until_ready(metrics["loss"])
     t0 = time.perf_counter()
     for i in range(steps):
-        state, metrics = step(state, batches[i % 2], jax.random.fold_in(key, i))
+        state, metrics = step(state, batches[i % 2], key, ctx_device)
     jax.block_until_ready(metrics["loss"])
     seconds = time.perf_counter() - t0
     mem = pretrain.peak_memory()

@@ -1,6 +1,5 @@
 """Orbax checkpoints of the train state: round trip (RNG streams included), keep-N, identical resume,
 integrity (flipped bytes, non-finite values), partial restore of the encoder alone."""
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +36,10 @@ def test_round_trip_and_keep_n(setup, tmp_path):
     data, batches, ctx = setup
     graphdef, state, tx = new_state(data)
     step = train.make_train_step(graphdef, tx, objective.ObjectiveConfig(infonce_block=8), ctx)
+    dev = train.context_on_devices(ctx)
     ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=2)
     for i in range(3):
-        state, _ = step(state, batches[i % len(batches)], jax.random.key(i))
+        state, _ = step(state, batches[i % len(batches)], jax.random.key(i), dev)
         ckpt.save(int(state.step), state, {"step": int(state.step), "note": "x"})
     ckpt.wait()
     assert ckpt.all_steps() == [2, 3]
@@ -57,11 +57,12 @@ def test_resumed_training_continues_identically(setup, tmp_path):
     cfg = objective.ObjectiveConfig(infonce_block=8)
     graphdef, state, tx = new_state(data)
     step = train.make_train_step(graphdef, tx, cfg, ctx)
+    dev = train.context_on_devices(ctx)
     keys = [jax.random.key(100 + i) for i in range(4)]
     ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", async_save=False)
     straight = []
     for i in range(4):
-        state, metrics = step(state, batches[i % len(batches)], keys[i])
+        state, metrics = step(state, batches[i % len(batches)], keys[i], dev)
         straight.append(float(metrics["loss"]))
         if i == 1:
             ckpt.save(2, state, {"step": 2})
@@ -69,9 +70,10 @@ def test_resumed_training_continues_identically(setup, tmp_path):
     graphdef, template, tx = new_state(data)
     state, meta = ckpt.restore(template)
     step = train.make_train_step(graphdef, tx, cfg, ctx)
+    dev = train.context_on_devices(ctx)
     resumed = []
     for i in range(meta["step"], 4):
-        state, metrics = step(state, batches[i % len(batches)], keys[i])
+        state, metrics = step(state, batches[i % len(batches)], keys[i], dev)
         resumed.append(float(metrics["loss"]))
     assert resumed == straight[2:]           # bit-identical: same params, batch stats, RNG streams
 

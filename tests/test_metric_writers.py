@@ -3,7 +3,6 @@ resume."""
 import json
 
 import numpy as np
-import pytest
 
 from chmr_jax.training import metric_writers as mw
 from helpers import event_class, read_event_records

@@ -145,7 +145,7 @@ def test_global_batch_from_two_hosts_equals_the_one_process_batch(tmp_path, cach
     _, data = pretrain.build_inputs(config, 2, log=lambda *a: None)
     assert data.budget.__dict__ == budget
     got = np.load(tmp_path / "batches.npz")
-    plan = pretrain.BatchPlan(data, config.train.seed)
+    plan = pretrain_data.BatchPlan(data, config.train.seed)
     n = 0
     for step, _, group in plan.iterate(0, 2):
         for path, want in tree_leaves_with_path(pretrain_data.batch_of(data, group)):

@@ -147,35 +147,46 @@ def reference_curve(tmp_path_factory, cache_dir):
     subprocess.run(_command(ref_dir, STEPS), env=_env(cache_dir), check=True, capture_output=True, cwd=ROOT)
     curve = _losses(ref_dir)
     assert sorted(curve) == list(range(1, STEPS + 1))
-    return curve
+    return curve, json.loads((ref_dir / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("kill_signal", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_run_resumes_with_the_uninterrupted_loss_curve(tmp_path, cache_dir, kill_signal, reference_curve):
-    steps = STEPS
+def test_killed_run_resumes_with_the_uninterrupted_loss_curve(tmp_path, cache_dir, reference_curve):
+    # One run interrupted twice (three processes instead of two runs of two): first SIGTERM (graceful:
+    # checkpoints the step it stopped at), then, after resuming, SIGKILL (no warning: resumes from the
+    # last periodic checkpoint, redoing the steps after it).
     env = _env(cache_dir)
-    reference = reference_curve
-
+    reference, reference_summary = reference_curve
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_command(run_dir, steps), env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    _wait_for_rows(run_dir, 12, proc)
-    proc.send_signal(kill_signal)
-    out, _ = proc.communicate(timeout=120)
-    killed_at = max(_losses(run_dir))
-    assert killed_at < steps, "the run finished before it was killed; the test did not test resuming"
-    if kill_signal == signal.SIGTERM:
-        # A graceful stop checkpoints the step it stopped at and says so.
-        assert proc.returncode == 0 and "stopped by SIGTERM" in out, out
-        assert (run_dir / "checkpoints" / str(killed_at)).is_dir()
+    restored = []
+    for kill_signal, after_rows in ((signal.SIGTERM, 12), (signal.SIGKILL, 26)):
+        proc = subprocess.Popen(_command(run_dir, STEPS), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        _wait_for_rows(run_dir, after_rows, proc)
+        proc.send_signal(kill_signal)
+        out, _ = proc.communicate(timeout=120)
+        killed_at = max(_losses(run_dir))
+        assert killed_at < STEPS, "the run finished before it was killed; the test did not test resuming"
+        if kill_signal == signal.SIGTERM:
+            assert proc.returncode == 0 and "stopped by SIGTERM" in out, out
+            assert (run_dir / "checkpoints" / str(killed_at)).is_dir()
+        else:
+            assert proc.returncode == -signal.SIGKILL
+            assert re.search(r"resumed from \S+ \(step (\d+) of", out), out
+        restored.append(killed_at)
 
-    resumed = subprocess.run(_command(run_dir, steps), env=env, capture_output=True, text=True, cwd=ROOT)
+    resumed = subprocess.run(_command(run_dir, STEPS), env=env, capture_output=True, text=True, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     restored_from = int(re.search(r"resumed from \S+ \(step (\d+) of", resumed.stdout).group(1))
-    assert 0 < restored_from <= killed_at
+    assert restored[0] < restored_from <= restored[1]
     curve = _losses(run_dir)
-    assert sorted(curve) == list(range(1, steps + 1))
-    assert curve == reference   # bit-identical: same data order, keys and state after the restore
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    assert curve == reference   # bit-identical: same data order, keys and state after each restore
+    # The summary covers the whole run, not only the last process: the totals saved with each
+    # checkpoint carry the molecules (and time) of the earlier processes up to that checkpoint.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["molecules_seen"] == reference_summary["molecules_seen"]
+    assert summary["this_process"]["molecules"] < summary["molecules_seen"]
+    assert summary["wall_s"] > summary["this_process"]["wall_s"]
 
 
 def test_nan_inputs_skip_updates_then_stop_with_a_clear_error(tmp_path, cache_dir):
@@ -277,7 +288,7 @@ def test_benchmark_command_writes_a_table_with_the_papers_numbers(tiny_run, data
 
 def test_benchmark_adds_a_baseline_without_refitting_the_finished_runs(tiny_run, data_dir, cache_dir, tmp_path,
                                                                       monkeypatch):
-    from chmr_jax.downstream import finetune
+    from chmr_jax.downstream import embeddings, head
     out = tmp_path / "bench"
     args = ["benchmark", "--datasets", "bace", "--seeds", "0,1", "--pretrained", str(tiny_run), "--workdir",
             str(out), f"--config.cache_dir={cache_dir}", "--config.optim.epochs=1", "--config.head.hidden=16",
@@ -285,8 +296,8 @@ def test_benchmark_adds_a_baseline_without_refitting_the_finished_runs(tiny_run,
     assert cli.main(args + ["--baselines", "mlp"]) == 0
     first = json.loads((out / "bace" / "results.json").read_text())
     fail = lambda *a, **k: pytest.fail("re-embedded or refitted a run the first benchmark finished")
-    monkeypatch.setattr(finetune, "fit", fail)
-    monkeypatch.setattr(finetune, "embed", fail)
+    monkeypatch.setattr(head, "fit", fail)
+    monkeypatch.setattr(embeddings, "embed", fail)
     assert cli.main(args + ["--baselines", "mlp,rf"]) == 0
     second = json.loads((out / "bace" / "results.json").read_text())
     assert set(second["methods"]) == {"chmr", "untrained", "mlp", "rf"}
@@ -330,28 +341,33 @@ def test_finetune_on_a_generic_csv_with_the_whole_encoder_trained(tiny_run, data
 
 
 def test_stress_command_hides_profiles_and_reports_each_level_and_imputation(data_dir, cache_dir, tmp_path):
+    # One level and two imputations (two pretrain + finetune runs: the CI budget); the table's layout
+    # for several levels is checked on made-up rows below.
     from chmr_jax.downstream import stress
     out = tmp_path / "stress"
-    args = ["stress", "--config", TEST_CONFIG, "--workdir", str(out), "--missing", "0,0.5",
+    args = ["stress", "--config", TEST_CONFIG, "--workdir", str(out), "--missing", "0.5",
             "--imputations", "propagate,zero", "--dataset", "bace", "--steps", "2", "--finetune_epochs", "2",
             f"--config.cache_dir={cache_dir}", "--config.train.log_every=100"]
     assert cli.main(args) == 0
     rows = json.loads((out / "results.json").read_text())
-    assert [(r["missing"], r["imputation"]) for r in rows] == [(0.0, "propagate"), (0.0, "zero"),
-                                                              (0.5, "propagate"), (0.5, "zero")]
+    assert [(r["missing"], r["imputation"]) for r in rows] == [(0.5, "propagate"), (0.5, "zero")]
     for r in rows:
         assert r["dataset"] == "bace" and 0.0 <= r["test_mean"] <= 1.0
-    full, half = rows[0]["observed"], rows[2]["observed"]
-    assert set(full) == {"cell", "gene", "expression"}
-    assert all(half[n] == full[n] - round(0.5 * full[n]) for n in full)
+    hidden = json.loads((out / "corpus-missing0.5" / "manifest.json").read_text())["hidden"]
+    assert hidden["fraction"] == 0.5 and set(hidden["modalities"]) == {"cell", "gene", "expression"}
+    from chmr_jax.data import corpus as corpus_lib
+    saved = corpus_lib.Corpus.load(out / "corpus-missing0.5")
+    for name, counts in hidden["modalities"].items():
+        assert counts["hidden"] == round(0.5 * counts["observed_before"]) > 0
+        left = int(saved.modalities[name].available.sum())      # what the saved corpus really holds
+        assert rows[0]["observed"][name] == left == counts["observed_before"] - counts["hidden"]
     # The pretraining runs saw the hidden corpus and their imputation.
     run = out / "zero-missing0.5" / "pretrain"
-    assert json.loads((run / "corpus_manifest.json").read_text())["hidden"]["fraction"] == 0.5
     assert json.loads((run / "config.json").read_text())["pretrain_data"]["imputation"] == "zero"
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
     table = (out / "results.md").read_text().splitlines()
     assert table[0].startswith("| extra missing | observed profiles | propagate (roc_auc x100) | zero")
-    assert len(table) == 4 and table[3].startswith("| 0.5 |")
+    assert len(table) == 3 and table[2].startswith("| 0.5 |")
     width, height = stress.read_png_size(out / "stress.png")
     assert width > 300 and height > 200
     # Re-running reuses every stage (nothing retrained): the fine-tuning results are untouched.
@@ -359,6 +375,18 @@ def test_stress_command_hides_profiles_and_reports_each_level_and_imputation(dat
     assert cli.main(args) == 0
     assert (out / "zero-missing0.5" / "finetune" / "results.json").stat().st_mtime_ns == before
     assert cli.main(args[:-2] + ["--missing", "1.5"]) == 2        # a bad flag value: one line, exit 2
+
+
+def test_stress_table_has_a_row_per_level_and_a_column_per_imputation():
+    from chmr_jax.downstream import stress
+    rows = [{"missing": f, "imputation": m, "metric": "roc_auc", "test_mean": 0.7 - f / 10 - (m == "zero") / 100,
+             "test_std": 0.01, "observed": {"cell": int(100 * (1 - f))}} for f in (0.0, 0.5) for m in ("propagate", "zero")]
+    table = stress.format_table(rows)
+    assert table.splitlines() == [
+        "| extra missing | observed profiles | propagate (roc_auc x100) | zero (roc_auc x100) |",
+        "|---|---|---|---|",
+        "| 0 | cell 100 | 70.0 +- 1.0 | 69.0 +- 1.0 |",
+        "| 0.5 | cell 50 | 65.0 +- 1.0 | 64.0 +- 1.0 |"]
 
 
 def test_stress_never_finetunes_an_interrupted_pretraining(monkeypatch, tmp_path):

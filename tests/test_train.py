@@ -43,24 +43,30 @@ def test_eight_devices_equal_one_device(data, mesh8, infonce_impl):
     # (Adam's first step is ~lr * sign(g) and turns rounding noise in tiny entries into +-lr).
     sgd = optax.sgd(0.1)
     graphdef, state1, tx = fresh(data, tx=sgd)
-    state1, m1 = train.make_train_step(graphdef, tx, cfg1, ctx)(state1, batch, key)
+    state1, m1 = train.make_train_step(graphdef, tx, cfg1, ctx)(state1, batch, key, train.context_on_devices(ctx))
     graphdef, state8, tx = fresh(data, tx=sgd)
     step8 = train.make_train_step(graphdef, tx, cfg8, ctx, mesh=mesh8)
-    state8, m8 = step8(state8, train.assemble_batch(batch, mesh8), key)
+    state8, m8 = step8(state8, train.assemble_batch(batch, mesh8), key, train.context_on_devices(ctx, mesh8))
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(state8.params), jax.tree_util.tree_leaves(state1.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_compiles_once_and_loss_decreases(data):
+def train_curve(data, n_steps: int, **model_kw):
+    """n_steps of the chunked objective from a fresh dropout-free model on the same batches (one base
+    key: the step folds in state.step) -> (step function, final state, losses)."""
     ctx = objective.context_arrays(data.context)
-    cfg = objective.ObjectiveConfig(infonce_block=8)
-    graphdef, state, tx = fresh(data, dropout=0.0)
-    step = train.make_train_step(graphdef, tx, cfg, ctx)
-    losses = []
-    for i, batch in enumerate(batches(data, 20)):
-        state, metrics = step(state, batch, jax.random.key(i))
+    graphdef, state, tx = fresh(data, dropout=0.0, **model_kw)
+    step = train.make_train_step(graphdef, tx, objective.ObjectiveConfig(infonce_block=8), ctx)
+    dev, key, losses = train.context_on_devices(ctx), jax.random.key(0), []
+    for batch in batches(data, n_steps):
+        state, metrics = step(state, batch, key, dev)
         losses.append(float(metrics["loss"]))
+    return step, state, np.array(losses)
+
+
+def test_compiles_once_and_loss_decreases(data):
+    step, state, losses = train_curve(data, 20)
     assert step._cache_size() == 1                      # 20 steps, one compilation
     assert all(np.isfinite(losses)) and int(state.step) == 20 and int(state.skipped) == 0
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
@@ -70,19 +76,12 @@ def test_bfloat16_training_tracks_float32(data):
     # 10 steps from the same initial parameters on the same batches: bfloat16 changes only the
     # activations' arithmetic (parameters, optimiser state, batch statistics and losses stay float32),
     # so its curve stays within a few bf16 roundings of float32's. (remat = no remat: test_model.py.)
-    ctx = objective.context_arrays(data.context)
-    cfg = objective.ObjectiveConfig(infonce_block=8)
     curves = {}
     for name, kw in {"f32": {}, "bf16": {"dtype": jnp.bfloat16}}.items():
-        graphdef, state, tx = fresh(data, dropout=0.0, **kw)
-        step = train.make_train_step(graphdef, tx, cfg, ctx)
-        losses = []
-        for i, batch in enumerate(batches(data, 10)):
-            state, metrics = step(state, batch, jax.random.key(i))
-            losses.append(float(metrics["loss"]))
+        _, state, losses = train_curve(data, 10, **kw)
         assert int(state.skipped) == 0 and np.all(np.isfinite(losses)), name
         assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params)), name
-        curves[name] = np.array(losses)
+        curves[name] = losses
     rel = np.abs(curves["bf16"] - curves["f32"]) / np.abs(curves["f32"])
     # Budget: 8 bf16 roundings (2^-8 each) at the first step, 32 over the run; measured <= 0.5% here.
     assert rel[0] <= 8 * 2.0 ** -8 and rel.max() <= 32 * 2.0 ** -8, rel
@@ -92,10 +91,11 @@ def test_nan_guard_skips_the_update(data):
     ctx = objective.context_arrays(data.context)
     graphdef, state, tx = fresh(data)
     step = train.make_train_step(graphdef, tx, objective.ObjectiveConfig(infonce_block=8), ctx)
+    dev = train.context_on_devices(ctx)
     batch = batches(data, 1)[0]
     bad = dict(batch, inputs={**batch["inputs"], "fingerprint": batch["inputs"]["fingerprint"] * jnp.nan})
     before = jax.tree_util.tree_map(np.asarray, state.params)
-    state, metrics = step(state, bad, jax.random.key(0))
+    state, metrics = step(state, bad, jax.random.key(0), dev)
     assert int(state.skipped) == 1 and int(metrics["skipped"]) == 1
     for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(before)):
         np.testing.assert_array_equal(a, b)

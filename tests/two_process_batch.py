@@ -27,7 +27,7 @@ def main():
     mesh = train.data_mesh(jax.devices())
     _, data = pretrain.build_inputs(config, len(jax.devices()), log=lambda *a: None)
     rows = train.local_rows(data.budget, mesh)
-    plan = pretrain.BatchPlan(data, config.train.seed)
+    plan = pretrain_data.BatchPlan(data, config.train.seed)
     gathered = {}
     for step, _, group in plan.iterate(0, STEPS):
         local = pretrain_data.batch_of(data, group, rows)

@@ -11,7 +11,8 @@ Workdir layout:
   corpus_manifest.json   the corpus' manifest (sources, counts, dims)
   checkpoints/<step>/    Orbax checkpoints (train state + JSON meta), the newest `keep` kept
   metrics.jsonl          one row per logged step; tensorboard/ event files with the same scalars
-  summary.json           wall time, molecules/s, peak memory, final metrics
+  summary.json           wall time and molecules over the whole run (the totals travel with each
+                         checkpoint), molecules/s after compilation, peak memory, final metrics
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import queue
 import resource
 import signal
 import threading
@@ -30,9 +30,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from chmr_jax.data import corpus as corpus_lib, featurize, graphs, paths, prepare
+from chmr_jax.data import corpus as corpus_lib, featurize, files, paths, prepare
 from chmr_jax.mechanisms import model as model_lib, objective as objective_lib
-from chmr_jax.training import checkpoint as checkpoint_lib, metric_writers, pretrain_data, progress as progress_lib, train
+from chmr_jax.training import checkpoint as checkpoint_lib, chores as chores_lib, pretrain_data, train
 
 MOLECULAR = ("fingerprint", "graph", "geometry")
 # Sections whose change makes a checkpoint unusable (shapes, data order): a restart must match them.
@@ -230,74 +230,6 @@ def build_inputs(config, n_devices: int, data_dir=None, log=print):
 
 # ---- the step -> batch map ---------------------------------------------------------------------------
 
-class BatchPlan:
-    """Maps a global step to its molecule group: epochs in sequence, each a fresh permutation."""
-
-    def __init__(self, data: pretrain_data.PretrainData, seed: int):
-        self.data, self.seed = data, seed
-        self._epoch: tuple[int, list[np.ndarray]] | None = None   # the last epoch's groups
-        self._lengths: dict[int, int] = {}
-
-    def epoch(self, e: int) -> list[np.ndarray]:
-        if self._epoch is None or self._epoch[0] != e:
-            order = np.random.default_rng([self.seed, e]).permutation(len(self.data))
-            self._epoch = (e, graphs.partition(self.data.corpus.features, order, self.data.budget))
-            self._lengths[e] = len(self._epoch[1])
-        return self._epoch[1]
-
-    def steps_per_epoch(self, e: int = 0) -> int:
-        if e not in self._lengths:
-            self.epoch(e)
-        return self._lengths[e]
-
-    def total_steps(self, epochs: int) -> int:
-        return sum(self.steps_per_epoch(e) for e in range(epochs))
-
-    def locate(self, step: int) -> tuple[int, int]:
-        """(epoch, position) of the batch used by optimiser step `step` (0-based)."""
-        e = 0
-        while step >= self.steps_per_epoch(e):
-            step -= self.steps_per_epoch(e)
-            e += 1
-        return e, step
-
-    def iterate(self, start: int, stop: int):
-        """Yields (step, epoch, molecule group) for steps start..stop-1."""
-        e, k = self.locate(start)
-        step = start
-        while step < stop:
-            groups = self.epoch(e)
-            while k < len(groups) and step < stop:
-                yield step, e, groups[k]
-                step, k = step + 1, k + 1
-            e, k = e + 1, 0
-
-
-def _prefetch(iterator, size: int = 2):
-    """Runs `iterator` in a background thread (host batch packing overlaps device compute)."""
-    q: queue.Queue = queue.Queue(maxsize=size)
-    done = object()
-
-    def worker():
-        try:
-            for item in iterator:
-                q.put(item)
-        except BaseException as e:   # surfaced in the consumer
-            q.put(e)
-        q.put(done)
-
-    threading.Thread(target=worker, daemon=True).start()
-    while True:
-        item = q.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
-# ---- the job -------------------------------------------------------------------------------------
-
 def peak_memory() -> dict:
     out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     stats = [d.memory_stats() for d in jax.local_devices() if d.platform != "cpu"]
@@ -308,7 +240,7 @@ def peak_memory() -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    featurize.atomic_write_text(path, json.dumps(obj, indent=1, default=str))
+    files.atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def _finished_summary(workdir: Path, steps: int) -> dict | None:
@@ -398,7 +330,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
         _write_json(workdir / "corpus_manifest.json", corpus.manifest)
         _write_json(workdir / "model_dims.json", model_dims(config, data, names))
 
-    plan = BatchPlan(data, tcfg.seed)
+    plan = pretrain_data.BatchPlan(data, tcfg.seed)
     total = tcfg.steps if tcfg.steps > 0 else plan.total_steps(tcfg.epochs)
     schedule = train.lr_schedule(config.optim.lr, total, config.optim.schedule)
     tx = train.make_optimizer(config.optim.lr, config.optim.weight_decay, total, config.optim.schedule)
@@ -411,7 +343,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     # fine-tune them: `--config.pretrained_step`).
     snapshot_epochs = {int(e) for e in str(tcfg.get("snapshot_epochs", "")).split(",") if e.strip()}
     snapshots = checkpoint_lib.Checkpointer(workdir / "snapshots", max_to_keep=None) if snapshot_epochs else None
-    start = 0
+    start, saved_totals = 0, None
     if ckpt.latest_step() is not None:
         # The newest checkpoint that passes the integrity checks (digests, finite parameters); corrupt
         # newer ones are moved aside with a warning, so the rotation cannot delete a good one for them.
@@ -421,65 +353,47 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
                 f"every checkpoint in {ckpt.directory} failed its integrity check (moved to "
                 f"{ckpt.directory.parent / 'corrupt'}); start again with a new --workdir or remove the checkpoints")
         state = restored
-        start = int(meta["step"])
+        start, saved_totals = int(meta["step"]), meta.get("totals")
         log(f"resumed from {ckpt.directory}/{start} (step {start} of {total})")
-    step_fn = train.make_train_step(graphdef, tx, objective_config(config), objective_lib.context_arrays(data.context),
-                                    mesh)
+    ctx = objective_lib.context_arrays(data.context)
+    step_fn = train.make_train_step(graphdef, tx, objective_config(config), ctx, mesh)
+    ctx_device = train.context_on_devices(ctx, mesh)
     base_key = jax.random.key(tcfg.seed)
-    writers = metric_writers.MetricWriters(workdir, resume_step=start if start else None) if is_main else None
     meta_common = {"total_steps": total, "devices": n_dev, "corpus": corpus.manifest.get("name", ""),
                    "budget": data.budget.__dict__}
+    chores = chores_lib.Chores(workdir, total, start, saved_totals, is_main=is_main, progress=tcfg.progress,
+                               t_start=t_start)
 
-    def save(step, force=False):
+    def save(step, store=None, force=False):
         epoch, _ = plan.locate(max(step - 1, 0))
-        ckpt.save(step, state, {"step": step, "epoch": epoch, **meta_common}, force=force)
+        meta = {"step": step, "epoch": epoch, **meta_common, "totals": chores.totals()}
+        if store is snapshots:
+            meta["epochs_done"] = epoch + 1
+        (store or ckpt).save(step, state, meta, force=force)
 
-    mode = tcfg.progress
-    bar = progress_lib.Progress(total, "pretrain", unit="step", log_every_s=30.0, enabled=is_main,
-                                interactive=None if mode == "auto" else mode == "bar", initial=start)
-    molecules = mol_first = 0
-    t_first_done = None
-    last = {}
-    stop_reason = None
-
-    # Per-host input: each process packs only the rows of the global batch its own devices hold.
-    rows = train.local_rows(data.budget, mesh)
-
-    def batches():
-        for step, epoch, group in plan.iterate(start, total):
-            yield step, epoch, len(group), train.assemble_batch(pretrain_data.batch_of(data, group, rows), mesh)
-
-    step = start
+    last, stop_reason, step = {}, None, start
     with _StopFlag() as stop:
         try:
-            for step, epoch, n_mol, batch in _prefetch(batches()):
-                state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+            for step, epoch, n_mol, batch in pretrain_data.global_batches(data, plan, start, total, mesh):
+                state, metrics = step_fn(state, batch, base_key, ctx_device)   # key: fold_in(base_key, state.step)
                 step += 1
-                molecules += n_mol
-                if t_first_done is None:
-                    jax.block_until_ready(state.step)
-                    t_first_done, mol_first = time.perf_counter(), molecules
-                    # Rate and ETA from here on: the first step's time is mostly compilation.
-                    bar.restart_clock(step)
-                if step % tcfg.log_every == 0 or step == total:
+                logged = None
+                if chores_lib.itstime(step, tcfg.log_every, total):
                     last = train.host_values(metrics)
-                    if writers is not None:
-                        writers.write(step, {**last, "epoch": epoch, "lr": float(schedule(step - 1))})
-                        writers.flush()
-                    bar.postfix = f"loss {float(last['loss']):.4f}"
+                    logged = {**last, "epoch": epoch, "lr": float(schedule(step - 1))}
+                chores.step_done(step, n_mol, ready=state.step, metrics=logged)
+                if logged is not None:
                     if int(last["skipped"]) >= tcfg.max_skipped:
                         save(step, force=True)
                         raise TrainingDiverged(
                             f"{int(last['skipped'])} updates skipped for non-finite loss or gradients (limit "
                             f"config.train.max_skipped={tcfg.max_skipped}); metrics in {workdir / 'metrics.jsonl'}. "
                             "Lower config.optim.lr or check the inputs for NaN/inf")
-                bar.update(1)
-                if step % tcfg.checkpoint_every == 0 and step < total:
+                if chores_lib.itstime(step, tcfg.checkpoint_every) and step < total:
                     save(step)
                 if snapshots is not None and (epoch + 1) in snapshot_epochs and \
                         (step == total or plan.locate(step)[0] != epoch):
-                    snapshots.save(step, state, {"step": step, "epoch": epoch, "epochs_done": epoch + 1,
-                                                 **meta_common}, force=True)
+                    save(step, snapshots, force=True)
                 if stop.signal is not None:
                     stop_reason = signal.Signals(stop.signal).name
                     break
@@ -488,28 +402,23 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
             if step > start and (ckpt.latest_step() or 0) < step:
                 save(step, force=True)
         finally:
-            bar.close()
+            chores.close()
             ckpt.close()
             if snapshots is not None:
                 snapshots.close()
-            if writers is not None:
-                writers.close()
 
-    wall = time.perf_counter() - t_start
-    steady = (time.perf_counter() - t_first_done) if t_first_done else 0.0
     summary = {
         "steps": step, "total_steps": total, "resumed_from": start, "stopped_by": stop_reason,
-        "devices": n_dev, "platform": devices[0].platform, "molecules_seen": molecules,
-        "wall_s": round(wall, 2),
-        "molecules_per_s": round((molecules - mol_first) / steady, 1) if steady > 0 else None,
+        "devices": n_dev, "platform": devices[0].platform, **chores.summary(),
         **peak_memory(), "final_metrics": {k: float(np.asarray(v).mean()) for k, v in last.items()},
         "checkpoint": str(ckpt.directory / str(step)), "workdir": str(workdir)}
     if is_main:
         _write_json(workdir / "summary.json", summary)
     mem = summary.get("device_peak_bytes", summary["host_peak_rss_bytes"])
     rate = summary["molecules_per_s"]
-    log(f"done: step {step}/{total} in {wall:.1f}s wall; {rate if rate is not None else 'n/a'} molecules/s after "
-        f"compilation; peak memory {mem / 2**30:.2f} GiB ({'device' if 'device_peak_bytes' in summary else 'host RSS'})"
+    log(f"done: step {step}/{total}, {summary['wall_s']:.1f}s wall over the whole run; "
+        f"{rate if rate is not None else 'n/a'} molecules/s after compilation; peak memory {mem / 2**30:.2f} GiB "
+        f"({'device' if 'device_peak_bytes' in summary else 'host RSS'})"
         + (f"; stopped by {stop_reason}" if stop_reason else ""))
     log(f"checkpoints: {ckpt.directory}  metrics: {workdir / 'metrics.jsonl'}  tensorboard: {workdir / 'tensorboard'}")
     return summary

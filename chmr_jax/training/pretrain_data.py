@@ -16,10 +16,15 @@
         1% |z| of its observed signatures, weight clip(|z|, 0, 1), and to each other by the corpus'
         gene-gene edges and/or `gene_network`)
   batches(data, order)   fixed-shape numpy batch dicts in `order` (see objective.py for the layout)
+  BatchPlan(data, seed)  global step -> (epoch, molecule group): a fresh permutation per epoch, so a
+                         resumed run continues with exactly the batches of the uninterrupted one
+  global_batches(...)    the plan's batches as global device arrays, this host's rows only, prefetched
 """
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -184,3 +189,85 @@ def batches(data: PretrainData, order) -> Iterator[dict]:
     """Fixed-shape batch dicts over molecules in `order` (greedy groups, see graphs.partition)."""
     for group in graphs.partition(data.corpus.features, order, data.budget):
         yield batch_of(data, group)
+
+
+class BatchPlan:
+    """Maps a global step to its molecule group: epochs in sequence, each a fresh permutation."""
+
+    def __init__(self, data: PretrainData, seed: int):
+        self.data, self.seed = data, seed
+        self._epoch: tuple[int, list[np.ndarray]] | None = None   # the last epoch's groups
+        self._lengths: dict[int, int] = {}
+
+    def epoch(self, e: int) -> list[np.ndarray]:
+        if self._epoch is None or self._epoch[0] != e:
+            order = np.random.default_rng([self.seed, e]).permutation(len(self.data))
+            self._epoch = (e, graphs.partition(self.data.corpus.features, order, self.data.budget))
+            self._lengths[e] = len(self._epoch[1])
+        return self._epoch[1]
+
+    def steps_per_epoch(self, e: int = 0) -> int:
+        if e not in self._lengths:
+            self.epoch(e)
+        return self._lengths[e]
+
+    def total_steps(self, epochs: int) -> int:
+        return sum(self.steps_per_epoch(e) for e in range(epochs))
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, position) of the batch used by optimiser step `step` (0-based)."""
+        e = 0
+        while step >= self.steps_per_epoch(e):
+            step -= self.steps_per_epoch(e)
+            e += 1
+        return e, step
+
+    def iterate(self, start: int, stop: int):
+        """Yields (step, epoch, molecule group) for steps start..stop-1."""
+        e, k = self.locate(start)
+        step = start
+        while step < stop:
+            groups = self.epoch(e)
+            while k < len(groups) and step < stop:
+                yield step, e, groups[k]
+                step, k = step + 1, k + 1
+            e, k = e + 1, 0
+
+
+def prefetch(iterator, size: int = 2):
+    """Runs `iterator` in a background thread (host batch packing overlaps device compute)."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+
+    def worker():
+        try:
+            for item in iterator:
+                q.put(item)
+        except BaseException as e:   # surfaced in the consumer
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+# ---- the job -------------------------------------------------------------------------------------
+
+
+def global_batches(data: PretrainData, plan: BatchPlan, start: int, stop: int, mesh):
+    """Yields (step, epoch, molecules, global batch) for steps start..stop-1, packed in a background
+    thread. Per-host input: each process packs only the rows of the global batch its own devices
+    hold (train.local_rows) and the global arrays are assembled from every process's part."""
+    from chmr_jax.training import train
+    rows = train.local_rows(data.budget, mesh)
+
+    def host_batches():
+        for step, epoch, group in plan.iterate(start, stop):
+            yield step, epoch, len(group), train.assemble_batch(batch_of(data, group, rows), mesh)
+    return prefetch(host_batches())

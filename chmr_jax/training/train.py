@@ -1,4 +1,4 @@
-"""The pretraining step: a pure jitted function of (state, batch, key) over a device mesh.
+"""The pretraining step: a pure jitted function of (state, batch, base key, context) over a device mesh.
 
 Parameters (and optimiser state, batch-norm statistics, RNG state) are replicated; every array
 of the batch is sharded along its leading axis on the mesh axis 'data' (graph slots for per-graph
@@ -64,18 +64,20 @@ def data_mesh(devices=None):
 
 
 def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict, mesh=None):
-    """Returns step(state, batch, key) -> (state, metrics), jitted with the state donated.
+    """The jitted step(state, batch, base_key, ctx_arrays) -> (state, metrics), state donated.
 
-    With a mesh, the state is replicated and the batch sharded on 'data' (see module docstring).
-    The context arrays (ctx, see objective.context_arrays) are placed on the devices once and
-    passed to the jitted function as an argument, not closed over: closed-over arrays become
-    constants of the compiled program (the molecule targets alone are n x 1024).
+    The step's randomness is fold_in(base_key, state.step), derived inside the step, so a resumed run
+    draws the same keys without the caller tracking steps. ctx_arrays: `context_on_devices(ctx, mesh)`,
+    placed once and passed as an argument, not closed over: closed-over arrays become constants of the
+    compiled program (the molecule targets alone are n x 1024); ctx here supplies only the static
+    node-type index. With a mesh, the state is replicated and the batch sharded on 'data' (see the
+    module docstring).
     """
-    static = {k: v for k, v in ctx.items() if k == "type_index"}
-    arrays = {k: v for k, v in ctx.items() if k != "type_index"}
+    static = {"type_index": ctx["type_index"]}
 
-    def step(state: TrainState, batch: dict, key, ctx_arrays: dict):
+    def step(state: TrainState, batch: dict, base_key, ctx_arrays: dict):
         ctx_all = {**ctx_arrays, **static}
+        key = jax.random.fold_in(base_key, state.step)
 
         def loss_fn(params, rest):
             model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables under grad (flax#5050)
@@ -95,21 +97,19 @@ def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict,
         return new_state, metrics
 
     if mesh is None:
-        jitted = jax.jit(step, donate_argnums=0)
-        ctx_device = jax.tree_util.tree_map(jnp.asarray, arrays)
-    else:
-        replicated = NamedSharding(mesh, P())
-        sharded = NamedSharding(mesh, P("data"))
-        jitted = jax.jit(step, donate_argnums=0, in_shardings=(replicated, sharded, replicated, replicated),
-                         out_shardings=(replicated, replicated))
-        ctx_device = place(arrays, replicated)
+        return jax.jit(step, donate_argnums=0)
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(step, donate_argnums=0, in_shardings=(replicated, sharded, replicated, replicated),
+                   out_shardings=(replicated, replicated))
 
-    def run(state: TrainState, batch: dict, key):
-        return jitted(state, batch, key, ctx_device)
 
-    run._cache_size = jitted._cache_size
-    run.lower = lambda state, batch, key: jitted.lower(state, batch, key, ctx_device)
-    return run
+def context_on_devices(ctx: dict, mesh=None) -> dict:
+    """The context graph's arrays (objective.context_arrays without the static type index) on the
+    devices: replicated over the mesh, or on the default device."""
+    arrays = {k: v for k, v in ctx.items() if k != "type_index"}
+    if mesh is None:
+        return jax.tree_util.tree_map(jnp.asarray, arrays)
+    return place(arrays, NamedSharding(mesh, P()))
 
 
 def place(tree, sharding):
