@@ -49,6 +49,7 @@ class Stage:
 
     def __enter__(self):
         self.peak, self._done = self._rss(), threading.Event()
+        self.rss_start = self.peak
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         self.t0 = time.perf_counter()
@@ -61,8 +62,31 @@ class Stage:
         self._thread.join()
         self.peak = max(self.peak, self._rss())
         self.rows.append({"stage": self.name, "seconds": round(self.seconds, 1),
+                          "rss_start_GiB": round(self.rss_start / 2 ** 30, 2),
                           "peak_rss_GiB": round(self.peak / 2 ** 30, 2), **getattr(self, "info", {})})
         print(f"   {self.rows[-1]}", flush=True)
+
+
+class StageLog(list):
+    """The stage rows, written to `path` after every stage (an out-of-memory kill leaves the stages that
+    finished). Stages skipped because OUT already holds their output keep the rows of the run that
+    made them (marked "reused")."""
+
+    def __init__(self, path: Path, meta: dict):
+        super().__init__()
+        self.path, self.meta = path, meta
+        self.earlier = json.loads(path.read_text()).get("stages", []) if path.exists() else []
+
+    def append(self, row) -> None:
+        super().append(row)
+        self.write()
+
+    def write(self, finished: bool = False) -> None:
+        names = {r["stage"] for r in self}
+        reused = [{**r, "reused": True} for r in self.earlier if r["stage"] not in names and r["stage"] in
+                  ("smiles", "layout", "prepare")]
+        self.path.write_text(json.dumps({**self.meta, "finished": finished, "stages": reused + list(self)},
+                                        indent=1))
 
 
 def enumerated_smiles(n: int, exclude: set) -> list[str]:
@@ -88,6 +112,9 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--fresh", action="store_true", help="rebuild the layout and the corpus")
+    p.add_argument("--remat", action="store_true",
+                   help="config.model.remat: recompute each GIN layer in the backward pass (at batch 3072 the "
+                        "stored activations do not fit beside the paper-scale inputs in 24 GiB)")
     args = p.parse_args()
 
     import jax
@@ -99,7 +126,8 @@ def main():
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    rows = StageLog(out / "paper_scale.json", {"molecules": args.molecules, "batch": args.batch,
+                                                "steps": args.steps, "remat": args.remat})
     layout, corpus_dir = out / "layout", out / "corpus"
     config = config_util.load_config(str(config_util.CONFIG_DIR / "paper.py"))
     config.geometry = "none"                      # 3D conformers are their own cost (benchmarks/featurize.py)
@@ -107,6 +135,7 @@ def main():
     config.batch.batch_size = args.batch
     config.corpus.path = str(layout)
     config.workers = args.workers or 0
+    config.model.remat = args.remat
 
     if args.fresh or not (layout / "L1k_idmaps.csv").exists():
         with Stage("smiles", rows) as st:
@@ -139,27 +168,31 @@ def main():
         tx = train.make_optimizer(config.optim.lr, config.optim.weight_decay, 1000, config.optim.schedule)
         dims = pretrain.model_dims(config, data, pretrain.molecular_names(config))
         graphdef, state = train.init_state(pretrain.build_model(config, dims), tx)
-        step = train.make_train_step(graphdef, tx, pretrain.objective_config(config),
-                                     objective.context_arrays(data.context), mesh)
-        plan = pretrain.BatchPlan(data, 0)
+        # Placed as pretrain.run places it: the step's outputs carry this sharding, so the first
+        # step's compilation is the only one.
+        state = train.place(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        ctx = objective.context_arrays(data.context)
+        step = train.make_train_step(graphdef, tx, pretrain.objective_config(config), ctx, mesh)
+        ctx_device = train.context_on_devices(ctx, mesh)
+        plan = pretrain_data.BatchPlan(data, 0)
         rows_local = train.local_rows(data.budget, mesh)
         batches = (train.assemble_batch(pretrain_data.batch_of(data, g, rows_local), mesh)
                    for _, _, g in plan.iterate(0, args.steps + 1))
-        state, metrics = step(state, next(batches), jax.random.key(0))
+        state, metrics = step(state, next(batches), jax.random.key(0), ctx_device)
         jax.block_until_ready(metrics["loss"])
     with Stage(f"{args.steps} steps", rows) as st:
         n_mol = 0
         for i, batch in enumerate(batches):
-            state, metrics = step(state, batch, jax.random.key(i + 1))
+            state, metrics = step(state, batch, jax.random.key(0), ctx_device)
             n_mol += int(np.asarray(batch["graph"].graph_mask).sum())
         jax.block_until_ready(metrics["loss"])
-        st.info = {"loss": float(metrics["loss"]), "molecules": n_mol}
+        st.info = {"loss": float(metrics["loss"]), "molecules": n_mol, "compilations": step._cache_size()}
     rows[-1]["step_s"] = round(rows[-1]["seconds"] / max(args.steps, 1), 2)
     rows[-1]["molecules_per_s"] = round(n_mol / rows[-1]["seconds"], 1)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "python": platform.python_version(), "jax": jax.__version__, "device": jax.devices()[0].device_kind}
-    result = {"machine": machine, "molecules": args.molecules, "batch": args.batch, "stages": rows}
-    (out / "paper_scale.json").write_text(json.dumps(result, indent=1))
+    rows.meta["machine"] = machine
+    rows.write(finished=True)
     print("\n| stage | seconds | peak RSS GiB |\n|---|---|---|")
     for r in rows:
         print(f"| {r['stage']} | {r['seconds']} | {r['peak_rss_GiB']} |")
