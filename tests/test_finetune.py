@@ -146,3 +146,18 @@ def test_tree_onehot_encodes_the_anchors_path(tmp_path):
     assert onehot.shape == (30, 2 + 4 + 8) and np.all(onehot.sum(1) == 3)
     for h, start in ((1, 0), (2, 2), (3, 6)):
         np.testing.assert_array_equal(np.argmax(onehot[:, start:start + 2 ** h], 1), codes[:, h - 1] - 2 ** h)
+
+
+def test_projector_apply_compiles_once_per_structure():
+    # cellular_projections applies each cellular projector through one jitted function of
+    # (graphdef, state): equal to calling the module, and a second module of the same structure with
+    # other parameters reuses the compilation (no new trace per call, as a jitted lambda over the
+    # live module would need).
+    from flax import nnx
+    x = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+    first, second = nnx.Linear(7, 3, rngs=nnx.Rngs(0)), nnx.Linear(7, 3, rngs=nnx.Rngs(1))
+    before = embeddings._apply._cache_size()
+    for module in (first, second):
+        graphdef, state = nnx.split(module)
+        np.testing.assert_allclose(embeddings._apply(graphdef, state, x), module(x), rtol=1e-6, atol=1e-6)
+    assert embeddings._apply._cache_size() - before == 1
