@@ -27,7 +27,9 @@ case "$1" in
       structure)  extra=(--config.pretrain_data.modalities=none) ;;
       observed)   extra=(--config.pretrain_data.sca_mask=observed) ;;
       sca1)       extra=(--config.objective.lambda_sca=1) ;;
-      full1)      extra=() ;;
+      # configs/pretrain.py now masks SCA to measured rows (the validation choice, = 'observed'); the
+      # 'full' row is the default objective's observed-or-propagated rows, so full1 sets them back.
+      full1)      extra=(--config.pretrain_data.sca_mask=observed_or_propagated) ;;
       *) echo "unknown ablation $name"; exit 2 ;;
     esac
     $CLI pretrain --config configs/pretrain.py --workdir "$RUNS/ablation_$name" --config.train.epochs=1 \
