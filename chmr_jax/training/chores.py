@@ -32,7 +32,6 @@ class Chores:
 
     def __init__(self, workdir, total: int, start: int, saved_totals: dict | None, *, is_main: bool,
                  progress: str = "auto", t_start: float | None = None):
-        self.total, self.start = total, start
         self.writers = metric_writers.MetricWriters(workdir, resume_step=start or None) if is_main else None
         self.bar = progress_lib.Progress(total, "pretrain", unit="step", log_every_s=30.0, enabled=is_main,
                                          interactive=None if progress == "auto" else progress == "bar",

@@ -325,16 +325,16 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
 
     names = molecular_names(config)
     corpus, data = build_inputs(config, n_dev, data_dir, log)
+    dims = model_dims(config, data, names)
     if is_main:
         _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
         _write_json(workdir / "corpus_manifest.json", corpus.manifest)
-        _write_json(workdir / "model_dims.json", model_dims(config, data, names))
+        _write_json(workdir / "model_dims.json", dims)
 
     plan = pretrain_data.BatchPlan(data, tcfg.seed)
     total = tcfg.steps if tcfg.steps > 0 else plan.total_steps(tcfg.epochs)
     schedule = train.lr_schedule(config.optim.lr, total, config.optim.schedule)
     tx = train.make_optimizer(config.optim.lr, config.optim.weight_decay, total, config.optim.schedule)
-    dims = model_dims(config, data, names)
     graphdef, state = train.init_state(build_model(config, dims), tx)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = train.place(state, replicated)
