@@ -81,17 +81,7 @@ def pretrain_config(config: str, layout: Path, steps: int, cache_dir: str, overr
     # spent ~1 s per save waiting on the previous one (a quarter of a 300-step run's time).
     cfg.train.checkpoint_every = steps
     cfg.train.progress = "log"
-    return override(cfg, overrides)
-
-
-def override(cfg, overrides: dict | None):
-    """Sets dotted keys of a ConfigDict ('section.leaf' or 'leaf') in place; returns it."""
-    for key, value in (overrides or {}).items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    cfg.update_from_flattened_dict(overrides or {})   # dotted keys: 'section.leaf'
     return cfg
 
 
@@ -118,7 +108,7 @@ def run(workdir, smiles, config: str, steps: int, seeds=(0, 1, 2), cache_dir: st
         ft.csv = str(made["task"])
         ft.split = "random"
         ft.seeds = ",".join(str(s) for s in seeds)
-        override(ft, finetune_overrides)
+        ft.update_from_flattened_dict(finetune_overrides or {})
         results[name] = finetune.run(ft, run_dir, workdir / f"finetune_{name}", log=log)
     summary = {"cellular": results["cellular"]["methods"]["chmr"]["test_mean"],
                "structure": results["structure"]["methods"]["chmr"]["test_mean"],
