@@ -66,7 +66,8 @@ def _loss_and_grads(m, batch, inputs):
 
 
 def test_remat_gives_the_same_loss_and_gradients(feats):
-    # jax.checkpoint recomputes the same operations in the backward pass: equal to rounding (float64).
+    # The scanned, checkpointed layers compute the same operations as the unrolled loop: equal to
+    # rounding (float64), batch-norm statistics included.
     with jax.enable_x64(True):
         batch = to_jax(graphs.pack(feats, [0, 1, 2, 3], graphs.GraphBudget(64, 64, 5)))
         fp = np.zeros((5, 1191))
@@ -74,13 +75,44 @@ def test_remat_gives_the_same_loss_and_gradients(feats):
         inputs = {"fingerprint": jnp.asarray(fp), "cell": jnp.ones((5, 20), jnp.float64)}
         # dtype=float64: the embeddings and matmuls compute in float64 too (their default is the
         # parameters' declared float32), so only real differences could exceed the tolerance.
-        (l0, g0), (l1, g1) = (_loss_and_grads(as_float64(small_model(remat=r, dtype=jnp.float64)), batch, inputs)
-                              for r in (False, True))
+        models = [as_float64(small_model(remat=r, dtype=jnp.float64)) for r in (False, True)]
+        (l0, g0), (l1, g1) = (_loss_and_grads(m, batch, inputs) for m in models)
         assert float(l0) == pytest.approx(float(l1), rel=1e-12)
         flat0, flat1 = jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)
         assert len(flat0) == len(flat1) > 20
         for a, b in zip(flat0, flat1):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        # The train-mode batch-norm statistics the scanned layers computed reach the modules.
+        stats0, stats1 = (jax.tree_util.tree_leaves(nnx.state(m, nnx.BatchStat)) for m in models)
+        assert len(stats0) == len(stats1) > 10
+        for a, b in zip(stats0, stats1):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_remat_shrinks_the_compiled_footprint_of_the_gnn_backward_pass():
+    # What remat is for: XLA's compiled temporaries of value-and-grad through the GNN (the stored
+    # activations) must shrink. 5 layers x [N, 2D] hidden activations dominate without remat; with
+    # it, only each layer's [N, D] input is kept (measured ~0.3x here; asserted < 0.6x).
+    n, e, g = 4000, 8800, 160
+    rng = np.random.default_rng(0)
+    batch = graphs.GraphBatch(
+        nodes=np.stack([rng.integers(0, v, n) for v in featurize.ATOM_VOCAB_SIZES], 1).astype(np.int32),
+        edges=np.stack([rng.integers(0, v, e) for v in featurize.BOND_VOCAB_SIZES], 1).astype(np.int32),
+        senders=rng.integers(0, n, e).astype(np.int32), receivers=rng.integers(0, n, e).astype(np.int32),
+        node_graph=np.sort(rng.integers(0, g, n)).astype(np.int32), n_node=np.zeros(g, np.int32),
+        node_mask=np.ones(n, bool), edge_mask=np.ones(e, bool), graph_mask=np.ones(g, bool),
+        index=np.arange(g, dtype=np.int32))
+    temp = {}
+    for remat in (False, True):
+        gnn = M.GNNVirtualNode(5, 128, 0.5, True, None, remat=remat, rngs=nnx.Rngs(0))
+        gnn.train()
+        graphdef, params, rest = nnx.split(gnn, nnx.Param, ...)
+
+        def loss(params, rest):
+            return jnp.mean(nnx.merge(graphdef, params, rest, copy=True)(batch) ** 2)
+        compiled = jax.jit(jax.grad(loss)).lower(params, rest).compile()
+        temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp[True] < 0.6 * temp[False], temp
 
 
 def test_bfloat16_computes_in_bf16_and_keeps_float32_where_it_matters(feats):

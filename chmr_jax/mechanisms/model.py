@@ -13,8 +13,11 @@ All sizes come from the config and the data (modality dims); nothing is fixed to
 Precision (`dtype`, config.model.dtype; None = the parameters' float32): activations and matmuls run
 in `dtype` (bfloat16 on TPU / GPU), while parameters, batch-norm statistics (flax reduces them in
 float32), sums over a graph's nodes, and every projection or decoder output the losses see stay
-float32. `remat=True` recomputes each GIN layer in the backward pass (jax.checkpoint) instead of
-storing its activations.
+float32. `remat=True` recomputes each GIN layer in the backward pass instead of storing its
+activations: the layers but the last run as a lax.scan over their stacked parameters with a
+jax.checkpoint body. (A per-layer jax.checkpoint in the unrolled loop is undone by XLA's CPU
+compiler, which drops the optimisation barriers and CSEs the recomputation away: same footprint,
+measured; inside a scan the recomputation cannot be merged with the forward pass.)
 """
 from __future__ import annotations
 
@@ -118,12 +121,13 @@ class GNNVirtualNode(nnx.Module):
         node_mask = batch.node_mask
         h = self.atom(batch.nodes)
         vn = jnp.broadcast_to(self.virtual_node[...], (n_graph, h.shape[-1])).astype(h.dtype)
-        # remat: the backward pass recomputes each conv + norm from its input instead of keeping the
-        # [N, 2D] hidden activations of every layer (the largest buffers of the step).
-        conv_norm = nnx.remat(_conv_norm) if self.remat else _conv_norm
-        for layer in range(self.n_layers):
+        first = 0
+        if self.remat and self.n_layers > 1:
+            h, vn = self._remat_layers(h, vn, batch)
+            first = self.n_layers - 1
+        for layer in range(first, self.n_layers):
             h_in = h + vn[batch.node_graph]
-            out = conv_norm(self.convs[layer], self.norms[layer], h_in, batch)
+            out = _conv_norm(self.convs[layer], self.norms[layer], h_in, batch)
             if layer < self.n_layers - 1:
                 out = jax.nn.relu(out)
             out = self.dropout(out)
@@ -136,6 +140,41 @@ class GNNVirtualNode(nnx.Module):
                 vn = vn + upd if self.residual else upd
             h = out
         return jnp.where(node_mask[:, None], h, 0.0)
+
+    def _remat_layers(self, h, vn, batch: graphs.GraphBatch):
+        """Layers 0 .. L-2 (each with its virtual-node update) as a lax.scan whose body is checkpointed:
+        the backward pass keeps only each layer's input (h, vn) and recomputes the rest. Same
+        arithmetic as the unrolled loop; the batch-norm statistics the scan updates are written back
+        to the layers' modules; dropout draws one key per layer from the module's stream."""
+        n = self.n_layers - 1
+        split = [nnx.split(m) for m in (*self.convs[:n], *self.norms[:n], *self.vn_mlps)]
+        graphdefs = [split[0][0], split[n][0], split[2 * n][0]]
+        stack = lambda states: jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        states = [stack([st for _, st in split[i * n:(i + 1) * n]]) for i in range(3)]
+        deterministic = self.dropout.deterministic or self.dropout.rate == 0.0
+        keys = jax.random.split(self.dropout.rngs(), (n, 2)) if not deterministic else jnp.zeros((n, 2))
+        node_mask, graph_mask, residual, dropout = batch.node_mask, batch.graph_mask, self.residual, self.dropout
+
+        @jax.checkpoint
+        def body(carry, xs):
+            h, vn = carry
+            conv, norm, vn_mlp = (nnx.merge(g, st) for g, st in zip(graphdefs, xs[:3]))
+            drop = (lambda x, k: x) if deterministic else (lambda x, k: dropout(x, rngs=k))
+            h_in = h + vn[batch.node_graph]
+            out = drop(jax.nn.relu(_conv_norm(conv, norm, h_in, batch)), xs[3][0])
+            if residual:
+                out = out + h_in
+            pooled = (graphs.segment_sum(at_least_f32(h_in), batch.node_graph, vn.shape[0], node_mask)
+                      .astype(h.dtype) + vn)
+            upd = drop(vn_mlp(pooled, graph_mask), xs[3][1])
+            vn = vn + upd if residual else upd
+            return (out, vn), tuple(nnx.state(m, nnx.BatchStat) for m in (conv, norm, vn_mlp))
+
+        (h, vn), stats = jax.lax.scan(body, (h, vn), (*states, keys))
+        for i in range(n):   # the statistics the train-mode batch norms computed (unchanged in eval mode)
+            for module, stat in zip((self.convs[i], self.norms[i], self.vn_mlps[i]), stats):
+                nnx.update(module, jax.tree.map(lambda x: x[i], stat))
+        return h, vn
 
     def readout(self, batch: graphs.GraphBatch):
         """Sum of real node states per graph [G, D] float32 (padding graphs are zero)."""
@@ -183,6 +222,10 @@ class CHMR(nnx.Module):
                  gnn_layers: int = 5, gnn_width: int = 300, gnn_dropout: float = 0.5, residual: bool = True,
                  max_norm: float | None = None, decoder_dropout: float = 0.3, tree_depth: int = 6,
                  dtype=None, remat: bool = False, rngs: nnx.Rngs):
+        # config.model unpacks into these arguments: dtype may be a name ('float32' = the parameters'
+        # dtype, i.e. None) and max_norm 0 means no max-norm.
+        dtype = None if dtype is None or jnp.dtype(dtype) == jnp.float32 else jnp.dtype(dtype)
+        max_norm = max_norm or None
         if "graph" in mol_dims and mol_dims["graph"] != gnn_width:
             raise ValueError(f"the graph modality is the GNN readout: its dim must equal gnn_width "
                              f"({gnn_width}), got {mol_dims['graph']}")
