@@ -45,7 +45,7 @@ part() {   # part NAME TIMEOUT_S CMD...: runs CMD with its log in OUT/NAME.log, 
 part environment 60 "$PY" -c "import jax, flax, optax, orbax.checkpoint, rdkit, ml_collections, chmr_jax
 print('jax', jax.__version__, 'flax', flax.__version__, 'devices', jax.devices())"
 part tiny_pretrain 240 "$PY" -m chmr_jax.cli pretrain --config configs/test.py --workdir "$OUTDIR/tiny" \
-  --config.train.steps=$TINY_STEPS --config.train.checkpoint_every=$TINY_STEPS --config.train.progress=log
+  --config.train.steps=$TINY_STEPS --config.train.checkpoint_every_steps=$TINY_STEPS --config.train.progress=log
 part propagation 180 "$PY" benchmarks/propagation.py --sizes $PROP_SIZES --max_seconds $PROP_SECONDS \
   --out "$OUTDIR/propagation.json"
 part pretrain_step 300 "$PY" benchmarks/pretrain_step.py --synthetic --devices 1 --batch_sizes $STEP_BATCHES \

@@ -17,7 +17,7 @@ RUNS=${RUNS:-runs/lift}
 case "$1" in
   pretrain)
     $CLI pretrain --config configs/pretrain.py --workdir "$RUNS/pretrain10" --config.train.epochs=10 \
-      --config.train.checkpoint_every=100 --config.train.snapshot_epochs=1,3,5,10 --config.train.progress=log ;;
+      --config.train.checkpoint_every_steps=100 --config.train.snapshot_epochs=1,3,5,10 --config.train.progress=log ;;
   ablation)
     name=$2; shift 2
     case "$name" in
@@ -33,18 +33,18 @@ case "$1" in
       *) echo "unknown ablation $name"; exit 2 ;;
     esac
     $CLI pretrain --config configs/pretrain.py --workdir "$RUNS/ablation_$name" --config.train.epochs=1 \
-      --config.train.checkpoint_every=100 --config.train.progress=log "${extra[@]}" ;;
+      --config.train.checkpoint_every_steps=100 --config.train.progress=log "${extra[@]}" ;;
   finetune)
     dir=$2; step=$3; out=$4
-    $CLI benchmark --datasets chembl2k,broad6k,biogenadme,moltoxcast --seeds 0,1,2 --pretrained "$dir" \
-      --workdir "$out" --baselines '' --config.pretrained_step="$step" ;;
+    $CLI benchmark --datasets chembl2k,broad6k,biogenadme,moltoxcast --config.seeds=0,1,2 --pretrained "$dir" \
+      --workdir "$out" --config.baselines= --config.pretrained_step="$step" ;;
   headline)
     dir=$2; step=$3; out=$4
-    $CLI benchmark --datasets chembl2k,broad6k,biogenadme,moltoxcast --seeds 0,1,2 --pretrained "$dir" \
-      --workdir "$out" --baselines mlp,rf --config.pretrained_step="$step" ;;
+    $CLI benchmark --datasets chembl2k,broad6k,biogenadme,moltoxcast --config.seeds=0,1,2 --pretrained "$dir" \
+      --workdir "$out" --config.baselines=mlp,rf --config.pretrained_step="$step" ;;
   table)
     dir=$2; step=$3; out=$4; baselines=${5:-mlp,rf}; gnn_epochs=${6:-10}
-    $CLI benchmark --datasets "${DATASETS:-all}" --seeds 0,1,2,3,4 --pretrained "$dir" --workdir "$out" --baselines "$baselines" \
+    $CLI benchmark --datasets "${DATASETS:-all}" --config.seeds=0,1,2,3,4 --pretrained "$dir" --workdir "$out" --config.baselines="$baselines" \
       --config.pretrained_step="$step" --config.optim.encoder_epochs="$gnn_epochs" ;;
   *) echo "usage: $0 pretrain | ablation NAME | finetune DIR STEP OUT | headline DIR STEP OUT | table DIR STEP OUT [BASELINES] [GNN_EPOCHS]"; exit 2 ;;
 esac

@@ -25,7 +25,8 @@ PRETRAIN_USAGE = """chmr-jax pretrain --config configs/pretrain.py[:variant] --w
 Pretrains CHMR as the config says. Any config field can be overridden, e.g.
   --config.train.steps=300 --config.optim.lr=3e-4 --config.batch.batch_size=512
 Restarting the same command in the same workdir continues from the newest checkpoint.
-Multi-host (TPU pods, GPU clusters): run the same command on every host with --distributed."""
+Multi-host (TPU pods, GPU clusters): run the same command on every host with --config.train.distributed=True
+(or --config.train.coordinator_address=HOST:PORT --config.train.num_processes=N --config.train.process_id=I)."""
 
 
 def _prepare(argv: list[str]) -> int:
@@ -170,8 +171,10 @@ def _config_flags(argv: list[str], command: str, default_config: str, usage: str
         # config_flags raises these for an override of a field the config does not have (or of the
         # wrong type); name the flags so the user sees which one.
         overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        renamed = [f"--config.{config_util.RENAMED[o[9:]]}" for o in overrides if o[9:] in config_util.RENAMED]
+        hint = f"; renamed: use {renamed}" if renamed else ""
         print(f"chmr-jax {command}: bad config override ({type(e).__name__}: {e}) among {overrides}; "
-              "fields must exist in the config file (see its get_config)", file=sys.stderr)
+              f"fields must exist in the config file (see its get_config){hint}", file=sys.stderr)
         return 2
     for name in required:
         if not fv[name].value:
@@ -209,28 +212,20 @@ def _report_errors(command: str, call, errors=(FileNotFoundError, ValueError)) -
 
 
 def _pretrain(argv: list[str]) -> int:
-    def more(flags, fv):
-        flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (every host of a "
-                          "multi-host job runs the same command); also config.train.distributed", flag_values=fv)
-        # jax.distributed.initialize's own argument names; unset = auto-detection (SLURM, TPU pods, or
-        # JAX's environment variables), which stays the default.
-        flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed)",
-                            flag_values=fv)
-        flags.DEFINE_integer("num_processes", None, "number of processes in the job", flag_values=fv)
-        flags.DEFINE_integer("process_id", None, "this process' index in [0, num_processes)", flag_values=fv)
-
-    fv = _config_flags(argv, "pretrain", "pretrain.py", PRETRAIN_USAGE, more)
+    fv = _config_flags(argv, "pretrain", "pretrain.py", PRETRAIN_USAGE, lambda flags, fv: None)
     if isinstance(fv, int):
         return fv
     config = fv.config
-    if fv.distributed or config.train.distributed or fv.coordinator_address:
+    t = config.train
+    if t.distributed or t.coordinator_address:
         import jax
         # CPU processes (tests, laptops) need a collectives backend between them; a no-op on GPU/TPU.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         # Before any other jax call touches the devices. A lost peer is detected by the coordination
         # service's heartbeat (config.train.heartbeat_timeout_s) and ends the others with an error.
-        jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id,
-                                   heartbeat_timeout_seconds=int(config.train.get("heartbeat_timeout_s", 100)))
+        jax.distributed.initialize(t.coordinator_address or None, t.num_processes or None,
+                                   None if t.process_id < 0 else t.process_id,
+                                   heartbeat_timeout_seconds=int(t.heartbeat_timeout_s))
 
     from chmr_jax.training import pretrain
     try:   # (bad configs and data files are user errors: `main` reports them and exits 2)
@@ -263,29 +258,27 @@ def _finetune(argv: list[str]) -> int:
                           (FileNotFoundError, ValueError, registry.DataNotFoundError))
 
 
-BENCHMARK_USAGE = """chmr-jax benchmark --datasets all|a,b,... --seeds 0,1,2,3,4 --pretrained DIR --workdir OUT [--config configs/finetune.py]
+BENCHMARK_USAGE = """chmr-jax benchmark --datasets all|a,b,... --pretrained DIR --workdir OUT [--config configs/finetune.py[:ARGS]]
+    [--config.seeds=0,1,2,3,4] [--config.baselines=mlp,rf,gnn] [--config.ensemble.enabled=True] [--config.a.b=v ...]
 
 Runs `chmr-jax finetune` on each dataset (frozen encoder, one head per seed) with the in-house
-baselines (--baselines mlp,rf,gnn) on the same splits and seeds, and writes OUT/results.md and
-OUT/results.json: mean +- std per dataset and method next to the paper's published numbers. A dataset
-whose OUT/<dataset>/results.json matches the settings is reused, so an interrupted run continues;
-re-running with more --baselines computes only the new ones. --table_only tabulates the datasets
-finished so far without computing anything."""
+baselines (config.baselines) on the same splits and seeds, and writes OUT/results.md and
+OUT/results.json: mean +- std per dataset and method next to the paper's published numbers. The
+default config is configs/finetune.py:baselines=mlp,rf,gnn (all three baselines; --config.baselines=
+for none). A dataset whose OUT/<dataset>/results.json matches the settings is reused, so an
+interrupted run continues; re-running with more baselines computes only the new ones. --table_only
+tabulates the datasets finished so far without computing anything."""
 
 
 def _benchmark(argv: list[str]) -> int:
     def more(flags, fv):
         flags.DEFINE_string("pretrained", None, "a `chmr-jax pretrain` workdir", flag_values=fv)
         flags.DEFINE_string("datasets", "all", "'all' (the 9 benchmarks) or a comma list", flag_values=fv)
-        flags.DEFINE_string("seeds", None, "comma list of seeds (default: config.seeds)", flag_values=fv)
-        flags.DEFINE_string("baselines", "mlp,rf,gnn", "in-house baselines on the same splits and seeds "
-                            "(comma list of mlp, rf, gnn; '' for none)", flag_values=fv)
-        flags.DEFINE_bool("ensemble", False, "also report the release's head + RF ensemble on "
-                          "BACE/ClinTox/SIDER/HIV (config.ensemble)", flag_values=fv)
         flags.DEFINE_bool("table_only", False, "compute nothing: tabulate the finished datasets in --workdir "
                           "(results.md, results.json, lift.json) with the methods each holds", flag_values=fv)
 
-    fv = _config_flags(argv, "benchmark", "finetune.py", BENCHMARK_USAGE, more, required=("workdir", "pretrained"))
+    fv = _config_flags(argv, "benchmark", "finetune.py:baselines=mlp,rf,gnn", BENCHMARK_USAGE, more,
+                       required=("workdir", "pretrained"))
     if isinstance(fv, int):
         return fv
     from chmr_jax.data import datasets, registry
@@ -297,10 +290,6 @@ def _benchmark(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     config = fv.config.copy_and_resolve_references()
-    if fv.seeds:
-        config.seeds = fv.seeds
-    config.baselines = fv.baselines
-    config.ensemble.enabled = config.ensemble.enabled or fv.ensemble
     return _report_errors("benchmark", lambda: benchmark.run_benchmark(config, fv.pretrained, fv.workdir, names,
                                                                       data_dir=fv.data_dir,
                                                                       command="chmr-jax benchmark " + " ".join(argv),

@@ -25,3 +25,55 @@ def load_sibling(config_file: str, name: str, variant: str | None = None):
     """get_config(variant) of config file `name` in the directory of `config_file` (for configs
     that extend another one: config files are loaded by path, not imported as a package)."""
     return load_config(str(Path(config_file).with_name(name)) + (f":{variant}" if variant else ""))
+
+
+# Config fields that were renamed, old dotted name -> new: an override of the old name is answered with
+# the new one (step counts now carry their unit).
+RENAMED = {"train.log_every": "train.log_every_steps", "train.checkpoint_every": "train.checkpoint_every_steps"}
+
+
+def parse_arg(arg: str | None, **defaults):
+    """The one parser of every config file's `get_config(arg)` argument (as big_vision's parse_arg):
+    'key=value' pairs separated by commas, each value cast to its default's type; a bare word first is
+    the variant (needs a `variant` default), and bare words after a 'key=value' continue that key's
+    comma list (`dataset=bace,seeds=0,1,2` -> seeds='0,1,2'). Returns a ConfigDict of `defaults` updated.
+
+    >>> parse_arg("paper", variant="default").variant
+    'paper'
+    """
+    import ml_collections
+
+    out = dict(defaults)
+    key = None
+    for item in [s.strip() for s in (arg or "").split(",") if s.strip()]:
+        if "=" in item:
+            key, value = (s.strip() for s in item.split("=", 1))
+            if key not in defaults:
+                raise ValueError(f"config argument {arg!r}: unknown key {key!r}; known: {sorted(defaults)}")
+            out[key] = _cast(value, defaults[key], arg)
+        elif key is not None and isinstance(defaults[key], str):
+            out[key] = f"{out[key]},{item}"
+        elif key is None and "variant" in defaults and out["variant"] == defaults["variant"]:
+            out["variant"] = item
+        else:
+            raise ValueError(f"config argument {arg!r}: {item!r} is not key=value (known keys: {sorted(defaults)})")
+    return ml_collections.ConfigDict(out)
+
+
+def _cast(value: str, default, arg):
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"config argument {arg!r}: {value!r} is not a boolean")
+        return value.lower() in ("true", "1")
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(value)
+        except ValueError:
+            raise ValueError(f"config argument {arg!r}: {value!r} is not a {type(default).__name__}") from None
+    return value
+
+
+def check_variant(variant: str, variants: tuple) -> str:
+    if variant not in variants:
+        raise ValueError(f"unknown config variant {variant!r}; choose from {variants}")
+    return variant

@@ -10,13 +10,13 @@ Values cite their source: "spec §n" is ../shared/docs/CHMR_SPEC.md, "release" t
 """
 import ml_collections
 
+from chmr_jax import config_util
+
 VARIANTS = ("default", "rdkit3d", "paper")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = arg or "default"
-    if arg not in VARIANTS:
-        raise ValueError(f"unknown config variant {arg!r}; choose from {VARIANTS}")
+    arg = config_util.check_variant(config_util.parse_arg(arg, variant="default").variant, VARIANTS)
     config = ml_collections.ConfigDict()
     config.data_dir = ""   # empty: --data_dir flag > $CHMR_DATA_DIR > ~/.cache/chmr_jax
     config.cache_dir = ""  # empty: $CHMR_CACHE_DIR > ~/.cache/chmr_jax/features
@@ -102,12 +102,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(dict(
         epochs=50,                   # spec §7 (newer upstream README)
         steps=0, seed=0,
-        log_every=10,                # metrics to metrics.jsonl / TensorBoard every n steps
-        checkpoint_every=200, keep_checkpoints=3,
+        log_every_steps=10,                # metrics to metrics.jsonl / TensorBoard every n steps
+        checkpoint_every_steps=200, keep_checkpoints=3,
         snapshot_epochs="",          # e.g. "1,3,10": also keep the checkpoint at the end of these epochs (snapshots/)
         max_skipped=20,              # stop when this many updates were skipped for NaN/inf
         devices=0,                   # 0 = every device (every process's devices with distributed)
         distributed=False,           # jax.distributed.initialize() first (multi-host: TPU pods, clusters)
+        # jax.distributed.initialize's arguments; unset ('' / 0 / -1) = its auto-detection (SLURM, TPU pods,
+        # JAX_COORDINATOR_* variables). A coordinator address implies distributed.
+        coordinator_address="", num_processes=0, process_id=-1,
         heartbeat_timeout_s=100,     # multi-process: a peer silent this long ends the job with an error
         progress="auto"))            # 'auto' (a bar on a terminal, log lines otherwise) | 'bar' | 'log'
     return config

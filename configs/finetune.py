@@ -3,13 +3,16 @@
   chmr-jax finetune --config configs/finetune.py:dataset=chembl2k --pretrained runs/local --workdir runs/ft
   chmr-jax finetune --config configs/finetune.py:dataset=biogenadme,seeds=0,1,2,3,4 --pretrained ...
 
-The argument is `key=value` pairs separated by commas (seeds take the rest of the list). The spec
+The argument is `key=value` pairs separated by commas (seeds take the rest of the list), parsed by
+config_util.parse_arg as every config file's argument is; keys: any top-level field (dataset, seeds, encoder, csv, ...). The spec
 gives no per-dataset table, so every dataset starts from the same defaults below: chosen for the
 frozen-encoder head (a 2 x 300 hidden layer as the spec's k * 300 with k = 2, dropout 0.5, Adam 1e-3,
 early stopping after 20 epochs without a better validation score). Override per run on the command
 line, e.g. --config.optim.lr=3e-4.
 """
 import ml_collections
+
+from chmr_jax import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -40,25 +43,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.control = True
     config.encoder = "frozen"    # 'frozen' (spec §8: eval mode, head only) | 'finetune' (whole encoder)
     # In-house baselines on the same splits and seeds (comma list of mlp, rf, gnn); `chmr-jax benchmark`
-    # runs all three unless --baselines says otherwise.
+    # runs all three unless --config.baselines says otherwise
+    # (its default config is configs/finetune.py:baselines=mlp,rf,gnn).
     config.baselines = ""
     config.rf = ml_collections.ConfigDict(dict(trees=100))
     # The release's ensemble (spec §8): gamma * head probability + RF probability, on these datasets
     # (and on a classification CSV); reported as its own row next to the plain model.
     config.ensemble = ml_collections.ConfigDict(dict(enabled=False, datasets="bace,clintox,sider,hiv", gamma=0.1))
-    if arg:
-        key, seeds = None, []
-        for item in arg.split(","):
-            if "=" in item:
-                key, value = item.split("=", 1)
-                if key == "seeds":
-                    seeds = [value]
-                else:
-                    setattr(config, key, value)
-            elif key == "seeds":
-                seeds.append(item)
-            else:
-                raise ValueError(f"bad config argument {arg!r}: use key=value pairs, e.g. dataset=bace,seeds=0,1")
-        if seeds:
-            config.seeds = ",".join(seeds)
+    # Any top-level field can be set in the argument (dataset, seeds, encoder, csv, ...).
+    config.update(config_util.parse_arg(arg, **{k: v for k, v in config.items()
+                                                if not isinstance(v, ml_collections.ConfigDict)}))
     return config

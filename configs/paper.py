@@ -27,9 +27,7 @@ VARIANTS = ("default", "tpu_pod")
 
 
 def get_config(arg: str | None = None):
-    arg = arg or "default"
-    if arg not in VARIANTS:
-        raise ValueError(f"unknown config variant {arg!r}; choose from {VARIANTS}")
+    arg = config_util.check_variant(config_util.parse_arg(arg, variant="default").variant, VARIANTS)
     config = config_util.load_sibling(__file__, "default.py", "paper")
     config.geometry = "rdkit3d"
     config.model.molecular = "fingerprint,graph,geometry"
@@ -41,7 +39,7 @@ def get_config(arg: str | None = None):
     config.objective.lambda_sca = 10.0
     config.objective.lambda_vq = 1.0
     # 129,592 molecules / 3072 = 43 steps per epoch: checkpoint about once per epoch.
-    config.train.checkpoint_every = 50
+    config.train.checkpoint_every_steps = 50
     if arg == "tpu_pod":
         # Every host runs the same command; jax.distributed.initialize() discovers the pod. The
         # global batch is sharded over all chips; SCA's InfoNCE runs as a ring over them.

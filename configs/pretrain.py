@@ -27,6 +27,7 @@ from chmr_jax import config_util
 
 
 def get_config(arg: str | None = None):
-    config = config_util.load_sibling(__file__, "default.py", arg)
+    variant = config_util.parse_arg(arg, variant="default").variant   # default.py's variants
+    config = config_util.load_sibling(__file__, "default.py", variant)
     config.pretrain_data.sca_mask = "observed"
     return config

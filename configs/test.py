@@ -6,6 +6,7 @@ from chmr_jax import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config_util.parse_arg(arg)   # takes no argument: anything given is an error
     config = config_util.load_sibling(__file__, "default.py", "paper")
     config.workers = 1
     config.featurize.morgan_size = 256
@@ -27,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.tree_depth = 3
     config.objective.infonce_block = 8
     config.train.epochs = 2
-    config.train.log_every = 1
-    config.train.checkpoint_every = 4
+    config.train.log_every_steps = 1
+    config.train.checkpoint_every_steps = 4
     config.train.max_skipped = 5
     return config

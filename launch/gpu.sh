@@ -7,7 +7,7 @@
 #   CUDA_VISIBLE_DEVICES=0,1 bash launch/gpu.sh runs/gpu2 --config.objective.infonce_impl=ring
 #   CONFIG=configs/paper.py bash launch/gpu.sh runs/paper --config.corpus.path=/data/pretrain/raw
 # Needs a CUDA build of jax. With INSTALL_CUDA=1 the script installs "jax[cuda12]" into .venv when
-# no GPU is visible to jax. Multi-node GPU clusters: run this on every node with --distributed
+# no GPU is visible to jax. Multi-node GPU clusters: run this on every node with --config.train.distributed=True
 # (jax.distributed.initialize() reads the coordinator from SLURM / the JAX_COORDINATOR_* variables).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -17,5 +17,5 @@ CONFIG=${CONFIG:-configs/pretrain.py}
 # The corpus is built on first use and cached (a second run skips featurization); a short run by
 # default: later flags override earlier ones.
 .venv/bin/chmr-jax pretrain --config "$CONFIG" --workdir "$WORKDIR" --config.train.steps=200 \
-  --config.train.checkpoint_every=50 "$@"
+  --config.train.checkpoint_every_steps=50 "$@"
 echo "Results in $WORKDIR: checkpoints/ (Orbax), metrics.jsonl, tensorboard/ (tensorboard --logdir $WORKDIR/tensorboard), summary.json"

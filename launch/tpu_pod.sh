@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Pretraining on a Cloud TPU pod slice: (optionally) create the TPU VM, copy this checkout to every
-# worker, install, and run the same `chmr-jax pretrain --distributed` command on all workers at once.
+# worker, install, and run the same `chmr-jax pretrain --config.train.distributed=True` command on all workers at once.
 # jax.distributed.initialize() discovers the pod; the global batch is sharded over every chip.
 #
 # Usage: TPU_NAME=chmr-pod ZONE=us-central2-b [ACCELERATOR=v4-32 CREATE=1] \
@@ -35,7 +35,7 @@ tpu ssh "$TPU_NAME" --worker=all --command "
 # The same command on every worker; each logs to its own file, worker 0 also writes metrics and summary.
 ARGS=$(printf " %q" "$@")
 tpu ssh "$TPU_NAME" --worker=all --command "
-  cd $REMOTE_DIR && CHMR_DATA_DIR=$DATA .venv/bin/chmr-jax pretrain --distributed --config '$CONFIG' \
-    --workdir '$WORKDIR' $ARGS 2>&1 | tee -a pretrain-\$(hostname).log
+  cd $REMOTE_DIR && CHMR_DATA_DIR=$DATA .venv/bin/chmr-jax pretrain --config '$CONFIG' \
+    --workdir '$WORKDIR' --config.train.distributed=True $ARGS 2>&1 | tee -a pretrain-\$(hostname).log
 "
 echo "Results in $WORKDIR (checkpoints/, metrics.jsonl, tensorboard/, summary.json); logs: ~/$REMOTE_DIR/pretrain-*.log on each worker"

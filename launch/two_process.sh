@@ -18,8 +18,8 @@ mkdir -p "$WORKDIR"
 pids=()
 for ((i = 0; i < N; i++)); do
   JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}" \
-    "$PY" -m chmr_jax.cli pretrain --workdir "$WORKDIR" --coordinator_address "127.0.0.1:$PORT" \
-    --num_processes "$N" --process_id "$i" "$@" > "$WORKDIR/process_$i.log" 2>&1 &
+    "$PY" -m chmr_jax.cli pretrain --workdir "$WORKDIR" "$@" --config.train.coordinator_address="127.0.0.1:$PORT" \
+    --config.train.num_processes="$N" --config.train.process_id="$i" > "$WORKDIR/process_$i.log" 2>&1 &
   pids+=($!)
   echo $! > "$WORKDIR/process_$i.pid"
 done

@@ -49,6 +49,6 @@ def tiny_run(tmp_path_factory, cache_dir):
     from chmr_jax import cli
     workdir = tmp_path_factory.mktemp("run")
     rc = cli.main(["pretrain", "--config", str(REPO / "configs" / "test.py"), "--workdir", str(workdir),
-                   f"--config.cache_dir={cache_dir}", "--config.train.steps=10", "--config.train.checkpoint_every=4"])
+                   f"--config.cache_dir={cache_dir}", "--config.train.steps=10", "--config.train.checkpoint_every_steps=4"])
     assert rc == 0
     return workdir

@@ -23,7 +23,7 @@ from chmr_jax.training import metric_writers
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = str(ROOT / "configs" / "test.py")
-STEPS = ["--config.train.steps=6", "--config.train.checkpoint_every=3", "--config.train.log_every=1"]
+STEPS = ["--config.train.steps=6", "--config.train.checkpoint_every_steps=3", "--config.train.log_every_steps=1"]
 
 
 def launch(workdir, cache_dir, *flags, wait=True):
@@ -101,7 +101,7 @@ def test_two_process_restart_resumes_to_the_same_curve(two_process_run, cache_di
 
 def test_a_killed_peer_ends_the_other_process_with_an_error(tmp_path, cache_dir, reference):
     workdir = tmp_path / "killed"
-    proc = launch(workdir, cache_dir, "--config.train.steps=400", "--config.train.log_every=1",
+    proc = launch(workdir, cache_dir, "--config.train.steps=400", "--config.train.log_every_steps=1",
                   "--config.train.heartbeat_timeout_s=10", wait=False)
     try:
         deadline = time.time() + 600

@@ -64,7 +64,7 @@ def test_rerun_of_a_finished_run_trains_no_further(tiny_run, cache_dir, capsys):
     before = (tiny_run / "metrics.jsonl").read_text()
     summary = (tiny_run / "summary.json").read_text()
     assert cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(tiny_run), f"--config.cache_dir={cache_dir}",
-                     "--config.train.steps=10", "--config.train.checkpoint_every=4"]) == 0
+                     "--config.train.steps=10", "--config.train.checkpoint_every_steps=4"]) == 0
     # returns at once (no corpus, inputs or compilation) and keeps the original run's summary
     assert "already complete at step 10" in capsys.readouterr().out
     assert (tiny_run / "metrics.jsonl").read_text() == before and (tiny_run / "summary.json").read_text() == summary
@@ -113,7 +113,7 @@ def test_modality_with_no_observed_profile_trains_without_nan(tmp_path, cache_di
 
 def _command(workdir, steps):
     return [sys.executable, "-m", "chmr_jax.cli", "pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir),
-            f"--config.train.steps={steps}", "--config.train.checkpoint_every=5", "--config.train.progress=log"]
+            f"--config.train.steps={steps}", "--config.train.checkpoint_every_steps=5", "--config.train.progress=log"]
 
 
 def _env(cache_dir):
@@ -251,9 +251,10 @@ def test_finetune_command_on_a_benchmark_with_the_pretrained_encoder(tiny_run, d
 
 def test_benchmark_command_writes_a_table_with_the_papers_numbers(tiny_run, data_dir, cache_dir, tmp_path):
     out = tmp_path / "bench"
-    args = ["benchmark", "--datasets", "bace,biogenadme", "--seeds", "0,1", "--pretrained", str(tiny_run),
+    args = ["benchmark", "--datasets", "bace,biogenadme", "--config.seeds=0,1", "--pretrained", str(tiny_run),
             "--workdir", str(out), f"--config.cache_dir={cache_dir}", "--config.optim.epochs=2",
-            "--config.optim.encoder_epochs=1", "--config.head.hidden=16", "--config.rf.trees=10", "--ensemble"]
+            "--config.optim.encoder_epochs=1", "--config.head.hidden=16", "--config.rf.trees=10",
+            "--config.ensemble.enabled=True"]
     assert cli.main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["dataset"] for r in results] == ["bace", "biogenadme"]
@@ -290,15 +291,15 @@ def test_benchmark_adds_a_baseline_without_refitting_the_finished_runs(tiny_run,
                                                                       monkeypatch):
     from chmr_jax.downstream import embeddings, head
     out = tmp_path / "bench"
-    args = ["benchmark", "--datasets", "bace", "--seeds", "0,1", "--pretrained", str(tiny_run), "--workdir",
+    args = ["benchmark", "--datasets", "bace", "--config.seeds=0,1", "--pretrained", str(tiny_run), "--workdir",
             str(out), f"--config.cache_dir={cache_dir}", "--config.optim.epochs=1", "--config.head.hidden=16",
             "--config.rf.trees=5"]
-    assert cli.main(args + ["--baselines", "mlp"]) == 0
+    assert cli.main(args + ["--config.baselines=mlp"]) == 0
     first = json.loads((out / "bace" / "results.json").read_text())
     fail = lambda *a, **k: pytest.fail("re-embedded or refitted a run the first benchmark finished")
     monkeypatch.setattr(head, "fit", fail)
     monkeypatch.setattr(embeddings, "embed", fail)
-    assert cli.main(args + ["--baselines", "mlp,rf"]) == 0
+    assert cli.main(args + ["--config.baselines=mlp,rf"]) == 0
     second = json.loads((out / "bace" / "results.json").read_text())
     assert set(second["methods"]) == {"chmr", "untrained", "mlp", "rf"}
     for method in ("chmr", "untrained", "mlp"):
@@ -347,7 +348,7 @@ def test_stress_command_hides_profiles_and_reports_each_level_and_imputation(dat
     out = tmp_path / "stress"
     args = ["stress", "--config", TEST_CONFIG, "--workdir", str(out), "--missing", "0.5",
             "--imputations", "propagate,zero", "--dataset", "bace", "--steps", "2", "--finetune_epochs", "2",
-            f"--config.cache_dir={cache_dir}", "--config.train.log_every=100"]
+            f"--config.cache_dir={cache_dir}", "--config.train.log_every_steps=100"]
     assert cli.main(args) == 0
     rows = json.loads((out / "results.json").read_text())
     assert [(r["missing"], r["imputation"]) for r in rows] == [(0.5, "propagate"), (0.5, "zero")]
@@ -420,6 +421,47 @@ def test_first_step_loss_does_not_depend_on_padding_or_device_count(tmp_path, ca
     for key in ("loss", "loss/cpr", "loss/sca", "loss/vq", "cpr/molecule", "cpr/cell", "sca/cell/infonce"):
         assert one[key] == pytest.approx(eight[key], rel=2e-5, abs=1e-6), key
     assert one["sca/cell/rows"] == eight["sca/cell/rows"]
+
+
+def test_one_argument_parser_for_every_config_file():
+    parse = config_util.parse_arg
+    assert parse(None, variant="default").variant == "default"
+    assert parse("paper", variant="default").variant == "paper"
+    got = parse("dataset=bace,seeds=0,1,2,control=false,rf_trees=7", dataset="x", seeds="0", control=True, rf_trees=1)
+    assert (got.dataset, got.seeds, got.control, got.rf_trees) == ("bace", "0,1,2", False, 7)
+    with pytest.raises(ValueError, match="unknown key 'nope'"):
+        parse("nope=1", dataset="x")
+    with pytest.raises(ValueError, match="not a int"):
+        parse("rf_trees=many", rf_trees=1)
+    with pytest.raises(ValueError, match="not key=value"):
+        parse("stray", dataset="x")
+    ft = config_util.load_config(str(ROOT / "configs" / "finetune.py") + ":dataset=bace,seeds=0,1,encoder=finetune")
+    assert (ft.dataset, ft.seeds, ft.encoder) == ("bace", "0,1", "finetune")
+    with pytest.raises(ValueError, match="not key=value"):
+        config_util.load_config(TEST_CONFIG + ":paper")      # the tiny config takes no argument
+
+
+def test_config_sections_are_the_components_keyword_arguments():
+    # Every key of these sections is an argument of the component built from it (a key the
+    # constructor lacks would raise TypeError), including after the JSON round trip of config.json.
+    import dataclasses
+
+    import ml_collections
+    from chmr_jax.mechanisms import objective
+    from chmr_jax.training import pretrain_data, train
+    config = config_util.load_config(TEST_CONFIG)
+    saved = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
+    cfg = pretrain.objective_config(saved)
+    assert isinstance(cfg.vicreg_weights, tuple) and cfg == objective.ObjectiveConfig(**config.objective)
+    data = pretrain.data_config(saved, n_devices=3)
+    assert (data.batch_size, data.knn_k, data.modalities) == (16, 5, "all")
+    assert (data.pad_multiple, data.graph_multiple) == (96, 3)          # lcm(32, 3): every device the same share
+    fields = {f.name for f in dataclasses.fields(pretrain_data.DataConfig)}
+    assert set(config.batch) | set(config.pretrain_data) <= fields
+    train.make_optimizer(**saved.optim, total_steps=10)
+    model = pretrain.build_model(saved, {"mol_dims": {"fingerprint": 8, "graph": saved.model.gnn_width},
+                                         "cell_dims": {"cell": 4}, "target_dims": {"molecule": 6}})
+    assert model.gnn is not None and model.mol_names == ["fingerprint", "graph"]
 
 
 def test_a_workdir_saved_before_a_config_field_existed_still_resumes(tmp_path):

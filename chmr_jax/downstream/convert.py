@@ -290,7 +290,7 @@ def convert(torch_path, out, base_config=None, drop_geometry: bool = False, morg
     out.mkdir(parents=True, exist_ok=True)
     if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise ValueError(f"{out} already holds checkpoints; convert into a new directory")
-    tx = train.make_optimizer(config.optim.lr, config.optim.weight_decay, 1, config.optim.schedule)
+    tx = train.make_optimizer(**config.optim, total_steps=1)
     _, state = train.init_state(model, tx)
     files.atomic_write_text(out / "config.json", json.dumps(json.loads(config.to_json_best_effort()), indent=1))
     files.atomic_write_text(out / "model_dims.json", json.dumps(dims, indent=1))

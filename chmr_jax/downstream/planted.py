@@ -79,7 +79,7 @@ def pretrain_config(config: str, layout: Path, steps: int, cache_dir: str, overr
     cfg.train.steps = steps
     # Only the final checkpoint: these runs are short, and the test config's checkpoint every 4 steps
     # spent ~1 s per save waiting on the previous one (a quarter of a 300-step run's time).
-    cfg.train.checkpoint_every = steps
+    cfg.train.checkpoint_every_steps = steps
     cfg.train.progress = "log"
     cfg.update_from_flattened_dict(overrides or {})   # dotted keys: 'section.leaf'
     return cfg

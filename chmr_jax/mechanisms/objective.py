@@ -52,6 +52,8 @@ class ObjectiveConfig:
     collapse_stats: bool = True      # effective rank / per-dim std of the molecular projections
 
     def __post_init__(self):
+        # config.objective unpacks into this class: its JSON round trip turns the tuple into a list.
+        object.__setattr__(self, "vicreg_weights", tuple(self.vicreg_weights))
         if self.cpr_source not in CPR_SOURCES:
             raise ValueError(f"cpr_source must be one of {CPR_SOURCES}, got {self.cpr_source!r}")
 

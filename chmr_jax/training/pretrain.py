@@ -62,24 +62,14 @@ def molecular_names(config) -> list[str]:
 
 
 def data_config(config, n_devices: int) -> pretrain_data.DataConfig:
-    b, p = config.batch, config.pretrain_data
-    return pretrain_data.DataConfig(
-        batch_size=b.batch_size, pad_multiple=math.lcm(b.pad_multiple, n_devices), n_sigma=b.n_sigma,
-        graph_multiple=n_devices, knn_k=p.knn_k, propagation_steps=p.propagation_steps,
-        imputation=p.imputation, sca_mask=p.sca_mask, vicreg_first_view=p.get("vicreg_first_view", "mean"),
-        context_clusters=p.context_clusters, gene_modality=p.get("gene_modality", "expression"),
-        gene_quantile=p.get("gene_quantile", 0.99), gene_network=p.get("gene_network", ""),
-        context_floor=p.context_floor, context_sparsity=p.context_sparsity)
+    """config.batch and config.pretrain_data are DataConfig's arguments; the device count adds the
+    graph multiple and makes the padding a multiple of it."""
+    cfg = pretrain_data.DataConfig(**config.batch, **config.pretrain_data, graph_multiple=n_devices)
+    return dataclasses.replace(cfg, pad_multiple=math.lcm(cfg.pad_multiple, n_devices))
 
 
 def objective_config(config) -> objective_lib.ObjectiveConfig:
-    o = config.objective
-    return objective_lib.ObjectiveConfig(
-        lambda_sca=o.lambda_sca, lambda_vq=o.lambda_vq, tau=o.tau, symmetric=o.symmetric,
-        infonce_impl=o.infonce_impl, infonce_block=o.infonce_block, vicreg_weights=tuple(o.vicreg_weights),
-        vq_eta=o.vq_eta, vq_mu=o.vq_mu, vq_reverse=o.vq_reverse, walk_length=o.walk_length,
-        recon_kind=o.recon_kind, lambda_cpr=o.get("lambda_cpr", 1.0),
-        cpr_source=o.get("cpr_source", "modality"))
+    return objective_lib.ObjectiveConfig(**config.objective)
 
 
 def _digest(obj) -> str:
@@ -156,12 +146,11 @@ def model_dims(config, data: pretrain_data.PretrainData, names: list[str]) -> di
 
 
 def build_model(config, dims: dict) -> model_lib.CHMR:
-    m = config.model
-    return model_lib.CHMR(dims["mol_dims"], dims["cell_dims"], dims["target_dims"], latent=m.latent,
-                          gnn_layers=m.gnn_layers, gnn_width=m.gnn_width, gnn_dropout=m.gnn_dropout,
-                          residual=m.residual, max_norm=m.max_norm or None, decoder_dropout=m.decoder_dropout,
-                          tree_depth=m.tree_depth, dtype=None if m.get("dtype", "float32") == "float32" else jax.numpy.dtype(m.dtype),
-                          remat=bool(m.get("remat", False)), rngs=nnx.Rngs(config.train.seed))
+    """config.model is CHMR's keyword arguments, but for `molecular`, which names the molecular inputs
+    (the keys of dims['mol_dims'])."""
+    kwargs = {k: v for k, v in config.model.items() if k != "molecular"}
+    return model_lib.CHMR(dims["mol_dims"], dims["cell_dims"], dims["target_dims"], **kwargs,
+                          rngs=nnx.Rngs(config.train.seed))
 
 
 def load_pretrained(workdir, step: int | None = None):
@@ -186,7 +175,7 @@ def load_pretrained(workdir, step: int | None = None):
     try:
         step = ckpt.latest_step() if step is None else step
         if step is not None and ckpt.format_of(step) < checkpoint_lib.FORMAT:
-            tx = train.make_optimizer(config.optim.lr, config.optim.weight_decay, 1, config.optim.schedule)
+            tx = train.make_optimizer(**config.optim, total_steps=1)
             graphdef, template = train.init_state(build_model(config, dims), tx)
             state, meta = ckpt.restore(template, step)
         else:
@@ -209,7 +198,7 @@ def build_inputs(config, n_devices: int, data_dir=None, log=print):
     corpus = load_corpus(config, data_dir, cache_dir, config.workers or None, log)
     validate(config, corpus, config.corpus.saved or f"kind={config.corpus.kind}")
     try:
-        corpus = corpus.with_modalities(config.pretrain_data.get("modalities", "all"))
+        corpus = corpus.with_modalities(config.pretrain_data.modalities)
     except corpus_lib.CorpusError as e:
         raise ConfigError(f"config.pretrain_data.modalities={config.pretrain_data.modalities!r}: {e}") from None
 
@@ -334,7 +323,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     plan = pretrain_data.BatchPlan(data, tcfg.seed)
     total = tcfg.steps if tcfg.steps > 0 else plan.total_steps(tcfg.epochs)
     schedule = train.lr_schedule(config.optim.lr, total, config.optim.schedule)
-    tx = train.make_optimizer(config.optim.lr, config.optim.weight_decay, total, config.optim.schedule)
+    tx = train.make_optimizer(**config.optim, total_steps=total)
     graphdef, state = train.init_state(build_model(config, dims), tx)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = train.place(state, replicated)
@@ -378,7 +367,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
                 state, metrics = step_fn(state, batch, base_key, ctx_device)   # key: fold_in(base_key, state.step)
                 step += 1
                 logged = None
-                if chores_lib.itstime(step, tcfg.log_every, total):
+                if chores_lib.itstime(step, tcfg.log_every_steps, total):
                     last = train.host_values(metrics)
                     logged = {**last, "epoch": epoch, "lr": float(schedule(step - 1))}
                 chores.step_done(step, n_mol, ready=state.step, metrics=logged)
@@ -389,7 +378,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
                             f"{int(last['skipped'])} updates skipped for non-finite loss or gradients (limit "
                             f"config.train.max_skipped={tcfg.max_skipped}); metrics in {workdir / 'metrics.jsonl'}. "
                             "Lower config.optim.lr or check the inputs for NaN/inf")
-                if chores_lib.itstime(step, tcfg.checkpoint_every) and step < total:
+                if chores_lib.itstime(step, tcfg.checkpoint_every_steps) and step < total:
                     save(step)
                 if snapshots is not None and (epoch + 1) in snapshot_epochs and \
                         (step == total or plan.locate(step)[0] != epoch):

@@ -55,6 +55,8 @@ class DataConfig:
     gene_modality: str = "expression"   # its columns (Entrez ids) become gene nodes ('' = no gene nodes)
     gene_quantile: float = 0.99         # molecule-gene edges: top 1% |z| of its observed profiles (spec §6)
     gene_network: str = ""              # optional gene-gene edges (Hetionet sif or source_id,target_id table)
+    modalities: str = "all"             # cellular modalities used: 'all', 'none' or a comma list (applied to
+                                        # the corpus before `prepare`: Corpus.with_modalities)
 
 
 @dataclasses.dataclass
