@@ -3,6 +3,13 @@
   python benchmarks/pretrain_step.py                        # batch 256/1024/3072 x 1 and 8 devices
   python benchmarks/pretrain_step.py --devices 1 --batch_sizes 3072 --torch /path/to/python-with-torch
   python benchmarks/pretrain_step.py --synthetic --devices 1 --batch_sizes 256,1024   # without the shared data
+  python benchmarks/pretrain_step.py --devices 1 --batch_sizes 3072 --compile_only --dtype bfloat16 --remat
+  python benchmarks/pretrain_step.py --devices 1,8 --batch_sizes 1024,3072 --fit_gib 16 [--remat ...]  # largest batch
+  python benchmarks/pretrain_step.py --devices 1 --batch_sizes 256 --steps 3 --profile runs/trace   # time per XLA op
+
+Every timed row also reports the step's GFLOP (XLA's cost analysis of the lowered step, per device),
+the achieved GFLOP/s and its fraction of this device's dense matmul rate measured in the same process
+(chmr_jax.training.utilisation).
 
 Setting: the paper's model (GIN 5 x 300 with virtual node, D = 300, depth-6 tree, decoders) and the
 paper's three cellular modalities at their widths (cell 2749, gene 1973, expression 978, observed for
@@ -33,17 +40,25 @@ HERE = Path(__file__).resolve().parent
 PAPER_CELLULAR = {"cell": (2749, 0.35), "gene": (1973, 0.06), "expression": (978, 0.08)}
 
 
-def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str | None, synthetic: bool = False) -> dict:
+# Step variants (--dtype, --remat, --infonce_impl, --compile_only, --synthetic) as one dict.
+DEFAULT_OPTS = {"synthetic": False, "dtype": "float32", "remat": False, "infonce_impl": "", "compile_only": False}
+
+
+def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str | None, opts: dict) -> dict:
     import jax
     import numpy as np
 
     from chmr_jax import config_util
     from chmr_jax.data import corpus as corpus_lib, paths
     from chmr_jax.mechanisms import objective
-    from chmr_jax.training import pretrain, pretrain_data, train
+    from chmr_jax.training import pretrain, pretrain_data, train, utilisation
 
+    synthetic, dtype, remat, compile_only = opts["synthetic"], opts["dtype"], opts["remat"], opts["compile_only"]
     config = config_util.load_config(str(config_util.CONFIG_DIR / "pretrain.py") + (":paper" if synthetic else ""))
     config.batch.batch_size = batch_size
+    config.model.dtype = dtype
+    config.model.remat = remat
+    config.objective.infonce_impl = opts["infonce_impl"] or config.objective.infonce_impl
     if synthetic:   # no shared data (e.g. a lent accelerator): enumerated molecules in the paper's layout,
         config.corpus.kind = "synthetic"        # narrow stand-in profiles (replaced below anyway)
         config.corpus.synthetic_molecules = 2 * batch_size
@@ -78,9 +93,19 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
     if dump:
         np.savez(dump, **_flat(host[0]), **{f"ctx/{k}": v for k, v in _ctx_numpy(data).items()})
     key = jax.random.key(0)
-    compiled = step.lower(state, batches[0], key, ctx_device).compile().memory_analysis()
+    if opts.get("profile"):
+        return profile_ops(step, state, batches, key, ctx_device, opts["profile"], steps)
+    lowered = step.lower(state, batches[0], key, ctx_device)
+    flops = utilisation.lowered_flops(lowered)     # per device
+    compiled = lowered.compile().memory_analysis()
     xla_bytes = None if compiled is None else int(compiled.temp_size_in_bytes + compiled.argument_size_in_bytes
                                                   + compiled.output_size_in_bytes - compiled.alias_size_in_bytes)
+    common = {"framework": "chmr_jax", "platform": devices[0].platform, "device_kind": devices[0].device_kind,
+              "devices": n_devices, "batch_size": batch_size, "dtype": dtype, "remat": remat,
+              "infonce_impl": config.objective.infonce_impl,
+              "budget": data.budget.__dict__, "xla_step_bytes": xla_bytes}
+    if compile_only:
+        return {**common, "compile_only": True, "step_gflop": round(flops / 1e9, 2) if flops else None}
     for i in range(warmup):
         state, metrics = step(state, batches[i % 2], key, ctx_device)
     jax.block_until_ready(metrics["loss"])
@@ -90,11 +115,52 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
     jax.block_until_ready(metrics["loss"])
     seconds = time.perf_counter() - t0
     mem = pretrain.peak_memory()
-    return {"framework": "chmr_jax", "platform": devices[0].platform, "device_kind": devices[0].device_kind,
-            "devices": n_devices, "batch_size": batch_size,
-            "molecules_per_step": float(np.mean([mols[i % 2] for i in range(steps)])),
+    # This device's dense matmul rate in the step's dtype, measured now (after the steps, so it does not
+    # change their peak memory); on fake CPU devices sharing the cores the fraction means little.
+    rate = utilisation.matmul_rate(dtype, device=devices[0])
+    return {**common, "molecules_per_step": float(np.mean([mols[i % 2] for i in range(steps)])),
             "step_s": seconds / steps, "molecules_per_s": sum(mols[i % 2] for i in range(steps)) / seconds,
-            "budget": data.budget.__dict__, "loss": float(metrics["loss"]), "xla_step_bytes": xla_bytes, **mem}
+            "loss": float(metrics["loss"]), **utilisation.report(flops, steps, seconds, rate), **mem}
+
+
+def profile_ops(step, state, batches, key, ctx, trace_dir: str, steps: int) -> dict:
+    """Time per XLA operation kind over `steps` steps after a warm-up, from a jax.profiler trace
+    (read back with jax.profiler.ProfileData): where the step's time goes."""
+    import re
+    from collections import defaultdict
+
+    import jax
+
+    for i in range(2):
+        state, metrics = step(state, batches[i % 2], key, ctx)
+    jax.block_until_ready(metrics["loss"])
+    with jax.profiler.trace(trace_dir):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            state, metrics = step(state, batches[i % 2], key, ctx)
+        jax.block_until_ready(metrics["loss"])
+        wall = time.perf_counter() - t0
+    path = next(Path(trace_dir).rglob("*.xplane.pb"))
+    data = jax.profiler.ProfileData.from_file(str(path))
+    # The XLA operations are the leaf events of the runtime's threads (on CPU: the Eigen pool and the
+    # client threads); '::' events are the executor's own bookkeeping around them, '$' ones Python.
+    by_kind, by_op, threads = defaultdict(float), defaultdict(float), set()
+    for plane in data.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                if "::" in ev.name or ev.name.startswith(("$", "end:")) or line.name == "python":
+                    continue
+                threads.add(line.name)
+                by_op[ev.name] += ev.duration_ns / 1e9
+                by_kind[re.sub(r"\.\d+$", "", ev.name)] += ev.duration_ns / 1e9
+    total = sum(by_kind.values())
+    top = lambda d, k: [{"name": n, "s_per_step": round(v / steps, 4), "share": round(v / total, 3)}
+                        for n, v in sorted(d.items(), key=lambda x: -x[1])[:k]] if total else []
+    cores = os.cpu_count() or 1
+    return {"profile": str(path), "wall_s_per_step": wall / steps, "op_thread_s_per_step": total / steps,
+            # thread-seconds in XLA ops over the wall time the cores offered: the rest is waiting
+            "busy_fraction_of_cores": total / (wall * cores), "cores": cores, "threads": sorted(threads),
+            "by_kind": top(by_kind, 25), "top_ops": top(by_op, 25)}
 
 
 def _flat(batch: dict) -> dict:
@@ -116,12 +182,15 @@ def _ctx_numpy(data) -> dict:
     out = {"indptr": c.indptr, "indices": c.indices, "weights": c.weights, "node_type": c.node_type,
            "node_row": c.node_row}
     for i, t in enumerate(c.type_names):
+        if t not in c.targets:     # a node type without reconstruction targets (gene nodes)
+            continue
         out[f"targets/{i}/{t}"] = c.targets[t]
         out[f"target_mask/{i}/{t}"] = c.target_mask[t]
     return out
 
 
-def run_worker_process(batch_size, n_devices, steps, warmup, dump=None, synthetic=False) -> dict:
+def run_worker_process(batch_size, n_devices, steps, warmup, dump=None, opts=None) -> dict:
+    opts = {**DEFAULT_OPTS, **(opts or {})}
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "")
     if n_devices > 1 and "cuda" not in env.get("JAX_PLATFORMS", ""):
@@ -131,24 +200,55 @@ def run_worker_process(batch_size, n_devices, steps, warmup, dump=None, syntheti
                             "--xla_cpu_collective_call_terminate_timeout_seconds=1200").strip()
     cmd = [sys.executable, __file__, "--worker", "--batch_sizes", str(batch_size), "--devices", str(n_devices),
            "--steps", str(steps), "--warmup", str(warmup)] + (["--dump", dump] if dump else []) \
-        + (["--synthetic"] if synthetic else [])
+        + ["--dtype", opts["dtype"], "--infonce_impl", opts["infonce_impl"]] \
+        + [f"--{k}" for k in ("synthetic", "remat", "compile_only") if opts[k]]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        return {"framework": "chmr_jax", "devices": n_devices, "batch_size": batch_size,
+        return {"framework": "chmr_jax", "devices": n_devices, "batch_size": batch_size, **opts,
                 "error": (out.stderr or out.stdout)[-2000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def largest_batch(n_dev: int, gib: float, per_device: list[int], opts: dict) -> dict:
+    """The largest global batch (a multiple of 64 x devices) whose compiled step footprint per device is
+    at most `gib`: XLA's footprint is close to linear in the batch, so a line through two compile-only
+    probes (per_device x n_dev) predicts it; the prediction is compiled and stepped down by 5% until it fits."""
+    limit = gib * 2**30
+    probes = []
+
+    def probe(b):
+        row = run_worker_process(b, n_dev, 0, 0, None, opts)
+        probes.append({"batch_size": b, "xla_step_bytes": row.get("xla_step_bytes"), "error": row.get("error", "")[-300:]})
+        print(f"  devices {n_dev} batch {b}: {row.get('xla_step_bytes', 0) / 2**30:.2f} GiB", flush=True)
+        return row.get("xla_step_bytes")
+
+    (b1, b2) = (p * n_dev for p in per_device)
+    m1, m2 = probe(b1), probe(b2)
+    if not (m1 and m2):
+        return {"devices": n_dev, "error": "a probe failed", "probes": probes}
+    slope = (m2 - m1) / (b2 - b1)
+    unit = 64 * n_dev
+    b = int((b1 + (limit - m1) / slope) // unit * unit)
+    while b >= unit:
+        m = probe(b)
+        if m is not None and m <= limit:
+            return {"devices": n_dev, "largest_batch": b, "xla_step_bytes": m, "bytes_per_molecule": slope,
+                    "fixed_bytes": m1 - slope * b1, "probes": probes}
+        b = int(b * 0.95 // unit * unit)
+    return {"devices": n_dev, "largest_batch": 0, "probes": probes}
+
+
 def format_table(rows: list[dict]) -> str:
-    cols = ["framework", "platform", "devices", "batch_size", "molecules_per_step", "step_s", "molecules_per_s",
-            "peak_GiB", "step_GiB", "speedup"]
+    cols = ["framework", "platform", "devices", "batch_size", "dtype", "remat", "molecules_per_step", "step_s",
+            "molecules_per_s", "peak_GiB", "step_GiB", "step_gflop", "achieved_gflop_per_s", "utilisation", "speedup"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
         peak = r.get("device_peak_bytes", r.get("host_peak_rss_bytes"))
         xla = r.get("xla_step_bytes")
         vals = {**r, "peak_GiB": f"{peak / 2**30:.2f}" if peak else "-",
                 "step_GiB": f"{xla / 2**30:.2f}" if xla else "-",
-                "step_s": f"{r['step_s']:.3f}" if "step_s" in r else "error",
+                "step_s": f"{r['step_s']:.3f}" if "step_s" in r else ("-" if r.get("compile_only") else "error"),
+                "utilisation": f"{r['utilisation']:.0%}" if r.get("utilisation") else "-",
                 "molecules_per_s": f"{r['molecules_per_s']:,.0f}" if "molecules_per_s" in r else "-",
                 "molecules_per_step": f"{r.get('molecules_per_step', 0):.0f}",
                 "speedup": f"{r['speedup']:.2f}x" if "speedup" in r else ""}
@@ -167,21 +267,41 @@ def main() -> int:
     parser.add_argument("--out", default=str(HERE / "pretrain_step.json"))
     parser.add_argument("--synthetic", action="store_true",
                         help="enumerated molecules instead of the reachable corpus (no CHMR_DATA_DIR needed)")
+    parser.add_argument("--dtype", default="float32", help="config.model.dtype (float32 | bfloat16)")
+    parser.add_argument("--remat", action="store_true", help="config.model.remat: recompute GIN layers in the backward pass")
+    parser.add_argument("--compile_only", action="store_true",
+                        help="XLA's compiled footprint and FLOPs only (no steps run, no torch)")
+    parser.add_argument("--infonce_impl", default="", help="config.objective.infonce_impl (default: the config's)")
+    parser.add_argument("--profile", default="", help="a trace directory: profile --steps steps of the first "
+                        "--devices x --batch_sizes with jax.profiler and report the time per XLA op kind")
+    parser.add_argument("--fit_gib", type=float, default=0.0,
+                        help="instead of timing: the largest global batch whose compiled step fits this many GiB "
+                             "per device, for each --devices (compile-only; a line fitted through --batch_sizes' "
+                             "first two sizes x devices, then checked and stepped down)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dump", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     device_counts = [int(d) for d in args.devices.split(",")]
-    if args.worker:
-        print(json.dumps(worker(sizes[0], device_counts[0], args.steps, args.warmup, args.dump, args.synthetic)))
+    opts = {"synthetic": args.synthetic, "dtype": args.dtype, "remat": args.remat, "infonce_impl": args.infonce_impl,
+            "compile_only": args.compile_only or bool(args.fit_gib), "profile": args.profile}
+    if args.worker or args.profile:
+        print(json.dumps(worker(sizes[0], device_counts[0], args.steps, args.warmup, args.dump, opts)))
+        return 0
+    if args.fit_gib:
+        rows = [largest_batch(n_dev, args.fit_gib, sizes[:2], opts) for n_dev in device_counts]
+        Path(args.out).write_text(json.dumps({"fit_gib": args.fit_gib, "opts": opts, "rows": rows}, indent=1))
+        for r in rows:
+            print(json.dumps({k: v for k, v in r.items() if k != "probes"}))
+        print(f"written to {args.out}")
         return 0
 
     rows = []
     for n_dev in device_counts:
         for b in sizes:
             with tempfile.TemporaryDirectory() as tmp:
-                dump = str(Path(tmp) / "batch.npz") if args.torch and n_dev == 1 else None
-                row = run_worker_process(b, n_dev, args.steps, args.warmup, dump, args.synthetic)
+                dump = str(Path(tmp) / "batch.npz") if args.torch and n_dev == 1 and not args.compile_only else None
+                row = run_worker_process(b, n_dev, args.steps, args.warmup, dump, opts)
                 rows.append(row)
                 print(format_table([row]).splitlines()[-1], flush=True)
                 if dump and "error" not in row:

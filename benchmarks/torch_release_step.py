@@ -7,7 +7,8 @@ OGB's GNN_node_Virtualnode (GIN, 5 x 300, batch norm, virtual node; scatter via 
 unpadded batch, as PyG would), one projector per modality plus the augmented views, dense N x N
 InfoNCE per cellular modality (the release materialises it), VICReg, the tree VQ as a Python loop
 over levels with the reverse term, random walks on the context graph and the decoders with a
-beta-weighted BCE, Adam with coupled L2 and the release's cosine schedule. Eager mode (the release
+beta-weighted BCE evaluated on the existing (target, walk step) entries only, as the release selects
+them with a boolean mask before the BCE, Adam with coupled L2 and the release's cosine schedule. Eager mode (the release
 does not use torch.compile). Run with an interpreter that has torch; numpy is the only other import.
 
   python benchmarks/torch_release_step.py batch.npz --steps 5 --warmup 2
@@ -207,9 +208,12 @@ def main():
             is_t = node_type[walk] == ti
             rows = torch.where(is_t, node_row[walk], torch.zeros_like(walk)).clamp(max=len(tgt) - 1)
             y, m = tgt[rows], tmask[rows] & is_t[..., None]
-            bce = F.binary_cross_entropy_with_logits(logits[:, None].expand_as(y), y, reduction="none")
-            wsum = (bce * m * beta[..., None]).sum()
-            cpr = cpr + wsum / m.sum().clamp(min=1)
+            # As the release's context_propagation_recon_loss: the BCE of the entries that exist only
+            # (boolean-mask selection of the expanded logits, targets and path weights), then their mean.
+            w = beta[..., None].expand_as(y)
+            bce = F.binary_cross_entropy_with_logits(logits[:, None].expand_as(y)[m], y[m], weight=w[m],
+                                                     reduction="none")
+            cpr = cpr + (bce.mean() if bce.numel() else bce.sum())
         loss = cpr + 10 * sca + 1 * vq
         opt.zero_grad(set_to_none=True)
         loss.backward()

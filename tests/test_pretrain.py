@@ -51,6 +51,11 @@ def test_run_writes_metrics_checkpoints_and_summary(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["steps"] == 10 and summary["devices"] == 8 and summary["molecules_per_s"] > 0
     assert summary["host_peak_rss_bytes"] > 0
+    # Utilisation: XLA's FLOPs per step, the achieved rate over the steady steps, and its ratio to the
+    # matmul rate measured at start, consistent with one another.
+    assert summary["step_gflop"] > 0 and summary["matmul_gflop_per_s"] > 0
+    assert summary["utilisation"] == pytest.approx(summary["achieved_gflop_per_s"] / summary["matmul_gflop_per_s"],
+                                                   rel=0.02, abs=1e-3)
     saved = json.loads((tiny_run / "config.json").read_text())
     assert saved["train"]["steps"] == 10 and saved["corpus"]["kind"] == "synthetic"
     assert "modalities" in json.loads((tiny_run / "corpus_manifest.json").read_text())

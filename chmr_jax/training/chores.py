@@ -9,7 +9,7 @@ import time
 
 import jax
 
-from chmr_jax.training import metric_writers, progress as progress_lib
+from chmr_jax.training import metric_writers, progress as progress_lib, utilisation
 
 
 def itstime(step: int, every: int, total: int | None = None) -> bool:
@@ -28,18 +28,22 @@ class Chores:
     fresh run or a checkpoint written before totals were saved). Time and molecules are counted from
     `t_start` (the start of this process's job, input building included); "steady" excludes each
     process's first step, which is mostly compilation, so molecules/s measures training.
+    `step_flops` (XLA's count for one step, per device) and `matmul_rate` (this device's dense matmul
+    FLOP/s) give the utilisation in the progress line and the summary (this process's steady steps).
     """
 
     def __init__(self, workdir, total: int, start: int, saved_totals: dict | None, *, is_main: bool,
-                 progress: str = "auto", t_start: float | None = None):
+                 progress: str = "auto", t_start: float | None = None, step_flops: float | None = None,
+                 matmul_rate: float | None = None):
         self.writers = metric_writers.MetricWriters(workdir, resume_step=start or None) if is_main else None
         self.bar = progress_lib.Progress(total, "pretrain", unit="step", log_every_s=30.0, enabled=is_main,
                                          interactive=None if progress == "auto" else progress == "bar",
                                          initial=start)
         self.saved = {k: (saved_totals or {}).get(k, 0) for k in TOTALS}
         self.t_start = time.perf_counter() if t_start is None else t_start
-        self.molecules = self.steady_molecules = 0
+        self.molecules = self.steady_molecules = self.steady_steps = 0
         self.t_first_done: float | None = None
+        self.step_flops, self.matmul_rate = step_flops, matmul_rate
 
     def step_done(self, step: int, n_molecules: int, ready=None, metrics: dict | None = None) -> None:
         """After optimiser step `step` on `n_molecules` molecules: `metrics` (when it is time to log) go
@@ -54,12 +58,15 @@ class Chores:
             self.bar.restart_clock(step)
         else:
             self.steady_molecules += n_molecules
+            self.steady_steps += 1
         if metrics is not None:
             if self.writers is not None:
                 self.writers.write(step, metrics)
                 self.writers.flush()
             if "loss" in metrics:
-                self.bar.postfix = f"loss {float(metrics['loss']):.4f}"
+                util = self.utilisation()["utilisation"]
+                self.bar.postfix = f"loss {float(metrics['loss']):.4f}" + (
+                    f", {util:.0%} of matmul rate" if util is not None else "")
         self.bar.update(1)
 
     def totals(self) -> dict:
@@ -71,12 +78,17 @@ class Chores:
                 "steady_s": round(self.saved["steady_s"] + steady, 3),
                 "steady_molecules": int(self.saved["steady_molecules"] + self.steady_molecules)}
 
+    def utilisation(self) -> dict:
+        """utilisation.report over this process's steady steps (after the compiling first step)."""
+        steady = time.perf_counter() - self.t_first_done if self.t_first_done is not None else 0.0
+        return utilisation.report(self.step_flops, self.steady_steps, steady, self.matmul_rate)
+
     def summary(self) -> dict:
         """summary.json's timing fields, over the whole run."""
         t = self.totals()
         rate = t["steady_molecules"] / t["steady_s"] if t["steady_s"] > 0 else None
         return {"molecules_seen": t["molecules"], "wall_s": round(t["wall_s"], 2),
-                "molecules_per_s": round(rate, 1) if rate else None, "this_process": {
+                "molecules_per_s": round(rate, 1) if rate else None, **self.utilisation(), "this_process": {
                     "wall_s": round(time.perf_counter() - self.t_start, 2), "molecules": self.molecules}}
 
     def close(self) -> None:

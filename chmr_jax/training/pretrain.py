@@ -32,7 +32,7 @@ from flax import nnx
 
 from chmr_jax.data import corpus as corpus_lib, featurize, files, paths, prepare
 from chmr_jax.mechanisms import model as model_lib, objective as objective_lib
-from chmr_jax.training import checkpoint as checkpoint_lib, chores as chores_lib, pretrain_data, train
+from chmr_jax.training import checkpoint as checkpoint_lib, chores as chores_lib, pretrain_data, train, utilisation
 
 MOLECULAR = ("fingerprint", "graph", "geometry")
 # Sections whose change makes a checkpoint unusable (shapes, data order): a restart must match them.
@@ -350,8 +350,11 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     base_key = jax.random.key(tcfg.seed)
     meta_common = {"total_steps": total, "devices": n_dev, "corpus": corpus.manifest.get("name", ""),
                    "budget": data.budget.__dict__}
+    # Utilisation (issue 14 §2): this device's dense matmul rate in the model's dtype, measured now (~0.1 s
+    # on CPU), against the step's FLOPs counted by XLA when the first batch is lowered below.
+    matmul_rate = utilisation.matmul_rate(config.model.dtype, device=devices[0])
     chores = chores_lib.Chores(workdir, total, start, saved_totals, is_main=is_main, progress=tcfg.progress,
-                               t_start=t_start)
+                               t_start=t_start, matmul_rate=matmul_rate)
 
     def save(step, store=None, force=False):
         epoch, _ = plan.locate(max(step - 1, 0))
@@ -364,6 +367,8 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     with _StopFlag() as stop:
         try:
             for step, epoch, n_mol, batch in pretrain_data.global_batches(data, plan, start, total, mesh):
+                if step == start:   # tracing only (no compilation); the call below reuses the trace
+                    chores.step_flops = utilisation.lowered_flops(step_fn.lower(state, batch, base_key, ctx_device))
                 state, metrics = step_fn(state, batch, base_key, ctx_device)   # key: fold_in(base_key, state.step)
                 step += 1
                 logged = None
@@ -405,8 +410,11 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
         _write_json(workdir / "summary.json", summary)
     mem = summary.get("device_peak_bytes", summary["host_peak_rss_bytes"])
     rate = summary["molecules_per_s"]
+    util = summary["utilisation"]
     log(f"done: step {step}/{total}, {summary['wall_s']:.1f}s wall over the whole run; "
-        f"{rate if rate is not None else 'n/a'} molecules/s after compilation; peak memory {mem / 2**30:.2f} GiB "
+        f"{rate if rate is not None else 'n/a'} molecules/s after compilation"
+        + (f" ({summary['achieved_gflop_per_s']} GFLOP/s, {util:.1%} of this device's matmul rate)" if util is not None else "")
+        + f"; peak memory {mem / 2**30:.2f} GiB "
         f"({'device' if 'device_peak_bytes' in summary else 'host RSS'})"
         + (f"; stopped by {stop_reason}" if stop_reason else ""))
     log(f"checkpoints: {ckpt.directory}  metrics: {workdir / 'metrics.jsonl'}  tensorboard: {workdir / 'tensorboard'}")
