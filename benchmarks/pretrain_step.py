@@ -156,11 +156,32 @@ def profile_ops(step, state, batches, key, ctx, trace_dir: str, steps: int) -> d
     total = sum(by_kind.values())
     top = lambda d, k: [{"name": n, "s_per_step": round(v / steps, 4), "share": round(v / total, 3)}
                         for n, v in sorted(d.items(), key=lambda x: -x[1])[:k]] if total else []
+    # Where in our code: each compiled instruction's source line (XLA metadata), summed per file:function.
+    where = source_of_instructions(step.lower(state, batches[0], key, ctx).compile().as_text())
+    by_source = defaultdict(float)
+    for name, secs in by_op.items():
+        by_source[where.get(name, "(no source)")] += secs
     cores = os.cpu_count() or 1
     return {"profile": str(path), "wall_s_per_step": wall / steps, "op_thread_s_per_step": total / steps,
             # thread-seconds in XLA ops over the wall time the cores offered: the rest is waiting
             "busy_fraction_of_cores": total / (wall * cores), "cores": cores, "threads": sorted(threads),
-            "by_kind": top(by_kind, 25), "top_ops": top(by_op, 25)}
+            "by_kind": top(by_kind, 25), "by_source": top(by_source, 30), "top_ops": top(by_op, 25)}
+
+
+def source_of_instructions(hlo_text: str) -> dict:
+    """{instruction name: 'file.py:function'} from a compiled module's text (its metadata)."""
+    import re
+    out = {}
+    pattern = re.compile(r'^\s*%?([\w.\-]+) = .*?metadata=\{([^}]*)\}', re.M)
+    for name, meta in pattern.findall(hlo_text):
+        file = re.search(r'source_file="([^"]+)"', meta)
+        func = re.search(r'op_name="([^"]+)"', meta)
+        line = re.search(r'source_line=(\d+)', meta)
+        if file:
+            out[name] = f"{Path(file.group(1)).name}:{line.group(1) if line else '?'}"
+        elif func:
+            out[name] = func.group(1).split("/")[-1]
+    return out
 
 
 def _flat(batch: dict) -> dict:

@@ -28,3 +28,10 @@ def test_matches_numpy_and_ignores_masked_rows():
     got = diagnostics.collapse_stats(np.where(mask[:, None], x, 1e3).astype(np.float32), mask)
     np.testing.assert_allclose(got["effective_rank"], np.exp(-np.sum(p * np.log(p))), rtol=1e-4)
     np.testing.assert_allclose(got["std"], np.mean(np.sqrt(np.diag(cov))), rtol=1e-4)
+
+
+def test_non_finite_rows_give_nan_not_an_error():
+    # A diverging step's projections: the statistic is NaN (the step's NaN guard handles the update).
+    x = np.ones((6, 4), np.float32)
+    x[2, 1] = np.nan
+    assert np.isnan(float(diagnostics.collapse_stats(x)["effective_rank"]))
