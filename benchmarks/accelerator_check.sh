@@ -5,7 +5,8 @@
 #   2. the propagation format comparison (benchmarks/propagation.py: BCSR / segment_sum / BCOO / ELL),
 #   3. the pretraining step benchmark at batch 256 and 1024 on one device (benchmarks/pretrain_step.py,
 #      enumerated molecules, the paper's model and modality widths), with the PyTorch stand-in of the
-#      release's step beside it when torch imports,
+#      release's step beside it when torch imports, and again in bfloat16 with rematerialisation (each row
+#      with the step's FLOPs and their fraction of the device's measured matmul rate),
 # and writes one JSON, OUT/accelerator_check.json (plus each part's own JSON and log).
 #
 #   bash benchmarks/accelerator_check.sh [OUT]          # on the accelerator (default OUT: $OUT or runs/accelerator_check)
@@ -50,6 +51,8 @@ part propagation 180 "$PY" benchmarks/propagation.py --sizes $PROP_SIZES --max_s
   --out "$OUTDIR/propagation.json"
 part pretrain_step 300 "$PY" benchmarks/pretrain_step.py --synthetic --devices 1 --batch_sizes $STEP_BATCHES \
   --steps $STEP_STEPS --warmup 2 "${TORCH[@]}" --out "$OUTDIR/pretrain_step.json"
+part pretrain_step_bf16_remat 240 "$PY" benchmarks/pretrain_step.py --synthetic --devices 1 --batch_sizes $STEP_BATCHES \
+  --steps $STEP_STEPS --warmup 2 --dtype bfloat16 --remat --out "$OUTDIR/pretrain_step_bf16_remat.json"
 
 "$PY" - "$OUTDIR" "$CPU" "${status[@]}" <<'EOF'
 import json, platform, sys
@@ -61,7 +64,8 @@ for item in parts:
     rc, seconds = rest.split(":")
     result["parts"][name] = {"ok": rc == "0", "exit": int(rc), "seconds": int(seconds)}
 for name, path in (("tiny_pretrain", out / "tiny" / "summary.json"), ("propagation", out / "propagation.json"),
-                   ("pretrain_step", out / "pretrain_step.json")):
+                   ("pretrain_step", out / "pretrain_step.json"),
+                   ("pretrain_step_bf16_remat", out / "pretrain_step_bf16_remat.json")):
     if path.exists():
         res = json.loads(path.read_text())
         result["parts"].setdefault(name, {})["result"] = res
