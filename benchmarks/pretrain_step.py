@@ -79,7 +79,8 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
     devices = jax.devices()[:n_devices]
     mesh = train.data_mesh(devices)
     data = pretrain_data.prepare(sub, pretrain.data_config(config, n_devices))
-    model = pretrain.build_model(config, pretrain.model_dims(config, data, pretrain.molecular_names(config)))
+    dims = pretrain.model_dims(config, data, pretrain.molecular_names(config))
+    model = pretrain.build_model(config, dims)
     tx = train.make_optimizer(total_steps=1000)
     graphdef, state = train.init_state(model, tx)
     state = train.place(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -96,7 +97,7 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
     if opts.get("profile"):
         return profile_ops(step, state, batches, key, ctx_device, opts["profile"], steps)
     lowered = step.lower(state, batches[0], key, ctx_device)
-    flops = utilisation.lowered_flops(lowered)     # per device
+    flops = pretrain.step_flops(config, dims, tx, ctx, mesh, state, batches[0], key, ctx_device)   # per device
     compiled = lowered.compile().memory_analysis()
     xla_bytes = None if compiled is None else int(compiled.temp_size_in_bytes + compiled.argument_size_in_bytes
                                                   + compiled.output_size_in_bytes - compiled.alias_size_in_bytes)

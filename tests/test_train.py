@@ -99,3 +99,30 @@ def test_nan_guard_skips_the_update(data):
     assert int(state.skipped) == 1 and int(metrics["skipped"]) == 1
     for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(before)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_step_flops_count_the_model_not_the_recomputation(data):
+    # XLA counts a loop body once, and remat runs the GIN layers as a scan: the step's own count drops
+    # under remat. pretrain.step_flops counts the step lowered without remat, the same with and
+    # without it (the MFU convention: recomputation is not useful work).
+    from pathlib import Path
+
+    from chmr_jax import config_util
+    from chmr_jax.training import pretrain, utilisation
+    config = config_util.load_config(str(Path(__file__).resolve().parents[1] / "configs" / "test.py"))
+    config.model.gnn_layers = 4
+    dims = {"mol_dims": {"fingerprint": data.inputs["fingerprint"].shape[1], "graph": config.model.gnn_width},
+            "cell_dims": {n: m.dim for n, m in data.corpus.modalities.items()},
+            "target_dims": {t: data.context.targets[t].shape[1] for t in data.context.targets}}
+    tx = train.make_optimizer(total_steps=10)
+    ctx = objective.context_arrays(data.context)
+    batch, key, dev = batches(data, 1)[0], jax.random.key(0), train.context_on_devices(ctx)
+    counts = {}
+    for remat in (False, True):
+        config.model.remat = remat
+        graphdef, state = train.init_state(pretrain.build_model(config, dims), tx)
+        step = train.make_train_step(graphdef, tx, pretrain.objective_config(config), ctx)
+        counts[remat] = (pretrain.step_flops(config, dims, tx, ctx, None, state, batch, key, dev),
+                         utilisation.lowered_flops(step.lower(state, batch, key, dev)))
+    assert counts[True][0] == counts[False][0] == counts[False][1] > 0
+    assert counts[True][1] < counts[False][1]

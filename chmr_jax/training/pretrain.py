@@ -153,6 +153,20 @@ def build_model(config, dims: dict) -> model_lib.CHMR:
                           rngs=nnx.Rngs(config.train.seed))
 
 
+def step_flops(config, dims: dict, tx, ctx: dict, mesh, *step_args) -> float | None:
+    """FLOPs of one train step as the model defines them (the MFU convention: recomputation not
+    counted), from XLA's cost analysis of the step lowered for `step_args` (tracing, no compilation).
+    Lowered without remat: XLA counts a loop body once, and remat runs the GIN layers as a scan."""
+    import ml_collections
+    plain = ml_collections.ConfigDict(config.to_dict())
+    plain.model.remat = False
+    abstract = nnx.eval_shape(lambda: build_model(plain, dims))
+    abstract.train()
+    graphdef = nnx.split(abstract, nnx.Param, ...)[0]
+    step = train.make_train_step(graphdef, tx, objective_config(plain), ctx, mesh)
+    return utilisation.lowered_flops(step.lower(*step_args))
+
+
 def load_pretrained(workdir, step: int | None = None):
     """(model in eval mode, config, meta) from a pretraining workdir's checkpoint (default: newest)."""
     import ml_collections
@@ -367,8 +381,8 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     with _StopFlag() as stop:
         try:
             for step, epoch, n_mol, batch in pretrain_data.global_batches(data, plan, start, total, mesh):
-                if step == start:   # tracing only (no compilation); the call below reuses the trace
-                    chores.step_flops = utilisation.lowered_flops(step_fn.lower(state, batch, base_key, ctx_device))
+                if step == start:   # tracing only (no compilation)
+                    chores.step_flops = step_flops(config, dims, tx, ctx, mesh, state, batch, base_key, ctx_device)
                 state, metrics = step_fn(state, batch, base_key, ctx_device)   # key: fold_in(base_key, state.step)
                 step += 1
                 logged = None

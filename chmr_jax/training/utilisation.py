@@ -3,8 +3,10 @@ machine's dense matmul rate, measured in the same process (issue 14 §2).
 
 The fraction is `step FLOPs / step seconds / matmul FLOP/s`: 100% would be a step that runs at the
 speed of one large, well-shaped matrix product. Caveat of XLA's count: the body of a loop (lax.scan,
-while) is counted once, not once per trip; in the pretraining step the loops are the Tree-VQ levels
-and the InfoNCE blocks, a few percent of the FLOPs, so the fraction is a slight under-estimate.
+while) is counted once, not once per trip. The pretraining step is therefore counted without remat
+(pretrain.step_flops: remat runs the GIN layers as a scan, and its recomputation is not useful work,
+as in the usual MFU convention); its remaining loops are the Tree-VQ levels and the InfoNCE blocks,
+a few percent of the FLOPs, so the fraction is a slight under-estimate.
 """
 from __future__ import annotations
 
