@@ -97,7 +97,7 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
     if opts.get("profile"):
         return profile_ops(step, state, batches, key, ctx_device, opts["profile"], steps)
     lowered = step.lower(state, batches[0], key, ctx_device)
-    flops = pretrain.step_flops(config, dims, tx, ctx, mesh, state, batches[0], key, ctx_device)   # per device
+    flops = pretrain.step_flops(config, dims, tx, ctx, mesh, step, state, batches[0], key, ctx_device)   # per device
     compiled = lowered.compile().memory_analysis()
     xla_bytes = None if compiled is None else int(compiled.temp_size_in_bytes + compiled.argument_size_in_bytes
                                                   + compiled.output_size_in_bytes - compiled.alias_size_in_bytes)

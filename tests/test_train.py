@@ -122,7 +122,7 @@ def test_step_flops_count_the_model_not_the_recomputation(data):
         config.model.remat = remat
         graphdef, state = train.init_state(pretrain.build_model(config, dims), tx)
         step = train.make_train_step(graphdef, tx, pretrain.objective_config(config), ctx)
-        counts[remat] = (pretrain.step_flops(config, dims, tx, ctx, None, state, batch, key, dev),
+        counts[remat] = (pretrain.step_flops(config, dims, tx, ctx, None, step, state, batch, key, dev),
                          utilisation.lowered_flops(step.lower(state, batch, key, dev)))
     assert counts[True][0] == counts[False][0] == counts[False][1] > 0
     assert counts[True][1] < counts[False][1]

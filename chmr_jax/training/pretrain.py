@@ -153,10 +153,13 @@ def build_model(config, dims: dict) -> model_lib.CHMR:
                           rngs=nnx.Rngs(config.train.seed))
 
 
-def step_flops(config, dims: dict, tx, ctx: dict, mesh, *step_args) -> float | None:
+def step_flops(config, dims: dict, tx, ctx: dict, mesh, step_fn, *step_args) -> float | None:
     """FLOPs of one train step as the model defines them (the MFU convention: recomputation not
     counted), from XLA's cost analysis of the step lowered for `step_args` (tracing, no compilation).
-    Lowered without remat: XLA counts a loop body once, and remat runs the GIN layers as a scan."""
+    Without remat that is `step_fn` itself (its trace is reused by the first call); with remat a
+    plain twin is lowered: XLA counts a loop body once, and remat runs the GIN layers as a scan."""
+    if not config.model.remat:
+        return utilisation.lowered_flops(step_fn.lower(*step_args))
     import ml_collections
     plain = ml_collections.ConfigDict(config.to_dict())
     plain.model.remat = False
@@ -382,7 +385,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
         try:
             for step, epoch, n_mol, batch in pretrain_data.global_batches(data, plan, start, total, mesh):
                 if step == start:   # tracing only (no compilation)
-                    chores.step_flops = step_flops(config, dims, tx, ctx, mesh, state, batch, base_key, ctx_device)
+                    chores.step_flops = step_flops(config, dims, tx, ctx, mesh, step_fn, state, batch, base_key, ctx_device)
                 state, metrics = step_fn(state, batch, base_key, ctx_device)   # key: fold_in(base_key, state.step)
                 step += 1
                 logged = None
