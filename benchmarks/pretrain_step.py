@@ -157,7 +157,8 @@ def profile_ops(step, state, batches, key, ctx, trace_dir: str, steps: int) -> d
     total = sum(by_kind.values())
     top = lambda d, k: [{"name": n, "s_per_step": round(v / steps, 4), "share": round(v / total, 3)}
                         for n, v in sorted(d.items(), key=lambda x: -x[1])[:k]] if total else []
-    # Where in our code: each compiled instruction's source line (XLA metadata), summed per file:function.
+    # Which operation of our program: each compiled instruction's source line where XLA's metadata has one,
+    # else its JAX primitive (the op_name's last part; on XLA CPU here the metadata carries no source files).
     where = source_of_instructions(step.lower(state, batches[0], key, ctx).compile().as_text())
     by_source = defaultdict(float)
     for name, secs in by_op.items():
@@ -170,7 +171,8 @@ def profile_ops(step, state, batches, key, ctx, trace_dir: str, steps: int) -> d
 
 
 def source_of_instructions(hlo_text: str) -> dict:
-    """{instruction name: 'file.py:function'} from a compiled module's text (its metadata)."""
+    """{instruction name: 'file.py:line', or the JAX primitive where the metadata has no source} from a
+    compiled module's text."""
     import re
     out = {}
     pattern = re.compile(r'^\s*%?([\w.\-]+) = .*?metadata=\{([^}]*)\}', re.M)

@@ -140,7 +140,7 @@ def _prepare_corpus(args) -> int:
     return 0
 
 
-def _config_flags(argv: list[str], command: str, default_config: str, usage: str, define_more,
+def _config_flags(argv: list[str], command: str, default_config: str, usage: str, define_more=None,
                   required=("workdir",)):
     """Parses `--config file.py[:arg] --config.a.b=v ... --other` with absl on a private registry.
 
@@ -158,7 +158,8 @@ def _config_flags(argv: list[str], command: str, default_config: str, usage: str
     flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)
     flags.DEFINE_string("data_dir", None, "data directory (default: config.data_dir > $CHMR_DATA_DIR > "
                         "~/.cache/chmr_jax)", flag_values=fv)
-    define_more(flags, fv)
+    if define_more is not None:
+        define_more(flags, fv)
     if any(a in ("-h", "--help", "--helpfull") for a in argv):
         print(usage)
         return 0
@@ -212,7 +213,7 @@ def _report_errors(command: str, call, errors=(FileNotFoundError, ValueError)) -
 
 
 def _pretrain(argv: list[str]) -> int:
-    fv = _config_flags(argv, "pretrain", "pretrain.py", PRETRAIN_USAGE, lambda flags, fv: None)
+    fv = _config_flags(argv, "pretrain", "pretrain.py", PRETRAIN_USAGE)
     if isinstance(fv, int):
         return fv
     config = fv.config

@@ -73,7 +73,10 @@ def _cast(value: str, default, arg):
     return value
 
 
-def check_variant(variant: str, variants: tuple) -> str:
+def parse_variant(arg: str | None, variants: tuple) -> str:
+    """The variant named by a config file's argument (parse_arg; the first of `variants` by default),
+    checked against `variants`."""
+    variant = parse_arg(arg, variant=variants[0]).variant
     if variant not in variants:
         raise ValueError(f"unknown config variant {variant!r}; choose from {variants}")
     return variant

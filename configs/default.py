@@ -16,7 +16,7 @@ VARIANTS = ("default", "rdkit3d", "paper")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_util.check_variant(config_util.parse_arg(arg, variant="default").variant, VARIANTS)
+    arg = config_util.parse_variant(arg, VARIANTS)
     config = ml_collections.ConfigDict()
     config.data_dir = ""   # empty: --data_dir flag > $CHMR_DATA_DIR > ~/.cache/chmr_jax
     config.cache_dir = ""  # empty: $CHMR_CACHE_DIR > ~/.cache/chmr_jax/features
@@ -102,7 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(dict(
         epochs=50,                   # spec §7 (newer upstream README)
         steps=0, seed=0,
-        log_every_steps=10,                # metrics to metrics.jsonl / TensorBoard every n steps
+        log_every_steps=10,          # metrics to metrics.jsonl / TensorBoard every n steps
         checkpoint_every_steps=200, keep_checkpoints=3,
         snapshot_epochs="",          # e.g. "1,3,10": also keep the checkpoint at the end of these epochs (snapshots/)
         max_skipped=20,              # stop when this many updates were skipped for NaN/inf

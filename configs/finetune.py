@@ -4,8 +4,8 @@
   chmr-jax finetune --config configs/finetune.py:dataset=biogenadme,seeds=0,1,2,3,4 --pretrained ...
 
 The argument is `key=value` pairs separated by commas (seeds take the rest of the list), parsed by
-config_util.parse_arg as every config file's argument is; keys: any top-level field (dataset, seeds, encoder, csv, ...). The spec
-gives no per-dataset table, so every dataset starts from the same defaults below: chosen for the
+config_util.parse_arg as every config file's argument is; keys: any top-level field (dataset, seeds,
+encoder, csv, ...). The spec gives no per-dataset table, so every dataset starts from the same defaults below: chosen for the
 frozen-encoder head (a 2 x 300 hidden layer as the spec's k * 300 with k = 2, dropout 0.5, Adam 1e-3,
 early stopping after 20 epochs without a better validation score). Override per run on the command
 line, e.g. --config.optim.lr=3e-4.

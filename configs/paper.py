@@ -27,7 +27,7 @@ VARIANTS = ("default", "tpu_pod")
 
 
 def get_config(arg: str | None = None):
-    arg = config_util.check_variant(config_util.parse_arg(arg, variant="default").variant, VARIANTS)
+    arg = config_util.parse_variant(arg, VARIANTS)
     config = config_util.load_sibling(__file__, "default.py", "paper")
     config.geometry = "rdkit3d"
     config.model.molecular = "fingerprint,graph,geometry"

@@ -28,13 +28,12 @@ class Chores:
     fresh run or a checkpoint written before totals were saved). Time and molecules are counted from
     `t_start` (the start of this process's job, input building included); "steady" excludes each
     process's first step, which is mostly compilation, so molecules/s measures training.
-    `step_flops` (XLA's count for one step, per device) and `matmul_rate` (this device's dense matmul
-    FLOP/s) give the utilisation in the progress line and the summary (this process's steady steps).
+    `step_flops` (the step's FLOPs per device, set by the loop) and `matmul_rate` (this device's dense
+    matmul FLOP/s) give the utilisation in the progress line and the summary (this process's steady steps).
     """
 
     def __init__(self, workdir, total: int, start: int, saved_totals: dict | None, *, is_main: bool,
-                 progress: str = "auto", t_start: float | None = None, step_flops: float | None = None,
-                 matmul_rate: float | None = None):
+                 progress: str = "auto", t_start: float | None = None, matmul_rate: float | None = None):
         self.writers = metric_writers.MetricWriters(workdir, resume_step=start or None) if is_main else None
         self.bar = progress_lib.Progress(total, "pretrain", unit="step", log_every_s=30.0, enabled=is_main,
                                          interactive=None if progress == "auto" else progress == "bar",
@@ -43,7 +42,8 @@ class Chores:
         self.t_start = time.perf_counter() if t_start is None else t_start
         self.molecules = self.steady_molecules = self.steady_steps = 0
         self.t_first_done: float | None = None
-        self.step_flops, self.matmul_rate = step_flops, matmul_rate
+        self.step_flops: float | None = None   # set by the loop once the first batch is lowered
+        self.matmul_rate = matmul_rate
 
     def step_done(self, step: int, n_molecules: int, ready=None, metrics: dict | None = None) -> None:
         """After optimiser step `step` on `n_molecules` molecules: `metrics` (when it is time to log) go
