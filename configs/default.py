@@ -65,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         imputation="propagate",      # spec §2: 'propagate' | 'mean' (release) | 'zero'
         sca_mask="observed_or_propagated",  # spec §4: | 'observed' | 'all' (release: imputed rows are negatives)
         vicreg_first_view="mean",    # release: VICReg(observed-or-mean view, propagated view); 'main' = main input
+        # VICReg's second view on measured rows: propagation clamps them to the measurement (= the first
+        # view), so 'held_out' estimates them from the other measured rows (one fold of holdout_folds
+        # held out per propagation); 'propagated' = the clamped copy (before this fix: invariance 0 there).
+        vicreg_second_view="held_out", holdout_folds=5,
         context_clusters=100, context_floor=0.8, context_sparsity=0.995,  # spec §6
         # Gene nodes of the context graph (spec §6): the L1000 landmark genes of this modality, linked
         # to molecules by the top 1% |z| of the observed signatures (weight clip(|z|, 0, 1)); gene-gene

@@ -428,6 +428,22 @@ def test_first_step_loss_does_not_depend_on_padding_or_device_count(tmp_path, ca
     assert one["sca/cell/rows"] == eight["sca/cell/rows"]
 
 
+def test_vicreg_invariance_is_not_zero_with_sca_on_measured_rows(tmp_path, cache_dir):
+    """Through the CLI, configs/pretrain.py's SCA mask (measured rows only): the first step logs a
+    non-zero VICReg invariance for every cellular modality with rows in the batch. With the clamped
+    propagated copy as the second view it was exactly 0.0 (issue 21)."""
+    workdir = tmp_path / "observed"
+    assert cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
+                     "--config.train.steps=1", "--config.pretrain_data.sca_mask=observed"]) == 0
+    row = metric_writers.read_jsonl(workdir / "metrics.jsonl")[0]
+    names = [k.split("/")[1] for k in row if k.startswith("sca/") and k.endswith("/invariance")]
+    assert names
+    used = [n for n in names if row[f"sca/{n}/rows"] > 1]
+    assert used, row
+    for name in used:
+        assert row[f"sca/{name}/invariance"] > 0, (name, row)
+
+
 def test_one_argument_parser_for_every_config_file():
     parse = config_util.parse_arg
     assert parse(None, variant="default").variant == "default"
@@ -475,7 +491,11 @@ def test_a_workdir_saved_before_a_config_field_existed_still_resumes(tmp_path):
     for section, key in pretrain.ADDED_FIELDS:
         del saved[section][key]
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    pretrain._check_same_run(tmp_path, config)          # the defaults reproduce the old run: accepted
+    # VICReg's held-out second view changed the objective: an old run does not silently resume with it...
+    with pytest.raises(pretrain.ConfigError, match="different config in \\['pretrain_data'\\]"):
+        pretrain._check_same_run(tmp_path, config)
+    config.pretrain_data.vicreg_second_view = "propagated"
+    pretrain._check_same_run(tmp_path, config)          # ...but with what it did, it is accepted
     config.model.dtype = "bfloat16"                     # a real change is still refused
     with pytest.raises(pretrain.ConfigError, match="different config in \\['model'\\]"):
         pretrain._check_same_run(tmp_path, config)

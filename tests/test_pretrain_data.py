@@ -65,14 +65,65 @@ def test_batches_fixed_shapes_and_rows(corpus):
         np.testing.assert_array_equal(view1[obs], m.values[idx][obs])
         np.testing.assert_allclose(view1[~obs], np.broadcast_to(m.values[m.available].mean(0), view1[~obs].shape),
                                    rtol=1e-6)
-        np.testing.assert_array_equal(batch["aug"]["cell"][real], data.aug["cell"][idx])
-        assert (batch["view1"]["cell"][~real] == 0).all()
+        # The second view: propagated on unmeasured rows, the held-out estimate on measured ones.
+        np.testing.assert_array_equal(batch["aug"]["cell"][real][~obs], data.aug["cell"][idx][~obs])
+        held = data.held_out["cell"][np.searchsorted(np.flatnonzero(m.available), idx[obs])]
+        np.testing.assert_array_equal(batch["aug"]["cell"][real][obs], held)
+        assert (batch["view1"]["cell"][~real] == 0).all() and (batch["aug"]["cell"][~real] == 0).all()
     assert len(shapes) == 1 and seen == order.tolist()
     # The context graph: one node per molecule, one per observed profile, then the expression
     # modality's genes (its columns).
     n_profiles = sum(int(m.available.sum()) for m in corpus.modalities.values())
     n_genes = corpus.modalities["expression"].dim
     assert data.context.n_nodes == len(corpus) + n_profiles + n_genes
+
+
+@pytest.mark.parametrize("sca_mask", PD.SCA_MASKS)
+def test_vicreg_views_differ_on_every_row_vicreg_uses(corpus, sca_mask):
+    """Propagation is clamped to the measurement on measured rows, so the propagated copy there equals
+    the first view: with it as the second view, VICReg's invariance was identically 0 under
+    sca_mask='observed' (issue 21). Every row VICReg uses must have two different views."""
+    data = PD.prepare(corpus, small_cfg(sca_mask=sca_mask))
+    used = 0
+    for batch in PD.batches(data, np.arange(len(data))):
+        for name in data.aug:
+            rows = batch["vicreg_mask"][name] & batch["graph"].graph_mask
+            assert not (rows & ~batch["mask"][name]).any()          # a subset of the SCA rows
+            differ = (batch["view1"][name] != batch["aug"][name]).any(axis=1)
+            assert differ[rows].all(), (name, sca_mask, np.flatnonzero(rows & ~differ))
+            used += int(rows.sum())
+    assert used > 0
+    # The old second view (the clamped copy) is still there to reproduce earlier runs: it equals the
+    # first view on every measured row.
+    old = PD.prepare(corpus, small_cfg(sca_mask=sca_mask, vicreg_second_view="propagated"))
+    batch = next(PD.batches(old, np.arange(len(old))))
+    obs = batch["graph"].graph_mask & corpus.modalities["cell"].available[batch["node"]]
+    assert obs.any() and (batch["view1"]["cell"][obs] == batch["aug"]["cell"][obs]).all()
+    with pytest.raises(ValueError, match="vicreg_first_view='main' with imputation='propagate'"):
+        PD.prepare(corpus, small_cfg(vicreg_first_view="main"))
+
+
+def test_held_out_view_of_a_measured_row_ignores_its_own_measurement(corpus):
+    """The second view of a measured row is propagation's estimate from the *other* measured rows:
+    changing the row's measurement leaves it unchanged (while the clamped copy follows it), and with
+    one fold per measured row it is exactly propagation run with that row unmeasured (leave-one-out)."""
+    m = corpus.modalities["cell"]
+    knn = PD.propagation.tanimoto_knn(corpus.features.morgan, k=5, n_bits=corpus.features.settings.morgan_size)
+    graph = PD.propagation.build_graph(*knn)
+    obs = np.flatnonzero(m.available)
+    values = m.values.astype(np.float32)
+    held = PD.held_out_propagation(graph, values, m.available, steps=5, folds=len(obs))
+    moved = values.copy()
+    moved[obs[0]] += 10.0
+    held_moved = PD.held_out_propagation(graph, moved, m.available, steps=5, folds=len(obs))
+    np.testing.assert_array_equal(held_moved[0], held[0])
+    assert np.abs(held_moved[1:] - held[1:]).max() > 0      # the row still informs the others' estimates
+    for i in (0, len(obs) // 2, len(obs) - 1):
+        keep = m.available.copy()
+        keep[obs[i]] = False
+        direct = np.asarray(PD.propagation.propagate(graph, values, keep, steps=5).x)[obs[i]]
+        np.testing.assert_array_equal(held[i], direct)
+    assert not np.allclose(held, values[obs])
 
 
 @pytest.mark.parametrize("hosts", [2, 3, 4])

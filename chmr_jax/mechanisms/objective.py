@@ -7,8 +7,11 @@ Batch (a dict pytree, all leading dims G = graph slots of the padded batch):
              each cellular modality (after imputation: propagate | mean | zero)
   view1      {cellular modality: [G, d]} VICReg's first view (default: observed rows, the modality
              mean elsewhere, as the release; see pretrain_data.VICREG_FIRST_VIEWS)
-  aug        {cellular modality: [G, d]} the propagated copy, VICReg's second view
+  aug        {cellular modality: [G, d]} VICReg's second view: the propagated copy, and on measured
+             rows propagation's estimate with the row held out (pretrain_data.VICREG_SECOND_VIEWS)
   mask       {cellular modality: [G] bool} rows that take part in SCA for that modality
+  vicreg_mask {cellular modality: [G] bool} (optional, default `mask`) the SCA rows VICReg uses: those
+             whose two views carry information (measured or reached by propagation)
   node       [G] int32 context-graph node of each molecule (its walk start)
 Context (device arrays): indptr, indices, weights, node_type, node_row, and per node type
   targets [n_t, d_t] / target_mask [n_t, d_t] (see context.ContextGraph).
@@ -95,12 +98,14 @@ def objective(model, batch: dict, ctx: dict, key, cfg: ObjectiveConfig, mesh=Non
         m = batch["mask"][name] & gm
         nce = losses.infonce(anchor, proj[name], m, cfg.tau, cfg.symmetric, cfg.infonce_impl,
                              cfg.infonce_block, mesh)
-        # Two different inputs of the same molecule (view1 = observed-or-mean, aug = propagated): with
-        # imputation='propagate' the main input *is* the propagated copy, so reusing it as a view
-        # would make the invariance term identically 0.
+        # Two different inputs of the same molecule (view1 = observed-or-mean, aug = propagated, or on a
+        # measured row its held-out propagation): propagation is clamped on measured rows, so the
+        # propagated copy there *is* the measurement, and reusing it would make the invariance term
+        # identically 0 on exactly the rows sca_mask='observed' keeps.
         view1 = model.projectors[name](batch["view1"][name]) if "view1" in batch else proj[name]
         aug = model.projectors[name](batch["aug"][name])
-        vic, parts = losses.vicreg(view1, aug, m, *cfg.vicreg_weights)
+        vm = (batch["vicreg_mask"][name] & gm) if "vicreg_mask" in batch else m
+        vic, parts = losses.vicreg(view1, aug, vm, *cfg.vicreg_weights)
         sca = sca + nce + vic
         metrics[f"sca/{name}/infonce"] = nce
         metrics[f"sca/{name}/vicreg"] = vic

@@ -264,7 +264,10 @@ def _finished_summary(workdir: Path, steps: int) -> dict | None:
 
 # Config fields added after workdirs were made, with the value that reproduces those runs (what the code
 # assumes when the field is missing), so adding a field does not make old runs unresumable.
-ADDED_FIELDS = {("model", "dtype"): "float32", ("model", "remat"): False}
+# What a run saved before the field existed did (not always today's default: vicreg_second_view changed
+# the objective, so such a run resumes only with --config.pretrain_data.vicreg_second_view=propagated).
+ADDED_FIELDS = {("model", "dtype"): "float32", ("model", "remat"): False,
+                ("pretrain_data", "vicreg_second_view"): "propagated", ("pretrain_data", "holdout_folds"): 5}
 
 
 def _check_same_run(workdir: Path, config) -> None:

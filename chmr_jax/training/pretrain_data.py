@@ -2,15 +2,23 @@
 
   prepare(corpus, cfg)   once per run (host, numpy):
       - the structure kNN graph over the corpus (exact Tanimoto on Morgan bits) and, per cellular
-        modality, Eq. 1 propagation -> the propagated copy (VICReg's second view) and `reached`
+        modality, Eq. 1 propagation -> the propagated copy and `reached`
       - the main input of each cellular modality by `imputation`: 'propagate' (the propagated copy,
         default), 'mean' (observed rows, column mean elsewhere) or 'zero'
-      - VICReg's first view: 'mean' (default, the release: observed rows, the column mean elsewhere) or
-        'main' (the main input; with imputation='propagate' both views are then the same array and
-        the invariance term is identically 0); the second view is always the propagated copy
+      - VICReg's two views of p_c (spec §4: VICReg(p_c, p_c_aug)), which must differ on every row VICReg
+        uses, or its invariance term is identically 0 there:
+          first view  'mean' (default, the release): measured rows as measured, the column mean elsewhere;
+                      'main': the main input (refused with imputation='propagate', where it would be
+                      the second view itself on every unmeasured row)
+          second view 'held_out' (default): the propagated copy, except on measured rows, whose
+                      propagation is clamped to the measurement (= the first view): there it is Eq. 1's
+                      estimate of the row from the *other* measured rows, the row's fold of
+                      `holdout_folds` held out of the observed set. 'propagated': the propagated copy
+                      everywhere (runs before this fix; invariance is 0 on every measured row)
       - SCA row masks: 'observed_or_propagated' (default: rows with a measured or propagated value),
         'observed' (measured rows only) or 'all' (the release: every row, imputed ones act as false
-        negatives)
+        negatives). VICReg uses the SCA rows that carry information (measured or reached by
+        propagation): under 'all', a row never reached has the column mean in both views.
       - the context graph (molecules, one profile node per observed profile, and gene nodes: the
         columns of `gene_modality` (L1000 landmark genes by Entrez id) linked to molecules by the top
         1% |z| of its observed signatures, weight clip(|z|, 0, 1), and to each other by the corpus'
@@ -36,6 +44,7 @@ from chmr_jax.data.corpus import Corpus
 IMPUTATIONS = ("propagate", "mean", "zero")
 SCA_MASKS = ("observed_or_propagated", "observed", "all")
 VICREG_FIRST_VIEWS = ("mean", "main")
+VICREG_SECOND_VIEWS = ("held_out", "propagated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +58,8 @@ class DataConfig:
     imputation: str = "propagate"
     sca_mask: str = "observed_or_propagated"
     vicreg_first_view: str = "mean"
+    vicreg_second_view: str = "held_out"
+    holdout_folds: int = 5              # measured rows held out of the propagation per fold (second view)
     context_clusters: int = 100
     context_floor: float = 0.8
     context_sparsity: float = 0.995
@@ -63,10 +74,13 @@ class DataConfig:
 class PretrainData:
     corpus: Corpus
     inputs: dict            # modality -> float32 [n, d]: 'fingerprint' and each cellular main input
-    aug: dict               # cellular modality -> float32 [n, d] propagated copy (VICReg's second view)
+    aug: dict               # cellular modality -> float32 [n, d] propagated copy (measured rows as measured)
     view1_fill: dict        # cellular modality -> VICReg's first view: the fill [d] of unobserved rows
                             # (observed rows keep their values), or None for the main input
+    held_out: dict          # cellular modality -> float32 [n_measured, d]: VICReg's second view of the
+                            # measured rows (in corpus order), or None (second view = `aug` everywhere)
     sca_mask: dict          # cellular modality -> bool [n]
+    vicreg_mask: dict       # cellular modality -> bool [n]: SCA rows that VICReg uses (sca_mask & reached)
     reached: dict           # cellular modality -> bool [n] (observed or reached by propagation)
     energy: dict            # cellular modality -> float32 [T + 1] Dirichlet energy per step
     context: context.ContextGraph
@@ -83,10 +97,19 @@ def prepare(corpus: Corpus, cfg: DataConfig = DataConfig()) -> PretrainData:
         raise ValueError(f"sca_mask must be one of {SCA_MASKS}, got {cfg.sca_mask!r}")
     if cfg.vicreg_first_view not in VICREG_FIRST_VIEWS:
         raise ValueError(f"vicreg_first_view must be one of {VICREG_FIRST_VIEWS}, got {cfg.vicreg_first_view!r}")
+    if cfg.vicreg_second_view not in VICREG_SECOND_VIEWS:
+        raise ValueError(f"vicreg_second_view must be one of {VICREG_SECOND_VIEWS}, got {cfg.vicreg_second_view!r}")
+    if cfg.vicreg_first_view == "main" and cfg.imputation == "propagate":
+        raise ValueError("vicreg_first_view='main' with imputation='propagate' gives VICReg the same propagated "
+                         "copy as both views on every unmeasured row (invariance identically 0 there): use "
+                         "vicreg_first_view='mean' or imputation='mean' / 'zero'")
+    if cfg.holdout_folds < 2:
+        raise ValueError(f"holdout_folds must be >= 2 (each fold of measured rows is held out of one propagation), "
+                         f"got {cfg.holdout_folds}")
     feats = corpus.features
     n = len(corpus)
     inputs = {"fingerprint": feats.fingerprints()}
-    aug, view1_fill, sca_mask, reached, energy = {}, {}, {}, {}, {}
+    aug, view1_fill, held_out, sca_mask, vicreg_mask, reached, energy = {}, {}, {}, {}, {}, {}, {}
     if corpus.modalities and n > 1:
         knn = propagation.tanimoto_knn(feats.morgan, k=cfg.knn_k, n_bits=feats.settings.morgan_size)
         graph = propagation.build_graph(*knn)
@@ -96,8 +119,12 @@ def prepare(corpus: Corpus, cfg: DataConfig = DataConfig()) -> PretrainData:
             aug[name] = np.asarray(result.x, np.float32)
             reached[name] = np.asarray(result.reached)
             energy[name] = np.asarray(result.energy, np.float32)
+            held_out[name] = (held_out_propagation(graph, m.values, m.available, cfg.propagation_steps,
+                                                   cfg.holdout_folds)
+                              if cfg.vicreg_second_view == "held_out" else None)
         else:
             aug[name], reached[name], energy[name] = m.values.copy(), m.available.copy(), np.zeros(1, np.float32)
+            held_out[name] = None
         mean = m.values[m.available].mean(0) if m.available.any() else np.zeros(m.dim, np.float32)
         if cfg.imputation == "propagate":
             inputs[name] = aug[name]
@@ -109,6 +136,7 @@ def prepare(corpus: Corpus, cfg: DataConfig = DataConfig()) -> PretrainData:
         view1_fill[name] = mean.astype(np.float32) if cfg.vicreg_first_view == "mean" else None
         sca_mask[name] = {"observed_or_propagated": reached[name], "observed": m.available.copy(),
                           "all": np.ones(n, bool)}[cfg.sca_mask]
+        vicreg_mask[name] = sca_mask[name] & reached[name]
 
     blocks = {name: context.ProfileBlock(features=m.values[m.available], molecule=np.nonzero(m.available)[0])
               for name, m in corpus.modalities.items()}
@@ -121,8 +149,30 @@ def prepare(corpus: Corpus, cfg: DataConfig = DataConfig()) -> PretrainData:
         floor=cfg.context_floor, sparsity=cfg.context_sparsity, **genes)
     budget = graphs.estimate_budget(feats.n_atoms, feats.n_edges, cfg.batch_size, cfg.pad_multiple, cfg.n_sigma,
                                     cfg.graph_multiple)
-    return PretrainData(corpus=corpus, inputs=inputs, aug=aug, view1_fill=view1_fill, sca_mask=sca_mask, reached=reached,
-                        energy=energy, context=ctx, budget=budget)
+    return PretrainData(corpus=corpus, inputs=inputs, aug=aug, view1_fill=view1_fill, held_out=held_out,
+                        sca_mask=sca_mask, vicreg_mask=vicreg_mask, reached=reached, energy=energy, context=ctx,
+                        budget=budget)
+
+
+def held_out_propagation(graph: propagation.PropagationGraph, values: np.ndarray, available: np.ndarray,
+                         steps: int, folds: int, seed: int = 0) -> np.ndarray:
+    """float32 [n_measured, d]: Eq. 1's estimate of each measured row from the other measured rows.
+
+    The measured rows are dealt into `folds` folds (a fixed permutation: the same corpus gives the same
+    folds); for each fold, propagation runs with that fold's rows treated as unmeasured, and their
+    propagated values are kept. A measured row that no other measured row reaches in `steps` steps
+    gets propagation's fallback (the mean of the measured rows left in). With folds = the number of
+    measured rows this is exact leave-one-out."""
+    obs = np.nonzero(available)[0]
+    out = np.zeros((len(obs), values.shape[1]), np.float32)
+    fold = np.random.default_rng(seed).permutation(len(obs)) % max(min(folds, len(obs)), 1)
+    for f in np.unique(fold):
+        held = obs[fold == f]
+        keep = available.copy()
+        keep[held] = False
+        x = np.asarray(propagation.propagate(graph, values, keep, steps=steps).x)
+        out[fold == f] = x[held]
+    return out
 
 
 def gene_nodes(corpus: Corpus, modality: str = "expression", network: str = "") -> dict:
@@ -155,6 +205,20 @@ def _view1(data: PretrainData, name: str, idx) -> np.ndarray:
     return np.where(m.available[rows, None], m.values[rows], data.view1_fill[name][None, :]).astype(np.float32)
 
 
+def _view2(data: PretrainData, name: str, idx) -> np.ndarray:
+    """[n, d] VICReg second view of corpus rows: the held-out estimate on measured rows, the propagated
+    copy elsewhere (built per batch: no second n x d copy per modality is kept)."""
+    rows = np.asarray(idx, np.int64)
+    x = data.aug[name][rows]
+    if data.held_out[name] is not None:
+        avail = data.corpus.modalities[name].available
+        measured = avail[rows]
+        position = np.cumsum(avail) - 1          # corpus row -> its row in held_out
+        x = x.copy()
+        x[measured] = data.held_out[name][position[rows[measured]]]
+    return x
+
+
 def batch_of(data: PretrainData, group, rows: graphs.Rows | None = None) -> dict:
     """The fixed-shape batch dict of the molecules `group` (see objective.py for the layout).
     Padding graph slots carry zeros and False masks; `node` is the molecule's context node (= its
@@ -180,10 +244,11 @@ def batch_of(data: PretrainData, group, rows: graphs.Rows | None = None) -> dict
 
     return {"graph": graph,
             "inputs": {name: take(x) for name, x in data.inputs.items()},
-            "aug": {name: take(x) for name, x in data.aug.items()},
+            "aug": {name: padded(_view2(data, name, idx)) for name in data.aug},
             "view1": {name: padded(_view1(data, name, idx)) if data.view1_fill[name] is not None
                       else take(data.inputs[name]) for name in data.aug},
             "mask": {name: take(x) for name, x in data.sca_mask.items()},
+            "vicreg_mask": {name: take(x) for name, x in data.vicreg_mask.items()},
             "node": padded(idx.astype(np.int32))}
 
 
