@@ -30,6 +30,10 @@ case "$1" in
       # configs/pretrain.py now masks SCA to measured rows (the validation choice, = 'observed'); the
       # 'full' row is the default objective's observed-or-propagated rows, so full1 sets them back.
       full1)      extra=(--config.pretrain_data.sca_mask=observed_or_propagated) ;;
+      # Issue 21 §1: configs/pretrain.py with VICReg's held-out second view on measured rows (the
+      # default since then) against the clamped propagated copy it had before (invariance 0 there).
+      heldout)    extra=() ;;
+      clamped)    extra=(--config.pretrain_data.vicreg_second_view=propagated) ;;
       *) echo "unknown ablation $name"; exit 2 ;;
     esac
     $CLI pretrain --config configs/pretrain.py --workdir "$RUNS/ablation_$name" --config.train.epochs=1 \
