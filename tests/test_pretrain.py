@@ -393,6 +393,12 @@ def test_stress_table_has_a_row_per_level_and_a_column_per_imputation():
         "|---|---|---|---|",
         "| 0 | cell 100 | 70.0 +- 1.0 | 69.0 +- 1.0 |",
         "| 0.5 | cell 50 | 65.0 +- 1.0 | 64.0 +- 1.0 |"]
+    # With the untrained control: each cell adds the paired lift, and the control has its own column.
+    for r in rows:
+        r.update(untrained_mean=0.6, untrained_std=0.02, lift={"mean": r["test_mean"] - 0.6, "std": 0.005})
+    assert stress.format_table(rows).splitlines()[::3] == [
+        "| extra missing | observed profiles | propagate (roc_auc x100) | zero (roc_auc x100) | untrained control |",
+        "| 0.5 | cell 50 | 65.0 +- 1.0 (+5.0 +- 0.5) | 64.0 +- 1.0 (+4.0 +- 0.5) | 60.0 +- 2.0 |"]
 
 
 def test_stress_never_finetunes_an_interrupted_pretraining(monkeypatch, tmp_path):

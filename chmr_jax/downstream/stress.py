@@ -59,9 +59,13 @@ def run(config, finetune_config, levels, imputations=IMPUTATIONS, workdir="runs/
                 raise KeyboardInterrupt(f"pretraining of {run_dir} stopped at step {summary.get('steps')} "
                                         f"({summary.get('stopped_by')}); re-run the same command to continue")
             result = finetune.run_or_reuse(finetune_config, run_dir / "pretrain", run_dir / "finetune", data_dir, log)
+            control = result.get("methods", {}).get("untrained")   # the same encoder untrained, same seeds
             rows.append({"missing": level, "imputation": imputation, "dataset": result["dataset"],
                          "metric": result["metric"], "test_mean": result["test_mean"],
                          "test_std": result["test_std"], "seeds": len(result["runs"]),
+                         "untrained_mean": control["test_mean"] if control else None,
+                         "untrained_std": control["test_std"] if control else None,
+                         "lift": result.get("lift"),
                          "observed": {n: v["observed_before"] - v["hidden"]
                                       for n, v in manifest["hidden"]["modalities"].items()}})
     files.atomic_write_text(workdir / "results.json", json.dumps(rows, indent=1))
@@ -73,18 +77,31 @@ def run(config, finetune_config, levels, imputations=IMPUTATIONS, workdir="runs/
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown: one row per missing level, one column per imputation (test metric x100, mean +- std)."""
+    """Markdown: one row per missing level, one column per imputation (test metric x100, mean +- sample
+    std over seeds; with the untrained control, the paired lift over it in brackets), then the
+    untrained control's column."""
     imputations = list(dict.fromkeys(r["imputation"] for r in rows))
     levels = list(dict.fromkeys(r["missing"] for r in rows))
     cell = {(r["missing"], r["imputation"]): r for r in rows}
     metric = rows[0]["metric"] if rows else ""
-    lines = ["| extra missing | observed profiles | " + " | ".join(f"{m} ({metric} x100)" for m in imputations) + " |",
-             "|---|---|" + "---|" * len(imputations)]
+    control = any(r.get("untrained_mean") is not None for r in rows)
+
+    def value(r):
+        text = f"{100 * r['test_mean']:.1f} +- {100 * r['test_std']:.1f}"
+        if r.get("lift"):
+            text += f" ({100 * r['lift']['mean']:+.1f} +- {100 * r['lift']['std']:.1f})"
+        return text
+
+    lines = ["| extra missing | observed profiles | " + " | ".join(f"{m} ({metric} x100)" for m in imputations)
+             + (" | untrained control |" if control else " |"),
+             "|---|---|" + "---|" * (len(imputations) + control)]
     for level in levels:
         first = cell[(level, imputations[0])]
         obs = ", ".join(f"{n} {v}" for n, v in first["observed"].items())
-        vals = [f"{100 * cell[(level, m)]['test_mean']:.1f} +- {100 * cell[(level, m)]['test_std']:.1f}"
-                if (level, m) in cell else "-" for m in imputations]
+        vals = [value(cell[(level, m)]) if (level, m) in cell else "-" for m in imputations]
+        if control:
+            vals.append(f"{100 * first['untrained_mean']:.1f} +- {100 * first['untrained_std']:.1f}"
+                        if first.get("untrained_mean") is not None else "-")
         lines.append(f"| {level:g} | {obs} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -95,16 +112,31 @@ def plot(rows: list[dict], path) -> None:
     matplotlib.use("Agg")   # files only: no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    values = []
     for imputation in dict.fromkeys(r["imputation"] for r in rows):
         rs = sorted((r for r in rows if r["imputation"] == imputation), key=lambda r: r["missing"])
         ax.errorbar([r["missing"] for r in rs], [100 * r["test_mean"] for r in rs],
                     yerr=[100 * r["test_std"] for r in rs], marker="o", capsize=3, label=imputation)
+        values += [100 * (r["test_mean"] + sign * r["test_std"]) for r in rs for sign in (-1, 1)]
+    control = sorted((r for r in rows if r.get("untrained_mean") is not None and r["imputation"] == rows[0]["imputation"]),
+                     key=lambda r: r["missing"])
+    if control:   # the untrained encoder does not see the profiles: one level, drawn across the plot
+        mean, std = 100 * control[0]["untrained_mean"], 100 * control[0]["untrained_std"]
+        ax.axhline(mean, color="black", ls="--", lw=1, label="untrained control")
+        ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
+        values += [mean - std, mean + std]
+    if values:
+        # At least 2 points of the metric on the axis: matplotlib's autoscale would stretch a 0.02-point
+        # spread over the whole height and make it look like a collapse.
+        lo, hi = min(values), max(values)
+        pad = max(0.0, 2.0 - (hi - lo)) / 2 + 0.1 * (hi - lo)
+        ax.set_ylim(lo - pad, hi + pad)
     if rows:
         ax.set_title(f"{rows[0]['dataset']}: test {rows[0]['metric']} vs hidden cellular profiles")
         ax.set_ylabel(f"test {rows[0]['metric']} x100")
     ax.set_xlabel("extra fraction of observed profiles hidden")
-    ax.legend(title="imputation")
+    ax.legend(title="imputation", fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
