@@ -48,3 +48,18 @@ def test_terminal_bar_rewrites_one_line():
     bar.close()
     assert "\r" in out.getvalue() and out.getvalue().count("\n") == 1 and "3/3" in out.getvalue()
     assert Progress(3, "x", stream=Tty(), interactive=False).interactive is False
+
+
+def test_a_live_bar_keeps_one_count_across_a_clock_restart():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    bar = Progress(10, "pretrain", unit="step", stream=out, initial=2)
+    bar.update(3)
+    bar.restart_clock()           # after compilation: the 5 done so far are left out of the rate
+    bar.update(2)
+    assert bar.count == bar._bar.n == 7 and bar.initial == 5
+    bar.close()
+    assert "7/10" in out.getvalue().split("\r")[-1]

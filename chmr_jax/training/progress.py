@@ -29,7 +29,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.log_every_s = log_every_s
         self.enabled = enabled
-        self.count = self.initial = initial
+        self._count = self.initial = initial      # the count when there is no live bar (tqdm's n otherwise)
         self.start = time.perf_counter()
         self._last_print = 0.0
         self.postfix = ""
@@ -47,14 +47,22 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def count(self) -> int:
+        """Work items done (resumed ones included): one counter, tqdm's own where a live bar exists."""
+        return self._bar.n if self._bar is not None else self._count
+
     def restart_clock(self, count: int | None = None) -> None:
         """Rate and ETA from now on, over the work after `count` (default: what is done so far)."""
         self.start = time.perf_counter()
         self.initial = self.count if count is None else count
+        self._count = self.initial
         if self._bar is not None:
-            self._bar.start_t = self._bar._time()
+            # tqdm's public API: reset() restarts its clock at 0 items; `initial` / `n` (constructor
+            # argument and documented counter) put back the work already done, left out of the rate.
+            self._bar.reset(total=self.total)
             self._bar.initial = self._bar.n = self.initial
-            self._bar.last_print_n, self._bar.last_print_t = self.initial, self._bar.start_t
+            self._bar.refresh()
 
     def line(self) -> str:
         """The tqdm-formatted status (ASCII, for logs): description, bar, count, rate, elapsed, ETA, postfix."""
@@ -63,7 +71,8 @@ class Progress:
                                  initial=self.initial, postfix=self.postfix or None)
 
     def update(self, n: int = 1) -> None:
-        self.count += n
+        if self._bar is None:
+            self._count += n
         if not self.enabled:
             return
         if self._bar is not None:
