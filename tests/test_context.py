@@ -96,7 +96,7 @@ def test_build_context_graph():
     assert edges[(0, 40)] == 1.0 and edges[(40, 0)] == 1.0                  # molecule 0 - cell row 0
     assert edges[(0, 1)] == 1.0                                             # identical scaffold mates
     gene0 = 40 + 12 + 6
-    assert edges[(gene0, gene0 + 1)] == 1.0 and edges[(0, gene0 + 3)] == 1.0  # |z| = 50 clipped to 1
+    assert edges[(gene0, gene0 + 1)] == 1.0 and edges[(0, gene0 + 3)] == 1.0  # its row's largest |z|
     assert all(t >= 0.8 for t in g.thresholds.values())
     assert 0.0 <= g.targets["cell"].min() and g.targets["cell"].max() <= 1.0
     np.testing.assert_array_equal(g.targets["molecule"], targets)
@@ -104,6 +104,32 @@ def test_build_context_graph():
     # Walks run on the stored CSR.
     nodes, beta = C.random_walks(g.indptr, g.indices, g.weights, jnp.arange(4), jax.random.key(0), 4)
     assert nodes.shape == (4, 5) and np.isfinite(np.asarray(beta)).all()
+
+
+def test_gene_edges_on_the_real_l1000_signatures(data_dir):
+    # The L1000 consensus signatures (1,170 compounds x 978 landmark genes): every compound with a
+    # signature links to genes, none to more than ~1% of them (the spec's top 1%), and the weights
+    # say how strongly: they lie in (0, 1] and differ.
+    from chmr_jax.data import profiles
+    l1000 = data_dir / "profiles" / "l1000"
+    table = profiles.read_l1000_consensus(l1000 / "consensi-drugbank.tsv.gz", l1000 / "drugbank_structures.tsv")
+    n_mol, n_genes = table.values.shape
+    assert n_genes == 978 and n_mol > 1000
+    block = C.ProfileBlock(features=table.values, molecule=np.arange(n_mol))
+    g = C.build_context_graph(np.zeros((n_mol, 8), np.uint8), np.zeros((n_mol, 4), np.float32), [None] * n_mol,
+                              {"expression": block}, n_genes=n_genes, expression="expression",
+                              expression_genes=np.arange(n_genes), gene_quantile=0.99)
+    gene0 = g.n_nodes - n_genes
+    per_mol, weights = [], []
+    for v in range(n_mol):
+        nbr, w = g.neighbours(v)
+        per_mol.append(int(np.sum(nbr >= gene0)))
+        weights.append(w[nbr >= gene0])
+    per_mol, weights = np.array(per_mol), np.concatenate(weights)
+    assert per_mol.min() >= 1, f"{np.sum(per_mol == 0)} of {n_mol} compounds have no gene edge"
+    assert per_mol.max() <= np.ceil(0.01 * n_genes), per_mol.max()
+    assert weights.min() > 0 and weights.max() <= 1
+    assert np.median(weights) < 1 and np.unique(weights).size > n_mol, "the weights carry no information"
 
 
 def test_minmax_scale_masks_nan():

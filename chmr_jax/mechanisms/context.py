@@ -5,7 +5,8 @@ Context graph H (host-side numpy, stored as CSR):
   edges   (all undirected, stored in both directions)
           molecule - profile      weight 1 (a profile row belongs to a molecule)
           gene - gene             weight 1 (e.g. Hetionet), optional
-          molecule - gene         top `gene_quantile` |z| of the expression modality, weight clip(|z|, 0, 1)
+          molecule - gene         per expression signature (profile row) its top 1 - `gene_quantile` of
+                                  genes by |z| (~10 of 978 L1000 genes), weight |z| / the row's max |z|
           molecule - molecule     Tanimoto within Murcko-scaffold clusters
           profile - profile       Pearson within PCA + KMeans clusters (per modality)
           similarity edges are kept above a threshold found by bisection for `sparsity` (0.995) of
@@ -162,6 +163,28 @@ def minmax_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, mask
 
 
+def top_genes(z: np.ndarray, fraction: float = 0.01):
+    """Molecule-gene edges of an expression block: the top `fraction` of each signature's genes by |z|.
+
+    z: [R, G] signatures (NaN = not measured). Returns (row, column, weight) int/int/float64 [E]:
+    round(fraction * G) (at least 1) genes per row, fewer where a row has fewer nonzero |z|; weight
+    = |z| / the row's max |z|, in (0, 1]. Per row, not one cut over the block: a global quantile of
+    |z| on the L1000 consensus signatures (cut at |z| > 11.5) left 946 of 1,170 compounds without a
+    gene and gave one compound 753 of 978 genes; clip(|z|, 0, 1) made every weight 1.
+    """
+    a = np.abs(np.asarray(z, np.float64))
+    a = np.where(np.isfinite(a), a, 0.0)
+    if a.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    k = min(a.shape[1], max(1, int(round(fraction * a.shape[1]))))
+    cols = np.argpartition(-a, k - 1, axis=1)[:, :k]          # the k largest |z| of each row
+    vals = np.take_along_axis(a, cols, axis=1)
+    peak = a.max(axis=1, keepdims=True)
+    rows = np.broadcast_to(np.arange(len(a))[:, None], cols.shape)
+    keep = vals > 0                                            # |z| = 0 (or NaN) says nothing
+    return rows[keep], cols[keep], (vals / np.where(peak > 0, peak, 1.0))[keep]
+
+
 def build_context_graph(mol_bits: np.ndarray, mol_targets: np.ndarray, scaffolds: Sequence,
                         profiles: dict[str, ProfileBlock], gene_edges: np.ndarray | None = None,
                         n_genes: int = 0, expression: str | None = None,
@@ -172,7 +195,8 @@ def build_context_graph(mol_bits: np.ndarray, mol_targets: np.ndarray, scaffolds
 
     mol_bits: 0/1 fingerprint bits [N_m, F] for molecule similarity; mol_targets: [N_m, T] in [0, 1].
     scaffolds: cluster label per molecule (e.g. Murcko scaffold SMILES; None = no cluster).
-    expression / expression_genes: which modality's columns map to gene node ids (molecule-gene edges).
+    expression / expression_genes: which modality's columns map to gene node ids (molecule-gene edges);
+    gene_quantile: each of its signatures links to its genes above this quantile of the row's |z|.
     """
     n_mol = len(mol_bits)
     clash = [name for name in profiles if name in (MOLECULE, GENE)]
@@ -232,12 +256,10 @@ def build_context_graph(mol_bits: np.ndarray, mol_targets: np.ndarray, scaffolds
         add(gene_offset + ge[:, 0], gene_offset + ge[:, 1], np.ones(len(ge)))
     if n_genes and expression is not None:
         block = profiles[expression]
-        z = np.abs(np.nan_to_num(np.asarray(block.features, np.float64)))
-        cut = np.quantile(z, gene_quantile)
-        rr, cc = np.nonzero(z > cut)
+        rr, cc, ww = top_genes(block.features, 1.0 - gene_quantile)
         mol = np.asarray(block.molecule)[rr]
         ok = mol >= 0
-        add(mol[ok], gene_offset + np.asarray(expression_genes)[cc[ok]], np.clip(z[rr, cc][ok], 0, 1))
+        add(mol[ok], gene_offset + np.asarray(expression_genes)[cc[ok]], ww[ok])
 
     s = np.concatenate(src) if src else np.zeros(0, np.int64)
     d = np.concatenate(dst) if dst else np.zeros(0, np.int64)

@@ -64,7 +64,7 @@ class DataConfig:
     context_floor: float = 0.8
     context_sparsity: float = 0.995
     gene_modality: str = "expression"   # its columns (Entrez ids) become gene nodes ('' = no gene nodes)
-    gene_quantile: float = 0.99         # molecule-gene edges: top 1% |z| of its observed profiles (spec §6)
+    gene_quantile: float = 0.99         # molecule-gene edges: each signature's top 1% of genes by |z| (spec §6)
     gene_network: str = ""              # optional gene-gene edges (Hetionet sif or source_id,target_id table)
     modalities: str = "all"             # cellular modalities used: 'all', 'none' or a comma list (applied to
                                         # the corpus before `prepare`: Corpus.with_modalities)
