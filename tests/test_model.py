@@ -65,9 +65,11 @@ def _loss_and_grads(m, batch, inputs):
     return nnx.value_and_grad(loss)(m)
 
 
-def test_remat_gives_the_same_loss_and_gradients(feats):
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_remat_gives_the_same_loss_and_gradients(feats, dropout):
     # The scanned, checkpointed layers compute the same operations as the unrolled loop: equal to
-    # rounding (float64), batch-norm statistics included.
+    # rounding (float64), batch-norm statistics included; with dropout, the same units drop (both
+    # models start from the same RNG stream, nnx.Rngs(0)).
     with jax.enable_x64(True):
         batch = to_jax(graphs.pack(feats, [0, 1, 2, 3], graphs.GraphBudget(64, 64, 5)))
         fp = np.zeros((5, 1191))
@@ -75,7 +77,7 @@ def test_remat_gives_the_same_loss_and_gradients(feats):
         inputs = {"fingerprint": jnp.asarray(fp), "cell": jnp.ones((5, 20), jnp.float64)}
         # dtype=float64: the embeddings and matmuls compute in float64 too (their default is the
         # parameters' declared float32), so only real differences could exceed the tolerance.
-        models = [as_float64(small_model(remat=r, dtype=jnp.float64)) for r in (False, True)]
+        models = [as_float64(small_model(dropout, remat=r, dtype=jnp.float64)) for r in (False, True)]
         (l0, g0), (l1, g1) = (_loss_and_grads(m, batch, inputs) for m in models)
         assert float(l0) == pytest.approx(float(l1), rel=1e-12)
         flat0, flat1 = jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)
@@ -120,21 +122,88 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_where_it_matters(feats):
     fp = np.zeros((5, 1191), np.float32)
     fp[:4] = feats.fingerprints([0, 1, 2, 3])
     inputs = {"fingerprint": fp, "cell": np.ones((5, 20), np.float32)}
-    f32, bf16 = small_model(), small_model(dtype=jnp.bfloat16)
-    # Parameters and batch statistics stay float32 (same initial values), node states are bf16, and
-    # every output the losses see is float32.
+    bf16 = small_model(dtype=jnp.bfloat16)
+    # Parameters and batch statistics stay float32, node states are bf16, and every output the losses
+    # see is float32.
     for leaf in jax.tree_util.tree_leaves(nnx.state(bf16)):
         assert leaf.dtype != jnp.bfloat16
     assert bf16.gnn(batch).dtype == jnp.bfloat16
-    out32, out16 = f32.encode(batch, inputs), bf16.encode(batch, inputs)
+    out16 = bf16.encode(batch, inputs)
     assert all(v.dtype == jnp.float32 for v in out16.values())
-    # Same parameters, only the arithmetic differs. Budget: bf16's unit roundoff 2^-8 amplified at most
-    # 32x along the chain (3 GIN layers of linear -> batch norm -> linear on a 4-molecule batch, the
-    # readout's sum, a projector); measured ~6% of the largest output on the graph path, <1% elsewhere.
-    budget = 32 * 2.0 ** -8
-    for name in out32:
-        err = np.abs(np.asarray(out16[name]) - np.asarray(out32[name])).max()
-        assert err <= budget * np.abs(np.asarray(out32[name])).max(), name
+    assert bf16.decoders["cell"](out16["anchor"]).dtype == jnp.float32
+    # Where the sums accumulate: the three tests below, each against an exact (float64) sum of the
+    # same bf16 terms.
+
+
+# bf16 accumulation tests. Each sums K same-sign bf16 terms; the bound is what float32 accumulation
+# allows: the float32 sum's error (<= K * 2^-24 of the sum of |terms|) plus, where the result is
+# stored in bf16, one final rounding (at most 2^-8 of it: bf16 keeps 8 significant bits). A bf16
+# accumulator rounds at every add: once the partial sum passes 2^8 times a term, each add loses up
+# to half a term (terms below half an ulp are lost whole), far beyond that bound.
+U = 2.0 ** -8
+
+
+def f32_sum_bound(exact, abs_sum, k, stored_bf16):
+    return (U if stored_bf16 else 0.0) * np.abs(exact) + (k + 1) * 2.0 ** -24 * abs_sum
+
+
+class _Identity(nnx.Module):
+    def __call__(self, x, mask):
+        return x
+
+
+def test_bfloat16_gin_sums_a_nodes_messages_in_float32():
+    k, dim = 1024, 8                                  # node 0 receives from nodes 1..k
+    conv = M.GINConv(dim, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    conv.mlp = _Identity()                            # conv(h) = ((1 + eps) h + agg) in h's dtype; eps = 0
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.uniform(0.5, 1.5, (k + 1, dim)), jnp.bfloat16)
+    batch = graphs.GraphBatch(
+        nodes=np.zeros((k + 1, len(featurize.ATOM_VOCAB_SIZES)), np.int32),
+        edges=np.zeros((k, len(featurize.BOND_VOCAB_SIZES)), np.int32),
+        senders=np.arange(1, k + 1, dtype=np.int32), receivers=np.zeros(k, np.int32),
+        node_graph=np.zeros(k + 1, np.int32), n_node=np.array([k + 1], np.int32),
+        node_mask=np.ones(k + 1, bool), edge_mask=np.ones(k, bool), graph_mask=np.ones(1, bool),
+        index=np.zeros(1, np.int32))
+    out = np.asarray(conv(h, batch)[0], np.float64)
+    msg = np.asarray(jax.nn.relu(h[1:] + conv.bond(batch.edges)), np.float64)   # the model's bf16 messages
+    exact = np.asarray(h[0], np.float64) + msg.sum(0)
+    bound = f32_sum_bound(exact, np.abs(exact), k, stored_bf16=True)
+    assert np.all(np.abs(out - exact) <= bound), np.max(np.abs(out - exact) / bound)
+
+
+def test_bfloat16_virtual_node_gradient_sums_over_the_graph_in_float32():
+    # The backward pass of vn[node_graph] adds the cotangents of a graph's nodes into the graph's row.
+    n, dim = 4096, 8                                  # one graph of n nodes
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(n, dim)), jnp.bfloat16)
+    vn = jnp.asarray(rng.normal(size=(1, dim)), jnp.bfloat16)
+    w = jnp.asarray(rng.uniform(0.5, 1.5, (n, dim)), jnp.bfloat16)    # the cotangent of each node
+    node_graph = jnp.zeros(n, jnp.int32)
+    grad = jax.grad(lambda v: jnp.sum(M.add_virtual_node(h, v, node_graph).astype(jnp.float32) * w))(vn)
+    assert grad.dtype == jnp.bfloat16
+    exact = np.asarray(w, np.float64).sum(0)
+    bound = f32_sum_bound(exact, exact, n, stored_bf16=True)
+    err = np.abs(np.asarray(grad[0], np.float64) - exact)
+    assert np.all(err <= bound), np.max(err / bound)
+
+
+def test_bfloat16_decoder_logits_accumulate_in_float32():
+    dec = M.Decoder(16, 12, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    dec.eval()
+    x = jax.random.normal(jax.random.key(0), (32, 16))
+    logits = dec(x)
+    assert logits.dtype == jnp.float32
+    # The last layer's bf16 inputs and kernel, as the model casts them; the logits are their float32
+    # dot product (64 terms) plus the bias, never rounded to bf16.
+    hidden = np.asarray(jax.nn.gelu(dec.hidden(dec.norm(x)), approximate=False), np.float64)
+    kernel = np.asarray(dec.out.kernel[...].astype(jnp.bfloat16), np.float64)
+    bias = np.asarray(dec.out.bias[...].astype(jnp.bfloat16), np.float64)
+    exact = hidden @ kernel + bias
+    bound = f32_sum_bound(exact, np.abs(hidden) @ np.abs(kernel) + np.abs(bias), hidden.shape[1] + 1,
+                          stored_bf16=False)
+    err = np.abs(np.asarray(logits, np.float64) - exact)
+    assert np.all(err <= bound), np.max(err / bound)
 
 
 def test_gin_aggregates_over_real_incoming_edges(feats):

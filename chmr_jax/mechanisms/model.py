@@ -12,12 +12,14 @@ All sizes come from the config and the data (modality dims); nothing is fixed to
 
 Precision (`dtype`, config.model.dtype; None = the parameters' float32): activations and matmuls run
 in `dtype` (bfloat16 on TPU / GPU), while parameters, batch-norm statistics (flax reduces them in
-float32), sums over a graph's nodes, and every projection or decoder output the losses see stay
-float32. `remat=True` recomputes each GIN layer in the backward pass instead of storing its
-activations: the layers but the last run as a lax.scan over their stacked parameters with a
-jax.checkpoint body. (A per-layer jax.checkpoint in the unrolled loop is undone by XLA's CPU
-compiler, which drops the optimisation barriers and CSEs the recomputation away: same footprint,
-measured; inside a scan the recomputation cannot be merged with the forward pass.)
+float32), sums over a graph's nodes or a node's messages (forward and backward: segment sums of
+float32 copies), decoder logits (their matmul accumulates into a float32 output) and every
+projection or decoder output the losses see stay float32. `remat=True` recomputes each GIN layer in
+the backward pass instead of storing its activations: the layers but the last run as a lax.scan
+over their stacked parameters with a jax.checkpoint body; dropout uses the same keys with and
+without it. (A per-layer jax.checkpoint in the unrolled loop is undone by XLA's CPU compiler, which
+drops the optimisation barriers and CSEs the recomputation away: same footprint, measured; inside
+a scan the recomputation cannot be merged with the forward pass.)
 """
 from __future__ import annotations
 
@@ -93,7 +95,8 @@ class GINConv(nnx.Module):
 
     def __call__(self, h, batch: graphs.GraphBatch):
         msg = jax.nn.relu(h[batch.senders] + self.bond(batch.edges))
-        agg = graphs.segment_sum(msg, batch.receivers, h.shape[0], batch.edge_mask)
+        # Summed in float32: a bf16 scatter-add rounds at every message it adds.
+        agg = graphs.segment_sum(at_least_f32(msg), batch.receivers, h.shape[0], batch.edge_mask)
         return self.mlp(((1.0 + self.eps[...]) * h + agg).astype(h.dtype), batch.node_mask)
 
 
@@ -121,38 +124,49 @@ class GNNVirtualNode(nnx.Module):
         node_mask = batch.node_mask
         h = self.atom(batch.nodes)
         vn = jnp.broadcast_to(self.virtual_node[...], (n_graph, h.shape[-1])).astype(h.dtype)
+        keys = self._dropout_keys()
         first = 0
         if self.remat and self.n_layers > 1:
-            h, vn = self._remat_layers(h, vn, batch)
+            h, vn = self._remat_layers(h, vn, batch, keys)
             first = self.n_layers - 1
+        drop = ((lambda x, layer, i: x) if keys is None
+                else (lambda x, layer, i: self.dropout(x, rngs=keys[layer, i])))
         for layer in range(first, self.n_layers):
-            h_in = h + vn[batch.node_graph]
+            h_in = add_virtual_node(h, vn, batch.node_graph)
             out = _conv_norm(self.convs[layer], self.norms[layer], h_in, batch)
             if layer < self.n_layers - 1:
                 out = jax.nn.relu(out)
-            out = self.dropout(out)
+            out = drop(out, layer, 0)
             if self.residual:
                 out = out + h_in
             if layer < self.n_layers - 1:
                 pooled = (graphs.segment_sum(at_least_f32(h_in), batch.node_graph, n_graph, node_mask)
                           .astype(h.dtype) + vn)
-                upd = self.dropout(self.vn_mlps[layer](pooled, batch.graph_mask))
+                upd = drop(self.vn_mlps[layer](pooled, batch.graph_mask), layer, 1)
                 vn = vn + upd if self.residual else upd
             h = out
         return jnp.where(node_mask[:, None], h, 0.0)
 
-    def _remat_layers(self, h, vn, batch: graphs.GraphBatch):
+    def _dropout_keys(self):
+        """Keys [L, 2] of the layers' node and virtual-node dropouts (one draw from the module's stream),
+        or None when dropout is off (eval mode or rate 0). The unrolled loop and the remat scan use the
+        same keys, so remat does not change which units drop."""
+        if self.dropout.deterministic or self.dropout.rate == 0.0:
+            return None
+        return jax.random.split(self.dropout.rngs(), (self.n_layers, 2))
+
+    def _remat_layers(self, h, vn, batch: graphs.GraphBatch, keys):
         """Layers 0 .. L-2 (each with its virtual-node update) as a lax.scan whose body is checkpointed:
         the backward pass keeps only each layer's input (h, vn) and recomputes the rest. Same
         arithmetic as the unrolled loop; the batch-norm statistics the scan updates are written back
-        to the layers' modules; dropout draws one key per layer from the module's stream."""
+        to the layers' modules; keys: `_dropout_keys()` (None: no dropout)."""
         n = self.n_layers - 1
         split = [nnx.split(m) for m in (*self.convs[:n], *self.norms[:n], *self.vn_mlps)]
         graphdefs = [split[0][0], split[n][0], split[2 * n][0]]
         stack = lambda states: jax.tree.map(lambda *xs: jnp.stack(xs), *states)
         states = [stack([st for _, st in split[i * n:(i + 1) * n]]) for i in range(3)]
-        deterministic = self.dropout.deterministic or self.dropout.rate == 0.0
-        keys = jax.random.split(self.dropout.rngs(), (n, 2)) if not deterministic else jnp.zeros((n, 2))
+        deterministic = keys is None
+        keys = jnp.zeros((n, 2)) if deterministic else keys[:n]
         node_mask, graph_mask, residual, dropout = batch.node_mask, batch.graph_mask, self.residual, self.dropout
 
         @jax.checkpoint
@@ -160,7 +174,7 @@ class GNNVirtualNode(nnx.Module):
             h, vn = carry
             conv, norm, vn_mlp = (nnx.merge(g, st) for g, st in zip(graphdefs, xs[:3]))
             drop = (lambda x, k: x) if deterministic else (lambda x, k: dropout(x, rngs=k))
-            h_in = h + vn[batch.node_graph]
+            h_in = add_virtual_node(h, vn, batch.node_graph)
             out = drop(jax.nn.relu(_conv_norm(conv, norm, h_in, batch)), xs[3][0])
             if residual:
                 out = out + h_in
@@ -180,6 +194,13 @@ class GNNVirtualNode(nnx.Module):
         """Sum of real node states per graph [G, D] float32 (padding graphs are zero)."""
         h = at_least_f32(self(batch))
         return graphs.segment_sum(h, batch.node_graph, batch.n_node.shape[0], batch.node_mask)
+
+
+def add_virtual_node(h, vn, node_graph):
+    """h [N, D] + vn [G, D] of each node's graph, in h's dtype. The gather reads a float32 copy of vn, so
+    its backward pass (a scatter-add of the nodes' cotangents into their graph: a sum over the graph's
+    nodes) accumulates in float32, not in bf16."""
+    return h + at_least_f32(vn)[node_graph].astype(h.dtype)
 
 
 def _conv_norm(conv: GINConv, norm: nnx.BatchNorm, h, batch: graphs.GraphBatch):
@@ -204,7 +225,11 @@ class Decoder(nnx.Module):
         self.norm = nnx.LayerNorm(d_in, epsilon=1e-5, dtype=dtype, rngs=rngs)   # torch's default, as the release
         self.hidden = nnx.Linear(d_in, 4 * d_in, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.out = nnx.Linear(4 * d_in, d_out, dtype=dtype, rngs=rngs)
+        # The logits the BCE sees: a low-precision matmul accumulates into a float32 output, not
+        # one rounded to bf16.
+        low = dtype is not None and jnp.finfo(dtype).bits < 32
+        self.out = nnx.Linear(4 * d_in, d_out, dtype=dtype, preferred_element_type=jnp.float32 if low else None,
+                              rngs=rngs)
 
     def __call__(self, x):
         return at_least_f32(self.out(self.dropout(jax.nn.gelu(self.hidden(self.norm(x)), approximate=False))))

@@ -2,9 +2,9 @@
 
 `run(config, workdir)` is what `chmr-jax pretrain` calls. Everything a step needs is derived from
 the step number: the data order of epoch e is a permutation seeded by (train.seed, e), the batch
-is the k-th group of that order, and the step's PRNG key is fold_in(key(seed), step). A run killed
-at any point and restarted with the same command restores the newest checkpoint and continues
-with exactly the batches and keys the uninterrupted run would have used.
+is the k-th group of that order, and the step's PRNG key is fold_in(train.step_base_key(seed), step).
+A run killed at any point and restarted with the same command restores the newest checkpoint and
+continues with exactly the batches and keys the uninterrupted run would have used.
 
 Workdir layout:
   config.json            the resolved config of the run (a restart must match it)
@@ -150,7 +150,7 @@ def build_model(config, dims: dict) -> model_lib.CHMR:
     (the keys of dims['mol_dims'])."""
     kwargs = {k: v for k, v in config.model.items() if k != "molecular"}
     return model_lib.CHMR(dims["mol_dims"], dims["cell_dims"], dims["target_dims"], **kwargs,
-                          rngs=nnx.Rngs(config.train.seed))
+                          rngs=train.init_rngs(config.train.seed))
 
 
 def step_flops(config, dims: dict, tx, ctx: dict, mesh, step_fn, *step_args) -> float | None:
@@ -365,9 +365,9 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
         start, saved_totals = int(meta["step"]), meta.get("totals")
         log(f"resumed from {ckpt.directory}/{start} (step {start} of {total})")
     ctx = objective_lib.context_arrays(data.context)
-    step_fn = train.make_train_step(graphdef, tx, objective_config(config), ctx, mesh)
+    step_fn = train.make_train_step(graphdef, tx, objective_config(config), ctx, mesh, schedule=schedule)
     ctx_device = train.context_on_devices(ctx, mesh)
-    base_key = jax.random.key(tcfg.seed)
+    base_key = train.step_base_key(tcfg.seed)   # a stream apart from the parameters' and dropout's
     meta_common = {"total_steps": total, "devices": n_dev, "corpus": corpus.manifest.get("name", ""),
                    "budget": data.budget.__dict__}
     # Utilisation (issue 14 §2): this device's dense matmul rate in the model's dtype, measured now (~0.1 s
@@ -394,7 +394,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
                 logged = None
                 if chores_lib.itstime(step, tcfg.log_every_steps, total):
                     last = train.host_values(metrics)
-                    logged = {**last, "epoch": epoch, "lr": float(schedule(step - 1))}
+                    logged = {**last, "epoch": epoch}   # 'lr': the rate the update used (skips hold it back)
                 chores.step_done(step, n_mol, ready=state.step, metrics=logged)
                 if logged is not None:
                     if int(last["skipped"]) >= tcfg.max_skipped:

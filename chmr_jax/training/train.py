@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from chmr_jax.data import graphs
@@ -58,20 +59,61 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation):
                                 opt_state=tx.init(params), skipped=jnp.zeros((), jnp.int32))
 
 
+# One seed, independent PRNG streams. nnx.Rngs(seed) draws fold_in(key(seed), i) as its i-th key (the
+# parameters' initialisation, then dropout): step keys fold_in(key(seed), step) from the same root
+# would repeat those keys. Each stream folds its own tag into the root first.
+INIT_STREAM, STEP_STREAM = 0, 1
+
+
+def init_rngs(seed: int) -> nnx.Rngs:
+    """The model's RNG stream for `seed` (parameter initialisation, then dropout)."""
+    return nnx.Rngs(jax.random.fold_in(jax.random.key(seed), INIT_STREAM))
+
+
+def step_base_key(seed: int) -> jax.Array:
+    """The base key the train step folds its step number into (make_train_step) for `seed`."""
+    return jax.random.fold_in(jax.random.key(seed), STEP_STREAM)
+
+
 def data_mesh(devices=None):
-    devices = devices if devices is not None else jax.devices()
-    return jax.sharding.Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    """The 1-D mesh ('data') over `devices` (default jax.devices()) with each process's devices adjacent:
+    processes in process_index order, each one's devices in mesh_utils' topology order. local_range
+    needs a process's rows of the batch to be contiguous, and jax.devices() does not promise that
+    order (e.g. on TPU pods). Every process must bring the same number of devices (assemble_batch)."""
+    devices = list(devices if devices is not None else jax.devices())
+    per_process = {}
+    for d in devices:
+        per_process[d.process_index] = per_process.get(d.process_index, 0) + 1
+    if len(set(per_process.values())) > 1:
+        raise ValueError(f"devices per process differ ({per_process}); a data-parallel mesh needs the same "
+                         "number on every process")
+    n_proc = len(per_process)
+    grid = mesh_utils.create_hybrid_device_mesh((len(devices) // n_proc,), (n_proc,), devices,
+                                                process_is_granule=True)
+    return jax.sharding.Mesh(grid, ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict, mesh=None):
+def schedule_count(opt_state) -> jax.Array:
+    """The learning-rate schedule's step count in a make_optimizer state. It advances only with applied
+    updates, so after a skipped step it trails TrainState.step."""
+    is_state = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    states = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_state) if is_state(x)]
+    if len(states) != 1:
+        raise ValueError(f"expected one scale_by_schedule state in the optimiser state, found {len(states)}")
+    return states[0].count
+
+
+def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict, mesh=None, schedule=None):
     """The jitted step(state, batch, base_key, ctx_arrays) -> (state, metrics), state donated.
 
-    The step's randomness is fold_in(base_key, state.step), derived inside the step, so a resumed run
-    draws the same keys without the caller tracking steps. ctx_arrays: `context_on_devices(ctx, mesh)`,
-    placed once and passed as an argument, not closed over: closed-over arrays become constants of the
-    compiled program (the molecule targets alone are n x 1024); ctx here supplies only the static
-    node-type index. With a mesh, the state is replicated and the batch sharded on 'data' (see the
-    module docstring).
+    The step's randomness is fold_in(base_key, state.step) (base_key: step_base_key(seed)), derived
+    inside the step, so a resumed run draws the same keys without the caller tracking steps.
+    ctx_arrays: `context_on_devices(ctx, mesh)`, placed once and passed as an argument, not closed
+    over: closed-over arrays become constants of the compiled program (the molecule targets alone are
+    n x 1024); ctx here supplies only the static node-type index. With a mesh, the state is replicated
+    and the batch sharded on 'data' (see the module docstring). schedule: tx's learning-rate schedule
+    (make_optimizer); metrics['lr'] is then the rate this step's update used, schedule(the optimiser's
+    count), which skipped updates hold back.
     """
     static = {"type_index": ctx["type_index"]}
 
@@ -94,6 +136,8 @@ def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict,
                                opt_state=keep(opt_state, state.opt_state),
                                skipped=state.skipped + (~ok).astype(jnp.int32))
         metrics = {**metrics, "grad_norm": grad_norm, "skipped": new_state.skipped}
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(schedule_count(state.opt_state)), jnp.float32)
         return new_state, metrics
 
     if mesh is None:
@@ -150,8 +194,8 @@ def host_values(tree):
 def local_range(sharding, length: int) -> tuple[int, int]:
     """[start, stop) of a leading axis of `length` rows that this process's devices hold under
     `sharding` (rows split over the mesh's 'data' axis). The devices of one process are adjacent in the
-    mesh (jax.devices() lists them process by process), so the range is contiguous; anything else is
-    an error rather than a silently wrong batch."""
+    mesh (data_mesh orders them so), so the range is contiguous; anything else is an error rather than
+    a silently wrong batch."""
     spans = sorted({(0 if s[0].start is None else s[0].start, length if s[0].stop is None else s[0].stop)
                     for s in sharding.addressable_devices_indices_map((length,)).values()})
     start, stop = spans[0][0], spans[-1][1]
