@@ -156,3 +156,103 @@ def test_parameters_alone_restore_into_abstract_shapes(setup, tmp_path):
     leaves_equal(restored.params, state.params)
     leaves_equal(restored.rest, state.rest)
     ckpt.close()
+
+
+# ---- issue 21 §3: recovering from a bad checkpoint never loses the run ----------------------------------
+
+def small_state(width=3, scale=1.0):
+    return {"params": {"w": jnp.full((4, width), scale), "b": jnp.zeros(width)}, "rest": {"mean": jnp.ones(width)}}
+
+
+def saved_steps(directory, steps, **kw):
+    ckpt = checkpoint.Checkpointer(directory, async_save=False, **kw)
+    for s in steps:
+        ckpt.save(s, small_state(scale=float(s)), {"step": s})
+    ckpt.wait()
+    return ckpt
+
+
+def test_an_io_error_on_read_is_retried_and_moves_nothing(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+    ckpt = saved_steps(tmp_path / "run" / "checkpoints", (1, 2, 3))
+    monkeypatch.setattr(checkpoint, "RETRY_DELAYS_S", (0.0, 0.0), raising=False)
+    real, calls = ocp.PyTreeCheckpointHandler.restore, []
+
+    def flaky(self, *a, **k):       # the first read of the arrays fails as a disk or network hiccup does
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        return real(self, *a, **k)
+    monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", flaky)
+    warnings = []
+    state, meta = ckpt.restore_newest_good(small_state(), warnings.append)
+    assert meta == {"step": 3} and float(state["params"]["w"][0, 0]) == 3.0 and warnings == []
+    assert ckpt.all_steps() == [1, 2, 3] and not (tmp_path / "run" / "corrupt").exists()
+
+    def broken(self, *a, **k):      # an I/O error that persists fails loudly, and still moves nothing
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", broken)
+    with pytest.raises(checkpoint.CheckpointIOError, match=r"checkpoints/3.*failed 3 times.*no checkpoint was moved"):
+        ckpt.restore_newest_good(small_state(), warnings.append)
+    assert ckpt.all_steps() == [1, 2, 3] and not (tmp_path / "run" / "corrupt").exists() and warnings == []
+    ckpt.close()
+
+
+def test_a_template_of_another_width_is_a_user_error_and_moves_nothing(tmp_path):
+    ckpt = saved_steps(tmp_path / "run" / "checkpoints", (1, 2, 3))
+    # (Orbax itself restores a (4, 3) array into a (4, 5) template without complaint, padded.)
+    with pytest.raises(ValueError, match=r"other shapes.*params/w \(4, 3\) float32 -> \(4, 5\) float32"):
+        ckpt.restore_newest_good(small_state(width=5), lambda *a: None)
+    assert ckpt.all_steps() == [1, 2, 3] and not (tmp_path / "run" / "corrupt").exists()
+    ckpt.close()
+
+
+def test_when_every_checkpoint_is_corrupt_none_is_moved(tmp_path):
+    ckpt = saved_steps(tmp_path / "run" / "checkpoints", (1, 2))
+    for s in (1, 2):
+        flip_bytes(tmp_path / "run" / "checkpoints" / str(s))
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="every checkpoint.*none was moved"):
+        ckpt.restore_newest_good(small_state(), lambda *a: None)
+    assert ckpt.all_steps() == [1, 2] and not (tmp_path / "run" / "corrupt").exists()   # checkpoints/ never emptied
+    ckpt.close()
+
+
+def test_a_bad_newest_save_never_rotates_out_the_last_good_one(tmp_path, monkeypatch):
+    """keep=1: the save of step 2 lands damaged on disk; step 1 must survive it."""
+    ckpt = saved_steps(tmp_path / "run" / "checkpoints", (1,), max_to_keep=1)
+    real_save = ckpt.manager.save
+
+    def damaging_save(step, *a, **k):
+        out = real_save(step, *a, **k)
+        ckpt.manager.wait_until_finished()
+        flip_bytes(tmp_path / "run" / "checkpoints" / str(step))
+        return out
+    monkeypatch.setattr(ckpt.manager, "save", damaging_save)
+    warnings = []
+    ckpt.log = warnings.append
+    ckpt.save(2, small_state(scale=2.0), {"step": 2})
+    ckpt.wait()
+    assert ckpt.all_steps() == [1]
+    assert len(warnings) == 1 and "step 2 is corrupt" in warnings[0] and "did not verify" in warnings[0]
+    state, meta = ckpt.restore_newest_good(small_state(), warnings.append)
+    assert meta == {"step": 1} and float(state["params"]["w"][0, 0]) == 1.0
+    monkeypatch.undo()
+    ckpt.save(3, small_state(scale=3.0), {"step": 3})     # a good save then rotates step 1 out, as keep=1 says
+    ckpt.wait()
+    assert ckpt.all_steps() == [3]
+    ckpt.close()
+
+
+def test_non_finite_batch_statistics_are_never_written_and_never_restored(tmp_path, monkeypatch):
+    bad = small_state()
+    bad["rest"]["mean"] = bad["rest"]["mean"].at[0].set(jnp.inf)
+    ckpt = checkpoint.Checkpointer(tmp_path / "c", async_save=False)
+    ckpt.save(1, small_state(), {"step": 1})
+    with pytest.raises(checkpoint.NonFiniteState, match="rest/mean"):
+        ckpt.save(2, bad, {"step": 2})
+    monkeypatch.setattr(checkpoint, "_finite_problems", lambda items, what=None: [])   # written by something else
+    ckpt.save(2, bad, {"step": 2})
+    monkeypatch.undo()
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="non-finite.*rest/mean"):
+        ckpt.restore(small_state(), 2)
+    ckpt.close()

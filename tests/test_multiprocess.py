@@ -152,3 +152,25 @@ def test_global_batch_from_two_hosts_equals_the_one_process_batch(tmp_path, cach
             np.testing.assert_array_equal(got[f"{step}{keystr(path)}"], want, err_msg=f"step {step} {keystr(path)}")
             n += 1
     assert n == len(got.files) and n > 20
+
+
+def test_corruption_seen_by_one_of_two_processes_is_agreed_before_anything_moves(tmp_path):
+    """Process 1 alone reads step 2 as corrupt: both processes must restore step 1 (one verdict), step 2
+    is moved aside once, and neither waits at a barrier the other never reaches."""
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_process_checkpoint.py"), str(port), str(i),
+                               str(tmp_path / "run" / "checkpoints"), str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=150)[0] for p in procs]   # ~15 s; the old code hung here
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    got = [json.loads((tmp_path / f"restored_{i}.json").read_text()) for i in (0, 1)]
+    assert [(g["step"], g["w"]) for g in got] == [(1, 1.0), (1, 1.0)]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    assert [p.name.split("-")[0] for p in (tmp_path / "run" / "corrupt").iterdir()] == ["2"]
+    assert "step 2 is corrupt" in got[0]["warnings"][0]

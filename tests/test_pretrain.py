@@ -505,3 +505,43 @@ def test_a_workdir_saved_before_a_config_field_existed_still_resumes(tmp_path):
     config.model.dtype = "bfloat16"                     # a real change is still refused
     with pytest.raises(pretrain.ConfigError, match="different config in \\['model'\\]"):
         pretrain._check_same_run(tmp_path, config)
+
+
+def _copy_of_finished_run(tiny_run, tmp_path):
+    """A copy of the tiny run as a killed one would leave it (no summary.json), to restart."""
+    import shutil
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    (workdir / "summary.json").unlink()
+    return workdir
+
+
+def test_restoring_after_a_width_change_exits_2_with_every_checkpoint_in_place(tiny_run, cache_dir, tmp_path, capsys):
+    # The run was built from a corpus with 21 cell features; the corpus was rebuilt since (20 now). The
+    # config is unchanged, so only the model's dims can tell.
+    workdir = _copy_of_finished_run(tiny_run, tmp_path)
+    dims = json.loads((workdir / "model_dims.json").read_text())
+    dims["cell_dims"]["cell"] = 21
+    (workdir / "model_dims.json").write_text(json.dumps(dims))
+    metrics = (workdir / "metrics.jsonl").read_text()
+    rc = cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
+                   "--config.train.steps=12", "--config.train.checkpoint_every_steps=4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "cell_dims.cell 21 -> 20" in err and "corpus" in err and "new --workdir" in err
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "4", "8"]
+    assert not (workdir / "corrupt").exists() and (workdir / "metrics.jsonl").read_text() == metrics
+    assert json.loads((workdir / "model_dims.json").read_text()) == dims
+
+
+def test_quarantined_checkpoints_keep_a_run_from_starting_over(tiny_run, cache_dir, tmp_path, capsys):
+    workdir = _copy_of_finished_run(tiny_run, tmp_path)
+    (workdir / "corrupt").mkdir()
+    for p in (workdir / "checkpoints").iterdir():
+        p.rename(workdir / "corrupt" / f"{p.name}-1700000000")
+    metrics = (workdir / "metrics.jsonl").read_text()
+    rc = cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
+                   "--config.train.steps=12", "--config.train.checkpoint_every_steps=4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "quarantined" in err and "step 0" in err
+    assert (workdir / "metrics.jsonl").read_text() == metrics and not list((workdir / "checkpoints").iterdir())

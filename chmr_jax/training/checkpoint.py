@@ -6,16 +6,23 @@ typed PRNG keys as raw key data), so any subtree can be restored alone from abst
 (`restore(template, subtrees=('params', 'rest'))`: an encoder without its optimiser state).
 Integrity: at save time the sha256 of every leaf's bytes is stored in the step's JSON metadata
 (written atomically with the arrays: Orbax renames a finished step directory into place). At
-restore each restored leaf is hashed again and compared, and parameters must be finite; a
-mismatch or an unreadable step is `CorruptCheckpoint`. `restore_newest_good` walks back from the
-newest step, moves each corrupt one aside to `<directory>/../corrupt/<step>` with a warning, and
-restores the newest good one, so the keep-N rotation never deletes a good checkpoint to make room
-for a bad one. `save` refuses a state with non-finite parameters or optimiser moments.
+restore each restored leaf is hashed again and compared, and parameters, optimiser moments and
+batch statistics must be finite. Corruption (`CorruptCheckpoint`) is only what integrity says it is:
+a digest mismatch, non-finite values, an unreadable / truncated / missing file. Anything else is not
+the checkpoint's fault and never moves it: a transient I/O error is retried, then raised
+(`CheckpointIOError`); a state of another structure or shape than the template (the model's dims
+changed) is a ValueError naming the arrays. `restore_newest_good` walks back from the newest step,
+decides (agreed by all processes) which one to restore, and only then moves the corrupt newer ones
+aside to `<directory>/../corrupt/<step>-<time>` with a warning; it never moves the last one.
+Rotation: each save is read back and its digests checked before the keep-N rotation may delete
+older steps, so it always keeps at least one verified step; a save that fails the check is moved
+aside instead. `save` refuses a state with non-finite parameters, optimiser moments or statistics.
 Checkpoints of the earlier positional format (leaves "00000", ...) are still restored.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -36,6 +43,73 @@ class CorruptCheckpoint(RuntimeError):
 
 class NonFiniteState(ValueError):
     """Refused to save: the state holds NaN/inf parameters or optimiser statistics."""
+
+
+class CheckpointIOError(OSError):
+    """Reading a checkpoint failed with an I/O error that retrying did not cure (nothing was moved)."""
+
+
+# Seconds to wait before each retry of a read that failed with a transient I/O error.
+RETRY_DELAYS_S = (1.0, 4.0)
+# tensorstore reports errors as ValueError("<STATUS>: ..."): these say the bytes are missing or malformed
+# (a truncated / emptied / deleted file), the others may pass (network file systems, overload).
+_CORRUPT_STATUS = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
+_TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED", "CANCELLED", "INTERNAL",
+                     "UNKNOWN")
+
+
+def _failure_kind(e: BaseException) -> str:
+    """'corrupt' (the file is missing, truncated or malformed), 'transient' (I/O that may pass) or 'other'."""
+    if isinstance(e, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, CorruptCheckpoint)):
+        return "corrupt"
+    if isinstance(e, OSError):
+        return "transient"
+    status = str(e).split(":", 1)[0].strip()
+    if isinstance(e, ValueError) and status in _CORRUPT_STATUS:
+        return "corrupt"
+    return "transient" if status in _TRANSIENT_STATUS else "other"
+
+
+def _read(fn, where, what: str):
+    """fn() with transient I/O errors retried (RETRY_DELAYS_S); a damaged file is CorruptCheckpoint, an
+    I/O error that persists CheckpointIOError, anything else is raised as it is."""
+    for attempt in range(len(RETRY_DELAYS_S) + 1):
+        try:
+            return fn()
+        except Exception as e:
+            kind = _failure_kind(e)
+            if kind == "corrupt":
+                raise CorruptCheckpoint(f"{where}: {what} unreadable ({type(e).__name__}: {str(e)[:200]})") from e
+            if kind == "other":
+                raise
+            if attempt == len(RETRY_DELAYS_S):
+                raise CheckpointIOError(f"{where}: reading the {what} failed {attempt + 1} times with an I/O error "
+                                        f"({type(e).__name__}: {str(e)[:200]}); no checkpoint was moved: check the "
+                                        "file system and run the same command again") from e
+            time.sleep(RETRY_DELAYS_S[attempt])
+
+
+# Verdicts on one checkpoint step, ordered so that the worst over processes is their max.
+OK, CORRUPT, FAILED = 0, 1, 2
+
+
+def _gather_verdicts(verdict: int) -> list[int]:
+    """Every process's verdict on the same step (a collective: every process calls it once per step)."""
+    if jax.process_count() == 1:
+        return [verdict]
+    from jax.experimental import multihost_utils
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(verdict))).reshape(-1)]
+
+
+def _steps_of_process0(steps: list[int]) -> list[int]:
+    """Process 0's step list on every process, so all walk the same steps (and reach the same collectives)."""
+    if jax.process_count() == 1:
+        return steps
+    from jax.experimental import multihost_utils
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+    padded = np.zeros(n, np.int64)
+    padded[:min(n, len(steps))] = steps[:n]
+    return [int(s) for s in np.asarray(multihost_utils.broadcast_one_to_all(padded))]
 
 
 def _is_key(x) -> bool:
@@ -79,7 +153,7 @@ def _key_data(x):
     return jax.random.key_data(x) if _is_key(x) else x
 
 
-def _finite_problems(items, what=("params", "opt_state")) -> list[str]:
+def _finite_problems(items, what=("params", "opt_state", "rest")) -> list[str]:
     bad = []
     for parts, leaf in items:
         if parts and parts[0] in what and hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, np.floating):
@@ -99,14 +173,36 @@ def _key_impl(leaf):
     return leaf.dtype._impl if isinstance(leaf, jax.ShapeDtypeStruct) else jax.random.key_impl(leaf)
 
 
-class Checkpointer:
-    """Periodic / final checkpoints in `directory`, keeping the newest `max_to_keep` (None: all)."""
+def _shape_of(x):
+    """[shape, dtype name] of a leaf as saved (typed keys as their raw key data)."""
+    a = _abstract(x)
+    return [list(a.shape), np.dtype(a.dtype).name]
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3, async_save: bool = True):
+
+def _template_of(x):
+    """An abstract restore template of a state leaf (shape, dtype, sharding), valid after the leaf is donated."""
+    if not hasattr(x, "shape"):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+class Checkpointer:
+    """Periodic / final checkpoints in `directory`, keeping the newest `max_to_keep` (None: all).
+
+    The rotation is ours, not Orbax's: a save is read back and verified (digests, finite values) when
+    it has finished (at the next save, `wait` or `close`), and only then may older steps be deleted;
+    the newest verified step is never deleted. `log` receives the warnings."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3, async_save: bool = True,
+                 log=print):
         self.directory = Path(directory).resolve()
+        self.keep = max_to_keep
+        self.log = log
+        self.verified: set[int] = set()       # steps read back intact (by this process's saves or restore)
+        self._unverified: dict[int, object] = {}   # step -> abstract template, saved but not yet read back
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save))
+                max_to_keep=None, create=True, enable_async_checkpointing=async_save))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -122,33 +218,104 @@ class Checkpointer:
         if bad:
             raise NonFiniteState(f"refusing to write checkpoint {self.directory / str(step)}: non-finite values in "
                                  f"{bad[:5]}{' ...' if len(bad) > 5 else ''}; the newer checkpoints stay as they are")
+        self._verify_finished()     # (Orbax waits for the previous async save here anyway)
         named = [(parts, _key_data(leaf)) for parts, leaf in items]
         meta = {**meta, "format": FORMAT, "leaf_paths": ["/".join(p) for p, _ in named],
-                "digests": {"/".join(p): _digest(v) for p, v in named}}
-        return self.manager.save(step, args=ocp.args.Composite(
+                "digests": {"/".join(p): _digest(v) for p, v in named},
+                "shapes": {"/".join(p): _shape_of(v) for p, v in named}}
+        saved = self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(_nest(named)), meta=ocp.args.JsonSave(meta)), force=force)
+        if saved:
+            self._unverified[step] = jax.tree_util.tree_map(_template_of, state)
+        return saved
+
+    def _verify_finished(self) -> None:
+        """Waits for pending saves, reads each back (all processes agreeing on the verdict), moves one
+        that fails its integrity check aside, then applies the keep-N rotation."""
+        if not self._unverified:
+            return
+        self.manager.wait_until_finished()
+        pending, self._unverified = self._unverified, {}
+        present = set(self.all_steps())        # (a step restored or moved aside since is settled)
+        for step, template in sorted(pending.items()):
+            if step not in present or step in self.verified:
+                continue
+            try:
+                self.restore(template, step)
+                verdict, err = OK, None
+            except CorruptCheckpoint as e:
+                verdict, err = CORRUPT, e
+            except Exception as e:   # I/O that retrying did not cure: unverified, but not corrupt
+                verdict, err = FAILED, e
+            agreed = max(_gather_verdicts(verdict))
+            if agreed == OK:
+                self.verified.add(step)
+            elif agreed == CORRUPT:
+                self._quarantine([(step, err or "corrupt as read by another process")], "did not verify after saving")
+            else:
+                self.log(f"WARNING: checkpoint step {step} could not be read back to verify it "
+                         f"({err or 'on another process'}); the older checkpoints are kept")
+        self._rotate()
+
+    def _rotate(self) -> None:
+        """Deletes the oldest steps beyond `keep`, but only steps older than the newest verified one."""
+        if self.keep is None:
+            return
+        steps = sorted(self.all_steps())
+        newest_verified = max((s for s in steps if s in self.verified), default=None)
+        if newest_verified is None:
+            return
+        keepers = set(steps[-self.keep:]) | {newest_verified}
+        for step in steps:
+            if step < newest_verified and step not in keepers:
+                self.manager.delete(step)
+                self.verified.discard(step)
+
+    def _quarantine(self, corrupt: list, why: str) -> None:
+        """Moves the (agreed) corrupt steps to <directory>/../corrupt/<step>-<time>: process 0 moves,
+        then every process passes the same barrier and re-reads the step list."""
+        if not corrupt:
+            return
+        stamp = int(time.time())
+        for step, err in corrupt:
+            aside = self.directory.parent / "corrupt" / f"{step}-{stamp}"
+            self.log(f"WARNING: checkpoint step {step} is corrupt and is skipped ({err}); {why}; moved to {aside}")
+            if jax.process_index() == 0:
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(self.directory / str(step)), str(aside))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"chmr_quarantine_{'_'.join(str(s) for s, _ in corrupt)}")
+        self.manager.reload()
 
     def restore(self, template, step: int | None = None, subtrees: tuple[str, ...] | None = None):
         """(state, meta) at `step` (default: the latest), shaped and sharded like `template`.
 
         subtrees: restore only these top-level parts (e.g. ('params', 'rest') of a TrainState); the
         others come back as they are in `template` (which may hold abstract shapes there).
-        Raises CorruptCheckpoint when the bytes or values differ from what was saved.
+        Raises CorruptCheckpoint when the bytes or values differ from what was saved (or a file is
+        missing, truncated or malformed), CheckpointIOError on an I/O error that retrying did not cure,
+        ValueError when `template` has another structure or other shapes than the checkpoint.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         where = self.directory / str(step)
-        try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:   # unreadable metadata: the step is damaged
-            raise CorruptCheckpoint(f"{where}: metadata unreadable ({type(e).__name__}: {e})") from e
+        # Read with Orbax's handlers, not the manager: its restore ends in a barrier that a process whose
+        # read failed would never reach (the processes agree on verdicts in restore_newest_good instead).
+        meta = _read(lambda: ocp.JsonCheckpointHandler().restore(where / "meta", args=ocp.args.JsonRestore()),
+                     where, "metadata")
+        if not isinstance(meta, dict):
+            raise CorruptCheckpoint(f"{where}: metadata is not a JSON object")
         if meta.get("format") != FORMAT:
             return self._restore_positional(template, step, where)
+        if not {"leaf_paths", "digests"} <= set(meta):
+            raise CorruptCheckpoint(f"{where}: metadata lacks the leaf paths or digests")
         items = _named(template)
         want = ["/".join(p) for p, _ in items]
         saved_paths = meta.pop("leaf_paths")
         digests = meta.pop("digests")
+        shapes = meta.pop("shapes", None)
         meta.pop("format")
         chosen = [(p, leaf) for p, leaf in items if subtrees is None or (p and p[0] in subtrees)]
         missing = ["/".join(p) for p, _ in chosen if "/".join(p) not in digests]
@@ -157,13 +324,25 @@ class Checkpointer:
             raise ValueError(f"checkpoint {where} holds a different state structure than this code builds (not in "
                              f"the checkpoint: {(missing or [p for p in want if p not in saved_paths])[:5]}; only in "
                              f"the checkpoint: {extra}); it was written by another chmr_jax version or config")
+        # Shapes before bytes: Orbax restores an array into a template of another shape without error
+        # (padding or cutting it), and the digest mismatch would then call a good checkpoint corrupt.
+        if shapes is None:    # saved before shapes were recorded: Orbax's own array metadata
+            tree = _read(lambda: ocp.PyTreeCheckpointHandler().metadata(where / "state").tree, where, "array metadata")
+            shapes = {}
+            for parts, _ in chosen:
+                m = _get(tree, parts)
+                shapes["/".join(parts)] = [list(m.shape), np.dtype(m.dtype).name]
+        changed = [f"{'/'.join(p)} {tuple(shapes['/'.join(p)][0])} {shapes['/'.join(p)][1]} -> "
+                   f"{tuple(_shape_of(leaf)[0])} {_shape_of(leaf)[1]}"
+                   for p, leaf in chosen if shapes.get("/".join(p)) not in (None, _shape_of(leaf))]
+        if changed:
+            raise ValueError(f"checkpoint {where} holds arrays of other shapes than this config builds "
+                             f"({len(changed)}, e.g. {changed[:3]}): the model's input widths or sizes changed "
+                             "since it was written; nothing was moved")
         abstract = _nest([(p, _abstract(leaf)) for p, leaf in chosen])
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                partial_restore=subtrees is not None)))["state"]
-        except Exception as e:
-            raise CorruptCheckpoint(f"{where}: arrays unreadable ({type(e).__name__}: {str(e)[:200]})") from e
+        restored = _read(lambda: ocp.PyTreeCheckpointHandler().restore(where / "state", args=ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=subtrees is not None)), where, "arrays")
         damaged = [name for name in ("/".join(p) for p, _ in chosen)
                    if _digest(_get(restored, name.split("/"))) != digests[name]]
         if damaged:
@@ -207,28 +386,52 @@ class Checkpointer:
                       else saved[f"{i:05d}"] for i, x in enumerate(leaves)]
         return jax.tree_util.tree_unflatten(treedef, new_leaves), restored["meta"]
 
-    def restore_newest_good(self, template, log=print, subtrees=None):
+    def restore_newest_good(self, template, log=None, subtrees=None):
         """(state, meta) of the newest checkpoint that passes the integrity checks, or (None, None)
-        when there is none. Corrupt newer steps are moved to <directory>/../corrupt/<step>-<time>
-        (process 0; every process then re-reads the step list) with a warning naming them."""
-        for step in sorted(self.all_steps(), reverse=True):
+        when there is no checkpoint. The processes walk the same steps and agree on each verdict (the
+        worst over processes) before anything is moved; then the corrupt newer steps are moved to
+        <directory>/../corrupt/<step>-<time> (process 0) with a warning naming them. Nothing is moved
+        when no step is good (CorruptCheckpoint), on an I/O error retrying did not cure, or when the
+        template does not fit the checkpoint (ValueError): those are raised on every process."""
+        log = log or self.log
+        steps = _steps_of_process0(sorted(self.all_steps(), reverse=True))
+        corrupt = []
+        for step in steps:
             try:
-                return self.restore(template, step, subtrees)
+                result, verdict, err = self.restore(template, step, subtrees), OK, None
             except CorruptCheckpoint as e:
-                aside = self.directory.parent / "corrupt" / f"{step}-{int(time.time())}"
-                log(f"WARNING: checkpoint step {step} is corrupt and is skipped ({e}); moved to {aside}")
-                if jax.process_index() == 0:
-                    aside.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(str(self.directory / str(step)), str(aside))
-                if jax.process_count() > 1:
-                    from jax.experimental import multihost_utils
-                    multihost_utils.sync_global_devices(f"chmr_quarantine_{step}")
-                self.manager.reload()
+                result, verdict, err = None, CORRUPT, e
+            except Exception as e:   # not corruption: raised below, on every process, once all agree
+                result, verdict, err = None, FAILED, e
+            agreed = max(_gather_verdicts(verdict))
+            if agreed == FAILED:
+                if err is not None and verdict == FAILED:
+                    raise err
+                raise CheckpointIOError(f"another process could not read checkpoint {self.directory / str(step)} "
+                                        "(see its log); no checkpoint was moved")
+            if agreed == CORRUPT:
+                corrupt.append((step, err or "corrupt as read by another process"))
+                continue
+            prev, self.log = self.log, log
+            try:
+                self._quarantine(corrupt, "restored the older step instead")
+            finally:
+                self.log = prev
+            self.verified.add(step)
+            self._unverified.pop(step, None)
+            return result
+        if corrupt:
+            raise CorruptCheckpoint(
+                f"every checkpoint in {self.directory} failed its integrity check ("
+                + "; ".join(f"step {s}: {e}" for s, e in corrupt)[:600] + "); none was moved: move the readable "
+                "ones elsewhere and start again with a new --workdir, or restore a backup")
         return None, None
 
     def wait(self) -> None:
+        """Waits for pending saves, verifies them and applies the rotation."""
         self.manager.wait_until_finished()
+        self._verify_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()

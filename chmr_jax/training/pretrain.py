@@ -270,7 +270,42 @@ ADDED_FIELDS = {("model", "dtype"): "float32", ("model", "remat"): False,
                 ("pretrain_data", "vicreg_second_view"): "propagated", ("pretrain_data", "holdout_folds"): 5}
 
 
-def _check_same_run(workdir: Path, config) -> None:
+# What each model dim is built from, for the message when one changed under a workdir's checkpoints.
+_DIM_SOURCES = {"mol_dims": {"fingerprint": "config.featurize (the fingerprint settings)",
+                             "graph": "config.model.gnn_width",
+                             "geometry": "config.geometry (the geometry file or rdkit3d settings)"},
+                "cell_dims": "the corpus (config.corpus.saved or the corpus built from config.corpus; a rebuilt "
+                             "corpus can change it)",
+                "target_dims": "the corpus' context targets (config.corpus / config.pretrain_data)"}
+
+
+def _check_same_dims(workdir: Path, dims: dict) -> None:
+    """The model dims derived from this run's inputs equal the workdir's model_dims.json (its checkpoints'
+    shapes): a rebuilt corpus or geometry file can change them with an unchanged config."""
+    path = workdir / "model_dims.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    changed = []
+    for group in sorted(set(saved) | set(dims)):
+        old, new = saved.get(group) or {}, dims.get(group) or {}
+        for name in sorted(set(old) | set(new)):
+            if old.get(name) != new.get(name):
+                src = _DIM_SOURCES.get(group, "")
+                src = src.get(name, "") if isinstance(src, dict) else src
+                changed.append(f"{group}.{name} {old.get(name, 'absent')} -> {new.get(name, 'absent')}"
+                               + (f" (from {src})" if src else ""))
+    if changed:
+        raise ConfigError(f"{workdir} holds a run whose model has other dims than this config and data build: "
+                          f"{'; '.join(changed)} (see {path}); its checkpoints would not fit, none was moved. "
+                          "Use a new --workdir, or restore the inputs the run was built from")
+
+
+def _check_same_run(workdir: Path, config, dims: dict | None = None) -> None:
+    """`config` continues the run in `workdir` (its RUN_DEFINING sections) and, when `dims` is given,
+    builds a model of the same dims."""
+    if dims is not None:
+        _check_same_dims(workdir, dims)
     saved_path = workdir / "config.json"
     if not saved_path.exists():
         return
@@ -335,6 +370,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     names = molecular_names(config)
     corpus, data = build_inputs(config, n_dev, data_dir, log)
     dims = model_dims(config, data, names)
+    _check_same_run(workdir, config, dims)     # before model_dims.json is (re)written
     if is_main:
         _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
         _write_json(workdir / "corpus_manifest.json", corpus.manifest)
@@ -347,23 +383,26 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     graphdef, state = train.init_state(build_model(config, dims), tx)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = train.place(state, replicated)
-    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints)
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints, log=log)
     # Epoch-end snapshots that the keep-N rotation never deletes (pretraining-length experiments
     # fine-tune them: `--config.pretrained_step`).
     snapshot_epochs = {int(e) for e in str(tcfg.get("snapshot_epochs", "")).split(",") if e.strip()}
-    snapshots = checkpoint_lib.Checkpointer(workdir / "snapshots", max_to_keep=None) if snapshot_epochs else None
+    snapshots = checkpoint_lib.Checkpointer(workdir / "snapshots", max_to_keep=None, log=log) if snapshot_epochs else None
     start, saved_totals = 0, None
     if ckpt.latest_step() is not None:
-        # The newest checkpoint that passes the integrity checks (digests, finite parameters); corrupt
-        # newer ones are moved aside with a warning, so the rotation cannot delete a good one for them.
+        # The newest checkpoint that passes the integrity checks (digests, finite values); corrupt newer
+        # ones are moved aside with a warning, so the rotation cannot delete a good one for them. When none
+        # is good, or on an I/O error or a state that does not fit, it raises and moves nothing.
         restored, meta = ckpt.restore_newest_good(state, log)
-        if restored is None:
-            raise checkpoint_lib.CorruptCheckpoint(
-                f"every checkpoint in {ckpt.directory} failed its integrity check (moved to "
-                f"{ckpt.directory.parent / 'corrupt'}); start again with a new --workdir or remove the checkpoints")
         state = restored
         start, saved_totals = int(meta["step"]), meta.get("totals")
         log(f"resumed from {ckpt.directory}/{start} (step {start} of {total})")
+    elif quarantined := sorted(p.name for p in (workdir / "corrupt").glob("*") if p.is_dir()):
+        # Starting from step 0 would overwrite metrics.jsonl of a run whose checkpoints were only moved aside.
+        raise checkpoint_lib.CorruptCheckpoint(
+            f"{ckpt.directory} holds no checkpoint but {workdir / 'corrupt'} holds quarantined ones {quarantined[:5]}; "
+            "not starting again from step 0 over this run: move a step you trust back into checkpoints/, "
+            "or use a new --workdir")
     ctx = objective_lib.context_arrays(data.context)
     step_fn = train.make_train_step(graphdef, tx, objective_config(config), ctx, mesh, schedule=schedule)
     ctx_device = train.context_on_devices(ctx, mesh)
