@@ -7,9 +7,10 @@
   python benchmarks/pretrain_step.py --devices 1,8 --batch_sizes 1024,3072 --fit_gib 16 [--remat ...]  # largest batch
   python benchmarks/pretrain_step.py --devices 1 --batch_sizes 256 --steps 3 --profile runs/trace   # time per XLA op
 
-Every timed row also reports the step's GFLOP (XLA's cost analysis of the lowered step, per device),
-the achieved GFLOP/s and its fraction of this device's dense matmul rate measured in the same process
-(chmr_jax.training.utilisation).
+Every timed row also reports one device's share of the step's model FLOPs (step_flops_per_device and
+step_gflop: pretrain.step_flops, the same whether InfoNCE is dense, chunked or a ring and however many
+devices share the batch), the achieved GFLOP/s per device and its fraction of the dense matmul rate of a
+device this process owns, measured in the same process (chmr_jax.training.utilisation).
 
 Setting: the paper's model (GIN 5 x 300 with virtual node, D = 300, depth-6 tree, decoders) and the
 paper's three cellular modalities at their widths (cell 2749, gene 1973, expression 978, observed for
@@ -97,7 +98,8 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
     if opts.get("profile"):
         return profile_ops(step, state, batches, key, ctx_device, opts["profile"], steps)
     lowered = step.lower(state, batches[0], key, ctx_device)
-    flops = pretrain.step_flops(config, dims, tx, ctx, mesh, step, state, batches[0], key, ctx_device)   # per device
+    # One device's share of the step's model FLOPs (independent of chunking, ring and sharding).
+    flops = pretrain.step_flops(config, dims, tx, ctx, mesh, step, state, batches[0], key, ctx_device)
     compiled = lowered.compile().memory_analysis()
     xla_bytes = None if compiled is None else int(compiled.temp_size_in_bytes + compiled.argument_size_in_bytes
                                                   + compiled.output_size_in_bytes - compiled.alias_size_in_bytes)
@@ -106,7 +108,8 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
               "infonce_impl": config.objective.infonce_impl,
               "budget": data.budget.__dict__, "xla_step_bytes": xla_bytes}
     if compile_only:
-        return {**common, "compile_only": True, "step_gflop": round(flops / 1e9, 2) if flops else None}
+        return {**common, "compile_only": True, "step_flops_per_device": int(round(flops)) if flops else None,
+                "step_gflop": round(flops / 1e9, 2) if flops else None}
     for i in range(warmup):
         state, metrics = step(state, batches[i % 2], key, ctx_device)
     jax.block_until_ready(metrics["loss"])
@@ -118,7 +121,7 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
     mem = pretrain.peak_memory()
     # This device's dense matmul rate in the step's dtype, measured now (after the steps, so it does not
     # change their peak memory); on fake CPU devices sharing the cores the fraction means little.
-    rate = utilisation.matmul_rate(dtype, device=devices[0])
+    rate = utilisation.matmul_rate(dtype, device=utilisation.own_device(devices))
     return {**common, "molecules_per_step": float(np.mean([mols[i % 2] for i in range(steps)])),
             "step_s": seconds / steps, "molecules_per_s": sum(mols[i % 2] for i in range(steps)) / seconds,
             "loss": float(metrics["loss"]), **utilisation.report(flops, steps, seconds, rate), **mem}

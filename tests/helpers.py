@@ -82,3 +82,41 @@ def event_class():
     pool = descriptor_pool.DescriptorPool()
     pool.Add(f)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("tftest.Event"))
+
+
+def unrolled_flops(fn, *args) -> tuple[float, int]:
+    """(XLA's FLOP count of fn(*args) with every lax.scan fully unrolled, number of scans unrolled): an
+    independent check of utilisation.program_flops, from the same jaxpr with each scan's `unroll` set
+    to its length (JAX then lowers the trips as straight-line code, no while loop for XLA to count once)."""
+    import jax
+    from jax.extend import core
+
+    n_scans = 0
+
+    def unroll(jaxpr):
+        nonlocal n_scans
+        eqns = []
+        def sub(v):
+            if type(v) is tuple and any(isinstance(x, (core.Jaxpr, core.ClosedJaxpr)) for x in v):   # cond's branches
+                return tuple(sub(x) for x in v)
+            if isinstance(v, core.ClosedJaxpr):
+                return core.ClosedJaxpr(unroll(v.jaxpr), v.consts)
+            return unroll(v) if isinstance(v, core.Jaxpr) else v
+
+        for eqn in jaxpr.eqns:
+            params = {k: sub(v) for k, v in eqn.params.items()}
+            if eqn.primitive.name == "scan" and params["length"] > 1:
+                params["unroll"] = params["length"]
+                n_scans += 1
+            eqns.append(eqn.replace(params=params))
+        return jaxpr.replace(eqns=eqns)
+
+    closed = jax.make_jaxpr(fn)(*args)
+    flat = jax.tree_util.tree_leaves(args)
+    closed = core.ClosedJaxpr(unroll(closed.jaxpr), closed.consts)
+    lowered = jax.jit(core.jaxpr_as_fun(closed)).lower(*flat)
+    # Loops left are not scans: the threefry PRNG's rounds (counted once in both counts)
+    # The loops left are not scans: the threefry PRNG's rounds, counted once in both counts.
+    text = lowered.as_text()
+    assert text.count("stablehlo.while") <= text.count("func.func private @threefry"), "a scan was not unrolled"
+    return float(lowered.cost_analysis()["flops"]), n_scans

@@ -54,6 +54,9 @@ def test_run_writes_metrics_checkpoints_and_summary(tiny_run):
     # Utilisation: XLA's FLOPs per step, the achieved rate over the steady steps, and its ratio to the
     # matmul rate measured at start, consistent with one another.
     assert summary["step_gflop"] > 0 and summary["matmul_gflop_per_s"] > 0
+    # one device's share of the step's model FLOPs, unrounded (issue 21 §2); the GFLOP field is for reading
+    assert isinstance(summary["step_flops_per_device"], int)
+    assert summary["step_gflop"] == pytest.approx(summary["step_flops_per_device"] / 1e9, rel=1e-3)
     assert summary["utilisation"] == pytest.approx(summary["achieved_gflop_per_s"] / summary["matmul_gflop_per_s"],
                                                    rel=0.02, abs=1e-3)
     saved = json.loads((tiny_run / "config.json").read_text())

@@ -154,20 +154,30 @@ def build_model(config, dims: dict) -> model_lib.CHMR:
 
 
 def step_flops(config, dims: dict, tx, ctx: dict, mesh, step_fn, *step_args) -> float | None:
-    """FLOPs of one train step as the model defines them (the MFU convention: recomputation not
-    counted), from XLA's cost analysis of the step lowered for `step_args` (tracing, no compilation).
-    Without remat that is `step_fn` itself (its trace is reused by the first call); with remat a
-    plain twin is lowered: XLA counts a loop body once, and remat runs the GIN layers as a scan."""
-    if not config.model.remat:
-        return utilisation.lowered_flops(step_fn.lower(*step_args))
-    import ml_collections
-    plain = ml_collections.ConfigDict(config.to_dict())
-    plain.model.remat = False
-    abstract = nnx.eval_shape(lambda: build_model(plain, dims))
-    abstract.train()
-    graphdef = nnx.split(abstract, nnx.Param, ...)[0]
-    step = train.make_train_step(graphdef, tx, objective_config(plain), ctx, mesh)
-    return utilisation.lowered_flops(step.lower(*step_args))
+    """One device's share of the FLOPs of one train step as the model defines them: the step's total
+    for the global batch divided by the mesh's device count (1 without a mesh).
+
+    The total does not depend on how the step is chunked or sharded (issue 21 §2): it is counted on the
+    step with dense InfoNCE and without remat (the MFU convention: recomputation is not useful work),
+    lowered for the global batch's abstract shapes without a mesh (tracing, no compilation), scanned
+    bodies (Tree-VQ levels) once per trip (utilisation.program_flops). `step_fn` itself is reused when
+    it already is that step (dense, no remat, one device)."""
+    n_devices = 1 if mesh is None else mesh.size
+    if mesh is None and not config.model.remat and config.objective.infonce_impl == "dense":
+        total = utilisation.program_flops(step_fn, *step_args)
+    else:
+        import ml_collections
+        plain = ml_collections.ConfigDict(config.to_dict())
+        plain.model.remat = False
+        plain.objective.infonce_impl = "dense"
+        abstract = nnx.eval_shape(lambda: build_model(plain, dims))
+        abstract.train()
+        graphdef = nnx.split(abstract, nnx.Param, ...)[0]
+        step = train.make_train_step(graphdef, tx, objective_config(plain), ctx)
+        # Shapes alone: the global arrays' shardings (and, on a pod, other hosts' shards) play no part.
+        shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), step_args)
+        total = utilisation.program_flops(step, *shapes)
+    return total / n_devices if total else None
 
 
 def load_pretrained(workdir, step: int | None = None):
@@ -350,7 +360,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     tcfg = config.train
     is_main = jax.process_index() == 0
-    log = log if is_main else (lambda *a, **k: None)
+    log_every_process, log = log, (log if is_main else (lambda *a, **k: None))
     _check_same_run(workdir, config)
     done = _finished_summary(workdir, tcfg.steps)
     if done is not None:
@@ -409,9 +419,14 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     base_key = train.step_base_key(tcfg.seed)   # a stream apart from the parameters' and dropout's
     meta_common = {"total_steps": total, "devices": n_dev, "corpus": corpus.manifest.get("name", ""),
                    "budget": data.budget.__dict__}
-    # Utilisation (issue 14 §2): this device's dense matmul rate in the model's dtype, measured now (~0.1 s
-    # on CPU), against the step's FLOPs counted by XLA when the first batch is lowered below.
-    matmul_rate = utilisation.matmul_rate(config.model.dtype, device=devices[0])
+    # Utilisation (issue 14 §2, issue 21 §2): the dense matmul rate in the model's dtype of a device this
+    # process owns (devices[0] is process 0's: another host's device cannot be timed from here), measured
+    # now (~0.1 s on CPU), against one device's share of the step's FLOPs, counted when the first batch is
+    # lowered below. Every process says which device it timed.
+    rate_device = utilisation.own_device(devices)
+    matmul_rate = utilisation.matmul_rate(config.model.dtype, device=rate_device)
+    log_every_process(f"matmul rate: {matmul_rate / 1e9:.1f} GFLOP/s ({config.model.dtype}) on device "
+                      f"{rate_device.id} of process {rate_device.process_index} (this is process {jax.process_index()})")
     chores = chores_lib.Chores(workdir, total, start, saved_totals, is_main=is_main, progress=tcfg.progress,
                                t_start=t_start, matmul_rate=matmul_rate)
 

@@ -1,12 +1,14 @@
-"""How much of the machine the step uses: the step's FLOPs from XLA's cost analysis against this
-machine's dense matmul rate, measured in the same process (issue 14 §2).
+"""How much of the machine the step uses: the step's model FLOPs per device against the dense matmul
+rate of a device this process owns, measured in the same process (issue 14 §2, issue 21 §2).
 
-The fraction is `step FLOPs / step seconds / matmul FLOP/s`: 100% would be a step that runs at the
-speed of one large, well-shaped matrix product. Caveat of XLA's count: the body of a loop (lax.scan,
-while) is counted once, not once per trip. The pretraining step is therefore counted without remat
-(pretrain.step_flops: remat runs the GIN layers as a scan, and its recomputation is not useful work,
-as in the usual MFU convention); its remaining loops are the Tree-VQ levels and the InfoNCE blocks,
-a few percent of the FLOPs, so the fraction is a slight under-estimate.
+The fraction is `step FLOPs per device / step seconds / matmul FLOP/s`: 100% would be a step that runs
+at the speed of one large, well-shaped matrix product on every device. Two traps of XLA's count
+(`Lowered.cost_analysis()`) are avoided: it counts the whole unpartitioned program (the global batch,
+not one device's share), and it counts the body of a loop once, not once per trip. `program_flops`
+therefore adds each scanned body's count times its trip count, and the pretraining step is counted
+in a form that does not depend on how it is chunked or sharded (pretrain.step_flops: dense InfoNCE,
+no remat, as in the usual MFU convention where recomputation is not useful work), then divided by
+the number of devices.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core   # jaxpr_as_fun, jaxprs_in_params: walking a traced program
 
 
 def lowered_flops(lowered) -> float | None:
@@ -29,11 +32,59 @@ def lowered_flops(lowered) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+def _xla_flops(closed) -> float:
+    """XLA's count for a ClosedJaxpr lowered on its own (each loop body once)."""
+    lowered = jax.jit(core.jaxpr_as_fun(closed)).lower(*closed.in_avals)
+    return lowered_flops(lowered) or 0.0
+
+
+def _uncounted_trips(jaxpr) -> float:
+    """FLOPs XLA's once-per-loop count misses in `jaxpr`: for each lax.scan (also inside jit, remat,
+    custom-derivative sub-jaxprs) trips - 1 more copies of its body, whose own inner scans count in full."""
+    extra = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            body, trips = eqn.params["jaxpr"], eqn.params["length"]
+            extra += (trips - 1) * _xla_flops(body) + trips * _uncounted_trips(body.jaxpr)
+        else:
+            for sub in core.jaxprs_in_params(eqn.params):
+                extra += _uncounted_trips(sub)
+    return extra
+
+
+def program_flops(fn, *args) -> int | None:
+    """FLOPs of one call fn(*args) of the whole (unpartitioned) program, with every scanned body counted
+    once per trip: XLA's count of the lowered program plus the trips it misses (tracing and lowering
+    only, nothing compiled). `fn` may be jitted; args may be arrays or ShapeDtypeStructs. Loops of
+    unknown trip count (while) still count once. A shard_map body is counted once, for one device:
+    count programs without shard_map (the pretraining step with dense InfoNCE). None where the backend
+    gives no count."""
+    traced = (fn if hasattr(fn, "trace") else jax.jit(fn)).trace(*args)
+    base = lowered_flops(traced.lower())
+    if base is None:
+        return None
+    return int(round(base + _uncounted_trips(traced.jaxpr.jaxpr)))
+
+
+def own_device(devices=None):
+    """The first of `devices` (default: all) that this process owns: the device whose matmul rate is
+    this process's reference (another host's device cannot be timed from here)."""
+    devices = jax.devices() if devices is None else devices
+    mine = [d for d in devices if d.process_index == jax.process_index()]
+    if not mine:
+        raise ValueError(f"none of the {len(devices)} devices belongs to process {jax.process_index()}")
+    return mine[0]
+
+
 def matmul_rate(dtype="float32", n: int | None = None, repeats: int = 5, device=None) -> float:
-    """FLOP/s of a jitted n x n @ n x n product in `dtype` on `device` (default: the first device):
-    the best of `repeats` timed calls after one warm-up call. n defaults to 2048 on CPU (~0.1 s here)
-    and 8192 on accelerators (large enough to reach their matrix units' rate)."""
-    device = device or jax.devices()[0]
+    """FLOP/s of a jitted n x n @ n x n product in `dtype` on `device` (default: this process's first
+    device; it must be one this process owns): the best of `repeats` timed calls after one warm-up
+    call. n defaults to 2048 on CPU (~0.1 s here) and 8192 on accelerators (large enough to reach their
+    matrix units' rate)."""
+    device = device or jax.local_devices()[0]
+    if device.process_index != jax.process_index():
+        raise ValueError(f"matmul_rate: {device} belongs to process {device.process_index}, not this process "
+                         f"({jax.process_index()}); time one of jax.local_devices()")
     n = n or (2048 if device.platform == "cpu" else 8192)
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.device_put(jax.random.normal(k1, (n, n), dtype), device)
@@ -49,10 +100,11 @@ def matmul_rate(dtype="float32", n: int | None = None, repeats: int = 5, device=
 
 
 def report(step_flops: float | None, steps: int, seconds: float, rate: float | None) -> dict:
-    """The utilisation fields of summary.json / the benchmark rows: GFLOP per step, achieved GFLOP/s
-    over `steps` steps in `seconds`, the matmul GFLOP/s and their ratio (None where unknown)."""
+    """The utilisation fields of summary.json / the benchmark rows from `step_flops` (one device's share
+    of the step's FLOPs): those FLOPs unrounded (an int) and in GFLOP, the achieved GFLOP/s per device
+    over `steps` steps in `seconds`, the device's matmul GFLOP/s and their ratio (None where unknown)."""
     achieved = step_flops * steps / seconds if step_flops and steps and seconds > 0 else None
-    return {"step_gflop": round(step_flops / 1e9, 2) if step_flops else None,
-            "achieved_gflop_per_s": round(achieved / 1e9, 1) if achieved else None,
-            "matmul_gflop_per_s": round(rate / 1e9, 1) if rate else None,
+    gflop = lambda x: float(f"{x / 1e9:.4g}") if x else None   # 4 significant digits: a tiny model's share is < 0.01
+    return {"step_flops_per_device": int(round(step_flops)) if step_flops else None,
+            "step_gflop": gflop(step_flops), "achieved_gflop_per_s": gflop(achieved), "matmul_gflop_per_s": gflop(rate),
             "utilisation": round(achieved / rate, 3) if achieved and rate else None}
