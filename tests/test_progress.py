@@ -19,6 +19,10 @@ def test_log_lines_off_a_terminal_end_with_one_final_line():
     assert lines[-1].startswith("pretrain: 100%") and lines[-1].endswith("loss 1.2345]")
     assert "step/s" in lines[-1]
     assert bar.count - bar.initial == 6
+    off = Progress(10, "pretrain", unit="step", stream=io.StringIO(), log_every_s=1e9)
+    off.restart_clock(1)          # as the training loop calls it: after step 1 (compiling), before its update
+    off.update(10)
+    assert off.count == 10 and off.initial == 1      # (a first version counted 11 of 10 here)
 
 
 def test_rate_counts_only_the_work_after_the_clock_restarts(monkeypatch):
@@ -61,5 +65,8 @@ def test_a_live_bar_keeps_one_count_across_a_clock_restart():
     bar.restart_clock()           # after compilation: the 5 done so far are left out of the rate
     bar.update(2)
     assert bar.count == bar._bar.n == 7 and bar.initial == 5
+    bar.restart_clock(8)          # the training loop's form: the rate counts from step 8 on; the count stays
+    assert bar.count == bar._bar.n == 7 and bar.initial == 8
+    bar.update(1)
     bar.close()
-    assert "7/10" in out.getvalue().split("\r")[-1]
+    assert "8/10" in out.getvalue().split("\r")[-1]

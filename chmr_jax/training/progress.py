@@ -55,13 +55,13 @@ class Progress:
     def restart_clock(self, count: int | None = None) -> None:
         """Rate and ETA from now on, over the work after `count` (default: what is done so far)."""
         self.start = time.perf_counter()
-        self.initial = self.count if count is None else count
-        self._count = self.initial
+        done = self.count                        # the count itself is unchanged: only the rate's origin moves
+        self.initial = done if count is None else count
         if self._bar is not None:
-            # tqdm's public API: reset() restarts its clock at 0 items; `initial` / `n` (constructor
-            # argument and documented counter) put back the work already done, left out of the rate.
+            # tqdm's public API: reset() restarts its clock at 0 items; `n` (its documented counter) gets
+            # the work done back, `initial` (a constructor argument) the part left out of the rate.
             self._bar.reset(total=self.total)
-            self._bar.initial = self._bar.n = self.initial
+            self._bar.initial, self._bar.n = self.initial, done
             self._bar.refresh()
 
     def line(self) -> str:
