@@ -10,7 +10,7 @@ import platform
 import tempfile
 import time
 
-from chmr_jax.data import datasets, featurize, paths
+from chmr_jax.data import datasets, featurize, geometry, paths
 
 
 def main():
@@ -33,8 +33,8 @@ def main():
                      "seconds": round(dt, 2), "mol_per_s": round(len(smiles) / dt, 1)})
         sub = smiles[:args.n3d]
         t = time.perf_counter()
-        featurize.featurize_geometry(sub, featurize.GeometrySettings(), None, args.dataset, workers,
-                                     show_progress=False)
+        geometry.featurize_geometry(sub, geometry.GeometrySettings(), None, args.dataset, workers,
+                                    show_progress=False)
         dt = time.perf_counter() - t
         rows.append({"what": "3D (ETKDG + descriptors)", "workers": workers, "molecules": len(sub),
                      "seconds": round(dt, 2), "mol_per_s": round(len(sub) / dt, 1)})

@@ -9,7 +9,7 @@ Stages, each timed with the process's peak resident memory during it (sampled ev
                benchmarks; needs CHMR_DATA_DIR) topped up to --molecules by enumeration;
   2. layout    the paper's corpus layout (structure.csv.gz, CP-Bray / CP-JUMP / G-CRISPR / G-ORF / GE
                tables at the paper's widths 1783 / 966 / 1111 / 862 / 978 and coverage 35 / 50 / 6 / 5 / 8%)
-               with values that depend on structure (profiles.write_synthetic_paper_layout);
+               with values that depend on structure (synthetic.write_synthetic_paper_layout);
   3. prepare   reading the layout, featurizing every molecule, joining the profiles (= `chmr-jax
                prepare --corpus paper`);
   4. inputs    kNN graph, propagation (Eq. 1), context graph and batch budget (pretrain.build_inputs);
@@ -94,14 +94,14 @@ def enumerated_smiles(n: int, exclude: set) -> list[str]:
     not in `exclude`."""
     import itertools
 
-    from chmr_jax.data import profiles
+    from chmr_jax.data import synthetic
     heads = ["", "C", "CC", "CCC", "CC(C)", "OCC", "NCC", "FC", "ClCC", "N#CC"]
     rings = ["c1ccccc1", "C1CCCCC1", "c1ccncc1", "C1CCNCC1", "c1ccoc1", "c1ccsc1", "C1CCOC1", "c1cnccn1",
              "C1CC1", "c1cc[nH]c1", "C1CCN(C)CC1", "c1ccc2ccccc2c1"]
     links = ["", "C", "CC", "C(=O)N", "OC", "NC(=O)", "S(=O)(=O)N", "C=C"]
     tails = ["O", "N", "Cl", "F", "C(=O)O", "C#N", "S", "OC", "C(F)(F)F", "Br"]
     products = itertools.product(tails, rings, links, rings, heads)
-    return profiles.enumerate_smiles((f"{h}{r}{link}{r2}{t}" for t, r2, link, r, h in products), n, exclude)
+    return synthetic.enumerate_smiles((f"{h}{r}{link}{r2}{t}" for t, r2, link, r, h in products), n, exclude)
 
 
 def main():
@@ -120,7 +120,7 @@ def main():
     import jax
 
     from chmr_jax import config_util
-    from chmr_jax.data import featurize, paths, prepare, profiles
+    from chmr_jax.data import featurize, paths, prepare, synthetic
     from chmr_jax.mechanisms import objective
     from chmr_jax.training import pretrain, pretrain_data, train
 
@@ -147,7 +147,7 @@ def main():
             smiles += extra
             st.info = {"molecules": len(smiles), "real": len(smiles) - len(extra), "enumerated": len(extra)}
         with Stage("layout", rows) as st:
-            profiles.write_synthetic_paper_layout(layout, smiles=smiles, seed=0)
+            synthetic.write_synthetic_paper_layout(layout, smiles=smiles, seed=0)
             st.info = {"bytes_on_disk": sum(f.stat().st_size for f in layout.iterdir())}
     if args.fresh or not (corpus_dir / "manifest.json").exists():
         with Stage("prepare", rows) as st:

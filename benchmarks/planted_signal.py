@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from chmr_jax.data import profiles
+from chmr_jax.data import synthetic
 from chmr_jax.downstream import planted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def main():
     p.add_argument("--config", default=str(ROOT / "configs" / "test.py"), help="model/pretraining config base")
     args = p.parse_args()
     t0 = time.perf_counter()
-    res = planted.run(args.out, profiles.synthetic_smiles(args.molecules), args.config, args.steps,
+    res = planted.run(args.out, synthetic.synthetic_smiles(args.molecules), args.config, args.steps,
                       seeds=tuple(int(s) for s in args.seeds.split(",")),
                       pretrain_overrides={"batch.batch_size": 64, "model.latent": 32},
                       finetune_overrides={"head.hidden": 64, "optim.epochs": 60, "head.parts": args.parts},

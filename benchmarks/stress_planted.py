@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from chmr_jax import config_util
-from chmr_jax.data import profiles
+from chmr_jax.data import synthetic
 from chmr_jax.downstream import planted, stress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def main():
     args = p.parse_args()
     out = Path(args.out)
     t0 = time.perf_counter()
-    made = planted.write(out, profiles.synthetic_smiles(args.molecules), labelled=args.labelled, tasks=args.tasks,
+    made = planted.write(out, synthetic.synthetic_smiles(args.molecules), labelled=args.labelled, tasks=args.tasks,
                          observed=args.observed)
     cache_dir = str(out / "cache")
     cfg = planted.pretrain_config(str(ROOT / "configs" / "test.py"), made["layout"], args.steps, cache_dir,

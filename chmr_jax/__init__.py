@@ -1,9 +1,9 @@
 """chmr_jax: CHMR molecular representation learning in JAX/Flax.
 
 The package follows the pipeline, one subpackage per stage and one module per job:
-`data` (paths, registry, featurize, datasets, splits, corpus, profiles, prepare, graphs) ->
-`mechanisms` (propagation, context, losses, tree_vq, model, objective) -> `training`
-(pretrain_data, train, checkpoint, pretrain, metric_writers, progress, diagnostics) -> `downstream`
+`data` (paths, registry, featurize, geometry, datasets, splits, corpus, profiles, synthetic, prepare,
+graphs) -> `mechanisms` (propagation, context, losses, tree_vq, model, objective, collapse) -> `training`
+(pretrain_data, train, checkpoint, pretrain, metric_writers, progress) -> `downstream`
 (finetune, metrics, stress, planted, export, convert, report); `cli` and `config_util` sit on top.
 The downstream API:
 

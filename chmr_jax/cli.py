@@ -30,6 +30,7 @@ Multi-host (TPU pods, GPU clusters): run the same command on every host with --c
 
 
 def _prepare(argv: list[str]) -> int:
+    from chmr_jax import config_util
     from chmr_jax.data import datasets, featurize, paths, prepare
 
     parser = argparse.ArgumentParser(prog="chmr-jax prepare", description=COMMANDS["prepare"])
@@ -40,7 +41,7 @@ def _prepare(argv: list[str]) -> int:
     parser.add_argument("--task_columns", help="comma list of task columns (default: all after SMILES)")
     parser.add_argument("--task_type", choices=["classification", "regression"],
                         help="override the inferred task type of --csv")
-    parser.add_argument("--split", choices=["paper_scaffold", "ogb_scaffold", "random"],
+    parser.add_argument("--split", choices=["paper_scaffold", "key_scaffold", "ogb_scaffold", "random"],
                         help="split kind (default: the dataset's protocol)")
     parser.add_argument("--geometry", default="none",
                         help="3D modality: 'none', 'rdkit3d' (ETKDG + RDKit 3D descriptors, ~30 ms/molecule "
@@ -70,14 +71,14 @@ def _prepare(argv: list[str]) -> int:
     cache_dir = paths.resolve_cache_dir(args.cache_dir)
     data_dir = paths.resolve_data_dir(args.data_dir)
     if args.csv:
-        tasks = args.task_columns.split(",") if args.task_columns else None
+        tasks = config_util.parse_list(args.task_columns) or None
         loaders = [lambda: datasets.load_csv(args.csv, args.smiles_column, tasks, args.task_type,
                                              cache_dir=cache_dir, n_workers=args.workers)]
     else:
-        names = datasets.ALL_BENCHMARKS if args.dataset == "all" else args.dataset.split(",")
+        names = datasets.ALL_BENCHMARKS if args.dataset == "all" else config_util.parse_list(args.dataset)
         unknown = [n for n in names if n not in datasets.BENCHMARKS]
-        if unknown:
-            parser.error(f"unknown dataset(s) {unknown}; choose from {list(datasets.ALL_BENCHMARKS)} or use --csv")
+        if unknown or not names:
+            parser.error(f"unknown dataset(s) {unknown or args.dataset!r}; choose from {list(datasets.ALL_BENCHMARKS)} or use --csv")
         loaders = [lambda n=n: datasets.load_benchmark(n, data_dir, cache_dir, args.workers) for n in names]
 
     print(f"data_dir={data_dir}  cache_dir={cache_dir}  settings={settings}", flush=True)
@@ -282,12 +283,13 @@ def _benchmark(argv: list[str]) -> int:
                        required=("workdir", "pretrained"))
     if isinstance(fv, int):
         return fv
+    from chmr_jax import config_util
     from chmr_jax.data import datasets, registry
     from chmr_jax.downstream import benchmark
-    names = list(datasets.ALL_BENCHMARKS) if fv.datasets == "all" else fv.datasets.split(",")
+    names = list(datasets.ALL_BENCHMARKS) if fv.datasets == "all" else config_util.parse_list(fv.datasets)
     unknown = [n for n in names if n not in datasets.BENCHMARKS]
-    if unknown:
-        print(f"chmr-jax benchmark: unknown dataset(s) {unknown}; choose from {list(datasets.ALL_BENCHMARKS)}",
+    if unknown or not names:
+        print(f"chmr-jax benchmark: unknown dataset(s) {unknown or fv.datasets!r}; choose from {list(datasets.ALL_BENCHMARKS)}",
               file=sys.stderr)
         return 2
     config = fv.config.copy_and_resolve_references()
@@ -337,8 +339,8 @@ def _stress(argv: list[str]) -> int:
         ft.cache_dir = ft.cache_dir or config.cache_dir
         if fv.finetune_epochs:
             ft.optim.epochs = fv.finetune_epochs
-        levels = [float(v) for v in fv.missing.split(",") if v.strip()]
-        stress.run(config, ft, levels, [m.strip() for m in fv.imputations.split(",") if m.strip()], fv.workdir,
+        levels = config_util.parse_list(fv.missing, float, "--missing")
+        stress.run(config, ft, levels, config_util.parse_list(fv.imputations), fv.workdir,
                    data_dir=fv.data_dir, hide_seed=fv.hide_seed)
     except pretrain.TrainingDiverged as e:   # (user errors: `main` reports them and exits 2)
         print(f"chmr-jax stress: {e}", file=sys.stderr)
@@ -363,11 +365,12 @@ def _embed(argv: list[str]) -> int:
     parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     parser.add_argument("--cache_dir", help="feature cache (default: $CHMR_CACHE_DIR or ~/.cache/chmr_jax/features)")
     args = parser.parse_args(argv)
+    from chmr_jax import config_util
     from chmr_jax.data import paths
     from chmr_jax.downstream import export
     return _report_errors("embed", lambda: export.export(
         export.load_encoder(args.pretrained, args.step), args.input, args.out,
-        [f.strip() for f in args.formats.split(",") if f.strip()], args.smiles_column, args.id_column,
+        config_util.parse_list(args.formats), args.smiles_column, args.id_column,
         args.batch_size, paths.resolve_cache_dir(args.cache_dir)))
 
 

@@ -32,6 +32,30 @@ def load_sibling(config_file: str, name: str, variant: str | None = None):
 RENAMED = {"train.log_every": "train.log_every_steps", "train.checkpoint_every": "train.checkpoint_every_steps"}
 
 
+def parse_list(text, cast=str, name: str | None = None) -> list:
+    """The one comma-list parser (flags and config fields such as seeds, baselines, formats, epochs):
+    items whitespace-stripped, empty items dropped, each passed through `cast`. None or '' -> [].
+
+    A cast failure is a ValueError naming the item and the list (and `name`, the flag or config
+    field, when given), so the CLI reports it as a one-line user error.
+
+    >>> parse_list(" 1, 3,,10 ", int)
+    [1, 3, 10]
+    """
+    if text is None:
+        return []
+    out = []
+    for item in (s.strip() for s in str(text).split(",")):
+        if not item:
+            continue
+        try:
+            out.append(cast(item))
+        except (TypeError, ValueError):
+            kind = getattr(cast, "__name__", repr(cast))
+            raise ValueError(f"{name or 'comma list'}={str(text)!r}: item {item!r} is not a valid {kind}") from None
+    return out
+
+
 def parse_arg(arg: str | None, **defaults):
     """The one parser of every config file's `get_config(arg)` argument (as big_vision's parse_arg):
     'key=value' pairs separated by commas, each value cast to its default's type; a bare word first is

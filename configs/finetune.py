@@ -21,7 +21,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seeds = "0,1,2,3,4"    # spec §8: seeds 0..4
     config.data_dir = ""
     config.cache_dir = ""
-    config.split = ""            # empty: the dataset's protocol (paper scaffold / OGB scaffold)
+    # empty: the dataset's protocol (paper scaffold / OGB scaffold); 'key_scaffold': the paper protocol
+    # over groups no stereoisomer or shared scaffold crosses (benchmark test molecules' stereoisomers
+    # are in the paper protocol's train split); also 'paper_scaffold', 'ogb_scaffold', 'random'
+    config.split = ""
     config.csv = ""              # instead of a benchmark: any CSV with a SMILES column and task columns
     config.smiles_column = "smiles"
     config.task_columns = ""     # csv only: comma list; '' = every column after the SMILES column

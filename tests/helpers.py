@@ -1,15 +1,15 @@
 """Small builders shared by the pretraining tests (a tiny generated corpus and model)."""
 from flax import nnx
 
-from chmr_jax.data import corpus as C, profiles
+from chmr_jax.data import corpus as C, profiles, synthetic
 from chmr_jax.mechanisms import model as M
 from chmr_jax.training import pretrain_data as PD
 
 
 def tiny_corpus(root, n_molecules=64, seed=0, observed=None):
     """A generated corpus in the paper's layout, reduced to two small modalities (12 and 10 dims)."""
-    profiles.write_synthetic_paper_layout(root, n_molecules=n_molecules, seed=seed, dims={"CP-Bray": 12, "GE": 10},
-                                          observed=observed or {"CP-Bray": 0.5, "GE": 0.2})
+    synthetic.write_synthetic_paper_layout(root, n_molecules=n_molecules, seed=seed, dims={"CP-Bray": 12, "GE": 10},
+                                           observed=observed or {"CP-Bray": 0.5, "GE": 0.2})
     structures, tables, _, _ = profiles.read_paper_layout(root, ["CP-Bray", "GE"])
     return C.assemble(structures, {"cell": [tables["CP-Bray"]], "expression": [tables["GE"]]}, verbose=False)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from chmr_jax import cli, config_util
-from chmr_jax.data import corpus as C, datasets, prepare, profiles, registry
+from chmr_jax.data import corpus as C, datasets, prepare, profiles, registry, synthetic
 
 
 # ---- real files ----------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def test_leakage_guard_keys(data_dir, cache_dir):
 
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory):
-    return profiles.write_synthetic_paper_layout(tmp_path_factory.mktemp("raw"), n_molecules=300, seed=1)
+    return synthetic.write_synthetic_paper_layout(tmp_path_factory.mktemp("raw"), n_molecules=300, seed=1)
 
 
 def test_paper_layout_reader_on_generated_layout(layout):

@@ -1,5 +1,7 @@
 """Fine-tuning core: masked losses against numpy, best-epoch selection, early stopping, frozen-encoder
 embeddings independent of batching."""
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,6 +9,8 @@ from helpers import tiny_corpus, tiny_data_config, tiny_model
 
 from chmr_jax.downstream import baselines, embeddings, encoder_fit, head
 from chmr_jax.training import pretrain_data as PD
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_masked_losses_use_labelled_entries_only():
@@ -161,3 +165,114 @@ def test_projector_apply_compiles_once_per_structure():
         graphdef, state = nnx.split(module)
         np.testing.assert_allclose(embeddings._apply(graphdef, state, x), module(x), rtol=1e-6, atol=1e-6)
     assert embeddings._apply._cache_size() - before == 1
+
+
+def test_seed_spread_is_the_sample_std():
+    # The paper's +- is pandas' .std() (ddof=1); numpy's default (ddof=0) is smaller by sqrt((n-1)/n).
+    from chmr_jax.downstream import finetune
+    ours, base = [0.80, 0.82, 0.79, 0.85], [0.78, 0.78, 0.80, 0.81]
+    methods = {m: {"runs": [{"seed": s, "test": {"roc_auc": v}} for s, v in enumerate(vals)]}
+               for m, vals in (("chmr", ours), ("untrained", base))}
+    diffs = np.subtract(ours, base)
+    lift = finetune.paired_lift(methods, "roc_auc")
+    assert lift["std"] == pytest.approx(np.sqrt(((diffs - diffs.mean()) ** 2).sum() / 3), rel=1e-12)
+    summary = finetune._summarise(methods["chmr"]["runs"], "roc_auc")
+    assert summary["test_std"] == pytest.approx(np.sqrt(((np.subtract(ours, np.mean(ours))) ** 2).sum() / 3), rel=1e-12)
+    assert np.isnan(finetune.sample_std([0.5]))          # one seed: no spread to report
+
+
+def test_an_unknown_head_part_is_an_error():
+    emb = {"fingerprint_raw": np.zeros((3, 4)), "fingerprint": np.ones((3, 2)), "graph": np.ones((3, 2))}
+    with pytest.raises(KeyError, match="fingerprnt"):
+        embeddings.head_inputs(emb, ("fingerprint_raw", "fingerprnt", "graph"))
+    assert embeddings.head_inputs(emb).shape == (3, 8)            # the spec's parts this encoder has
+    mol, cell = ("fingerprint", "graph"), ("expression",)
+    # 'geometry' is a spec part this encoder lacks: left out; a misspelt name is refused.
+    assert embeddings.head_parts(["fingerprint_raw", "graph", "geometry", "tree", "expression"], mol, cell) == (
+        "fingerprint_raw", "graph", "tree", "expression")
+    with pytest.raises(ValueError, match=r"config.head.parts: unknown part\(s\) \['expresion'\]"):
+        embeddings.head_parts(["fingerprint_raw", "expresion"], mol, cell)
+
+
+def _finetune_config(arg: str):
+    from chmr_jax import config_util
+    return config_util.load_config(f"{CONFIGS / 'finetune.py'}:{arg}")
+
+
+def test_the_control_is_a_fresh_initialisation_with_the_pretraining_seed(tiny_run, data_dir, cache_dir, tmp_path,
+                                                                           monkeypatch):
+    """The lift is measured against the encoder the pretraining run started from: the control's
+    parameters equal a fresh initialisation with the run's seed and differ from the pretrained ones."""
+    import json
+
+    import jax
+    from flax import nnx
+
+    from chmr_jax import cli
+    from chmr_jax.training import pretrain
+    embedded = []
+    real_embed = embeddings.embed
+    monkeypatch.setattr(embeddings, "embed", lambda model, *a, **k: (
+        embedded.append(jax.device_get(nnx.state(model, nnx.Param))), real_embed(model, *a, **k))[1])
+    rc = cli.main(["finetune", "--config", f"{CONFIGS / 'finetune.py'}:dataset=bace,seeds=0,1",
+                   "--pretrained", str(tiny_run), "--workdir", str(tmp_path / "ft"),
+                   f"--config.cache_dir={cache_dir}", f"--config.data_dir={data_dir}", "--config.optim.epochs=2",
+                   "--config.head.hidden=16"])
+    assert rc == 0 and len(embedded) == 2                     # the pretrained encoder, then the control
+    pretrained, pre_config, _ = pretrain.load_pretrained(tiny_run)
+    dims = json.loads((tiny_run / "model_dims.json").read_text())
+
+    def fresh(seed):
+        """The pretraining run's model as initialised with `seed`, before any step."""
+        cfg = pre_config.copy_and_resolve_references()
+        cfg.train.seed = seed
+        return jax.device_get(nnx.state(pretrain.build_model(cfg, dims), nnx.Param))
+
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert same(embedded[0], jax.device_get(nnx.state(pretrained, nnx.Param)))
+    assert same(embedded[1], fresh(pre_config.train.seed))
+    assert not same(embedded[1], embedded[0]) and not same(embedded[1], fresh(pre_config.train.seed + 1))
+    result = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert result["head_input"]["parts"] == ["fingerprint_raw", "fingerprint", "graph"]   # no geometry here
+    # A misspelt head part stops the job (exit 2) instead of shrinking the head input unnoticed.
+    assert cli.main(["finetune", "--config", f"{CONFIGS / 'finetune.py'}:dataset=bace,seeds=0", "--pretrained",
+                     str(tiny_run), "--workdir", str(tmp_path / "bad"), f"--config.data_dir={data_dir}",
+                     "--config.head.parts=fingerprint_raw,fingerprnt"]) == 2
+
+
+def test_reuse_is_keyed_on_the_checkpoints_content(tiny_run, cache_dir, tmp_path, monkeypatch):
+    """An ablation pretrained again into the same workdir with the same step count is fine-tuned
+    again, not served the earlier results.json."""
+    import json
+    import shutil
+
+    from chmr_jax import cli
+    from chmr_jax.downstream import finetune
+    calls = []
+
+    def fake_run(config, pretrained, workdir, *a, **k):
+        calls.append(str(pretrained))
+        result = {"dataset": "bace", "settings": finetune.run_settings(config, pretrained)}
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "results.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(finetune, "run", fake_run)
+    config, run_dir, out = _finetune_config("dataset=bace"), tmp_path / "pretrain", tmp_path / "ft"
+    shutil.copytree(tiny_run, run_dir)
+    first = finetune.run_or_reuse(config, run_dir, out)["settings"]
+    finetune.run_or_reuse(config, run_dir, out)
+    assert len(calls) == 1 and first["pretrained_step"] == 10 and first["checkpoint_digest"]
+    # Another checkpoint of the same run (pretrained_step=4) has other content.
+    config.pretrained_step = 4
+    assert finetune.run_settings(config, run_dir)["checkpoint_digest"] != first["checkpoint_digest"]
+    config.pretrained_step = 0
+    # The same workdir pretrained again (another seed), to the same step.
+    shutil.rmtree(run_dir)
+    assert cli.main(["pretrain", "--config", str(CONFIGS / "test.py"),
+                     "--workdir", str(run_dir), f"--config.cache_dir={cache_dir}", "--config.train.steps=10",
+                     "--config.train.checkpoint_every_steps=10", "--config.train.seed=1"]) == 0
+    again = finetune.run_or_reuse(config, run_dir, out)["settings"]
+    assert len(calls) == 2 and again["pretrained_step"] == 10
+    assert again["checkpoint_digest"] != first["checkpoint_digest"]
+    assert again["pretrain_config_digest"] != first["pretrain_config_digest"]

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from chmr_jax.data import profiles
+from chmr_jax.data import synthetic
 from chmr_jax.downstream import planted
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_hidden_factors_are_a_deterministic_function_of_structure():
-    smiles = profiles.synthetic_smiles(50)
+    smiles = synthetic.synthetic_smiles(50)
     h = planted.hidden_factors(smiles, k=4, seed=1)
     assert h.shape == (50, 4)
     np.testing.assert_allclose(h.mean(0), 0, atol=1e-5)
@@ -23,7 +23,7 @@ def test_hidden_factors_are_a_deterministic_function_of_structure():
 
 
 def test_cellular_pretraining_beats_untrained_and_structure_only(tmp_path):
-    res = planted.run(tmp_path, profiles.synthetic_smiles(3000), str(ROOT / "configs" / "test.py"), steps=300,
+    res = planted.run(tmp_path, synthetic.synthetic_smiles(3000), str(ROOT / "configs" / "test.py"), steps=300,
                       seeds=(0, 1, 2), pretrain_overrides={"batch.batch_size": 64, "model.latent": 32},
                       finetune_overrides={"head.hidden": 64, "optim.epochs": 60, "head.parts": "fingerprint,graph"},
                       log=lambda *a, **k: None, labelled=1500, tasks=8)

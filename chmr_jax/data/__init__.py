@@ -1,3 +1,3 @@
-"""Stage 1, data: where files live, the benchmark and corpus loaders, RDKit features, splits, profile
-importers and fixed-budget graph batches (paths, registry, featurize, datasets, splits, corpus,
-profiles, prepare, graphs)."""
+"""Stage 1, data: where files live, the benchmark and corpus loaders, RDKit 2D and 3D features,
+splits, profile importers, a synthetic corpus and fixed-budget graph batches (paths, registry,
+featurize, geometry, datasets, splits, corpus, profiles, synthetic, prepare, graphs)."""

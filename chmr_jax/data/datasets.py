@@ -33,6 +33,8 @@ BENCHMARKS: dict[str, tuple[str, int, str]] = {
     "hiv": ("hiv.csv", 1, "ogb_scaffold"),
 }
 ALL_BENCHMARKS = tuple(BENCHMARKS)
+# Bump when molecule_keys' definition changes (parsing, key kind): cached keys are then recomputed.
+KEYS_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -172,11 +174,11 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None = None,
 
 def molecule_keys(smiles: Sequence[str], cache_dir: str | os.PathLike | None = None,
                   name: str = "smiles", n_workers: int | None = None) -> np.ndarray:
-    """14-char InChIKey block per SMILES ('' if unparsable), cached by the SMILES list."""
+    """14-char InChIKey block per SMILES ('' if unparsable), cached by the SMILES list and KEYS_VERSION."""
     smiles = [str(s) for s in smiles]
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"{name}-keys-{featurize.cache_key(smiles, {}, 'keys')}.npy"
+        path = Path(cache_dir) / f"{name}-keys-{featurize.cache_key(smiles, {'version': KEYS_VERSION}, 'keys')}.npy"
         if path.exists():
             return np.load(path)
     keys = np.array(featurize.keys_of_smiles(smiles, "inchikey14", n_workers, f"keys {name}"), dtype="<U14")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chmr_jax.data import datasets, featurize, splits
+from chmr_jax.data import datasets, featurize, geometry as geometry_lib, splits
 
 
 @dataclasses.dataclass
@@ -20,7 +20,7 @@ class PreparedDataset:
     dataset: datasets.MoleculeDataset
     features: featurize.MoleculeFeatures      # accepted molecules; features.rows index dataset rows
     split: dict                               # 'train'/'valid'/'test' -> dataset row indices
-    geometry: featurize.GeometryFeatures | None  # aligned with features (one row per accepted molecule)
+    geometry: geometry_lib.GeometryFeatures | None  # aligned with features (one row per accepted molecule)
     seconds: float
 
     def split_indices(self, part: str) -> np.ndarray:
@@ -42,12 +42,12 @@ class PreparedDataset:
 
 def prepare(ds: datasets.MoleculeDataset, settings: featurize.FeaturizerSettings,
             cache_dir, split_kind: str | None = None, geometry: str = "none",
-            geometry_settings: featurize.GeometrySettings = featurize.GeometrySettings(),
+            geometry_settings: geometry_lib.GeometrySettings = geometry_lib.GeometrySettings(),
             n_workers: int | None = None, show_progress: bool = True) -> PreparedDataset:
     """Featurizes and splits `ds`.
 
     geometry: 'none'; 'rdkit3d' (ETKDG + RDKit 3D descriptors); or a path to a user-supplied
-    per-molecule matrix keyed by the 14-char InChIKey block (see featurize.load_external_matrix),
+    per-molecule matrix keyed by the 14-char InChIKey block (see data/geometry.py: load_external_matrix),
     e.g. Uni-Mol embeddings. Molecules without a row are flagged (ok=False).
     """
     start = time.perf_counter()
@@ -59,19 +59,19 @@ def prepare(ds: datasets.MoleculeDataset, settings: featurize.FeaturizerSettings
     return PreparedDataset(ds, feats, split, geo, time.perf_counter() - start)
 
 
-def geometry_features(smiles, keys, geometry: str, settings: featurize.GeometrySettings, cache_dir,
-                      name: str, n_workers=None, show_progress=True) -> featurize.GeometryFeatures | None:
+def geometry_features(smiles, keys, geometry: str, settings: geometry_lib.GeometrySettings, cache_dir,
+                      name: str, n_workers=None, show_progress=True) -> geometry_lib.GeometryFeatures | None:
     """The 3D modality of molecules (smiles, join keys): None for 'none'; ETKDG + RDKit 3D
     descriptors for 'rdkit3d'; else rows of a user matrix file keyed by join key (missing: ok=False)."""
     if geometry == "none":
         return None
     if geometry == "rdkit3d":
-        return featurize.featurize_geometry(smiles, settings, cache_dir, name, n_workers, show_progress)
+        return geometry_lib.featurize_geometry(smiles, settings, cache_dir, name, n_workers, show_progress)
     if not os.path.exists(geometry):
         raise ValueError(f"geometry must be 'rdkit3d', 'none' or an existing matrix file; "
                          f"{geometry!r} does not exist")
-    values, available = featurize.load_external_matrix(geometry, keys)
-    return featurize.GeometryFeatures(
+    values, available = geometry_lib.load_external_matrix(geometry, keys)
+    return geometry_lib.GeometryFeatures(
         values=values, ok=available, names=[f"external_{i}" for i in range(values.shape[1])],
         reasons=[(int(i), f"no row for key {keys[i]} in {geometry}") for i in np.nonzero(~available)[0]])
 
@@ -139,7 +139,7 @@ def test_split_keys(benchmark: str, join: str, data_dir, cache_dir, n_workers=No
 def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
                  data_dir=None, cache_dir=None, n_workers=None, verbose=True):
     """Builds the pretraining corpus described by `cfg` (config.corpus; see configs/default.py)."""
-    from chmr_jax.data import corpus as corpus_lib, profiles
+    from chmr_jax.data import corpus as corpus_lib, profiles, synthetic
 
     kind = cfg.kind
     if kind not in CORPUS_KINDS:
@@ -156,7 +156,7 @@ def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.Featuri
             root = Path(cache_dir) / f"synthetic-layout-n{cfg.synthetic_molecules}-s{cfg.synthetic_seed}{tag}"
             if not (root / "L1k_idmaps.csv").exists():
                 full = {**profiles.PAPER_MODALITIES, **dims} if dims else None
-                profiles.write_synthetic_paper_layout(root, cfg.synthetic_molecules, cfg.synthetic_seed, dims=full)
+                synthetic.write_synthetic_paper_layout(root, cfg.synthetic_molecules, cfg.synthetic_seed, dims=full)
         if not root:
             raise ValueError("corpus.kind='paper' needs corpus.path: the directory holding structure.csv.gz "
                              "and the <NAME>.csv.gz / <NAME>_feature.npz files (pretrain.zip's raw/)")

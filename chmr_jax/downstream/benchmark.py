@@ -19,7 +19,8 @@ METHOD_LABELS = {"chmr": "chmr_jax", "untrained": "untrained encoder", "chmr+rf"
 
 
 def benchmark_table(results: list[dict]) -> str:
-    """Markdown: dataset, metric, seeds, mean +- std (x100) per method run here, then the paper's numbers."""
+    """Markdown: dataset, metric, seeds, mean +- sample std (ddof=1, x100) per method run here, then the
+    paper's numbers (whose +- is the same sample std)."""
     methods = [m for m in METHOD_LABELS if any(m in r.get("methods", {"chmr": r}) for r in results)]
     paper_cols = ("CHMR", "InfoAlign", "MLP", "RF")
     with_lift = any(r.get("lift") for r in results)
@@ -49,7 +50,8 @@ def benchmark_table(results: list[dict]) -> str:
 def lift_report(results: list[dict], command: str = "") -> dict:
     """The benchmark's lift summary (issue 12's lift.json): per dataset the pretrained and untrained
     scores, their paired lift (positive = pretrained better) and the best in-house baseline."""
-    out = {"pretrain_epochs": None, "pretrain_steps": None, "seeds": None, "command": command, "datasets": {}}
+    out = {"pretrain_epochs": None, "pretrain_steps": None, "seeds": None, "command": command,
+           "std": "sample std over seeds (ddof=1), as the paper's tables", "datasets": {}}
     for r in results:
         if not r.get("lift"):
             continue

@@ -6,6 +6,7 @@
                                   of one encoder pass per molecule instead of one per epoch
   tree_onehot(model, anchor)      the anchor's Tree-VQ path as one-hot codes per level
   cellular_projections(...)       the pretraining corpus' cellular projections of a dataset's molecules
+  head_parts(parts, ...)          the asked parts this encoder supplies (an unknown name is an error)
   head_inputs(emb, parts)         [raw fingerprint, p_fingerprint, p_graph, (p_geometry)] concatenated
 """
 from __future__ import annotations
@@ -101,6 +102,27 @@ def cellular_projections(model, pre_config, features, names, data_dir, config, l
     return out
 
 
-def head_inputs(emb: dict, parts=DEFAULT_PARTS) -> np.ndarray:
-    """The spec's head input: the available parts, concatenated in order."""
-    return np.concatenate([emb[p] for p in parts if p in emb], axis=1).astype(np.float32)
+def head_parts(parts, mol_names, cell_names) -> tuple[str, ...]:
+    """The head input parts an encoder with these modalities supplies, in the order asked.
+
+    Known parts: the spec's DEFAULT_PARTS, 'tree' and the encoder's modalities by name. A spec part
+    the encoder lacks (e.g. 'geometry' without a 3D modality) is left out, as the spec's default
+    input says; any other name is a ValueError (a typo must not shrink the head input unnoticed).
+    """
+    known = ("fingerprint_raw", "tree", *mol_names, *cell_names)
+    unknown = [p for p in parts if p not in known and p not in DEFAULT_PARTS]
+    if unknown:
+        raise ValueError(f"config.head.parts: unknown part(s) {unknown}; this encoder has "
+                         f"{list(dict.fromkeys(known))} (comma separated)")
+    return tuple(p for p in parts if p in known)
+
+
+def head_inputs(emb: dict, parts=None) -> np.ndarray:
+    """The head input [n, sum of widths]: `parts` of `emb` concatenated in order (a part missing from
+    `emb` is a KeyError, never skipped); parts=None: the spec's DEFAULT_PARTS that `emb` holds."""
+    if parts is None:
+        parts = [p for p in DEFAULT_PARTS if p in emb]
+    missing = [p for p in parts if p not in emb]
+    if missing:
+        raise KeyError(f"head input parts {missing} not among the embeddings {sorted(emb)}")
+    return np.concatenate([emb[p] for p in parts], axis=1).astype(np.float32)

@@ -14,10 +14,14 @@ fine-tuning, GNN from scratch), baselines (RF, ensemble); the multi-dataset tabl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from pathlib import Path
 
 import numpy as np
 from flax import nnx
 
+from chmr_jax import config_util
 from chmr_jax.downstream import baselines as baselines_lib, embeddings, encoder_fit, head as head_lib
 
 
@@ -31,40 +35,88 @@ def fit_config(config, seed: int) -> head_lib.FitConfig:
 BASELINES = ("mlp", "rf", "gnn")
 
 
+# Bump when what a results.json holds changes for the same settings (2: sample std, ddof=1; settings
+# keyed on the checkpoint's content), so an earlier file is recomputed rather than reused.
+RESULTS_VERSION = 2
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_identity(pretrained, step: int | None = None) -> dict:
+    """{'step', 'digest'}: the checkpoint `pretrain.load_pretrained(pretrained, step)` restores and a
+    sha256 of its content (the per-array sha256 digests saved with its parameters and batch
+    statistics; for checkpoints of the earlier format without digests, of its files' bytes). None
+    for both when the workdir has no such checkpoint (load_pretrained then says why)."""
+    import orbax.checkpoint as ocp
+
+    from chmr_jax.training import checkpoint as checkpoint_lib
+
+    workdir = Path(pretrained)
+    directory = workdir / "checkpoints"
+    # The same choice of directory as load_pretrained: an epoch snapshot kept beside the rotation.
+    if step is not None and (workdir / "snapshots" / str(step)).is_dir() and not (directory / str(step)).is_dir():
+        directory = workdir / "snapshots"
+    if not directory.is_dir():
+        return {"step": step, "digest": None}
+    ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=None, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None or step not in ckpt.all_steps():
+            return {"step": step, "digest": None}
+        meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        ckpt.close()
+    saved = meta.get("digests")
+    if saved:   # what load_pretrained restores: the parameters and the rest (batch statistics); not the optimiser
+        content = sorted((k, v) for k, v in saved.items() if k.split("/")[0] in ("params", "rest"))
+    else:
+        where = directory / str(step)
+        content = [(str(f.relative_to(where)), hashlib.sha256(f.read_bytes()).hexdigest())
+                   for f in sorted(where.rglob("*")) if f.is_file()]
+    return {"step": step, "digest": _sha256(content)}
+
+
 def run_settings(config, pretrained) -> dict:
-    """What a results.json depends on besides the code: the fine-tuning config and the checkpoint."""
-    import json
-    from pathlib import Path
-
-    ckpts = Path(pretrained) / "checkpoints"
-    steps = [int(d.name) for d in ckpts.iterdir() if d.name.isdigit()] if ckpts.is_dir() else []
-    return {"config": json.loads(config.to_json()), "pretrained": str(Path(pretrained).resolve()),
-            "pretrained_step": max(steps) if steps else None}
-
-
-def _parse_list(value) -> list[str]:
-    return [v.strip() for v in str(value).split(",") if v.strip()]
+    """What a results.json depends on besides the code: the fine-tuning config, the pretraining config
+    and the content of the checkpoint fine-tuned (not its path and step alone: an ablation pretrained
+    again into the same workdir with the same step count must not be served the earlier result)."""
+    ident = checkpoint_identity(pretrained, config.get("pretrained_step", 0) or None)
+    pre_config = Path(pretrained) / "config.json"
+    return {"version": RESULTS_VERSION, "config": json.loads(config.to_json()),
+            "pretrained": str(Path(pretrained).resolve()), "pretrained_step": ident["step"],
+            "checkpoint_digest": ident["digest"],
+            "pretrain_config_digest": _sha256(json.loads(pre_config.read_text())) if pre_config.exists() else None}
 
 
 def higher_is_better(metric: str) -> bool:
     return metric in ("roc_auc", "pr_auc")
 
 
+def sample_std(values) -> float:
+    """The sample standard deviation over seeds (ddof=1), the +- of the paper's tables (InfoAlign's
+    main.py: pandas .std()); numpy's default (ddof=0) is 10.6% smaller at 5 seeds, 29% at 2. NaN
+    for fewer than 2 values, where it is undefined."""
+    values = np.asarray(values, np.float64)
+    return float(values.std(ddof=1)) if values.size > 1 else float("nan")
+
+
 def paired_lift(methods: dict, metric: str, method: str = "chmr", control: str = "untrained",
                 part: str = "test") -> dict:
     """Pretrained minus untrained score on split `part` per seed (sign flipped for MAE, so positive =
-    pretrained better), with the mean and the std of those paired differences, on the seeds both ran."""
+    pretrained better), with the mean and the sample std of those paired differences, on the seeds both ran."""
     sign = 1.0 if higher_is_better(metric) else -1.0
     ours = {r["seed"]: r[part][metric] for r in methods[method]["runs"]}
     base = {r["seed"]: r[part][metric] for r in methods[control]["runs"]}
     seeds = sorted(set(ours) & set(base))
     diffs = np.array([sign * (ours[s] - base[s]) for s in seeds], np.float64)
-    return {"mean": float(diffs.mean()), "std": float(diffs.std()), "per_seed": dict(zip(map(str, seeds), diffs.tolist()))}
+    return {"mean": float(diffs.mean()), "std": sample_std(diffs), "per_seed": dict(zip(map(str, seeds), diffs.tolist()))}
 
 
 def _summarise(runs: list[dict], key: str) -> dict:
     scores = np.array([r["test"][key] for r in runs], np.float64)
-    return {"runs": runs, "test_mean": float(scores.mean()), "test_std": float(scores.std())}
+    return {"runs": runs, "test_mean": float(scores.mean()), "test_std": sample_std(scores)}
 
 
 class Runs:
@@ -99,12 +151,12 @@ class Runs:
 def load_task(config, pre_config, mol_names, data_dir=None, log=print):
     """(dataset, prepared, extra encoder inputs) for config.dataset or config.csv, featurized with the
     pretraining run's featurizer settings (one Morgan radius for both, spec §8)."""
-    from chmr_jax.data import datasets, featurize, paths, prepare
+    from chmr_jax.data import datasets, featurize, geometry as geometry_lib, paths, prepare
 
     settings = featurize.FeaturizerSettings.from_config(pre_config.featurize)
     cache_dir = paths.resolve_cache_dir(config.cache_dir or None)
     if config.csv:
-        ds = datasets.load_csv(config.csv, config.smiles_column, _parse_list(config.task_columns) or None,
+        ds = datasets.load_csv(config.csv, config.smiles_column, config_util.parse_list(config.task_columns) or None,
                                config.task_type or None, cache_dir=cache_dir)
     else:
         if config.dataset not in datasets.BENCHMARKS:
@@ -115,7 +167,7 @@ def load_task(config, pre_config, mol_names, data_dir=None, log=print):
     uses_geometry = "geometry" in mol_names
     prepared = prepare.prepare(ds, settings, cache_dir, config.split or None,
                                geometry=pre_config.geometry if uses_geometry else "none",
-                               geometry_settings=featurize.GeometrySettings(seed=pre_config.geometry_seed))
+                               geometry_settings=geometry_lib.GeometrySettings(seed=pre_config.geometry_seed))
     extra = {}
     if uses_geometry:
         # z-scored with training-split statistics, as the encoder saw z-scored corpus descriptors
@@ -145,11 +197,13 @@ def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | Non
     workdir.mkdir(parents=True, exist_ok=True)
     if config.encoder not in ("frozen", "finetune"):
         raise ValueError(f"config.encoder={config.encoder!r}: choose 'frozen' or 'finetune'")
-    baselines = _parse_list(config.baselines)
+    baselines = config_util.parse_list(config.baselines)
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"config.baselines: unknown {unknown}; choose from {list(BASELINES)} (comma separated)")
     model, pre_config, meta = pretrain.load_pretrained(pretrained, config.get("pretrained_step", 0) or None)
+    # Checked before any featurizing; results.json records the parts actually used.
+    parts = embeddings.head_parts(config_util.parse_list(config.head.parts), model.mol_names, model.cell_names)
     ds, prepared, extra = load_task(config, pre_config, model.mol_names, data_dir, log)
     dims = json.loads((Path(pretrained) / "model_dims.json").read_text())
     control = None
@@ -158,7 +212,6 @@ def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | Non
         # the pretraining run's seed, no pretraining step, used exactly like the pretrained encoder.
         control = pretrain.build_model(pre_config, dims)
         control.eval()
-    parts = tuple(_parse_list(config.head.parts))
     log(f"{ds.name}: {len(prepared.features)} molecules, {ds.num_tasks} tasks ({ds.task_type}); encoder "
         f"{pretrained} step {meta['step']} ({config.encoder}); baselines: {', '.join(baselines) or 'none'}")
     y = ds.labels[prepared.features.rows]
@@ -177,8 +230,8 @@ def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | Non
 
     ens = config.ensemble
     use_ensemble = (ens.enabled and ds.task_type == "classification"
-                    and (config.csv or ds.name in _parse_list(ens.datasets)))
-    seeds = [int(s) for s in _parse_list(config.seeds)]
+                    and (config.csv or ds.name in config_util.parse_list(ens.datasets)))
+    seeds = config_util.parse_list(config.seeds, int, "config.seeds")
     # (The ensemble needs this run's head predictions, which a results.json does not keep: no reuse.)
     runs = Runs(None if use_ensemble else reuse, log)
     if config.encoder == "frozen":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chmr_jax.data import featurize, profiles
+from chmr_jax.data import featurize, synthetic
 
 CELL_DIM, EXPRESSION_DIM = 32, 24
 
@@ -47,9 +47,9 @@ def write(root, smiles, k: int = 8, observed: float = 0.3, noise: float = 0.5, l
     root = Path(root)
     smiles = [s for s in smiles if featurize.parse_smiles(s) is not None]
     h = hidden_factors(smiles, k, seed)
-    profiles.write_synthetic_paper_layout(root / "layout", seed=seed, smiles=smiles, factors=h, noise=noise,
-                                          dims={"CP-Bray": CELL_DIM, "GE": EXPRESSION_DIM},
-                                          observed={"CP-Bray": observed, "GE": observed}, replicate_fraction=0.0)
+    synthetic.write_synthetic_paper_layout(root / "layout", seed=seed, smiles=smiles, factors=h, noise=noise,
+                                           dims={"CP-Bray": CELL_DIM, "GE": EXPRESSION_DIM},
+                                           observed={"CP-Bray": observed, "GE": observed}, replicate_fraction=0.0)
     rng = np.random.default_rng([seed, 2])
     rows = rng.choice(len(smiles), size=min(labelled, len(smiles)), replace=False)
     v = rng.normal(size=(k, tasks))

@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chmr_jax.mechanisms import context as context_lib, losses, tree_vq
-from chmr_jax.training import diagnostics
+from chmr_jax.mechanisms import collapse, context as context_lib, losses, tree_vq
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +146,7 @@ def objective(model, batch: dict, ctx: dict, key, cfg: ObjectiveConfig, mesh=Non
 
     if cfg.collapse_stats:
         for name in model.mol_names + ["anchor"]:
-            stats = diagnostics.collapse_stats(jax.lax.stop_gradient(proj[name]), gm)
+            stats = collapse.collapse_stats(jax.lax.stop_gradient(proj[name]), gm)
             metrics[f"collapse/{name}/effective_rank"] = stats["effective_rank"]
             metrics[f"collapse/{name}/std"] = stats["std"]
 

@@ -30,7 +30,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from chmr_jax.data import corpus as corpus_lib, featurize, files, paths, prepare
+from chmr_jax import config_util
+from chmr_jax.data import corpus as corpus_lib, featurize, files, geometry as geometry_lib, paths, prepare
 from chmr_jax.mechanisms import model as model_lib, objective as objective_lib
 from chmr_jax.training import checkpoint as checkpoint_lib, chores as chores_lib, pretrain_data, train, utilisation
 
@@ -50,7 +51,7 @@ class TrainingDiverged(RuntimeError):
 # ---- config -> components --------------------------------------------------------------------------
 
 def molecular_names(config) -> list[str]:
-    names = [n.strip() for n in config.model.molecular.split(",") if n.strip()]
+    names = config_util.parse_list(config.model.molecular)
     unknown = [n for n in names if n not in MOLECULAR]
     if unknown or not names:
         raise ConfigError(f"config.model.molecular={config.model.molecular!r}: choose from {MOLECULAR} "
@@ -233,7 +234,7 @@ def build_inputs(config, n_devices: int, data_dir=None, log=print):
     data = pretrain_data.prepare(corpus, data_config(config, n_devices))
     if "geometry" in molecular_names(config):
         geo = prepare.geometry_features(list(corpus.smiles), list(corpus.keys), config.geometry,
-                                        featurize.GeometrySettings(seed=config.geometry_seed), cache_dir,
+                                        geometry_lib.GeometrySettings(seed=config.geometry_seed), cache_dir,
                                         f"corpus-{config.corpus.kind}", config.workers or None)
         data.inputs["geometry"] = geo.standardized().astype(np.float32)
     obs = {n: int(m.available.sum()) for n, m in corpus.modalities.items()}
@@ -396,7 +397,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints, log=log)
     # Epoch-end snapshots that the keep-N rotation never deletes (pretraining-length experiments
     # fine-tune them: `--config.pretrained_step`).
-    snapshot_epochs = {int(e) for e in str(tcfg.get("snapshot_epochs", "")).split(",") if e.strip()}
+    snapshot_epochs = set(config_util.parse_list(tcfg.get("snapshot_epochs", ""), int, "config.train.snapshot_epochs"))
     snapshots = checkpoint_lib.Checkpointer(workdir / "snapshots", max_to_keep=None, log=log) if snapshot_epochs else None
     start, saved_totals = 0, None
     if ckpt.latest_step() is not None:

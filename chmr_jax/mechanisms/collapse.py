@@ -1,4 +1,4 @@
-"""Representation health measures logged during pretraining (is a projection collapsing?).
+"""Representation health measures the objective logs (is a projection collapsing?).
 
 collapse_stats(x, mask) over the valid rows of a batch of representations x [B, D]:
   effective_rank  exp(entropy of the normalised eigenvalues of the row covariance) (Roy & Vetterli,
