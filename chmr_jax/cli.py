@@ -121,7 +121,7 @@ def _prepare_corpus(args) -> int:
     data_dir = paths.resolve_data_dir(args.data_dir)
     start = time.perf_counter()
     corpus = prepare.build_corpus(cfg, settings, data_dir, cache_dir, args.workers)
-    out = args.out or cache_dir / (f"corpus-{cfg.kind}" + (f"-no-{cfg.exclude_test_of}-test" if cfg.exclude_test_of else ""))
+    out = args.out or cache_dir / (f"corpus-{cfg.kind}" + (f"-no-{cfg.exclude_test_of.replace(',', '+')}-test" if cfg.exclude_test_of else ""))
     corpus.save(out)
     print(prepare.format_table(corpus_lib.summary_rows(corpus)))
     if cfg.include_benchmarks:

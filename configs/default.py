@@ -38,6 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # `chmr-jax prepare --corpus ...` to use instead of building (empty: build, cached in cache_dir).
     config.corpus = ml_collections.ConfigDict(dict(
         kind="reachable", path="", saved="", join="inchikey14", aggregate="median", max_nan_fraction=0.5,
+        # exclude_test_of: '' | 'all' | a comma list of benchmarks whose test-split molecules are left out
+        # of the corpus (include_benchmarks otherwise adds every benchmark molecule, test ones included,
+        # structures and profiles, no labels: a transductive setting).
         dose="all", include_benchmarks=True, exclude_test_of="",
         synthetic_molecules=400, synthetic_seed=0))
     config.corpus.modalities = ml_collections.ConfigDict(dict(

@@ -260,3 +260,12 @@ def test_hide_marks_a_fraction_of_observed_profiles_missing(tmp_path):
     np.testing.assert_array_equal(corpus.hide(0.0).modalities["cell"].available, corpus.modalities["cell"].available)
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         corpus.hide(1.5)
+
+
+def test_exclude_test_of_takes_a_list_or_all():
+    # The transductive check excludes the test parts of all nine benchmarks at once (issue 21 §7).
+    assert prepare.excluded_benchmarks("") == []
+    assert prepare.excluded_benchmarks("bace, chembl2k") == ["bace", "chembl2k"]
+    assert prepare.excluded_benchmarks("all") == list(datasets.ALL_BENCHMARKS)
+    with pytest.raises(ValueError, match="unknown benchmark.*'baec'"):
+        prepare.excluded_benchmarks("bace,baec")

@@ -126,6 +126,17 @@ def benchmark_keys(names, join: str, data_dir, cache_dir, n_workers=None) -> dic
     return out
 
 
+def excluded_benchmarks(spec: str) -> list[str]:
+    """corpus.exclude_test_of: '' (none), 'all' (the nine benchmarks) or a comma list of benchmarks."""
+    from chmr_jax import config_util
+    names = list(datasets.ALL_BENCHMARKS) if str(spec).strip() == "all" else config_util.parse_list(spec)
+    unknown = [n for n in names if n not in datasets.ALL_BENCHMARKS]
+    if unknown:
+        raise ValueError(f"corpus.exclude_test_of names unknown benchmark(s) {unknown}; choose from "
+                         f"{list(datasets.ALL_BENCHMARKS)} or 'all'")
+    return names
+
+
 def test_split_keys(benchmark: str, join: str, data_dir, cache_dir, n_workers=None) -> set:
     """Join keys of a benchmark's test split (its default protocol): the leakage guard's list."""
     ds = datasets.load_benchmark(benchmark, data_dir, cache_dir, n_workers)
@@ -181,8 +192,8 @@ def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.Featuri
             blocks.append(tables[0] if len(tables) == 1 else profiles.stack_tables(tables, "+".join(block)))
         modality_sources[modality] = blocks
     exclude = set()
-    if cfg.exclude_test_of:
-        exclude = test_split_keys(cfg.exclude_test_of, join, data_dir, cache_dir, n_workers)
+    for benchmark in excluded_benchmarks(cfg.exclude_test_of):
+        exclude |= test_split_keys(benchmark, join, data_dir, cache_dir, n_workers)
     expected = dict(cfg.dims) if "dims" in cfg and cfg.dims else None
     return corpus_lib.assemble(structures, modality_sources, join, cfg.aggregate, cfg.max_nan_fraction,
                                settings, cache_dir, exclude, n_workers, gene_edges,
