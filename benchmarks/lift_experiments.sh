@@ -4,6 +4,7 @@
 #   bash benchmarks/lift_experiments.sh pretrain      # configs/pretrain.py, 10 epochs, snapshots after 1, 3, 5, 10
 #   bash benchmarks/lift_experiments.sh ablation NAME # 1-epoch ablation runs (see below)
 #   bash benchmarks/lift_experiments.sh finetune DIR STEP OUT  # the 4 datasets, frozen head, untrained control
+#   bash benchmarks/lift_experiments.sh key_split DIR STEP OUT  # finetune's datasets on the key-grouped scaffold split
 #   bash benchmarks/lift_experiments.sh headline DIR STEP OUT  # the same plus the MLP / RF baselines (-> OUT/lift.json)
 #   bash benchmarks/lift_experiments.sh table DIR STEP OUT [BASELINES] [GNN_EPOCHS]
 #        # issue 12 §5: all 9 benchmarks, seeds 0-4, the untrained control and baselines (default mlp,rf;
@@ -42,6 +43,12 @@ case "$1" in
     dir=$2; step=$3; out=$4
     $CLI benchmark --datasets chembl2k,broad6k,biogenadme,moltoxcast --config.seeds=0,1,2 --pretrained "$dir" \
       --workdir "$out" --config.baselines= --config.pretrained_step="$step" ;;
+  key_split)
+    # Issue 21 §7: the same 4 datasets with the connectivity-key-grouped scaffold split beside the
+    # paper protocol (stereoisomers of test molecules are not in train), same seeds and control.
+    dir=$2; step=$3; out=$4
+    $CLI benchmark --datasets chembl2k,broad6k,biogenadme,moltoxcast --config.seeds=0,1,2 --pretrained "$dir" \
+      --workdir "$out" --config.baselines= --config.pretrained_step="$step" --config.split=key_scaffold ;;
   headline)
     dir=$2; step=$3; out=$4
     $CLI benchmark --datasets chembl2k,broad6k,biogenadme,moltoxcast --config.seeds=0,1,2 --pretrained "$dir" \
@@ -50,5 +57,5 @@ case "$1" in
     dir=$2; step=$3; out=$4; baselines=${5:-mlp,rf}; gnn_epochs=${6:-10}
     $CLI benchmark --datasets "${DATASETS:-all}" --config.seeds=0,1,2,3,4 --pretrained "$dir" --workdir "$out" --config.baselines="$baselines" \
       --config.pretrained_step="$step" --config.optim.encoder_epochs="$gnn_epochs" ;;
-  *) echo "usage: $0 pretrain | ablation NAME | finetune DIR STEP OUT | headline DIR STEP OUT | table DIR STEP OUT [BASELINES] [GNN_EPOCHS]"; exit 2 ;;
+  *) echo "usage: $0 pretrain | ablation NAME | finetune DIR STEP OUT | key_split DIR STEP OUT | headline DIR STEP OUT | table DIR STEP OUT [BASELINES] [GNN_EPOCHS]"; exit 2 ;;
 esac
