@@ -453,6 +453,23 @@ def test_vicreg_invariance_is_not_zero_with_sca_on_measured_rows(tmp_path, cache
         assert row[f"sca/{name}/invariance"] > 0, (name, row)
 
 
+def test_step_flops_per_device_of_one_global_batch_on_1_and_8_devices(tmp_path, cache_dir):
+    """Through the CLI and summary.json: 15 molecules per step pad to the same global budget on 1 and 8
+    devices (16 graph slots, node / edge budgets multiples of 32), so each of 8 devices does 1/8 of the
+    one device's FLOPs. The count used to be XLA's count of the unpartitioned program divided by
+    nothing: the same number on 8 devices as on 1 (utilisation overstated 8x; issue 21 §2)."""
+    got = {}
+    for devices in (1, 8):
+        workdir = tmp_path / f"d{devices}"
+        assert cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
+                         "--config.train.steps=1", f"--config.train.devices={devices}",
+                         "--config.batch.batch_size=15"]) == 0
+        got[devices] = json.loads((workdir / "summary.json").read_text())
+    one, eight = got[1]["step_flops_per_device"], got[8]["step_flops_per_device"]
+    assert isinstance(one, int) and isinstance(eight, int) and one > 0
+    assert abs(one - 8 * eight) <= 8          # integer division of the same total
+
+
 def test_one_argument_parser_for_every_config_file():
     parse = config_util.parse_arg
     assert parse(None, variant="default").variant == "default"
