@@ -112,7 +112,7 @@ def plot(rows: list[dict], path) -> None:
     matplotlib.use("Agg")   # files only: no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.0, 4.2), dpi=120)
     values = []
     for imputation in dict.fromkeys(r["imputation"] for r in rows):
         rs = sorted((r for r in rows if r["imputation"] == imputation), key=lambda r: r["missing"])
@@ -136,7 +136,7 @@ def plot(rows: list[dict], path) -> None:
         ax.set_title(f"{rows[0]['dataset']}: test {rows[0]['metric']} vs hidden cellular profiles")
         ax.set_ylabel(f"test {rows[0]['metric']} x100")
     ax.set_xlabel("extra fraction of observed profiles hidden")
-    ax.legend(title="imputation", fontsize=8, loc="best")
+    ax.legend(title="imputation", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside, never over
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
