@@ -3,8 +3,9 @@
 The package follows the pipeline, one subpackage per stage and one module per job:
 `data` (paths, registry, featurize, geometry, datasets, splits, corpus, profiles, synthetic, prepare,
 graphs) -> `mechanisms` (propagation, context, losses, tree_vq, model, objective, collapse) -> `training`
-(pretrain_data, train, checkpoint, pretrain, metric_writers, progress) -> `downstream`
-(finetune, metrics, stress, planted, export, convert, report); `cli` and `config_util` sit on top.
+(pretrain_data, train, checkpoint, pretrain, chores, metric_writers, utilisation) -> `downstream`
+(finetune, metrics, stress, planted, export, convert, report); `cli`, `config_util` and
+`progress` (used by every stage) sit on top.
 The downstream API:
 
     apply, params = chmr_jax.load_encoder("runs/a")          # pure, jittable (params, batch) -> outputs

@@ -3,7 +3,7 @@ work and after a restarted clock."""
 import io
 import re
 
-from chmr_jax.training.progress import Progress
+from chmr_jax.progress import Progress
 
 
 def test_log_lines_off_a_terminal_end_with_one_final_line():

@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from chmr_jax.data import files
-from chmr_jax.training.progress import Progress
+from chmr_jax.progress import Progress
 
 FEATURIZE_VERSION = 1  # bump when the feature definitions change; invalidates caches
 

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from chmr_jax.data import paths
-from chmr_jax.training.progress import Progress
+from chmr_jax.progress import Progress
 
 OFFLINE_ENV = "CHMR_OFFLINE"  # set to 1 to never attempt a download
 

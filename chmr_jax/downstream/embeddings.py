@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from chmr_jax.data import graphs
-from chmr_jax.training import progress as progress_lib
+from chmr_jax import progress as progress_lib
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -28,7 +28,7 @@ from flax import nnx
 
 from chmr_jax.data import featurize, files, graphs
 from chmr_jax.mechanisms import tree_vq
-from chmr_jax.training import progress as progress_lib
+from chmr_jax import progress as progress_lib
 
 FORMATS = ("npz", "parquet", "tfds")
 TFDS_NAME = "chmr_embeddings"

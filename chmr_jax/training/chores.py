@@ -9,7 +9,8 @@ import time
 
 import jax
 
-from chmr_jax.training import metric_writers, progress as progress_lib, utilisation
+from chmr_jax import progress as progress_lib
+from chmr_jax.training import metric_writers, utilisation
 
 
 def itstime(step: int, every: int, total: int | None = None) -> bool:
