@@ -74,8 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         vicreg_second_view="held_out", holdout_folds=5,
         context_clusters=100, context_floor=0.8, context_sparsity=0.995,  # spec §6
         # Gene nodes of the context graph (spec §6): the L1000 landmark genes of this modality, linked
-        # to molecules by the top 1% |z| of the observed signatures (weight clip(|z|, 0, 1)); gene-gene
-        # edges from the corpus (paper layout G-G.csv.gz) and/or a Hetionet file (sif) given here.
+        # to molecules by each observed signature's top 1% of genes by |z| (weight |z| / the signature's
+        # largest |z|, in (0, 1]); gene-gene edges from the corpus (paper layout G-G.csv.gz) and/or a
+        # Hetionet file (sif) given here.
         gene_modality="expression", gene_quantile=0.99, gene_network="",
         # Which cellular modalities pretraining uses: 'all', 'none' (structure only: no SCA, no profile
         # nodes) or a comma list.

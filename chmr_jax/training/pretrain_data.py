@@ -21,8 +21,8 @@
         propagation): under 'all', a row never reached has the column mean in both views.
       - the context graph (molecules, one profile node per observed profile, and gene nodes: the
         columns of `gene_modality` (L1000 landmark genes by Entrez id) linked to molecules by the top
-        1% |z| of its observed signatures, weight clip(|z|, 0, 1), and to each other by the corpus'
-        gene-gene edges and/or `gene_network`)
+        1% of genes by |z| of each observed signature, weight |z| / that signature's largest |z|
+        (context.top_genes), and to each other by the corpus' gene-gene edges and/or `gene_network`)
   batches(data, order)   fixed-shape numpy batch dicts in `order` (see objective.py for the layout)
   BatchPlan(data, seed)  global step -> (epoch, molecule group): a fresh permutation per epoch, so a
                          resumed run continues with exactly the batches of the uninterrupted one
