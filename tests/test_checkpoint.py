@@ -198,6 +198,57 @@ def test_an_io_error_on_read_is_retried_and_moves_nothing(tmp_path, monkeypatch)
     ckpt.close()
 
 
+@pytest.mark.parametrize("damage", ["truncate", "empty", "delete", "flip"])
+def test_a_damaged_array_file_in_the_newest_step_falls_back_to_the_older_one(tmp_path, damage):
+    """Damage to the array data itself (not only to metadata): Orbax wraps tensorstore's read error in a
+    plain Exception, which was taken for 'other' and re-raised (a traceback, no fallback)."""
+    directory = tmp_path / "run" / "checkpoints"
+    ckpt = checkpoint.Checkpointer(directory, async_save=False)
+    noise = jax.random.normal(jax.random.key(0), (256, 256))     # incompressible: one large data file
+    big = lambda scale: {"params": {"w": noise + scale}, "rest": {"m": jnp.ones(3)}}
+    for s in (1, 2):
+        ckpt.save(s, big(float(s)), {"step": s})
+    ckpt.wait()
+    data = max((f for f in (directory / "2").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    assert data.stat().st_size > 200_000 and data.parent.name == "d"      # the array's bytes, not metadata
+    raw = data.read_bytes()
+    if damage == "truncate":
+        data.write_bytes(raw[: len(raw) // 2])
+    elif damage == "empty":
+        data.write_bytes(b"")
+    elif damage == "delete":
+        data.unlink()
+    else:
+        data.write_bytes(raw[:64] + bytes(b ^ 0xFF for b in raw[64:128]) + raw[128:])
+    warnings = []
+    state, meta = ckpt.restore_newest_good(big(0.0), warnings.append)
+    assert meta == {"step": 1}
+    np.testing.assert_array_equal(state["params"]["w"], noise + 1.0)
+    assert ckpt.all_steps() == [1] and [p.name.split("-")[0] for p in (tmp_path / "run" / "corrupt").iterdir()] == ["2"]
+    assert warnings and "step 2" in warnings[0]
+    ckpt.close()
+
+
+def test_a_wrapped_transient_tensorstore_error_is_retried(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+    ckpt = saved_steps(tmp_path / "run" / "checkpoints", (1, 2))
+    monkeypatch.setattr(checkpoint, "RETRY_DELAYS_S", (0.0, 0.0), raising=False)
+    real, calls = ocp.PyTreeCheckpointHandler.restore, []
+
+    def flaky(self, *a, **k):       # as Orbax raises it: the status only in the cause
+        calls.append(1)
+        if len(calls) == 1:
+            try:
+                raise ValueError("UNAVAILABLE: connection reset")
+            except ValueError as inner:
+                raise Exception("Encountered error while reading array index 0") from inner
+        return real(self, *a, **k)
+    monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", flaky)
+    state, meta = ckpt.restore_newest_good(small_state(), lambda *a: None)
+    assert meta == {"step": 2} and len(calls) == 2 and ckpt.all_steps() == [1, 2]
+    ckpt.close()
+
+
 def test_a_template_of_another_width_is_a_user_error_and_moves_nothing(tmp_path):
     ckpt = saved_steps(tmp_path / "run" / "checkpoints", (1, 2, 3))
     # (Orbax itself restores a (4, 3) array into a (4, 5) template without complaint, padded.)

@@ -59,7 +59,19 @@ _TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EX
 
 
 def _failure_kind(e: BaseException) -> str:
-    """'corrupt' (the file is missing, truncated or malformed), 'transient' (I/O that may pass) or 'other'."""
+    """'corrupt' (the file is missing, truncated or malformed), 'transient' (I/O that may pass) or 'other',
+    read through the exception's whole chain: Orbax wraps every array-read error of tensorstore in a
+    plain Exception('Encountered error while reading array index ...') whose __cause__ says what it was
+    (a truncated data file: ValueError('FAILED_PRECONDITION: ... Data corruption detected'))."""
+    kinds, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        kinds.append(_own_failure_kind(e))
+        e = e.__cause__ or e.__context__
+    return "corrupt" if "corrupt" in kinds else "transient" if "transient" in kinds else "other"
+
+
+def _own_failure_kind(e: BaseException) -> str:
     if isinstance(e, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, CorruptCheckpoint)):
         return "corrupt"
     if isinstance(e, OSError):
