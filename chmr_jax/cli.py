@@ -141,47 +141,88 @@ def _prepare_corpus(args) -> int:
     return 0
 
 
+def _config_spec(argv: list[str], default: str) -> str:
+    """The `--config FILE[:ARGS]` (or `--config=...`) value in argv, else `default`."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return default
+
+
+def _flags_help(fv, usage: str, default_config: str) -> str:
+    """`usage` followed by every flag of the command's private registry with its help and default."""
+    lines = [usage, "", "flags:",
+             f"  --config FILE[:ARGS]      config file and its get_config argument (default: {default_config})",
+             "  --config.a.b=VALUE        override any field of the config (see its get_config)"]
+    for name in sorted(fv):
+        if name == "config" or name.startswith("config."):
+            continue
+        flag = fv[name]
+        default = "" if flag.default is None else f" (default: {flag.default})"
+        lines.append(f"  --{name:24s}{flag.help}{default}")
+    return "\n".join(lines)
+
+
 def _config_flags(argv: list[str], command: str, default_config: str, usage: str, define_more=None,
                   required=("workdir",)):
     """Parses `--config file.py[:arg] --config.a.b=v ... --other` with absl on a private registry.
 
-    Returns the FlagValues, or an exit code (help printed, a parse error or a missing `required`
-    flag explained)."""
+    Returns the FlagValues, or an exit code (help printed, or a user error explained in one line:
+    a missing config file, a bad config argument, an unknown override, a bad flag value, a missing
+    `required` flag)."""
     from absl import flags
     from ml_collections import config_flags
 
     from chmr_jax import config_util
 
     fv = flags.FlagValues()   # a private registry: main() can run more than once in a process
-    config_flags.DEFINE_config_file("config", str(config_util.CONFIG_DIR / default_config),
+    default_spec = str(config_util.CONFIG_DIR / default_config)
+    config_flags.DEFINE_config_file("config", default_spec,
                                     "config file[:variant]", flag_values=fv, lock_config=True,
                                     sys_argv=[f"chmr-jax {command}"] + argv)  # overrides are found from argv
     flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)
     flags.DEFINE_string("data_dir", None, "data directory (default: config.data_dir > $CHMR_DATA_DIR > "
                         "~/.cache/chmr_jax)", flag_values=fv)
+    flags.DEFINE_string("cache_dir", None, "feature cache (default: config.cache_dir > $CHMR_CACHE_DIR > "
+                        "~/.cache/chmr_jax/features)", flag_values=fv)
     if define_more is not None:
         define_more(flags, fv)
     if any(a in ("-h", "--help", "--helpfull") for a in argv):
-        print(usage)
+        print(_flags_help(fv, usage, default_spec))
         return 0
+    # The config file and its overrides are checked here first: absl's loader answers a missing file or
+    # a bad get_config argument with chained tracebacks, and an unknown field with a repr'd KeyError.
+    try:
+        config = config_util.load_config(_config_spec(argv, default_spec))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        print(f"chmr-jax {command}: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
+    for a in argv:
+        if a.startswith("--config."):
+            problem = config_util.check_override(config, a[len("--config."):].split("=", 1)[0])
+            if problem:
+                print(f"chmr-jax {command}: {problem}", file=sys.stderr)
+                return 2
     try:
         fv([f"chmr-jax {command}"] + argv)
     except flags.Error as e:
-        print(f"chmr-jax {command}: {e}\n\n{usage}", file=sys.stderr)
+        print(f"chmr-jax {command}: {e} (chmr-jax {command} --help lists the flags)", file=sys.stderr)
         return 2
     except (KeyError, AttributeError, TypeError, ValueError) as e:
-        # config_flags raises these for an override of a field the config does not have (or of the
-        # wrong type); name the flags so the user sees which one.
-        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        renamed = [f"--config.{config_util.RENAMED[o[9:]]}" for o in overrides if o[9:] in config_util.RENAMED]
-        hint = f"; renamed: use {renamed}" if renamed else ""
-        print(f"chmr-jax {command}: bad config override ({type(e).__name__}: {e}) among {overrides}; "
-              f"fields must exist in the config file (see its get_config){hint}", file=sys.stderr)
+        # config_flags raises these for an override of the wrong type (unknown fields were caught above).
+        message = e.args[0] if e.args else e
+        print(f"chmr-jax {command}: bad config override ({type(e).__name__}: {message}); fields must exist in "
+              "the config file (see its get_config)", file=sys.stderr)
         return 2
     for name in required:
         if not fv[name].value:
-            print(f"chmr-jax {command}: --{name} is required\n\n{usage}", file=sys.stderr)
+            print(f"chmr-jax {command}: --{name} is required (chmr-jax {command} --help lists the flags)",
+                  file=sys.stderr)
             return 2
+    if fv.cache_dir:
+        fv.config.cache_dir = fv.cache_dir
     return fv
 
 
@@ -416,9 +457,14 @@ def _report(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(__doc__.strip())
-        for name, desc in COMMANDS.items():
-            print(f"  {name:10s} {desc}")
+        # Asked for: stdout, exit 0. No command given: the same list on stderr, exit 2 (a usage error).
+        text = "usage: chmr-jax <command> [flags]   (chmr-jax <command> --help lists its flags; chmr-jax --version)\n\n" \
+            + "commands:\n" + "\n".join(f"  {name:10s} {desc}" for name, desc in COMMANDS.items())
+        print(text, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] in ("--version", "-V", "version"):
+        from chmr_jax import __version__
+        print(f"chmr-jax {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     handlers = {"prepare": _prepare, "pretrain": _pretrain, "finetune": _finetune, "benchmark": _benchmark,

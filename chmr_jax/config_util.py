@@ -14,11 +14,42 @@ def load_config(spec: str | None = None):
     path, _, variant = spec.partition(":")
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"config file {path} not found (configs live in the repository's configs/)")
+        raise FileNotFoundError(f"config file {path} not found; {_config_hint(path)}")
     module_spec = importlib.util.spec_from_file_location(f"chmr_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(variant or None)
+
+
+def _config_hint(path: Path) -> str:
+    """What to give instead of a missing config file: the closest file in CONFIG_DIR, by absolute path
+    (a relative configs/... path only works from the checkout)."""
+    import difflib
+    names = sorted(p.name for p in CONFIG_DIR.glob("*.py"))
+    close = difflib.get_close_matches(path.name, names, n=1)
+    if close:
+        return f"did you mean {CONFIG_DIR / close[0]}?"
+    return f"the config files are in {CONFIG_DIR}: {', '.join(names)}"
+
+
+def check_override(config, dotted: str) -> str | None:
+    """None if `dotted` ('train.steps') names a field of `config`, else one line naming the override
+    flag and the closest field (or the field's new name when it was renamed)."""
+    import difflib
+    if dotted in RENAMED:
+        return f"--config.{dotted} was renamed: use --config.{RENAMED[dotted]}"
+    node, parts = config, dotted.split(".")
+    for i, part in enumerate(parts):
+        where = "config" + "".join(f".{p}" for p in parts[:i])
+        if not hasattr(node, "keys"):
+            return f"--config.{dotted}: {where} is a value, not a group of fields"
+        if part not in node:
+            close = difflib.get_close_matches(part, list(node.keys()), n=1)
+            hint = (f"; did you mean --config.{'.'.join(parts[:i] + [close[0]])}?" if close else
+                    f"; its fields are {sorted(node.keys())}")
+            return f"--config.{dotted}: {where} has no field {part!r}{hint}"
+        node = node[part]
+    return None
 
 
 def load_sibling(config_file: str, name: str, variant: str | None = None):

@@ -1,6 +1,7 @@
 """The `chmr-jax prepare` command end to end on shared data and on a user CSV."""
 import re
 
+import numpy as np
 import pytest
 
 from chmr_jax import cli
@@ -18,20 +19,22 @@ def test_prepare_benchmarks_prints_counts_and_splits(data_dir, cache_dir, capsys
 
 def test_prepare_csv_reports_rejects(tmp_path, capsys):
     path = tmp_path / "mine.csv"
-    path.write_text("SMILES,pIC50\nCCO,5.1\nnot_a_smiles,6.0\nc1ccccc1O,7.2\n,4\n")
+    rows = ["CCO,5.1", "not_a_smiles,6.0", "c1ccccc1O,7.2", ",4"] + [f"{s},{i}" for i, s in enumerate(_alcohols(12)[2:])]
+    path.write_text("SMILES,pIC50\n" + "\n".join(rows) + "\n")
     assert cli.main(["prepare", "--csv", str(path), "--smiles_column", "SMILES", "--split", "random",
                      "--geometry", "rdkit3d", "--cache_dir", str(tmp_path / "cache"), "--workers", "1"]) == 0
     captured = capsys.readouterr()
-    assert re.search(r"mine\s+4\s+2\s+1\s+regre\s+2\s+3\s+0\s+1\s+0", captured.out)
+    # 14 rows, 12 molecules, 2 rejects; the split is over the 12 accepted molecules
+    assert re.search(r"mine\s+14\s+12\s+1\s+regre\s+2\s+9\s+1\s+2\s+0", captured.out), captured.out
     (rejects,) = (tmp_path / "cache").glob("mine-*.rejects.csv")
-    assert rejects.read_text().splitlines()[1:] == ["1,not_a_smiles,unparsable SMILES",
-                                                    "3,,empty molecule (no atoms)"]
-    assert "2 of 4 molecules rejected" in captured.err
+    assert rejects.read_text().splitlines() == ["line,smiles,reason", "3,not_a_smiles,unparsable SMILES",
+                                                "5,,empty molecule (no atoms)"]   # the file's line numbers
+    assert "2 of 14 molecules rejected" in captured.err
 
 
 def test_unknown_command_and_dataset(capsys):
     assert cli.main(["frobnicate"]) == 2
-    assert cli.main([]) == 0 and "prepare" in capsys.readouterr().out
+    assert cli.main([]) == 2 and "prepare" in capsys.readouterr().err
     import pytest
     with pytest.raises(SystemExit):
         cli.main(["prepare", "--dataset", "tox21"])
@@ -61,11 +64,121 @@ def test_prepare_with_user_supplied_geometry_matrix(tmp_path, capsys):
     matrix = tmp_path / "unimol.npz"
     np.savez(matrix, keys=np.array(["LFQSCWFLJHTTHZ", "QUSNBJAOOMFDIB"]), data=np.eye(2, 4))
     ds = datasets.load_csv(path)
-    prepared = prepare.prepare(ds, featurize.FeaturizerSettings(), None, "random", str(matrix), n_workers=1)
+    prepared = prepare.prepare(ds, featurize.FeaturizerSettings(), None, "random", str(matrix), n_workers=1,
+                               check_split=False)   # 3 molecules: too few for three labelled parts
     # CCO (LFQSCWFLJHTTHZ) has row 0; phenol has no row; CCN (QUSNBJAOOMFDIB) has row 1.
     assert prepared.geometry.ok.tolist() == [True, False, True]
     np.testing.assert_array_equal(prepared.geometry.values, [[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
     assert prepared.row()["3d_fail"] == 1
     import pytest
     with pytest.raises(ValueError, match="does not exist"):
-        prepare.prepare(ds, featurize.FeaturizerSettings(), None, "random", str(tmp_path / "nope.npz"))
+        prepare.prepare(ds, featurize.FeaturizerSettings(), None, "random", str(tmp_path / "nope.npz"), check_split=False)
+
+
+# ---- issue 25: every error in what the user gave is one line and exit 2; every command's help is complete
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--config", "configs/tst.py", "--workdir", "{tmp}/run"],
+     "config file configs/tst.py not found; did you mean "),
+    (["finetune", "--config", "{repo}/configs/finetune.py:dataset=bace,seedz=0", "--pretrained", "{tmp}/p",
+      "--workdir", "{tmp}/ft"], "unknown key 'seedz'"),
+    (["pretrain", "--config", "{repo}/configs/test.py", "--workdir", "{tmp}/run", "--config.train.stepz=3"],
+     "--config.train.stepz: config.train has no field 'stepz'; did you mean --config.train.steps?"),
+])
+def test_config_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    from pathlib import Path
+    repo = Path(cli.__file__).resolve().parents[1]
+    rc = cli.main([a.format(tmp=tmp_path, repo=repo) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())   # nothing created either
+
+
+def test_report_checks_the_benchmark_name_before_any_work(tmp_path, capsys):
+    run = tmp_path / "run"   # not even a workdir: the name is checked first, nothing is created
+    assert cli.main(["report", "--pretrained", str(run), "--benchmark", "foo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("chmr-jax report: --benchmark 'foo': unknown benchmark") and len(err.splitlines()) == 1
+    assert not run.exists()
+
+
+def test_benchmark_that_fails_leaves_no_empty_dataset_folder(tiny_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()   # a data directory without bace (CHMR_OFFLINE: no download)
+    out = tmp_path / "bench"
+    rc = cli.main(["benchmark", "--datasets", "bace", "--pretrained", str(tiny_run), "--workdir", str(out),
+                   "--data_dir", str(tmp_path / "empty"), "--config.seeds=0", "--config.baselines="])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert not (out / "bace").exists()
+
+
+def _alcohols(n):
+    return [f"{'C' * k}O" for k in range(1, n + 1)]
+
+
+def test_csv_split_is_over_accepted_molecules_and_rejects_name_file_lines(tmp_path):
+    from chmr_jax.data import datasets, featurize, prepare
+    smiles = _alcohols(20)
+    smiles[1:1] = ["not_a_smiles"]    # file line 3
+    smiles[5:5] = ["C1CC"]            # file line 7 (unclosed ring)
+    path = tmp_path / "mine.csv"
+    path.write_text("smiles,y\n" + "".join(f"{s},{i}\n" for i, s in enumerate(smiles)))
+    ds = datasets.load_csv(path)
+    prepared = prepare.prepare(ds, featurize.FeaturizerSettings(), tmp_path / "cache", "random", n_workers=1)
+    parts = np.concatenate([prepared.split[p] for p in ("train", "valid", "test")])
+    # every accepted molecule in exactly one part, no rejected row taking a slot
+    assert sorted(parts.tolist()) == prepared.features.rows.tolist() and len(parts) == 20
+    assert [len(prepared.split_indices(p)) for p in ("train", "valid", "test")] == [16, 2, 2]
+    (rejects,) = (tmp_path / "cache").glob("mine-*.rejects.csv")
+    lines = rejects.read_text().splitlines()
+    assert lines[0] == "line,smiles,reason" and [l.split(",")[:2] for l in lines[1:]] == [["3", "not_a_smiles"],
+                                                                                          ["7", "C1CC"]]
+
+
+def test_csv_split_part_without_a_labelled_molecule_is_one_line(tmp_path, capsys):
+    path = tmp_path / "tiny.csv"   # 7 accepted molecules: a 80/10/10 random split leaves valid empty
+    path.write_text("smiles,y\n" + "".join(f"{s},{i}\n" for i, s in enumerate(_alcohols(7))) + "not_a_smiles,8\n")
+    rc = cli.main(["prepare", "--csv", str(path), "--split", "random", "--cache_dir", str(tmp_path / "cache"),
+                   "--workers", "1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith(f"chmr-jax prepare: {path}: the valid part of the random split has no "
+                                      "labelled molecule") and "--config.split=random" in err
+
+
+def test_label_errors_name_the_file_line_after_a_multiline_field(tmp_path):
+    from chmr_jax.data import datasets
+    path = tmp_path / "notes.csv"
+    path.write_text('smiles,note,y\nCCO,"two\nlines",1\nCCN,x,abc\n')
+    with pytest.raises(ValueError, match=r"line 4, column 'y': label 'abc' is not a number"):
+        datasets.load_csv(path, task_columns=["y"])
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("pretrain", ["--workdir", "--data_dir", "--cache_dir", "--config.a.b=VALUE"]),
+    ("finetune", ["--workdir", "--data_dir", "--cache_dir", "--pretrained"]),
+    ("benchmark", ["--workdir", "--data_dir", "--pretrained", "--datasets", "--table_only"]),
+    ("stress", ["--workdir", "--data_dir", "--missing", "--imputations", "--dataset", "--seeds", "--steps",
+                "--finetune_epochs", "--finetune_config", "--hide_seed"]),
+])
+def test_every_subcommand_help_lists_its_flags(capsys, command, flags):
+    assert cli.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    listed = {line.split()[0] for line in out.split("\nflags:\n", 1)[1].splitlines() if line.strip()}
+    assert set(flags) <= listed, sorted(set(flags) - listed)
+
+
+def test_pretrain_accepts_cache_dir(capsys):
+    # parsed (not 'Unknown command line flag'): the next problem reported is the missing workdir
+    assert cli.main(["pretrain", "--cache_dir", "/tmp/somewhere"]) == 2
+    assert capsys.readouterr().err.strip().startswith("chmr-jax pretrain: --workdir is required")
+
+
+def test_version_and_bare_command(capsys):
+    import chmr_jax
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"chmr-jax {chmr_jax.__version__}"
+    assert cli.main([]) == 2   # no command: a usage error, the list once on stderr
+    listed = [line.split()[0] for line in capsys.readouterr().err.splitlines() if line.startswith("  ")]
+    assert listed == list(cli.COMMANDS)
+    assert cli.main(["--help"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")] == listed

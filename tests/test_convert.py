@@ -330,3 +330,22 @@ def test_geometry_projector_and_errors(tmp_path):
     with pytest.raises(ValueError, match="modal_projectors"):
         convert.convert_state_dict(bad_shape)
     assert cli.main(["convert", "--torch", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_convert_of_a_file_that_is_not_a_torch_checkpoint_says_so(tmp_path, capsys):
+    import pickle
+    not_torch = tmp_path / "notes.pt"
+    not_torch.write_text("smiles,y\nCCO,1\n")
+    assert cli.main(["convert", "--torch", str(not_torch), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"chmr-jax convert: {not_torch} is not a torch checkpoint (neither torch's zip format nor its "
+                   "legacy format); give the .pt file that torch.save wrote (the release's GNN state_dict)")
+    assert not (tmp_path / "o").exists()
+    # torch's legacy format (it opens with torch's magic number) is the case that needs torch
+    legacy = tmp_path / "legacy.pt"
+    legacy.write_bytes(pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2) + pickle.dumps({}, protocol=2))
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="legacy torch.save file"):
+            convert.read_torch_state_dict(legacy)

@@ -103,6 +103,21 @@ def test_load_encoder_is_a_pure_function_inside_user_jit_code(tiny_run):
     assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)) > 0
 
 
+def test_embed_smiles_equals_the_embed_command(exported, tiny_run):
+    # the same molecules, ids and batch size as the command (so the same compiled shapes): every array
+    # equal, the rejects left out (no padding rows)
+    with pytest.warns(UserWarning, match=r"2 of 7 SMILES rejected .*row 3 'not-a-smiles'"):
+        got = chmr_jax.embed_smiles(str(tiny_run), NEW_MOLECULES, ids=[f"m{i}" for i in range(len(NEW_MOLECULES))],
+                                    batch_size=2)
+    want, _ = chmr_jax.load_embeddings(exported)
+    assert sorted(got) == sorted(want) and len(got["anchor"]) == 5
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    arrays, rejects = chmr_jax.embed_smiles(chmr_jax.load_encoder(tiny_run), ["CCO", "C1CC"], return_rejects=True)
+    assert arrays["id"].tolist() == ["row0"] and arrays["tree_codes"].shape[0] == 1
+    assert [(r["row"], r["smiles"]) for r in rejects] == [(1, "C1CC")]
+
+
 def test_embed_errors_name_the_problem(tiny_run, tmp_path):
     bad = tmp_path / "x.csv"
     bad.write_text("name,structure\nm0,CCO\n")

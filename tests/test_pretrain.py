@@ -74,8 +74,24 @@ def test_rerun_of_a_finished_run_trains_no_further(tiny_run, cache_dir, capsys):
     assert cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(tiny_run), f"--config.cache_dir={cache_dir}",
                      "--config.train.steps=10", "--config.train.checkpoint_every_steps=4"]) == 0
     # returns at once (no corpus, inputs or compilation) and keeps the original run's summary
-    assert "already complete at step 10" in capsys.readouterr().out
+    assert "already finished at step 10 of 10" in capsys.readouterr().out
     assert (tiny_run / "metrics.jsonl").read_text() == before and (tiny_run / "summary.json").read_text() == summary
+
+
+def test_rerun_of_a_finished_full_schedule_says_so_and_keeps_the_summary(tmp_path, cache_dir, capsys):
+    # steps=0: the full schedule (config.train.epochs), whose last step is only known to the saved run
+    argv = ["pretrain", "--config", TEST_CONFIG, "--workdir", str(tmp_path / "run"), f"--config.cache_dir={cache_dir}",
+            "--config.train.steps=0", "--config.train.epochs=1"]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "molecules/s after compilation" in first
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    total = json.loads(summary)["total_steps"]
+    assert json.loads(summary)["steps"] == total > 0
+    assert cli.main(argv) == 0
+    again = capsys.readouterr().out
+    assert f"already finished at step {total} of {total}" in again and "molecules/s" not in again
+    assert (tmp_path / "run" / "summary.json").read_text() == summary   # wall time not grown
 
 
 def test_restart_with_a_different_model_is_refused(tiny_run, cache_dir, capsys):

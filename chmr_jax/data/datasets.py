@@ -53,6 +53,8 @@ class MoleculeDataset:
     keys: np.ndarray
     default_split: str
     source: str
+    lines: np.ndarray | None = None   # [n] the file's line number of each row (header = line 1)
+    split_over_accepted: bool = False  # a user CSV: split the featurized molecules, not every row
 
     def __len__(self) -> int:
         return len(self.smiles)
@@ -68,22 +70,32 @@ class MoleculeDataset:
                 "labels_missing": float(1 - observed.mean()) if observed.size else 0.0}
 
 
-def _read_table(path: Path) -> tuple[list[str], list[list[str]]]:
+def _read_table(path: Path) -> tuple[list[str], list[list[str]], np.ndarray]:
+    """(header, rows, the file's line number where each row starts): errors and rejects name lines."""
     with paths.open_text(path) as fh:
         reader = csv.reader(fh)
         try:
             header = next(reader)
         except StopIteration:
             raise ValueError(f"{path}: empty file (no header row)") from None
-        rows = list(reader)
-    for i, row in enumerate(rows):
+        rows, lines = [], []
+        while True:
+            start = reader.line_num + 1   # a quoted field may span lines: the row starts after the last one
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            rows.append(row)
+            lines.append(start)
+    for row, line in zip(rows, lines):
         if len(row) != len(header):
-            raise ValueError(f"{path}, line {i + 2}: {len(row)} fields but the header has "
+            raise ValueError(f"{path}, line {line}: {len(row)} fields but the header has "
                              f"{len(header)}; fix the row or quote fields that contain commas")
-    return header, rows
+    return header, rows, np.array(lines, dtype=np.int64)
 
 
-def _parse_labels(path: Path, header: list[str], rows: list[list[str]], cols: list[int]) -> np.ndarray:
+def _parse_labels(path: Path, header: list[str], rows: list[list[str]], cols: list[int],
+                  lines: np.ndarray) -> np.ndarray:
     labels = np.full((len(rows), len(cols)), np.nan, dtype=np.float32)
     for i, row in enumerate(rows):
         for j, c in enumerate(cols):
@@ -93,7 +105,7 @@ def _parse_labels(path: Path, header: list[str], rows: list[list[str]], cols: li
             try:
                 labels[i, j] = float(cell)
             except ValueError:
-                raise ValueError(f"{path}, line {i + 2}, column {header[c]!r}: label {cell!r} is "
+                raise ValueError(f"{path}, line {lines[i]}, column {header[c]!r}: label {cell!r} is "
                                  "not a number; use an empty cell for a missing label") from None
     return labels
 
@@ -122,7 +134,7 @@ def load_csv(path: str | os.PathLike, smiles_column: str = "smiles",
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    header, rows = _read_table(path)
+    header, rows, lines = _read_table(path)
     lower = [h.lower() for h in header]
     if smiles_column not in header:
         if smiles_column.lower() in lower:
@@ -140,12 +152,13 @@ def load_csv(path: str | os.PathLike, smiles_column: str = "smiles",
         cols = [header.index(c) for c in task_columns]
     if not cols:
         raise ValueError(f"{path}: no task columns (after {smiles_column!r}); pass task_columns=...")
-    return _build(name or path.name.split(".")[0], path, header, rows, s_col, cols, task_type,
-                  default_split, cache_dir, n_workers)
+    return _build(name or path.name.split(".")[0], path, header, rows, lines, s_col, cols, task_type,
+                  default_split, cache_dir, n_workers, split_over_accepted=True)
 
 
-def _build(name, path, header, rows, s_col, cols, task_type, default_split, cache_dir, n_workers):
-    labels = _parse_labels(path, header, rows, cols)
+def _build(name, path, header, rows, lines, s_col, cols, task_type, default_split, cache_dir, n_workers,
+           split_over_accepted=False):
+    labels = _parse_labels(path, header, rows, cols, lines)
     if task_type is None:
         task_type = infer_task_type(labels)
     if task_type not in (CLASSIFICATION, REGRESSION):
@@ -155,7 +168,7 @@ def _build(name, path, header, rows, s_col, cols, task_type, default_split, cach
         name=name, smiles=smiles, labels=labels, task_names=[header[c] for c in cols],
         task_type=task_type, metric=_metric_for(task_type),
         keys=molecule_keys(smiles, cache_dir=cache_dir, name=name, n_workers=n_workers),
-        default_split=default_split, source=str(path))
+        default_split=default_split, source=str(path), lines=lines, split_over_accepted=split_over_accepted)
 
 
 def load_benchmark(name: str, data_dir: str | os.PathLike | None = None,
@@ -166,9 +179,9 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None = None,
         raise KeyError(f"unknown benchmark {name!r}; choose from {list(BENCHMARKS)} or use load_csv")
     basename, first_task, split = BENCHMARKS[name]
     path = registry.fetch(name, basename, data_dir)
-    header, rows = _read_table(path)
+    header, rows, lines = _read_table(path)
     s_col = [h.lower() for h in header].index("smiles")
-    return _build(name, path, header, rows, s_col, list(range(first_task, len(header))), None,
+    return _build(name, path, header, rows, lines, s_col, list(range(first_task, len(header))), None,
                   split, cache_dir, n_workers)
 
 

@@ -354,10 +354,12 @@ def map_chunks(fn, items: Sequence, extra: tuple, desc: str, n_workers: int | No
 def featurize_smiles(smiles: Sequence[str], settings: FeaturizerSettings = FeaturizerSettings(),
                      cache_dir: str | os.PathLike | None = None, name: str = "smiles",
                      n_workers: int | None = None, show_progress: bool = True,
-                     verbose: bool = True) -> MoleculeFeatures:
+                     verbose: bool = True, line_numbers: Sequence[int] | None = None) -> MoleculeFeatures:
     """Featurizes `smiles` (or loads the cached result). See MoleculeFeatures.
 
     cache_dir: where `<name>-<key>.npz` and `<name>-<key>.rejects.csv` are kept; None = no cache.
+    line_numbers: [n] the input file's line of each SMILES: the rejects file then names lines (the
+    numbering of the file's other errors) instead of 0-based rows.
     """
     smiles = [str(s) for s in smiles]
     cache_path = rejects_path = None
@@ -375,7 +377,7 @@ def featurize_smiles(smiles: Sequence[str], settings: FeaturizerSettings = Featu
                          n_workers, show_progress=show_progress)
     feats = _assemble(smiles, results, settings)
     if cache_path is not None:
-        write_rejects(rejects_path, feats.rejects)
+        write_rejects(rejects_path, feats.rejects, line_numbers)
         feats.save(cache_path)
     if verbose and feats.rejects:
         where = f"; see {rejects_path}" if rejects_path else ""
@@ -410,10 +412,12 @@ def _assemble(smiles: list[str], results: list, settings: FeaturizerSettings) ->
         n_input=len(smiles), rejects=rejects, settings=settings)
 
 
-def write_rejects(path: Path, rejects: Iterable[tuple]) -> None:
+def write_rejects(path: Path, rejects: Iterable[tuple], line_numbers: Sequence[int] | None = None) -> None:
+    """(row, smiles, reason) per reject; with line_numbers, the row's file line (column 'line')."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["row", "smiles", "reason"])
-        writer.writerows(rejects)
+        writer.writerow(["row" if line_numbers is None else "line", "smiles", "reason"])
+        writer.writerows(rejects if line_numbers is None else
+                         [(int(line_numbers[row]), smi, why) for row, smi, why in rejects])

@@ -43,20 +43,40 @@ class PreparedDataset:
 def prepare(ds: datasets.MoleculeDataset, settings: featurize.FeaturizerSettings,
             cache_dir, split_kind: str | None = None, geometry: str = "none",
             geometry_settings: geometry_lib.GeometrySettings = geometry_lib.GeometrySettings(),
-            n_workers: int | None = None, show_progress: bool = True) -> PreparedDataset:
-    """Featurizes and splits `ds`.
+            n_workers: int | None = None, show_progress: bool = True, check_split: bool = True) -> PreparedDataset:
+    """Featurizes and splits `ds` (a user CSV over its accepted molecules; check_split: every part
+    must hold a labelled molecule, see check_labelled_parts).
 
     geometry: 'none'; 'rdkit3d' (ETKDG + RDKit 3D descriptors); or a path to a user-supplied
     per-molecule matrix keyed by the 14-char InChIKey block (see data/geometry.py: load_external_matrix),
     e.g. Uni-Mol embeddings. Molecules without a row are flagged (ok=False).
     """
     start = time.perf_counter()
-    feats = featurize.featurize_smiles(ds.smiles, settings, cache_dir, ds.name, n_workers, show_progress)
-    split = splits.load_or_make_split(ds.smiles, split_kind or ds.default_split, cache_dir, ds.name,
-                                      n_workers=n_workers)
+    feats = featurize.featurize_smiles(ds.smiles, settings, cache_dir, ds.name, n_workers, show_progress,
+                                       line_numbers=ds.lines)
+    kind = split_kind or ds.default_split
+    if ds.split_over_accepted:
+        # A user CSV is split over the molecules that featurized: a rejected row must not take a slot
+        # (it could be the test part's only row). The split still holds dataset row indices.
+        over_accepted = splits.load_or_make_split(feats.smiles, kind, cache_dir, ds.name, n_workers=n_workers)
+        split = {part: feats.rows[idx] for part, idx in over_accepted.items()}
+    else:   # a benchmark: its protocol's split over every row, as published
+        split = splits.load_or_make_split(ds.smiles, kind, cache_dir, ds.name, n_workers=n_workers)
+    if check_split:
+        check_labelled_parts(ds, split, kind, len(feats))
     geo = geometry_features(feats.smiles, feats.keys, geometry, geometry_settings, cache_dir, ds.name,
                             n_workers, show_progress)
     return PreparedDataset(ds, feats, split, geo, time.perf_counter() - start)
+
+
+def check_labelled_parts(ds: datasets.MoleculeDataset, split: dict, kind: str, n_accepted: int) -> None:
+    """A split part without one labelled molecule cannot be trained or scored (its score would be NaN):
+    a one-line error naming the part, before any work depends on it."""
+    for part in ("train", "valid", "test"):
+        if not np.isfinite(ds.labels[split[part]]).any():
+            raise ValueError(f"{ds.source}: the {part} part of the {kind} split has no labelled molecule "
+                             f"({len(split[part])} of {n_accepted} accepted molecules); use "
+                             "--config.split=random (finetune) or --split random (prepare), or more data")
 
 
 def geometry_features(smiles, keys, geometry: str, settings: geometry_lib.GeometrySettings, cache_dir,

@@ -95,6 +95,24 @@ class _TorchUnpickler(pickle.Unpickler):
         return self._read_storage(key, storage_type.dtype, numel)
 
 
+# torch.save's legacy (pre-zip) format opens with this number pickled (torch/serialization.py).
+_LEGACY_TORCH_MAGIC = 0x1950a86a20f9469cfc6c
+
+
+def _is_legacy_torch_file(path: Path) -> bool:
+    """Whether `path` opens with torch's legacy magic number; the first pickled object is read with
+    no class allowed (an int needs none), so an arbitrary file runs no code and just answers False."""
+    class NoClasses(pickle.Unpickler):
+        def find_class(self, module, name):
+            raise pickle.UnpicklingError(f"{module}.{name}")
+
+    try:
+        with open(path, "rb") as fh:
+            return NoClasses(fh).load() == _LEGACY_TORCH_MAGIC
+    except Exception:  # noqa: BLE001  (anything unreadable as that first object is not a legacy torch file)
+        return False
+
+
 def read_torch_state_dict(path) -> dict:
     """{key: numpy array} from a torch.save(state_dict) file (the zip format of torch >= 1.6).
 
@@ -105,6 +123,9 @@ def read_torch_state_dict(path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if not zipfile.is_zipfile(path):
+        if not _is_legacy_torch_file(path):
+            raise ValueError(f"{path} is not a torch checkpoint (neither torch's zip format nor its legacy "
+                             "format); give the .pt file that torch.save wrote (the release's GNN state_dict)")
         try:
             import torch
         except ImportError:

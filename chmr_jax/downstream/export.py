@@ -127,7 +127,7 @@ def read_molecules(path, smiles_column: str = "smiles", id_column: str | None = 
             smiles.append(parts[0])
             ids.append(parts[1] if len(parts) > 1 else f"line{n}")
         return smiles, ids
-    header, rows = datasets._read_table(path)
+    header, rows, _ = datasets._read_table(path)
     lower = [h.lower() for h in header]
     if smiles_column.lower() not in lower:
         raise ValueError(f"{path}: no SMILES column {smiles_column!r}; columns are {header}. "

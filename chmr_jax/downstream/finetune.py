@@ -193,8 +193,7 @@ def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | Non
 
     import time
     t_start = time.perf_counter()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(workdir)   # created when results.json is written: a failed run leaves no empty folder
     if config.encoder not in ("frozen", "finetune"):
         raise ValueError(f"config.encoder={config.encoder!r}: choose 'frozen' or 'finetune'")
     baselines = config_util.parse_list(config.baselines)
@@ -288,6 +287,7 @@ def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | Non
               "head_input": {"parts": list(parts), "width": int(x.shape[1]) if x is not None
                              else (reuse or {}).get("head_input", {}).get("width")}, "settings": run_settings(config, pretrained), "wall_s": round(time.perf_counter() - t_start, 1),
               "methods": methods, "lift": lift, **methods["chmr"]}
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.json").write_text(json.dumps(result, indent=1, default=float))
     for m, r in methods.items():
         log(f"{ds.name} {m} test {key}: {r['test_mean']:.4f} +- {r['test_std']:.4f} over {len(r['runs'])} seed(s)")

@@ -200,10 +200,13 @@ def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca",
     from chmr_jax.data import paths
     from chmr_jax.training import pretrain
 
+    from chmr_jax.data import datasets
+    if benchmark and benchmark not in datasets.BENCHMARKS:   # checked before any work
+        raise ValueError(f"--benchmark {benchmark!r}: unknown benchmark; choose from {list(datasets.ALL_BENCHMARKS)}")
     pretrained = Path(pretrained)
     out = Path(out) if out else pretrained / "report"
-    out.mkdir(parents=True, exist_ok=True)
     model, config, meta = pretrain.load_pretrained(pretrained)   # restored once, for the encoder and the projectors
+    out.mkdir(parents=True, exist_ok=True)   # (after the workdir proved readable: no empty folder on failure)
     encoder = export.encoder_of(model, config, meta, pretrained)
     report: dict = {"pretrained": str(pretrained), "step": meta["step"], "files": []}
 

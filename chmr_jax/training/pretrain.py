@@ -260,12 +260,26 @@ def _write_json(path: Path, obj) -> None:
     files.atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
-def _finished_summary(workdir: Path, steps: int) -> dict | None:
-    """The summary of a run in `workdir` that already reached `steps` (> 0) with its final checkpoint,
-    so a repeated command returns at once instead of rebuilding inputs and recompiling."""
+def _finished_summary(workdir: Path, tcfg) -> dict | None:
+    """The summary of a run in `workdir` that already reached its last step with its final checkpoint,
+    so a repeated command returns at once (no inputs rebuilt, no compilation, summary.json unchanged).
+    The last step is tcfg.steps or, with steps=0, the full schedule the saved run computed for the same
+    steps=0 and epochs (config.json)."""
     path = workdir / "summary.json"
-    if steps <= 0 or not path.exists():
+    if not path.exists():
         return None
+    summary = json.loads(path.read_text())
+    target = tcfg.steps
+    if target <= 0:
+        saved = workdir / "config.json"
+        saved_train = json.loads(saved.read_text()).get("train", {}) if saved.exists() else {}
+        if saved_train.get("steps") != 0 or saved_train.get("epochs") != tcfg.epochs:
+            return None
+        target = summary.get("total_steps", -1)
+    ckpts = workdir / "checkpoints"
+    if summary.get("steps") == target and ckpts.is_dir() and (ckpts / str(target)).is_dir():
+        return summary
+    return None
     summary = json.loads(path.read_text())
     ckpts = workdir / "checkpoints"
     if summary.get("steps") == steps and ckpts.is_dir() and (ckpts / str(steps)).is_dir():
@@ -354,6 +368,12 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _already_finished(workdir: Path, summary: dict) -> str:
+    """No step ran, so no rate is printed: the finished run's numbers stay as summary.json holds them."""
+    return (f"{workdir}: already finished at step {summary['steps']} of {summary.get('total_steps', summary['steps'])}; "
+            f"nothing to train (summary.json unchanged)")
+
+
 def run(config, workdir, data_dir=None, log=print) -> dict:
     """Pretrains as `config` says, in `workdir` (resuming from its newest checkpoint). Returns the summary."""
     t_start = time.perf_counter()
@@ -363,9 +383,9 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     is_main = jax.process_index() == 0
     log_every_process, log = log, (log if is_main else (lambda *a, **k: None))
     _check_same_run(workdir, config)
-    done = _finished_summary(workdir, tcfg.steps)
+    done = _finished_summary(workdir, tcfg)
     if done is not None:
-        log(f"{workdir}: already complete at step {done['steps']} (summary.json); nothing to do")
+        log(_already_finished(workdir, done))
         return done
 
     devices = jax.devices()
@@ -407,6 +427,14 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
         restored, meta = ckpt.restore_newest_good(state, log)
         state = restored
         start, saved_totals = int(meta["step"]), meta.get("totals")
+        if start >= total and (workdir / "summary.json").exists():
+            # Nothing to train: no step would run, so no rate to report and no wall time to add.
+            ckpt.close()
+            if snapshots is not None:
+                snapshots.close()
+            done = json.loads((workdir / "summary.json").read_text())
+            log(_already_finished(workdir, done))
+            return done
         log(f"resumed from {ckpt.directory}/{start} (step {start} of {total})")
     elif quarantined := sorted(p.name for p in (workdir / "corrupt").glob("*") if p.is_dir()):
         # Starting from step 0 would overwrite metrics.jsonl of a run whose checkpoints were only moved aside.
