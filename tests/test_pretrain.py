@@ -581,3 +581,23 @@ def test_quarantined_checkpoints_keep_a_run_from_starting_over(tiny_run, cache_d
     err = capsys.readouterr().err
     assert rc == 2 and "quarantined" in err and "step 0" in err
     assert (workdir / "metrics.jsonl").read_text() == metrics and not list((workdir / "checkpoints").iterdir())
+
+
+def test_a_final_checkpoint_that_fails_its_read_back_does_not_finish_the_run(tmp_path, cache_dir, monkeypatch, capsys):
+    """The last save is read back when the checkpointer closes; when it fails, it is moved to corrupt/.
+    The run must then not write a summary naming it (fine-tuning would silently load an older step)."""
+    from chmr_jax.training import checkpoint as checkpoint_lib
+    real = checkpoint_lib.Checkpointer.restore
+
+    def restore(self, template, step=None, *a, **k):
+        if step == 6 and self.directory.name == "checkpoints":
+            raise checkpoint_lib.CorruptCheckpoint(f"{self.directory}/6: digest mismatch (simulated)")
+        return real(self, template, step, *a, **k)
+    monkeypatch.setattr(checkpoint_lib.Checkpointer, "restore", restore)
+    workdir = tmp_path / "run"
+    rc = cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
+                   "--config.train.steps=6", "--config.train.checkpoint_every_steps=4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "final checkpoint of step 6 failed its read-back check" in err and "step 4" in err
+    assert not (workdir / "summary.json").exists()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]

@@ -12,8 +12,9 @@ All sizes come from the config and the data (modality dims); nothing is fixed to
 
 Precision (`dtype`, config.model.dtype; None = the parameters' float32): activations and matmuls run
 in `dtype` (bfloat16 on TPU / GPU), while parameters, batch-norm statistics (flax reduces them in
-float32), sums over a graph's nodes or a node's messages (forward and backward: segment sums of
-float32 copies), decoder logits (their matmul accumulates into a float32 output) and every
+float32), sums over a graph's nodes or a node's incoming messages (segment sums of float32 copies;
+the backward of the virtual node's broadcast too; the backward of the sender gather, a sum over a
+node's few outgoing edges, stays in `dtype`), decoder logits (their matmul accumulates into a float32 output) and every
 projection or decoder output the losses see stay float32. `remat=True` recomputes each GIN layer in
 the backward pass instead of storing its activations: the layers but the last run as a lax.scan
 over their stacked parameters with a jax.checkpoint body; dropout uses the same keys with and

@@ -4,7 +4,9 @@
 the step number: the data order of epoch e is a permutation seeded by (train.seed, e), the batch
 is the k-th group of that order, and the step's PRNG key is fold_in(train.step_base_key(seed), step).
 A run killed at any point and restarted with the same command restores the newest checkpoint and
-continues with exactly the batches and keys the uninterrupted run would have used.
+continues with exactly the batches and keys the uninterrupted run would have used. (Runs made before
+issue 21 drew their step keys from fold_in(key(seed), step); resumed with today's code, with
+`--config.pretrain_data.vicreg_second_view=propagated`, their remaining steps draw from the new stream.)
 
 Workdir layout:
   config.json            the resolved config of the run (a restart must match it)
@@ -308,7 +310,8 @@ def _check_same_dims(workdir: Path, dims: dict) -> None:
     """The model dims derived from this run's inputs equal the workdir's model_dims.json (its checkpoints'
     shapes): a rebuilt corpus or geometry file can change them with an unchanged config."""
     path = workdir / "model_dims.json"
-    if not path.exists():
+    held = [p for d in ("checkpoints", "corrupt") if (workdir / d).is_dir() for p in (workdir / d).iterdir()]
+    if not path.exists() or not held:      # nothing saved to mismatch (a run that crashed before its first save)
         return
     saved = json.loads(path.read_text())
     changed = []
@@ -503,6 +506,14 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
             ckpt.close()
             if snapshots is not None:
                 snapshots.close()
+    if step > start and not (ckpt.directory / str(step)).is_dir():
+        # The final save did not verify when read back (moved to corrupt/ by close()): the run is not
+        # finished, and a summary naming that checkpoint would send fine-tuning to an older step.
+        kept = ckpt.all_steps()
+        raise checkpoint_lib.CorruptCheckpoint(
+            f"the final checkpoint of step {step} failed its read-back check and was moved to "
+            f"{workdir / 'corrupt'}; the newest good checkpoint is step {max(kept) if kept else 'none'}: run the "
+            "same command again to redo the steps after it")
 
     summary = {
         "steps": step, "total_steps": total, "resumed_from": start, "stopped_by": stop_reason,

@@ -79,6 +79,7 @@ class PretrainData:
                             # (observed rows keep their values), or None for the main input
     held_out: dict          # cellular modality -> float32 [n_measured, d]: VICReg's second view of the
                             # measured rows (in corpus order), or None (second view = `aug` everywhere)
+    held_out_row: dict      # cellular modality -> int32 [n]: each corpus row's row of held_out (-1: not measured)
     sca_mask: dict          # cellular modality -> bool [n]
     vicreg_mask: dict       # cellular modality -> bool [n]: SCA rows that VICReg uses (sca_mask & reached)
     reached: dict           # cellular modality -> bool [n] (observed or reached by propagation)
@@ -149,7 +150,10 @@ def prepare(corpus: Corpus, cfg: DataConfig = DataConfig()) -> PretrainData:
         floor=cfg.context_floor, sparsity=cfg.context_sparsity, **genes)
     budget = graphs.estimate_budget(feats.n_atoms, feats.n_edges, cfg.batch_size, cfg.pad_multiple, cfg.n_sigma,
                                     cfg.graph_multiple)
+    held_out_row = {name: np.where(m.available, np.cumsum(m.available) - 1, -1).astype(np.int32)
+                    for name, m in corpus.modalities.items()}
     return PretrainData(corpus=corpus, inputs=inputs, aug=aug, view1_fill=view1_fill, held_out=held_out,
+                        held_out_row=held_out_row,
                         sca_mask=sca_mask, vicreg_mask=vicreg_mask, reached=reached, energy=energy, context=ctx,
                         budget=budget)
 
@@ -207,15 +211,14 @@ def _view1(data: PretrainData, name: str, idx) -> np.ndarray:
 
 def _view2(data: PretrainData, name: str, idx) -> np.ndarray:
     """[n, d] VICReg second view of corpus rows: the held-out estimate on measured rows, the propagated
-    copy elsewhere (built per batch: no second n x d copy per modality is kept)."""
+    copy elsewhere (built per batch: beside `aug`, only the measured rows' estimates are kept)."""
     rows = np.asarray(idx, np.int64)
     x = data.aug[name][rows]
     if data.held_out[name] is not None:
-        avail = data.corpus.modalities[name].available
-        measured = avail[rows]
-        position = np.cumsum(avail) - 1          # corpus row -> its row in held_out
+        position = data.held_out_row[name][rows]          # -1: not measured
+        measured = position >= 0
         x = x.copy()
-        x[measured] = data.held_out[name][position[rows[measured]]]
+        x[measured] = data.held_out[name][position[measured]]
     return x
 
 
