@@ -283,9 +283,11 @@ FINETUNE_USAGE = """chmr-jax finetune --config configs/finetune.py[:dataset=NAME
 
 Trains a prediction head on the frozen encoder of a `chmr-jax pretrain` workdir (eval mode) for one
 benchmark (or --config.csv=file.csv), one run per seed; writes OUT/results.json (valid/test scores at
-the best validation epoch, mean +- std). Options (configs/finetune.py): --config.encoder=finetune (train
-the whole encoder), --config.baselines=mlp,rf,gnn, --config.ensemble.enabled=True (head + RF),
---config.head.parts=... (add 'tree' or cellular modalities)."""
+the best validation epoch, mean +- std). An OUT/results.json of the same settings (config, encoder
+checkpoint, CSV content) is reused, not recomputed; with other baselines only the missing ones are computed.
+Options (configs/finetune.py): --config.encoder=finetune (train the whole encoder),
+--config.baselines=mlp,rf,gnn, --config.ensemble.enabled=True (head + RF), --config.head.parts=... (add
+'tree' or cellular modalities)."""
 
 
 def _finetune(argv: list[str]) -> int:
@@ -297,7 +299,7 @@ def _finetune(argv: list[str]) -> int:
         return fv
     from chmr_jax.data import registry
     from chmr_jax.downstream import finetune
-    return _report_errors("finetune", lambda: finetune.run(fv.config, fv.pretrained, fv.workdir, data_dir=fv.data_dir),
+    return _report_errors("finetune", lambda: finetune.run_or_reuse(fv.config, fv.pretrained, fv.workdir, fv.data_dir),
                           (FileNotFoundError, ValueError, registry.DataNotFoundError))
 
 

@@ -276,3 +276,44 @@ def test_reuse_is_keyed_on_the_checkpoints_content(tiny_run, cache_dir, tmp_path
     assert len(calls) == 2 and again["pretrained_step"] == 10
     assert again["checkpoint_digest"] != first["checkpoint_digest"]
     assert again["pretrain_config_digest"] != first["pretrain_config_digest"]
+
+
+def test_finetune_command_reuses_a_finished_run_and_prints_rounded_seed_lines(tiny_run, data_dir, cache_dir,
+                                                                               tmp_path, capsys, monkeypatch):
+    """`chmr-jax finetune` run twice with the same settings computes once: the second run says it
+    reuses results.json and prints the same summary; per-seed lines give each metric to 4 decimals."""
+    import re
+
+    from chmr_jax import cli
+    from chmr_jax.downstream import finetune
+    argv = ["finetune", "--config", f"{CONFIGS / 'finetune.py'}:dataset=bace,seeds=0,1", "--pretrained",
+            str(tiny_run), "--workdir", str(tmp_path / "ft"), f"--config.cache_dir={cache_dir}",
+            f"--config.data_dir={data_dir}", "--config.optim.epochs=2", "--config.head.hidden=16"]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr().out
+    seed_lines = [line for line in first.splitlines() if " seed " in line]
+    assert len(seed_lines) == 4                                  # chmr and untrained, seeds 0 and 1
+    for line in seed_lines:
+        assert re.fullmatch(r"  (chmr|untrained) +seed [01]: test roc_auc (\d\.\d{4}|nan), pr_auc (\d\.\d{4}|nan) "
+                            r"over 1 task; best epoch \d+", line), line
+    written = (tmp_path / "ft" / "results.json").read_text()
+    monkeypatch.setattr(finetune, "run", lambda *a, **k: pytest.fail("a finished run was recomputed"))
+    assert cli.main(argv) == 0
+    second = capsys.readouterr().out
+    assert "reusing" in second and "nothing recomputed" in second
+    summary = lambda out: [line for line in out.splitlines() if line.startswith("bace ")]
+    assert summary(second) == summary(first) and len(summary(first)) == 3   # chmr, untrained, lift
+    assert (tmp_path / "ft" / "results.json").read_text() == written
+
+
+def test_a_csvs_content_keys_its_result(tmp_path, tiny_run):
+    """The same CSV path with other content is another setting (fine-tuned again, not reused)."""
+    from chmr_jax.downstream import finetune
+    csv = tmp_path / "assay.csv"
+    csv.write_text("SMILES,y\nCCO,1.0\n")
+    config = _finetune_config("dataset=bace")
+    config.csv = str(csv)
+    before = finetune.run_settings(config, tiny_run)
+    assert finetune.run_settings(config, tiny_run) == before
+    csv.write_text("SMILES,y\nCCO,2.0\n")
+    assert finetune.run_settings(config, tiny_run)["csv_sha256"] != before["csv_sha256"]

@@ -42,3 +42,44 @@ def test_enrichment_and_perplexity_closed_forms():
     assert [c.tolist() for c in report.code_usage(codes)] == [[2, 2], [1, 1, 1, 1]]
     assert report.perplexity(np.array([5, 5])) == pytest.approx(2.0)
     assert report.perplexity(np.array([7, 0, 0])) == 1.0
+
+
+def test_report_says_first_that_it_builds_an_uncached_corpus(tiny_run, tmp_path):
+    """With a cache that lacks the run's corpus, the first line says what is built, where and why,
+    before any plot is written; with the corpus cached, nothing of the kind is said."""
+    from chmr_jax.training import pretrain
+    empty, lines, seen = tmp_path / "empty_cache", [], []
+    log = lambda msg: (lines.append(str(msg)), seen.append(sorted(p.name for p in (tmp_path / "r1").glob("*.png"))))
+    report.run(tiny_run, tmp_path / "r1", cache_dir=empty, log=log)
+    config = pretrain.load_pretrained(tiny_run)[1]
+    path = pretrain.corpus_cache_path(config, empty)
+    assert lines[0].startswith("report: building the pretraining corpus") and str(path) in lines[0]
+    assert "code_usage.png" in lines[0] and seen[0] == [] and (path / "manifest.json").exists()
+    lines.clear()
+    report.run(tiny_run, tmp_path / "r2", cache_dir=empty, log=lines.append)
+    assert not any("building" in line for line in lines)
+
+
+def test_plots_read_at_a_glance(tmp_path, monkeypatch):
+    """A depth-6 tree's code_usage.png is a grid (not one 2002-px row); enrichment has a readable size;
+    every plot numbers codes 0 .. 2^h - 1 (embedding_map too, not by heap index)."""
+    import matplotlib.figure
+
+    legends, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (
+        legends.append([[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_legend()]),
+        save(fig, *a, **k))[1])
+    rng = np.random.default_rng(0)
+    codes = np.stack([2 ** h + rng.integers(0, 2 ** h, 300) for h in range(1, 7)], 1)      # heap indices
+    over = {"graph": [[s] + [1.0 + h for h in range(1, 7)] for s in range(5)]}
+    report.code_usage_plot(report.code_usage(codes), over, tmp_path / "usage.png")
+    w, h = stress.read_png_size(tmp_path / "usage.png")
+    assert w <= 1800 and h >= 2 * 300                        # two rows of four panels, not a 2002 x 308 strip
+    report.enrichment_plot(rng.normal(size=(1, 8)), ["Class"], 3, "bace", tmp_path / "enr.png")
+    w, h = stress.read_png_size(tmp_path / "enr.png")
+    assert w >= 600 and h >= 300                             # was 440 x 156
+    report.embedding_map(rng.normal(size=(300, 4)), codes, {"graph": rng.normal(size=(300, 4))},
+                         tmp_path / "map.png")
+    level1, level2 = legends[-1][0], legends[-1][1]
+    assert [t.split(" (")[0] for t in level1] == ["code 0", "code 1"]
+    assert [t.split(" (")[0] for t in level2] == ["code 0", "code 1", "code 2", "code 3"]

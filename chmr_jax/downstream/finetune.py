@@ -84,10 +84,15 @@ def run_settings(config, pretrained) -> dict:
     again into the same workdir with the same step count must not be served the earlier result)."""
     ident = checkpoint_identity(pretrained, config.get("pretrained_step", 0) or None)
     pre_config = Path(pretrained) / "config.json"
-    return {"version": RESULTS_VERSION, "config": json.loads(config.to_json()),
-            "pretrained": str(Path(pretrained).resolve()), "pretrained_step": ident["step"],
-            "checkpoint_digest": ident["digest"],
-            "pretrain_config_digest": _sha256(json.loads(pre_config.read_text())) if pre_config.exists() else None}
+    settings = {"version": RESULTS_VERSION, "config": json.loads(config.to_json()),
+                "pretrained": str(Path(pretrained).resolve()), "pretrained_step": ident["step"],
+                "checkpoint_digest": ident["digest"],
+                "pretrain_config_digest": _sha256(json.loads(pre_config.read_text())) if pre_config.exists() else None}
+    csv = Path(config.get("csv") or "")
+    if config.get("csv") and csv.is_file():
+        # A user's CSV is edited in place under the same name: its content, not its path, keys the result.
+        settings["csv_sha256"] = hashlib.sha256(csv.read_bytes()).hexdigest()
+    return settings
 
 
 def higher_is_better(metric: str) -> bool:
@@ -144,8 +149,15 @@ class Runs:
         if "history" in out:
             entry.update(best_epoch=out["best_epoch"], epochs_run=len(out["history"]))
         self.by_method.setdefault(method, []).append(entry)
-        self.log(f"  {method:8s} seed {seed}: test {out['test']}" +
-                 (f" (best epoch {out['best_epoch']})" if "best_epoch" in out else ""))
+        self.log(f"  {method:9s} seed {seed}: test {format_scores(out['test'])}" +
+                 (f"; best epoch {out['best_epoch']}" if "best_epoch" in out else ""))
+
+
+def format_scores(scores: dict) -> str:
+    """A score dict for a log line: 'roc_auc 0.6864, pr_auc 0.1866 over 3 tasks' (4 decimals)."""
+    text = ", ".join(f"{k} {float(v):.4f}" for k, v in scores.items() if k != "tasks_evaluated")
+    n = scores.get("tasks_evaluated")
+    return text + (f" over {int(n)} task{'s' * (int(n) != 1)}" if n is not None else "")
 
 
 def load_task(config, pre_config, mol_names, data_dir=None, log=print):
@@ -289,13 +301,19 @@ def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | Non
               "methods": methods, "lift": lift, **methods["chmr"]}
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.json").write_text(json.dumps(result, indent=1, default=float))
-    for m, r in methods.items():
-        log(f"{ds.name} {m} test {key}: {r['test_mean']:.4f} +- {r['test_std']:.4f} over {len(r['runs'])} seed(s)")
-    if lift is not None:
-        log(f"{ds.name} lift over the untrained encoder (positive = pretrained better): "
-            f"{lift['mean']:+.4f} +- {lift['std']:.4f} (paired over seeds)")
+    log_summary(result, log)
     log(f"-> {workdir / 'results.json'}")
     return result
+
+
+def log_summary(result: dict, log=print) -> None:
+    """The summary lines of a results.json: test mean +- std per method, and the lift."""
+    name, key, lift = result["dataset"], result["metric"], result.get("lift")
+    for m, r in result.get("methods", {"chmr": result}).items():
+        log(f"{name} {m} test {key}: {r['test_mean']:.4f} +- {r['test_std']:.4f} over {len(r['runs'])} seed(s)")
+    if lift is not None:
+        log(f"{name} lift over the untrained encoder (positive = pretrained better): "
+            f"{lift['mean']:+.4f} +- {lift['std']:.4f} (paired over seeds)")
 
 
 def run_or_reuse(config, pretrained, workdir, data_dir=None, log=print) -> dict:
@@ -310,7 +328,9 @@ def run_or_reuse(config, pretrained, workdir, data_dir=None, log=print) -> dict:
         previous = json.loads(done.read_text())
         settings = run_settings(config, pretrained)
         if previous.get("settings") == settings:
-            log(f"{previous['dataset']}: reusing {done} (same settings)")
+            log(f"{previous['dataset']}: finished with the same settings (config, encoder checkpoint): "
+                f"reusing {done}, nothing recomputed (delete it to recompute)")
+            log_summary(previous, log)
             return previous
         # Same settings except the baselines: keep the runs it has, compute only the missing ones.
         without = lambda st: {**st, "config": {**st["config"], "baselines": None}}

@@ -10,6 +10,8 @@
                         every modality's projections coloured by modality
   enrichment_<ds>.png   with a benchmark: log2 enrichment of each task's positives per level-2/3 branch
   report.json           the numbers behind the plots (usage counts, perplexities, enrichment table)
+
+Every plot numbers a level-h code 0 .. 2^h - 1 (`tree_codes` hold heap indices, 2^h + code).
 """
 from __future__ import annotations
 
@@ -85,9 +87,16 @@ def perplexity_over_training(rows: list[dict]) -> dict:
     return {m: [[s] + [v[h] for h in sorted(v)] for s, v in sorted(steps.items())] for m, steps in out.items()}
 
 
+def level_codes(codes: np.ndarray) -> np.ndarray:
+    """[N, H] within-level codes 0 .. 2^h - 1 from the heap indices [N, H] of `tree_codes` (heap index
+    = 2^h + code): the one numbering every plot uses."""
+    return np.asarray(codes) - 2 ** np.arange(1, codes.shape[1] + 1)
+
+
 def code_usage(codes: np.ndarray) -> list[np.ndarray]:
     """Per level h (1..H): counts [2^h] of molecules whose path passes through each code."""
-    return [np.bincount(codes[:, h - 1] - 2 ** h, minlength=2 ** h) for h in range(1, codes.shape[1] + 1)]
+    within = level_codes(codes)
+    return [np.bincount(within[:, h - 1], minlength=2 ** h) for h in range(1, codes.shape[1] + 1)]
 
 
 def perplexity(counts: np.ndarray) -> float:
@@ -96,26 +105,42 @@ def perplexity(counts: np.ndarray) -> float:
 
 
 def code_usage_plot(usage: list[np.ndarray], over_training: dict, path) -> None:
+    """A grid (at most 4 panels a row): molecules per code at each level, then perplexity over training."""
     plt = _plt()
     depth = len(usage)
-    fig, axes = plt.subplots(1, depth + 1, figsize=(2.6 * (depth + 1), 2.8), dpi=110)
+    ncols = min(4, depth + 1)
+    nrows = -(-(depth + 1) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 3.3 * nrows), dpi=110, squeeze=False,
+                             layout="constrained")
+    axes = axes.ravel()
     for h, (ax, counts) in enumerate(zip(axes[:depth], usage), start=1):
         ax.bar(np.arange(len(counts)), counts, width=0.9)
-        ax.set_title(f"level {h}: perplexity {perplexity(counts):.1f} / {2 ** h}", fontsize=8)
-        ax.set_xlabel("code", fontsize=8)
+        ax.set_title(f"level {h}: perplexity {perplexity(counts):.1f} of {2 ** h}", fontsize=10)
+        ax.set_xlabel(f"level-{h} code (0..{2 ** h - 1})", fontsize=9)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.tick_params(labelsize=8)
+        if (h - 1) % ncols == 0:
+            ax.set_ylabel("molecules", fontsize=9)
     ax = axes[depth]
     if over_training:
         # mean over the quantised modalities: one line per level keeps the panel readable
         arr = np.mean([np.asarray(series, float) for series in over_training.values()], axis=0)
         for h in range(1, arr.shape[1]):
-            ax.plot(arr[:, 0], arr[:, h], lw=1, label=f"level {h} (max {2 ** h})")
-        ax.legend(fontsize=6)
-    ax.set_title("perplexity during training\n(mean over modalities)", fontsize=8)
-    ax.set_xlabel("step", fontsize=8)
-    ax.set_yscale("log")
-    for a in axes[:depth]:
-        a.xaxis.get_major_locator().set_params(integer=True)
-    fig.tight_layout()
+            ax.plot(arr[:, 0], arr[:, h], lw=1.2, label=f"level {h} (max {2 ** h})")
+        # below the panel, not over the lines
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(3, arr.shape[1] - 1),
+                  frameon=False)
+        # log2 axis from 1 (one code used) to the deepest level's 2^H codes: each line reads against its maximum
+        ax.set_yscale("log", base=2)
+        ax.set_ylim(0.9, 2 ** (arr.shape[1] - 1) * 1.15)
+        ax.set_yticks([2 ** h for h in range(arr.shape[1])], [str(2 ** h) for h in range(arr.shape[1])])
+        ax.minorticks_off()
+        ax.grid(axis="y", alpha=0.3)
+    ax.set_title("perplexity during training\n(mean over modalities)", fontsize=10)
+    ax.set_xlabel("step", fontsize=9)
+    ax.tick_params(labelsize=8)
+    for a in axes[depth + 1:]:
+        a.set_visible(False)
     fig.savefig(path)
     plt.close(fig)
 
@@ -133,16 +158,17 @@ def project_2d(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
 def embedding_map(anchor: np.ndarray, codes: np.ndarray, modality_points: dict, path, method="pca") -> None:
     plt = _plt()
     xy = project_2d(anchor, method)
-    panels = [("anchor by level-1 code", codes[:, 0])]
+    within = level_codes(codes)          # codes 0 .. 2^h - 1, as in code_usage.png
+    panels = [("anchor by level-1 code", within[:, 0])]
     if codes.shape[1] > 1:
-        panels.append(("anchor by level-2 code", codes[:, 1]))
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.6), dpi=110)
+        panels.append(("anchor by level-2 code", within[:, 1]))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.6 * (len(panels) + 1), 4.2), dpi=110)
     for ax, (title, colour) in zip(axes, panels):
         for code in np.unique(colour):            # categorical: one colour and legend entry per code
             sel = colour == code
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=4, label=f"code {code} ({sel.sum()})")
-        ax.set_title(f"{title} ({method})", fontsize=9)
-        ax.legend(fontsize=6, markerscale=3)
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=5, label=f"code {code} ({sel.sum()})")
+        ax.set_title(f"{title} ({method})", fontsize=10)
+        ax.legend(fontsize=8, markerscale=3, title="code (molecules)", title_fontsize=8)
     ax = axes[-1]
     names = list(modality_points)
     stacked = np.concatenate([modality_points[n] for n in names])
@@ -150,10 +176,10 @@ def embedding_map(anchor: np.ndarray, codes: np.ndarray, modality_points: dict, 
     start = 0
     for n in names:
         k = len(modality_points[n])
-        ax.scatter(xy_m[start:start + k, 0], xy_m[start:start + k, 1], s=4, label=f"{n} ({k})")
+        ax.scatter(xy_m[start:start + k, 0], xy_m[start:start + k, 1], s=5, label=f"{n} ({k})")
         start += k
-    ax.set_title(f"projections by modality ({method})", fontsize=9)
-    ax.legend(fontsize=7, markerscale=3)
+    ax.set_title(f"projections by modality ({method})", fontsize=10)
+    ax.legend(fontsize=8, markerscale=3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -162,7 +188,7 @@ def embedding_map(anchor: np.ndarray, codes: np.ndarray, modality_points: dict, 
 def enrichment(codes: np.ndarray, labels: np.ndarray, level: int) -> np.ndarray:
     """log2((positives in branch / positives) / (labelled in branch / labelled)) per task and level-`level`
     code: [tasks, 2^level]; NaN where a task has no positive or a branch no labelled molecule."""
-    branch = codes[:, level - 1] - 2 ** level
+    branch = level_codes(codes)[:, level - 1]
     out = np.full((labels.shape[1], 2 ** level), np.nan)
     for t in range(labels.shape[1]):
         lab = ~np.isnan(labels[:, t])
@@ -178,16 +204,27 @@ def enrichment(codes: np.ndarray, labels: np.ndarray, level: int) -> np.ndarray:
 
 
 def enrichment_plot(table: np.ndarray, task_names, level: int, dataset: str, path) -> None:
+    """Heatmap of `table` [tasks, 2^level] (the first 40 tasks); cells annotated when few, grey = no value."""
     plt = _plt()
-    shown = table[:40]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * table.shape[1], 1.2 + 0.22 * len(shown)), dpi=110)
-    im = ax.imshow(np.nan_to_num(shown), cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto")
-    ax.set_yticks(range(len(shown)), [str(t)[:24] for t in task_names[:len(shown)]], fontsize=6)
-    ax.set_xticks(range(table.shape[1]), [str(2 ** level + i) for i in range(table.shape[1])], fontsize=6)
-    ax.set_xlabel(f"level-{level} tree branch (heap index)")
-    ax.set_title(f"{dataset}: log2 enrichment of positives", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
+    shown = np.ma.masked_invalid(table[:40])
+    rows, cols = shown.shape
+    fig, ax = plt.subplots(figsize=(max(6.5, 2.8 + 0.55 * cols), max(3.2, 1.9 + 0.3 * rows)), dpi=110,
+                           layout="constrained")
+    cmap = plt.get_cmap("RdBu_r").copy()
+    cmap.set_bad("0.85")                  # no labelled molecule in the branch / no positive in the task
+    im = ax.imshow(shown, cmap=cmap, vmin=-3, vmax=3, aspect="auto")
+    ax.set_yticks(range(rows), [str(t)[:28] for t in task_names[:rows]], fontsize=8)
+    ax.set_xticks(range(cols), [str(i) for i in range(cols)], fontsize=8)
+    ax.set_xlabel(f"level-{level} code (0..{cols - 1}, as in code_usage.png)", fontsize=9)
+    if rows * cols <= 160:                # numbers stay legible up to ~20 tasks at level 3
+        for (t, c), v in np.ndenumerate(table[:40]):
+            if np.isfinite(v):
+                ax.text(c, t, f"{v:+.1f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(v) > 2 else "black")
+    more = f" (first {rows} of {len(table)} tasks)" if len(table) > rows else ""
+    ax.set_title(f"{dataset}: log2 enrichment of positives per branch{more}\n"
+                 "(share of positives / share of labelled molecules; grey: no labelled molecule or positive)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046).set_label("log2 enrichment", fontsize=8)
     fig.savefig(path)
     plt.close(fig)
 
@@ -206,6 +243,14 @@ def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca",
     pretrained = Path(pretrained)
     out = Path(out) if out else pretrained / "report"
     model, config, meta = pretrain.load_pretrained(pretrained)   # restored once, for the encoder and the projectors
+    data_dir = paths.resolve_data_dir(data_dir or config.data_dir or None)
+    cache_dir = paths.resolve_cache_dir(cache_dir or config.cache_dir or None)
+    corpus_path = pretrain.corpus_cache_path(config, cache_dir)
+    if not config.corpus.saved and not (corpus_path / "manifest.json").exists():
+        # Said before any work: on the real corpus this build takes minutes and GBs of cache.
+        log(f"report: building the pretraining corpus (corpus.kind={config.corpus.kind}) first: code_usage.png and "
+            f"embedding_map.png embed up to {max_molecules} of its molecules and {cache_dir} does not hold it "
+            f"(built once, then cached in {corpus_path}; --cache_dir=<the pretraining run's cache> skips this)")
     out.mkdir(parents=True, exist_ok=True)   # (after the workdir proved readable: no empty folder on failure)
     encoder = export.encoder_of(model, config, meta, pretrained)
     report: dict = {"pretrained": str(pretrained), "step": meta["step"], "files": []}
@@ -225,8 +270,6 @@ def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca",
     else:
         log(f"no {metrics_path} (a converted checkpoint?): skipping loss curves")
 
-    data_dir = paths.resolve_data_dir(data_dir or config.data_dir or None)
-    cache_dir = paths.resolve_cache_dir(cache_dir or config.cache_dir or None)
     corpus = pretrain.load_corpus(config, data_dir, cache_dir, config.workers or None, log=lambda *a, **k: None)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(corpus), size=min(max_molecules, len(corpus)), replace=False))

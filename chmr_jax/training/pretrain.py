@@ -95,13 +95,20 @@ def load_corpus(config, data_dir, cache_dir, n_workers=None, log=print) -> corpu
     return corpus
 
 
-def _cached_corpus(config, data_dir, cache_dir, n_workers, log) -> corpus_lib.Corpus:
+def corpus_cache_path(config, cache_dir) -> Path:
+    """Where load_corpus caches the corpus config.corpus describes (keyed on it and the featurizer)."""
     cfg = config.corpus
     settings = featurize.FeaturizerSettings.from_config(config.featurize)
     # dims are expectations checked by validate(), not inputs: they do not change the corpus.
     spec = {"corpus": {k: v for k, v in cfg.to_dict().items() if k not in ("dims", "saved")},
             "featurize": dataclasses.asdict(settings)}
-    path = Path(cache_dir) / f"corpus-{cfg.kind}-{_digest(spec)}"
+    return Path(cache_dir) / f"corpus-{cfg.kind}-{_digest(spec)}"
+
+
+def _cached_corpus(config, data_dir, cache_dir, n_workers, log) -> corpus_lib.Corpus:
+    cfg = config.corpus
+    settings = featurize.FeaturizerSettings.from_config(config.featurize)
+    path = corpus_cache_path(config, cache_dir)
     if jax.process_count() > 1:
         # Several processes share the cache: process 0 builds it, the others wait, then all load it.
         from jax.experimental import multihost_utils
