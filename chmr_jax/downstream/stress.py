@@ -112,17 +112,19 @@ def plot(rows: list[dict], path) -> None:
     matplotlib.use("Agg")   # files only: no display needed
     import matplotlib.pyplot as plt
 
+    import math
+    sd = lambda x: 0.0 if x is None or not math.isfinite(x) else x   # one seed: the sample std is NaN
     fig, ax = plt.subplots(figsize=(8.0, 4.2), dpi=120)
     values = []
     for imputation in dict.fromkeys(r["imputation"] for r in rows):
         rs = sorted((r for r in rows if r["imputation"] == imputation), key=lambda r: r["missing"])
         ax.errorbar([r["missing"] for r in rs], [100 * r["test_mean"] for r in rs],
-                    yerr=[100 * r["test_std"] for r in rs], marker="o", capsize=3, label=imputation)
-        values += [100 * (r["test_mean"] + sign * r["test_std"]) for r in rs for sign in (-1, 1)]
+                    yerr=[100 * sd(r["test_std"]) for r in rs], marker="o", capsize=3, label=imputation)
+        values += [100 * (r["test_mean"] + sign * sd(r["test_std"])) for r in rs for sign in (-1, 1)]
     control = sorted((r for r in rows if r.get("untrained_mean") is not None and r["imputation"] == rows[0]["imputation"]),
                      key=lambda r: r["missing"])
     if control:   # the untrained encoder does not see the profiles: one level, drawn across the plot
-        mean, std = 100 * control[0]["untrained_mean"], 100 * control[0]["untrained_std"]
+        mean, std = 100 * control[0]["untrained_mean"], 100 * sd(control[0]["untrained_std"])
         ax.axhline(mean, color="black", ls="--", lw=1, label="untrained control")
         ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
         values += [mean - std, mean + std]
