@@ -252,7 +252,7 @@ def test_reuse_is_keyed_on_the_checkpoints_content(tiny_run, cache_dir, tmp_path
 
     def fake_run(config, pretrained, workdir, *a, **k):
         calls.append(str(pretrained))
-        result = {"dataset": "bace", "settings": finetune.run_settings(config, pretrained)}
+        result = {"dataset": "bace", "metric": "roc_auc", "methods": {}, "settings": finetune.run_settings(config, pretrained)}
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "results.json").write_text(json.dumps(result))
         return result
