@@ -69,8 +69,6 @@ def table_only(out: Path) -> None:
     """stress.run's rows from the finished fine-tuning results under OUT/stress, with mean +- sample std
     (ddof=1) recomputed from their per-seed test scores (runs made before the sample std recorded
     numpy's ddof=0 std)."""
-    import numpy as np
-
     from chmr_jax.downstream import finetune
 
     record = json.loads((out / "stress_planted.json").read_text())
@@ -78,12 +76,11 @@ def table_only(out: Path) -> None:
     for row in record["rows"]:
         res = json.loads((out / "stress" / f"{row['imputation']}-missing{row['missing']:g}" / "finetune"
                           / "results.json").read_text())
-        score = lambda m: [r["test"][res["metric"]] for r in res["methods"][m]["runs"]]
-        diffs = list(res["lift"]["per_seed"].values())
-        rows.append({**row, "test_mean": float(np.mean(score("chmr"))), "test_std": finetune.sample_std(score("chmr")),
-                     "untrained_mean": float(np.mean(score("untrained"))),
-                     "untrained_std": finetune.sample_std(score("untrained")),
-                     "lift": {**res["lift"], "mean": float(np.mean(diffs)), "std": finetune.sample_std(diffs)}})
+        # The fine-tuning job's own summaries, recomputed from the stored per-seed scores.
+        ours, control = (finetune._summarise(res["methods"][m]["runs"], res["metric"]) for m in ("chmr", "untrained"))
+        rows.append({**row, "test_mean": ours["test_mean"], "test_std": ours["test_std"],
+                     "untrained_mean": control["test_mean"], "untrained_std": control["test_std"],
+                     "lift": finetune.paired_lift(res["methods"], res["metric"])})
     record.update(rows=rows, std="sample std over seeds (ddof=1), recomputed by --table_only")
     (out / "stress_planted.json").write_text(json.dumps(record, indent=1))
     (out / "stress" / "results.md").write_text(stress.format_table(rows) + "\n")

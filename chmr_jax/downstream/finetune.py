@@ -51,13 +51,9 @@ def checkpoint_identity(pretrained, step: int | None = None) -> dict:
     for both when the workdir has no such checkpoint (load_pretrained then says why)."""
     import orbax.checkpoint as ocp
 
-    from chmr_jax.training import checkpoint as checkpoint_lib
+    from chmr_jax.training import checkpoint as checkpoint_lib, pretrain
 
-    workdir = Path(pretrained)
-    directory = workdir / "checkpoints"
-    # The same choice of directory as load_pretrained: an epoch snapshot kept beside the rotation.
-    if step is not None and (workdir / "snapshots" / str(step)).is_dir() and not (directory / str(step)).is_dir():
-        directory = workdir / "snapshots"
+    directory = pretrain.checkpoint_directory(pretrained, step)   # the one load_pretrained reads
     if not directory.is_dir():
         return {"step": step, "digest": None}
     ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=None, async_save=False)

@@ -190,6 +190,16 @@ def step_flops(config, dims: dict, tx, ctx: dict, mesh, step_fn, *step_args) -> 
     return total / n_devices if total else None
 
 
+def checkpoint_directory(workdir, step: int | None = None) -> Path:
+    """Where `load_pretrained(workdir, step)` reads: checkpoints/, or snapshots/ for an epoch snapshot
+    (config.train.snapshot_epochs) kept beside the rotation."""
+    workdir = Path(workdir)
+    directory = workdir / "checkpoints"
+    if step is not None and (workdir / "snapshots" / str(step)).is_dir() and not (directory / str(step)).is_dir():
+        directory = workdir / "snapshots"
+    return directory
+
+
 def load_pretrained(workdir, step: int | None = None):
     """(model in eval mode, config, meta) from a pretraining workdir's checkpoint (default: newest)."""
     import ml_collections
@@ -205,10 +215,7 @@ def load_pretrained(workdir, step: int | None = None):
     abstract = nnx.eval_shape(lambda: build_model(config, dims))
     abstract.train()
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    directory = workdir / "checkpoints"
-    if step is not None and (workdir / "snapshots" / str(step)).is_dir() and not (directory / str(step)).is_dir():
-        directory = workdir / "snapshots"    # an epoch snapshot (config.train.snapshot_epochs), kept beside the rotation
-    ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=None, async_save=False)
+    ckpt = checkpoint_lib.Checkpointer(checkpoint_directory(workdir, step), max_to_keep=None, async_save=False)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is not None and ckpt.format_of(step) < checkpoint_lib.FORMAT:
