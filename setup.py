@@ -33,7 +33,10 @@ setup(
     ],
     extras_require={
         # scipy / scikit-learn are also the independent references the tests compare against.
-        "dev": ["pytest", "scipy", "scikit-learn"],
+        # libtpu (through jax's own tpu extra, so it matches the installed jax): `chmr-jax compile` and its
+        # test compile the step for TPU topologies on a CPU machine. Linux x86_64 wheels only.
+        "dev": ["pytest", "scipy", "scikit-learn",
+                "jax[tpu]; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         # Only for legacy (pre-zip) torch.save files; `chmr-jax convert` reads the zip format without torch.
         "torch": ["torch"],
     },

@@ -1,7 +1,7 @@
 """The `chmr-jax` command: `chmr-jax <command> [flags]`.
 
 Commands: prepare (featurize and split benchmarks or a CSV, or build a corpus), pretrain, finetune,
-benchmark, stress, embed, convert, report.
+benchmark, stress, embed, convert, report, compile.
 `chmr-jax <command> --help` lists a command's flags.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV), or build 
             "stress": "hide cellular profiles at several levels, pretrain + finetune each, table and plot",
             "embed": "embeddings, tree codes and straight-through vectors for molecules (npz, Parquet, TFDS)",
             "convert": "import the authors' PyTorch checkpoint (state_dict .pt) as a chmr_jax workdir",
-            "report": "PNG plots of a pretraining run: losses, tree-code usage, embedding maps, task enrichment"}
+            "report": "PNG plots of a pretraining run: losses, tree-code usage, embedding maps, task enrichment",
+            "compile": "compile the pretraining step for a TPU topology without a TPU: per-chip memory, estimates"}
 
 PRETRAIN_USAGE = """chmr-jax pretrain --config configs/pretrain.py[:variant] --workdir DIR [--config.a.b=value ...]
 
@@ -456,6 +457,78 @@ def _report(argv: list[str]) -> int:
                           (FileNotFoundError, ValueError, corpus.CorpusError, registry.DataNotFoundError))
 
 
+COMPILE_USAGE = """chmr-jax compile --config configs/pretrain.py[:variant] --topology NAME [--out FILE.json] [--fit] [--config.a.b=value ...]
+
+Compiles the pretraining step as `chmr-jax pretrain` would run it on a TPU topology (same mesh, padding
+budget for that chip count, the config's dtype / remat / InfoNCE), on this machine, without a TPU
+(needs libtpu: pip install 'jax[tpu]'). Prints one row and writes JSON: per-chip memory against the
+chip's HBM, FLOPs and bytes accessed per chip, and an ESTIMATED step time (XLA's, else a roofline from
+the chip's published FLOP/s and HBM bandwidth), molecules/s and MFU. Nothing runs on a TPU.
+NAME: v5e-16 / v5litepod-16, v6e-64 (chips), v4-32, v5p-128 (TensorCores, two per chip), or libtpu's
+v5e:4x4, v4:2x2x4. --fit searches the largest global batch that fits HBM."""
+
+
+def _compile(argv: list[str]) -> int:
+    def more(flags, fv):
+        flags.DEFINE_string("topology", None, "TPU topology: v5e-16, v5litepod-16, v4-32, v5p-128, v6e-64, v5e:4x4",
+                            flag_values=fv)
+        flags.DEFINE_string("out", None, "write the row(s) as JSON here", flag_values=fv)
+        flags.DEFINE_boolean("fit", False, "also search the largest global batch that fits the chip's HBM",
+                             flag_values=fv)
+        flags.DEFINE_integer("molecules", 0, "corpus size the replicated context arrays are scaled to "
+                             "(default: the config's corpus, or 129,592 for a stand-in)", flag_values=fv)
+        flags.DEFINE_integer("sample", 1024, "molecules the shapes are taken from", flag_values=fv)
+        flags.DEFINE_string("hlo_dump", None, "write the compiled TPU program's HLO text here", flag_values=fv)
+
+    fv = _config_flags(argv, "compile", "pretrain.py", COMPILE_USAGE, more, required=("topology",))
+    if isinstance(fv, int):
+        return fv
+    # Before any JAX backend starts: JAX itself runs on this machine's CPU, libtpu only describes the
+    # topology and compiles for it (no TPU is claimed; no metadata server is asked for one).
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    import json
+    from pathlib import Path
+
+    from chmr_jax.training import aot
+    config = fv.config
+    if fv.data_dir:
+        config.data_dir = fv.data_dir
+    try:
+        spec = aot.parse_topology(fv.topology)
+        # The sample first: a featurization pool's workers must not start while libtpu holds its lock.
+        sample = aot.load_sample(config, spec.chips, fv.sample, fv.molecules or None)
+        devices = aot.tpu_devices(spec)
+        print(f"compiling for {spec.topology_name}: {spec.chips} x {devices[0].device_kind} chips, {spec.hosts} "
+              f"host(s); everything below is an estimate from the compiled program, nothing runs on a TPU",
+              flush=True)
+        print(f"shapes from: {sample.shapes_from}; context arrays for {sample.molecules:,} molecules", flush=True)
+        row = aot.compile_step(config, spec, None, sample, devices, hlo_dump=fv.hlo_dump)
+        rows = [row]
+        print(aot.format_rows(rows), flush=True)
+        fit = None
+        if fv.fit:
+            fit = aot.largest_batch(config, spec, sample, devices, first=row)
+            print(f"largest global batch that fits {spec.chip.hbm_bytes / aot.GiB:.0f} GiB per chip: "
+                  f"{fit['largest_batch']:,} (estimate)")
+            if fit.get("per_chip_bytes"):
+                print(aot.format_rows([fit]))
+    except aot.CompileError as e:
+        print(f"chmr-jax compile: {e}", file=sys.stderr)
+        return 2
+    if row["host_calls"]:
+        print(f"chmr-jax compile: the TPU program calls back to the host ({', '.join(row['host_calls'])}): "
+              "it would stall every step on a TPU", file=sys.stderr)
+        return 2
+    if fv.out:
+        out = {**row, "fit": fit}
+        Path(fv.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(fv.out).write_text(json.dumps(out, indent=1, default=str))
+        print(f"written to {fv.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -470,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     handlers = {"prepare": _prepare, "pretrain": _pretrain, "finetune": _finetune, "benchmark": _benchmark,
-                "stress": _stress, "embed": _embed, "convert": _convert, "report": _report}
+                "stress": _stress, "embed": _embed, "convert": _convert, "report": _report,
+                "compile": _compile}
     if command in handlers:
         try:
             return handlers[command](rest)

@@ -37,10 +37,12 @@ def eigvalsh(cov):
     eigh took ~1.3 s for a 300 x 300 covariance whose spectrum holds a cluster of zeros (a batch smaller
     than D, padding rows, a collapsing representation: when this diagnostic matters), 75% of a
     64-molecule step's time in a profile (benchmarks/RESULTS.md); LAPACK takes milliseconds. On
-    accelerators XLA's own (cuSOLVER / TPU) eigh, with no host round trip."""
-    if jax.default_backend() != "cpu":
-        return jnp.linalg.eigvalsh(cov)
-    return jax.pure_callback(_host_eigvalsh, jax.ShapeDtypeStruct(cov.shape[:1], jnp.float32), cov)
+    accelerators XLA's own (cuSOLVER / TPU) eigh, with no host round trip. The branch is chosen by the
+    platform the step is compiled for (the mesh's devices), not the process's default backend: a TPU
+    program compiled on a CPU host (chmr-jax compile) must not call back to the host."""
+    def host(c):
+        return jax.pure_callback(_host_eigvalsh, jax.ShapeDtypeStruct(c.shape[:1], jnp.float32), c)
+    return jax.lax.platform_dependent(cov, cpu=host, default=jnp.linalg.eigvalsh)
 
 
 def _host_eigvalsh(cov) -> np.ndarray:

@@ -296,11 +296,6 @@ def _finished_summary(workdir: Path, tcfg) -> dict | None:
     if summary.get("steps") == target and ckpts.is_dir() and (ckpts / str(target)).is_dir():
         return summary
     return None
-    summary = json.loads(path.read_text())
-    ckpts = workdir / "checkpoints"
-    if summary.get("steps") == steps and ckpts.is_dir() and (ckpts / str(steps)).is_dir():
-        return summary
-    return None
 
 
 # Config fields added after workdirs were made, with the value that reproduces those runs (what the code
