@@ -94,3 +94,20 @@ def test_vicreg_views_differ_and_zero_weights_skip_terms(setup):
     off = _eval_terms(model, batch, ctx, lambda_sca=0.0, lambda_cpr=0.0, lambda_vq=0.0)
     assert float(off["loss"]) == 0.0 and "sca/cell/infonce" not in off and "cpr/molecule" not in off
     assert float(off["collapse/anchor/effective_rank"]) > 1
+
+
+def test_context_tables_are_padded_to_tpu_lanes_and_masked(tmp_path):
+    """The targets / masks on the device have a multiple of 128 columns (TPU's default layout would
+    otherwise store them column-major and copy them whole every step); the padding is never a target,
+    and the real columns are the context graph's."""
+    corpus = tiny_corpus(tmp_path, n_molecules=24, seed=1, observed={"CP-Bray": 0.5, "GE": 0.3})
+    graph = PD.prepare(corpus, tiny_data_config()).context
+    ctx = objective.context_arrays(graph)
+    assert set(ctx["targets"]) == set(graph.targets)
+    for name, host in graph.targets.items():
+        table, mask = np.asarray(ctx["targets"][name]), np.asarray(ctx["target_mask"][name])
+        d = host.shape[1]
+        assert table.shape[1] % 128 == 0 and table.shape[1] - d < 128 and mask.shape == table.shape
+        np.testing.assert_array_equal(table[:len(host), :d], host)
+        np.testing.assert_array_equal(mask[:len(host), :d], graph.target_mask[name])
+        assert not mask[:, d:].any() and not table[:, d:].any()

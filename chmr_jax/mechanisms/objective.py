@@ -74,12 +74,20 @@ def context_arrays(graph: context_lib.ContextGraph) -> dict:
         x = np.asarray(x)
         return x.astype(np.uint8) if x.size and np.isin(x, (0.0, 1.0)).all() else x
 
+    def lanes(x, fill):
+        # Columns padded to a multiple of 128 (TPU's lane tile; the objective slices them off after the
+        # gather). With 2749 columns TPU's default layout stores the table column-major, to pad less,
+        # and the row gather then copied the whole table every step: 0.92 GB of a paper step's 3.4 GB
+        # per chip (benchmarks/RESULTS.md "Compiled for TPU").
+        pad = -x.shape[1] % 128 if x.ndim == 2 else 0
+        return np.pad(x, ((0, 0), (0, pad)), constant_values=fill) if pad else x
+
     return {
         "indptr": jnp.asarray(graph.indptr), "indices": jnp.asarray(graph.indices),
         "weights": jnp.asarray(graph.weights), "node_type": jnp.asarray(graph.node_type),
         "node_row": jnp.asarray(graph.node_row),
-        "targets": {t: jnp.asarray(compact(nonempty(graph.targets[t], 0))) for t in graph.targets},
-        "target_mask": {t: jnp.asarray(nonempty(graph.target_mask[t], False)) for t in graph.targets},
+        "targets": {t: jnp.asarray(lanes(compact(nonempty(graph.targets[t], 0)), 0)) for t in graph.targets},
+        "target_mask": {t: jnp.asarray(lanes(nonempty(graph.target_mask[t], False), False)) for t in graph.targets},
         "type_index": {t: i for i, t in enumerate(graph.type_names)},
     }
 
@@ -138,8 +146,9 @@ def objective(model, batch: dict, ctx: dict, key, cfg: ObjectiveConfig, mesh=Non
             # Padding slots contribute no entries: neither to the sum nor to the count of the mean.
             is_t = (ctx["node_type"][nodes] == t) & gm[:, None]                  # [G, L+1]
             rows = jnp.where(is_t, ctx["node_row"][nodes], 0)
-            target = ctx["targets"][name][rows]                                  # [G, L+1, d_t]
-            tmask = ctx["target_mask"][name][rows] & is_t[..., None]
+            d_t = logits.shape[-1]                    # the tables' columns are padded past d_t (context_arrays)
+            target = ctx["targets"][name][rows][..., :d_t]                       # [G, L+1, d_t]
+            tmask = ctx["target_mask"][name][rows][..., :d_t] & is_t[..., None]
             term = context_lib.walk_reconstruction_loss(logits, target, tmask, beta, cfg.recon_kind)
             cpr = cpr + term
             metrics[f"cpr/{name}"] = term
