@@ -59,7 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Padded graph batches: budgets from dataset statistics, rounded to multiples of pad_multiple.
     # 256 molecules per step keeps a 2-core CPU step near a second; the paper uses 3072 (paper.py).
-    config.batch = ml_collections.ConfigDict(dict(batch_size=256, pad_multiple=64, n_sigma=4.0))
+    # device_blocks: on n > 1 devices the batch is n blocks, one per device, each with its own padding and
+    # block-local indices, so message passing never reads another device's nodes (graphs.py).
+    config.batch = ml_collections.ConfigDict(dict(batch_size=256, pad_multiple=64, n_sigma=4.0, device_blocks=True))
 
     # Pretraining inputs (spec §2, §4, §6).
     config.pretrain_data = ml_collections.ConfigDict(dict(

@@ -105,3 +105,85 @@ def test_rounded_up_graph_slots_never_take_more_than_batch_size_molecules(feats)
     groups = graphs.partition(feats, range(10), budget)
     assert [len(g) for g in groups] == [3, 3, 3, 1]
     assert [int(i) for g in groups for i in g] == list(range(10))
+
+
+def _blocked(feats, batch_size=12, blocks=4):
+    budget = graphs.estimate_budget(feats.n_atoms, feats.n_edges, batch_size, pad_multiple=8, blocks=blocks)
+    return budget, graphs.partition(feats, np.arange(len(SMILES)), budget)
+
+
+def test_blocked_batches_keep_every_index_in_its_block(feats):
+    budget, groups = _blocked(feats)
+    assert budget.blocks == 4 and budget.n_node % 4 == 0 and budget.n_edge % 4 == 0 and budget.n_graph % 4 == 0
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(SMILES)))     # every molecule once
+    one = budget.block()
+    for group in groups:
+        b = graphs.pack(feats, group, budget)
+        assert b.blocks.tolist() == [0, 1, 2, 3] and b.nodes.shape[0] == budget.n_node
+        assert sorted(b.index[b.index >= 0].tolist()) == sorted(group.tolist()) and len(group) <= budget.max_molecules
+        node_block = np.arange(budget.n_node) // one.n_node
+        edge_block = np.arange(budget.n_edge) // one.n_edge
+        np.testing.assert_array_equal(b.senders // one.n_node, edge_block)
+        np.testing.assert_array_equal(b.receivers // one.n_node, edge_block)
+        np.testing.assert_array_equal(b.node_graph // one.n_graph, node_block)
+        # each block's last slot is its padding graph, and owns the block's padding nodes
+        pad_slots = np.arange(4) * one.n_graph + one.n_graph - 1
+        assert not b.graph_mask[pad_slots].any()
+        assert (b.n_node.reshape(4, -1).sum(1) == one.n_node).all()
+        # every molecule's nodes and edges are its own, in its slot
+        for slot in np.nonzero(b.graph_mask)[0]:
+            nodes, edge_index, _ = feats.graph(b.index[slot])
+            sel = np.nonzero((b.node_graph == slot) & b.node_mask)[0]
+            np.testing.assert_array_equal(b.nodes[sel], nodes)
+
+
+def test_blocked_rows_concatenate_to_the_whole_batch(feats):
+    """What each host packs for its devices' blocks (rows) concatenates to the whole blocked batch."""
+    budget, groups = _blocked(feats)
+    whole = graphs.pack(feats, groups[0], budget)
+    one = budget.block()
+    halves = [graphs.pack(feats, groups[0], budget, graphs.Rows((2 * h * one.n_node, 2 * (h + 1) * one.n_node),
+                                                                (2 * h * one.n_edge, 2 * (h + 1) * one.n_edge),
+                                                                (2 * h * one.n_graph, 2 * (h + 1) * one.n_graph)))
+              for h in range(2)]
+    for f in graphs.GraphBatch._fields:
+        np.testing.assert_array_equal(np.concatenate([getattr(p, f) for p in halves]), getattr(whole, f), f)
+
+
+def test_blocked_gnn_equals_the_global_layout(feats):
+    """The GNN's per-molecule readout (train mode: batch statistics over the same real nodes) is the
+    same whether the batch is one global layout or 4 blocks with block-local indices (float64)."""
+    from flax import nnx
+    from helpers import as_float64
+    from chmr_jax.mechanisms import model as model_lib
+    jax.config.update("jax_enable_x64", True)
+    try:
+        budget, groups = _blocked(feats)
+        group = groups[0]
+        flat = graphs.estimate_budget(feats.n_atoms, feats.n_edges, len(group), pad_multiple=8)
+        for remat in (False,):   # (remat's layers call the same blocked ops; float64 casting does not reach its scan)
+            gnn = as_float64(model_lib.GNNVirtualNode(n_layers=3, dim=16, dropout=0.0, remat=remat, rngs=nnx.Rngs(0)))
+            gnn.train()
+            outs = []
+            for b in (graphs.pack(feats, group, flat), graphs.pack(feats, group, budget)):
+                b = jax.tree_util.tree_map(jnp.asarray, b)
+                r = np.asarray(gnn.readout(b))
+                outs.append({int(i): r[s] for s, i in enumerate(np.asarray(b.index)) if i >= 0})
+            assert outs[0].keys() == outs[1].keys() == set(group.tolist())
+            for i in outs[0]:
+                np.testing.assert_allclose(outs[1][i], outs[0][i], rtol=1e-10, atol=1e-10)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_blocked_segment_ops_match_numpy():
+    rng = np.random.default_rng(0)
+    blocks, n, e = 4, 6, 10
+    x = rng.normal(size=(blocks * n, 3))
+    idx = np.concatenate([rng.integers(0, n, e) + b * n for b in range(blocks)])
+    np.testing.assert_allclose(graphs.gather_rows(jnp.asarray(x), jnp.asarray(idx), blocks), x[idx], rtol=1e-6)
+    data = rng.normal(size=(blocks * e, 3)).astype(np.float32)
+    ref = np.zeros((blocks * n, 3), np.float32)
+    np.add.at(ref, idx, data)
+    np.testing.assert_allclose(graphs.segment_sum(jnp.asarray(data), jnp.asarray(idx), blocks * n, blocks=blocks),
+                               ref, rtol=1e-5, atol=1e-6)

@@ -95,9 +95,10 @@ class GINConv(nnx.Module):
         self.eps = nnx.Param(jnp.zeros(()))
 
     def __call__(self, h, batch: graphs.GraphBatch):
-        msg = jax.nn.relu(h[batch.senders] + self.bond(batch.edges))
+        blocks = graphs.n_blocks(batch)     # block-local indices: no device reads another's nodes
+        msg = jax.nn.relu(graphs.gather_rows(h, batch.senders, blocks) + self.bond(batch.edges))
         # Summed in float32: a bf16 scatter-add rounds at every message it adds.
-        agg = graphs.segment_sum(at_least_f32(msg), batch.receivers, h.shape[0], batch.edge_mask)
+        agg = graphs.segment_sum(at_least_f32(msg), batch.receivers, h.shape[0], batch.edge_mask, blocks)
         return self.mlp(((1.0 + self.eps[...]) * h + agg).astype(h.dtype), batch.node_mask)
 
 
@@ -133,7 +134,7 @@ class GNNVirtualNode(nnx.Module):
         drop = ((lambda x, layer, i: x) if keys is None
                 else (lambda x, layer, i: self.dropout(x, rngs=keys[layer, i])))
         for layer in range(first, self.n_layers):
-            h_in = add_virtual_node(h, vn, batch.node_graph)
+            h_in = add_virtual_node(h, vn, batch.node_graph, graphs.n_blocks(batch))
             out = _conv_norm(self.convs[layer], self.norms[layer], h_in, batch)
             if layer < self.n_layers - 1:
                 out = jax.nn.relu(out)
@@ -141,8 +142,8 @@ class GNNVirtualNode(nnx.Module):
             if self.residual:
                 out = out + h_in
             if layer < self.n_layers - 1:
-                pooled = (graphs.segment_sum(at_least_f32(h_in), batch.node_graph, n_graph, node_mask)
-                          .astype(h.dtype) + vn)
+                pooled = (graphs.segment_sum(at_least_f32(h_in), batch.node_graph, n_graph, node_mask,
+                                             graphs.n_blocks(batch)).astype(h.dtype) + vn)
                 upd = drop(self.vn_mlps[layer](pooled, batch.graph_mask), layer, 1)
                 vn = vn + upd if self.residual else upd
             h = out
@@ -175,12 +176,12 @@ class GNNVirtualNode(nnx.Module):
             h, vn = carry
             conv, norm, vn_mlp = (nnx.merge(g, st) for g, st in zip(graphdefs, xs[:3]))
             drop = (lambda x, k: x) if deterministic else (lambda x, k: dropout(x, rngs=k))
-            h_in = add_virtual_node(h, vn, batch.node_graph)
+            h_in = add_virtual_node(h, vn, batch.node_graph, graphs.n_blocks(batch))
             out = drop(jax.nn.relu(_conv_norm(conv, norm, h_in, batch)), xs[3][0])
             if residual:
                 out = out + h_in
-            pooled = (graphs.segment_sum(at_least_f32(h_in), batch.node_graph, vn.shape[0], node_mask)
-                      .astype(h.dtype) + vn)
+            pooled = (graphs.segment_sum(at_least_f32(h_in), batch.node_graph, vn.shape[0], node_mask,
+                                         graphs.n_blocks(batch)).astype(h.dtype) + vn)
             upd = drop(vn_mlp(pooled, graph_mask), xs[3][1])
             vn = vn + upd if residual else upd
             return (out, vn), tuple(nnx.state(m, nnx.BatchStat) for m in (conv, norm, vn_mlp))
@@ -194,14 +195,14 @@ class GNNVirtualNode(nnx.Module):
     def readout(self, batch: graphs.GraphBatch):
         """Sum of real node states per graph [G, D] float32 (padding graphs are zero)."""
         h = at_least_f32(self(batch))
-        return graphs.segment_sum(h, batch.node_graph, batch.n_node.shape[0], batch.node_mask)
+        return graphs.segment_sum(h, batch.node_graph, batch.n_node.shape[0], batch.node_mask, graphs.n_blocks(batch))
 
 
-def add_virtual_node(h, vn, node_graph):
+def add_virtual_node(h, vn, node_graph, blocks: int = 1):
     """h [N, D] + vn [G, D] of each node's graph, in h's dtype. The gather reads a float32 copy of vn, so
     its backward pass (a scatter-add of the nodes' cotangents into their graph: a sum over the graph's
     nodes) accumulates in float32, not in bf16."""
-    return h + at_least_f32(vn)[node_graph].astype(h.dtype)
+    return h + graphs.gather_rows(at_least_f32(vn), node_graph, blocks).astype(h.dtype)
 
 
 def _conv_norm(conv: GINConv, norm: nnx.BatchNorm, h, batch: graphs.GraphBatch):

@@ -280,7 +280,8 @@ def budget_for(data, config, batch_size: int, n_chips: int):
     feats = data.corpus.features
     reps = max(1, math.ceil(batch_size / len(feats.n_atoms)))   # same mean / std, at least B draws
     return graphs.estimate_budget(np.tile(feats.n_atoms, reps), np.tile(feats.n_edges, reps), batch_size,
-                                  cfg.pad_multiple, cfg.n_sigma, cfg.graph_multiple)
+                                  cfg.pad_multiple, cfg.n_sigma, cfg.graph_multiple,
+                                  blocks=cfg.graph_multiple if cfg.device_blocks else 1)
 
 
 def batch_shapes(data, budget) -> dict:
@@ -293,7 +294,8 @@ def batch_shapes(data, budget) -> dict:
     template = pretrain_data.batch_of(dc.replace(data, budget=small), [0, 1])
 
     def lead(field):
-        return budget.n_node if field in NODE_FIELDS else budget.n_edge if field in EDGE_FIELDS else budget.n_graph
+        return (budget.n_node if field in NODE_FIELDS else budget.n_edge if field in EDGE_FIELDS else
+                budget.blocks if field == "blocks" else budget.n_graph)
 
     out = {}
     for key, value in template.items():

@@ -303,7 +303,8 @@ def _finished_summary(workdir: Path, tcfg) -> dict | None:
 # What a run saved before the field existed did (not always today's default: vicreg_second_view changed
 # the objective, so such a run resumes only with --config.pretrain_data.vicreg_second_view=propagated).
 ADDED_FIELDS = {("model", "dtype"): "float32", ("model", "remat"): False,
-                ("pretrain_data", "vicreg_second_view"): "propagated", ("pretrain_data", "holdout_folds"): 5}
+                ("pretrain_data", "vicreg_second_view"): "propagated", ("pretrain_data", "holdout_folds"): 5,
+                ("batch", "device_blocks"): False}
 
 
 # What each model dim is built from, for the message when one changed under a workdir's checkpoints.

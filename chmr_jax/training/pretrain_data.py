@@ -53,6 +53,7 @@ class DataConfig:
     pad_multiple: int = 64
     n_sigma: float = 4.0
     graph_multiple: int = 1          # the number of devices the batch is sharded over
+    device_blocks: bool = True       # with graph_multiple > 1: one block per device (graphs.py)
     knn_k: int = 10
     propagation_steps: int = 5
     imputation: str = "propagate"
@@ -149,7 +150,7 @@ def prepare(corpus: Corpus, cfg: DataConfig = DataConfig()) -> PretrainData:
         splits.scaffolds_of(list(corpus.smiles)), blocks, n_clusters=cfg.context_clusters,
         floor=cfg.context_floor, sparsity=cfg.context_sparsity, **genes)
     budget = graphs.estimate_budget(feats.n_atoms, feats.n_edges, cfg.batch_size, cfg.pad_multiple, cfg.n_sigma,
-                                    cfg.graph_multiple)
+                                    cfg.graph_multiple, blocks=cfg.graph_multiple if cfg.device_blocks else 1)
     held_out_row = {name: np.where(m.available, np.cumsum(m.available) - 1, -1).astype(np.int32)
                     for name, m in corpus.modalities.items()}
     return PretrainData(corpus=corpus, inputs=inputs, aug=aug, view1_fill=view1_fill, held_out=held_out,
@@ -235,11 +236,14 @@ def batch_of(data: PretrainData, group, rows: graphs.Rows | None = None) -> dict
     rows = rows or graphs.Rows.full(budget)
     graph = graphs.pack(data.corpus.features, group, budget, rows)
     g_lo, g_hi = rows.graph
-    idx = np.asarray(group, np.int64)[g_lo:g_hi]   # the real molecules among this host's slots
+    # The molecule of each of this host's slots (graph.index: -1 on padding slots, which may sit between
+    # real ones when the batch is split into blocks).
+    real = graph.index >= 0
+    idx = graph.index[real].astype(np.int64)
 
     def padded(x):    # [len(idx), ...] -> [g_hi - g_lo, ...] with zero padding slots
         out = np.zeros((g_hi - g_lo,) + x.shape[1:], x.dtype)
-        out[:len(idx)] = x
+        out[real] = x
         return out
 
     def take(x):
