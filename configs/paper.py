@@ -49,4 +49,7 @@ def get_config(arg: str | None = None):
         config.train.progress = "log"
         # TPU matrix units run bfloat16; parameters, BN statistics and the losses stay float32.
         config.model.dtype = "bfloat16"
+        # The collapse diagnostics' eigendecompositions on the logged steps only (every 10th): on TPU they
+        # moved 3.5 of a compiled step's 14.5 GB per chip (benchmarks/RESULTS.md "Compiled for TPU").
+        config.objective.collapse_every = config.train.log_every_steps
     return config

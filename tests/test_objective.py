@@ -111,3 +111,27 @@ def test_context_tables_are_padded_to_tpu_lanes_and_masked(tmp_path):
         np.testing.assert_array_equal(table[:len(host), :d], host)
         np.testing.assert_array_equal(mask[:len(host), :d], graph.target_mask[name])
         assert not mask[:, d:].any() and not table[:, d:].any()
+
+
+def test_collapse_stats_every_kth_step_only(setup):
+    """collapse_every=3: the statistics are computed on steps whose count after the update is a multiple
+    of 3 (then equal to the every-step values) and are NaN on the others; the loss is unaffected."""
+    model, batch, ctx = setup
+    model.eval()          # no dropout: the calls below see the same function
+    try:
+        every = objective.ObjectiveConfig(infonce_block=8, collapse_every=3)
+        always = objective.ObjectiveConfig(infonce_block=8)
+        key = jax.random.key(0)
+        ref_loss, ref = objective.objective(model, batch, ctx, key, always)
+        names = [k for k in ref if k.startswith("collapse/")]
+        assert names
+        for step, computed in ((0, False), (1, False), (2, True), (5, True)):
+            loss, m = jax.jit(lambda s: objective.objective(model, batch, ctx, key, every, step=s))(jnp.int32(step))
+            np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+            for k in names:
+                if computed:
+                    np.testing.assert_allclose(m[k], ref[k], rtol=1e-5)
+                else:
+                    assert np.isnan(m[k]), (step, k)
+    finally:
+        model.train()

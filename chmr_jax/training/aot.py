@@ -619,9 +619,26 @@ def hlo_cost(text: str) -> dict:
                 for c in ins.calls:
                     walk(c, times * ins.trip_count, depth + 1)
                 continue
-            if ins.opcode in ("call", "conditional"):
+            if ins.opcode == "call":
                 for c in ins.calls:
                     walk(c, times, depth + 1)
+                continue
+            if ins.opcode == "conditional":
+                # One branch runs: charge the heaviest (a per-step upper bound).
+                best = None
+                for c in ins.calls:
+                    saved = (dict(totals), dict(by_source), dict(by_kind), len(loops))
+                    walk(c, times, depth + 1)
+                    moved = totals["bytes"] - saved[0]["bytes"]
+                    if best is None or moved > best[0]:
+                        best = (moved, dict(totals), dict(by_source), dict(by_kind), loops[saved[3]:])
+                    totals.clear(); totals.update(saved[0])
+                    by_source.clear(); by_source.update(saved[1])
+                    by_kind.clear(); by_kind.update(saved[2])
+                    del loops[saved[3]:]
+                if best is not None:
+                    totals.update(best[1]); by_source.clear(); by_source.update(best[2])
+                    by_kind.clear(); by_kind.update(best[3]); loops.extend(best[4])
                 continue
             if ins.opcode in _FREE:
                 continue

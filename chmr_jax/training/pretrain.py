@@ -142,6 +142,10 @@ def validate(config, corpus: corpus_lib.Corpus, source: str) -> None:
                               "if that corpus is the intended one")
     if config.batch.batch_size < 2:
         raise ConfigError("config.batch.batch_size must be >= 2 (InfoNCE needs negatives)")
+    every = config.objective.get("collapse_every", 1)
+    if every > 1 and config.train.log_every_steps % every:
+        raise ConfigError(f"config.objective.collapse_every={every} must divide config.train.log_every_steps="
+                          f"{config.train.log_every_steps}: the logged steps would report NaN collapse statistics")
     if config.objective.infonce_impl not in ("dense", "chunked", "ring"):
         raise ConfigError(f"config.objective.infonce_impl={config.objective.infonce_impl!r}: "
                           "choose 'dense', 'chunked' or 'ring'")
@@ -304,7 +308,8 @@ def _finished_summary(workdir: Path, tcfg) -> dict | None:
 # the objective, so such a run resumes only with --config.pretrain_data.vicreg_second_view=propagated).
 ADDED_FIELDS = {("model", "dtype"): "float32", ("model", "remat"): False,
                 ("pretrain_data", "vicreg_second_view"): "propagated", ("pretrain_data", "holdout_folds"): 5,
-                ("batch", "device_blocks"): False}
+                ("batch", "device_blocks"): False, ("objective", "collapse_every"): 1,
+                ("objective", "collapse_stats"): True}
 
 
 # What each model dim is built from, for the message when one changed under a workdir's checkpoints.

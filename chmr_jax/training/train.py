@@ -123,7 +123,7 @@ def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict,
 
         def loss_fn(params, rest):
             model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables under grad (flax#5050)
-            loss, metrics = objective_lib.objective(model, batch, ctx_all, key, cfg, mesh)
+            loss, metrics = objective_lib.objective(model, batch, ctx_all, key, cfg, mesh, step=state.step)
             return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
         (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.rest)
