@@ -1,0 +1,214 @@
+"""The paper's configuration compiled for real TPU pod sizes on this CPU machine (issue 22 §3): per-chip
+memory, the largest global batch that fits, ESTIMATED step time, molecules/s and MFU (nothing runs on a
+TPU; see chmr_jax/training/aot.py for how each figure is derived), and the corpus-side kernels (the
+kNN's block product, one propagation step) sharded over the same chips.
+
+  python benchmarks/tpu_compile.py                                  # the RESULTS.md table (hours on 2 cores)
+  python benchmarks/tpu_compile.py --topologies v5e-8 --variants bf16_remat --no_fit   # one row, minutes
+  python benchmarks/tpu_compile.py --kernels_only                    # kNN / propagation rows only
+  python benchmarks/tpu_compile.py --table_only                     # reprint from the JSON
+
+Step rows: `chmr-jax compile --config configs/paper.py:tpu_pod` (ring InfoNCE, bf16) with remat
+(variant bf16_remat) and as float32 without remat (f32), each at the paper's global batch 3072 and,
+with --fit, at the largest batch that fits HBM, one subprocess per topology and variant.
+
+Kernel rows, per topology and corpus size N (129,592 = the paper's corpus, 1,000,000):
+  knn          tanimoto_knn's block product (propagation._knn_block: a [block, 2048] x [2048, N] Tanimoto
+               and its top-k) with the query block split over the chips and the N fingerprints
+               replicated; the whole kNN is ceil(N / (block x chips)) such steps.
+  propagation  one step of Eq. 1 (W @ X with W the symmetrised kNN graph, K = 10 neighbours, X the
+               paper's widest modality, 2749 wide) with rows sharded over the chips; T = 5 steps per
+               modality, three modalities.
+Prints the tables and writes benchmarks/tpu_compile.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TOPOLOGIES = ("v5e-8", "v5e-16", "v5e-64", "v4-32", "v5p-128")
+VARIANTS = {"bf16_remat": ["--config.model.dtype=bfloat16", "--config.model.remat=True"],
+            "f32": ["--config.model.dtype=float32", "--config.model.remat=False"]}
+KNN_BLOCK = 1024
+
+
+def step_row(topology: str, variant: str, fit: bool, batch: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, "-m", "chmr_jax.cli", "compile", "--config", str(ROOT / "configs/paper.py") + ":tpu_pod",
+               "--topology", topology, "--out", str(out), f"--config.batch.batch_size={batch}",
+               *VARIANTS[variant]] + (["--fit"] if fit else [])
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            tail = [ln for ln in p.stderr.splitlines() if ln.startswith("chmr-jax")] or p.stderr.splitlines()[-3:]
+            return {"name": topology, "variant": variant, "error": " ".join(tail)[-600:], "wall_s": wall}
+        row = json.loads(out.read_text())
+    row["variant"], row["wall_s"] = variant, round(wall, 1)
+    return row
+
+
+def kernel_worker(topology: str, kernel: str, n: int) -> dict:
+    """Compiles one kernel for the topology (in this process: the caller runs it as a subprocess)."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from chmr_jax.mechanisms import propagation
+    from chmr_jax.training import aot, train
+
+    spec = aot.parse_topology(topology)
+    devices = aot.tpu_devices(spec)
+    mesh = train.data_mesh(devices)
+    chips = len(devices)
+    rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    sds = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+    if kernel == "knn":
+        n_pad = -(-n // KNN_BLOCK) * KNN_BLOCK
+        rows = KNN_BLOCK * chips                     # query rows per step, split over the chips
+        f = jax.jit(propagation._knn_block.__wrapped__, static_argnames=("k",),
+                    in_shardings=(shard, shard, rep, rep, None), out_shardings=(shard, shard))
+        args = (sds((rows, 2048), jnp.float32, shard), sds((rows,), jnp.int32, shard),
+                sds((n_pad, 2048), jnp.float32, rep), sds((n_pad,), jnp.float32, rep), n)
+        lowered = f.lower(*args, k=10)
+        calls = math.ceil(n_pad / rows)
+    else:
+        k, d = 10, 2749
+        nnz = 2 * k * n                               # symmetrised kNN graph: about 2K entries per row
+        graph = propagation.PropagationGraph(
+            indptr=sds((n + 1,), jnp.int32, rep), rows=sds((nnz,), jnp.int32, rep), cols=sds((nnz,), jnp.int32, rep),
+            weights=sds((nnz,), jnp.float32, rep), ell_cols=sds((n, 2 * k), jnp.int32, rep),
+            ell_weights=sds((n, 2 * k), jnp.float32, rep), degree=sds((n,), jnp.float32, rep),
+            energy_diag=sds((n,), jnp.float32, rep))
+        x = sds((n, d), jnp.float32, shard)
+        fmt = "segment_sum"   # the format that lowers to gathers / scatters on TPU (BCSR is a CPU choice)
+        f = jax.jit(lambda g, x: propagation.spmm(g, x, fmt), out_shardings=shard)
+        lowered = f.lower(graph, x)
+        calls = 5 * 3                                 # T = 5 steps x three modalities
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = aot.hlo_cost(compiled.as_text())
+    per_chip = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                   - mem.alias_size_in_bytes)
+    chip = spec.chip
+    step_s = max(cost["flops"] / chip.peak_flops, cost["bytes"] / chip.hbm_bytes_per_s)
+    return {"kernel": kernel, "topology": spec.topology_name, "name": topology, "chips": chips, "molecules": n,
+            "per_chip_bytes": per_chip, "fits": per_chip <= chip.hbm_bytes, "flops_per_chip": cost["flops"],
+            "bytes_accessed_per_chip": cost["bytes"], "estimated_call_s": step_s, "calls": calls,
+            "estimated_total_s": step_s * calls, "compile_s": round(seconds, 1),
+            "note": "estimate from a deviceless compile (roofline); knn: all blocks; propagation: 5 steps x 3 modalities"}
+
+
+def kernel_row(topology: str, kernel: str, n: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kernel, "--topologies", topology, "--molecules", str(n)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        return {"kernel": kernel, "name": topology, "molecules": n, "error": p.stderr.strip().splitlines()[-1][-500:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def step_table(rows: list[dict]) -> str:
+    cols = ["topology", "variant", "chips", "batch 3072: per-chip GiB", "fits", "est. step ms", "est. molecules/s",
+            "est. MFU", "MB/molecule", "largest batch", "its per-chip GiB", "its est. molecules/s", "compile s"]
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['name']} | {r['variant']} | error: {r['error'][:150]}" + " |" * (len(cols) - 3))
+            continue
+        fit = r.get("fit") or {}
+        lines.append(" | ".join(str(v) for v in [
+            f"{r['name']} ({r['topology']})", r["variant"], r["chips"], f"{r['per_chip_bytes'] / 2**30:.2f}",
+            "yes" if r["fits"] else "NO", f"{r['estimated_step_s'] * 1e3:.1f}",
+            f"{r['estimated_molecules_per_s']:,.0f}", f"{r['estimated_mfu']:.1%}", f"{r['bytes_per_molecule'] / 1e6:.1f}",
+            f"{fit['largest_batch']:,}" if fit.get("largest_batch") else "-",
+            f"{fit['per_chip_bytes'] / 2**30:.2f}" if fit.get("per_chip_bytes") else "-",
+            f"{fit['estimated_molecules_per_s']:,.0f}" if fit.get("estimated_molecules_per_s") else "-",
+            r["compile_s"]]))
+    return "\n".join(lines)
+
+
+def kernel_table(rows: list[dict]) -> str:
+    cols = ["kernel", "topology", "molecules", "per-chip GiB", "fits", "est. s per call", "calls", "est. total s",
+            "compile s"]
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['kernel']} | {r['name']} | {r['molecules']:,} | error: {r['error'][:150]}" + " |" * 5)
+            continue
+        lines.append(" | ".join(str(v) for v in [
+            r["kernel"], f"{r['name']} ({r['topology']})", f"{r['molecules']:,}", f"{r['per_chip_bytes'] / 2**30:.2f}",
+            "yes" if r["fits"] else "NO", f"{r['estimated_call_s']:.4f}", r["calls"], f"{r['estimated_total_s']:.1f}",
+            r["compile_s"]]))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--batch", type=int, default=3072)
+    parser.add_argument("--no_fit", action="store_true", help="skip the largest-batch search")
+    parser.add_argument("--kernel_topologies", default="v5e-8,v5p-128")
+    parser.add_argument("--molecules", default="129592,1000000")
+    parser.add_argument("--kernels_only", action="store_true")
+    parser.add_argument("--no_kernels", action="store_true")
+    parser.add_argument("--out", default=str(HERE / "tpu_compile.json"))
+    parser.add_argument("--table_only", action="store_true")
+    parser.add_argument("--merge", default="", help="comma list of JSON files (of runs split over processes) "
+                        "whose rows are merged into --out")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(kernel_worker(args.topologies, args.worker, int(args.molecules))))
+        return 0
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if out.exists() else {"steps": [], "kernels": []}
+    for part in filter(None, args.merge.split(",")):
+        more = json.loads(Path(part).read_text())
+        for section, key in (("steps", ("name", "variant")), ("kernels", ("kernel", "name", "molecules"))):
+            new_keys = {tuple(r.get(k) for k in key) for r in more[section]}
+            old[section] = [r for r in old[section] if tuple(r.get(k) for k in key) not in new_keys] + more[section]
+    if args.merge:
+        out.write_text(json.dumps(old, indent=1, default=str))
+        args.table_only = True
+    if not args.table_only:
+        if not args.kernels_only:
+            for t in args.topologies.split(","):
+                for v in args.variants.split(","):
+                    row = step_row(t, v, not args.no_fit, args.batch)
+                    old["steps"] = [r for r in old["steps"] if (r.get("name"), r.get("variant")) != (t, v)] + [row]
+                    print(step_table([row]).splitlines()[-1], flush=True)
+                    out.write_text(json.dumps(old, indent=1, default=str))
+        if not args.no_kernels:
+            for t in args.kernel_topologies.split(","):
+                for n in (int(x) for x in args.molecules.split(",")):
+                    for kernel in ("knn", "propagation"):
+                        row = kernel_row(t, kernel, n)
+                        old["kernels"] = [r for r in old["kernels"]
+                                          if (r.get("kernel"), r.get("name"), r.get("molecules")) != (kernel, t, n)] + [row]
+                        print(kernel_table([row]).splitlines()[-1], flush=True)
+                        out.write_text(json.dumps(old, indent=1, default=str))
+    print(step_table(old["steps"]))
+    print()
+    print(kernel_table(old["kernels"]))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
