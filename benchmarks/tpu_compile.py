@@ -16,9 +16,9 @@ Kernel rows, per topology and corpus size N (129,592 = the paper's corpus, 1,000
   knn          tanimoto_knn's block product (propagation._knn_block: a [block, 2048] x [2048, N] Tanimoto
                and its top-k) with the query block split over the chips and the N fingerprints
                replicated; the whole kNN is ceil(N / (block x chips)) such steps.
-  propagation  one step of Eq. 1 (W @ X with W the symmetrised kNN graph, K = 10 neighbours, X the
-               paper's widest modality, 2749 wide) with rows sharded over the chips; T = 5 steps per
-               modality, three modalities.
+  propagation  one step of Eq. 1 (W @ X, W the symmetrised kNN graph in the ELL layout, 2K = 20
+               neighbours per row, rows sharded over the chips, X a 256-column chunk replicated and
+               re-replicated after the step); T = 5 steps over the three modalities' 5700 columns.
 Prints the tables and writes benchmarks/tpu_compile.json.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ TOPOLOGIES = ("v5e-8", "v5e-16", "v5e-64", "v4-32", "v5p-128")
 VARIANTS = {"bf16_remat": ["--config.model.dtype=bfloat16", "--config.model.remat=True"],
             "f32": ["--config.model.dtype=float32", "--config.model.remat=False"]}
 KNN_BLOCK = 1024
+PROP_CHUNK = 256
 
 
 def step_row(topology: str, variant: str, fit: bool, batch: int) -> dict:
@@ -79,25 +80,27 @@ def kernel_worker(topology: str, kernel: str, n: int) -> dict:
     if kernel == "knn":
         n_pad = -(-n // KNN_BLOCK) * KNN_BLOCK
         rows = KNN_BLOCK * chips                     # query rows per step, split over the chips
-        f = jax.jit(propagation._knn_block.__wrapped__, static_argnames=("k",),
-                    in_shardings=(shard, shard, rep, rep, None), out_shardings=(shard, shard))
+        block = lambda bb, ids, allb, counts, n_real: propagation._knn_block.__wrapped__(bb, ids, allb, counts, n_real, 10)
+        f = jax.jit(block, in_shardings=(shard, shard, rep, rep, rep), out_shardings=shard)
         args = (sds((rows, 2048), jnp.float32, shard), sds((rows,), jnp.int32, shard),
-                sds((n_pad, 2048), jnp.float32, rep), sds((n_pad,), jnp.float32, rep), n)
-        lowered = f.lower(*args, k=10)
+                sds((n_pad, 2048), jnp.float32, rep), sds((n_pad,), jnp.float32, rep), sds((), jnp.int32, rep))
+        lowered = f.lower(*args)
         calls = math.ceil(n_pad / rows)
     else:
-        k, d = 10, 2749
-        nnz = 2 * k * n                               # symmetrised kNN graph: about 2K entries per row
+        # ELL layout (K' = 2K padded neighbours per row), rows sharded over the chips, the feature chunk
+        # replicated (each row's neighbours can be anywhere) and re-replicated after the step (the
+        # all-gather is part of the program). Columns in chunks of PROP_CHUNK: the three modalities'
+        # 2749 + 1973 + 978 columns are ceil(5700 / PROP_CHUNK) chunks, T = 5 steps each.
+        kk = 2 * 10
         graph = propagation.PropagationGraph(
-            indptr=sds((n + 1,), jnp.int32, rep), rows=sds((nnz,), jnp.int32, rep), cols=sds((nnz,), jnp.int32, rep),
-            weights=sds((nnz,), jnp.float32, rep), ell_cols=sds((n, 2 * k), jnp.int32, rep),
-            ell_weights=sds((n, 2 * k), jnp.float32, rep), degree=sds((n,), jnp.float32, rep),
-            energy_diag=sds((n,), jnp.float32, rep))
-        x = sds((n, d), jnp.float32, shard)
-        fmt = "segment_sum"   # the format that lowers to gathers / scatters on TPU (BCSR is a CPU choice)
-        f = jax.jit(lambda g, x: propagation.spmm(g, x, fmt), out_shardings=shard)
+            indptr=sds((n + 1,), jnp.int32, rep), rows=sds((1,), jnp.int32, rep), cols=sds((1,), jnp.int32, rep),
+            weights=sds((1,), jnp.float32, rep), ell_cols=sds((n, kk), jnp.int32, shard),
+            ell_weights=sds((n, kk), jnp.float32, shard), degree=sds((n,), jnp.float32, shard),
+            energy_diag=sds((n,), jnp.float32, shard))
+        x = sds((n, PROP_CHUNK), jnp.float32, rep)
+        f = jax.jit(lambda g, x: propagation.spmm(g, x, "ell"), out_shardings=rep)
         lowered = f.lower(graph, x)
-        calls = 5 * 3                                 # T = 5 steps x three modalities
+        calls = 5 * math.ceil((2749 + 1973 + 978) / PROP_CHUNK)
     t0 = time.perf_counter()
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
@@ -111,7 +114,8 @@ def kernel_worker(topology: str, kernel: str, n: int) -> dict:
             "per_chip_bytes": per_chip, "fits": per_chip <= chip.hbm_bytes, "flops_per_chip": cost["flops"],
             "bytes_accessed_per_chip": cost["bytes"], "estimated_call_s": step_s, "calls": calls,
             "estimated_total_s": step_s * calls, "compile_s": round(seconds, 1),
-            "note": "estimate from a deviceless compile (roofline); knn: all blocks; propagation: 5 steps x 3 modalities"}
+            "note": "estimate from a deviceless compile (roofline); knn: all query blocks; propagation: 5 steps "
+                    "x ceil(5700 / 256) column chunks"}
 
 
 def kernel_row(topology: str, kernel: str, n: int) -> dict:
