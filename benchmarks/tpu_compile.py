@@ -7,6 +7,7 @@ kNN's block product, one propagation step) sharded over the same chips.
   python benchmarks/tpu_compile.py --topologies v5e-8 --variants bf16_remat --no_fit   # one row, minutes
   python benchmarks/tpu_compile.py --kernels_only                    # kNN / propagation rows only
   python benchmarks/tpu_compile.py --table_only                     # reprint from the JSON
+  python benchmarks/tpu_compile.py --analyse a.hlo,b.hlo --molecules 384   # dumps of `chmr-jax compile --hlo_dump`
 
 Step rows: `chmr-jax compile --config configs/paper.py:tpu_pod` (ring InfoNCE, bf16) with remat
 (variant bf16_remat) and as float32 without remat (f32), each at the paper's global batch 3072 and,
@@ -175,8 +176,23 @@ def main() -> int:
     parser.add_argument("--table_only", action="store_true")
     parser.add_argument("--merge", default="", help="comma list of JSON files (of runs split over processes) "
                         "whose rows are merged into --out")
+    parser.add_argument("--analyse", default="", help="comma list of compiled-HLO dumps (chmr-jax compile "
+                        "--hlo_dump): bytes, HBM bytes and FLOPs per chip with this checkout's cost walk, the "
+                        "largest byte movers by source line; --molecules: molecules per chip")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.analyse:
+        from chmr_jax.training import aot
+        per_chip = int(args.molecules.split(",")[0])
+        for path in args.analyse.split(","):
+            c = aot.hlo_cost(Path(path).read_text())
+            est = max(c["flops"] / aot.CHIPS["v5e"].peak_flops, c["bytes"] / aot.CHIPS["v5e"].hbm_bytes_per_s)
+            print(f"{path}: {c['bytes'] / 1e9:.2f} GB moved per chip ({c['bytes'] / per_chip / 1e6:.1f} MB per "
+                  f"molecule), HBM only {c['hbm_bytes'] / 1e9:.2f} GB ({c['hbm_bytes'] / per_chip / 1e6:.1f} MB), "
+                  f"{c['flops'] / 1e9:.1f} GFLOP; v5e roofline {est * 1e3:.1f} ms")
+            for where, b in sorted(c["by_source"].items(), key=lambda kv: -kv[1])[:8]:
+                print(f"    {b / 1e9:7.3f} GB HBM  {where}")
+        return 0
     if args.worker:
         print(json.dumps(kernel_worker(args.topologies, args.worker, int(args.molecules))))
         return 0

@@ -500,6 +500,8 @@ def _moved_bytes(ins, shapes: dict, comps: dict) -> tuple[float, float]:
     - the output of an instruction that aliases an operand (in-place fusions) is not counted twice.
     HBM bytes leave out arrays in on-chip memory (S(1) layouts)."""
     op = ins.opcode
+    if op == "custom-call" and re.search(r'custom_call_target="(ConcatBitcast|AllocateBuffer)"', ins.rest):
+        return 0.0, 0.0     # TPU bookkeeping: a concatenation of adjacent buffers / an allocation, no copy
     out_all, out_hbm = ins.out_bytes, _bytes_of(ins.shape_text, True)
     operands = [shapes.get(o, "") for o in ins.operand_names]
     if op.endswith("-done"):
