@@ -3,7 +3,7 @@ memory, the largest global batch that fits, ESTIMATED step time, molecules/s and
 TPU; see chmr_jax/training/aot.py for how each figure is derived), and the corpus-side kernels (the
 kNN's block product, one propagation step) sharded over the same chips.
 
-  python benchmarks/tpu_compile.py                                  # the RESULTS.md table (hours on 2 cores)
+  python benchmarks/tpu_compile.py                                  # the RESULTS.md table (about an hour on 2 cores)
   python benchmarks/tpu_compile.py --topologies v5e-8 --variants bf16_remat --no_fit   # one row, minutes
   python benchmarks/tpu_compile.py --kernels_only                    # kNN / propagation rows only
   python benchmarks/tpu_compile.py --table_only                     # reprint from the JSON
@@ -11,7 +11,9 @@ kNN's block product, one propagation step) sharded over the same chips.
 
 Step rows: `chmr-jax compile --config configs/paper.py:tpu_pod` (ring InfoNCE, bf16) with remat
 (variant bf16_remat) and as float32 without remat (f32), each at the paper's global batch 3072 and,
-with --fit, at the largest batch that fits HBM, one subprocess per topology and variant.
+for --fit_variants (default bf16_remat), at the largest batch that fits HBM (`chmr-jax compile --fit`:
+two probes and --max_probes more compiles narrowing the bracket, so "largest" is within that bracket:
+see each row's smallest refused batch), one subprocess per topology and variant.
 
 Kernel rows, per topology and corpus size N (129,592 = the paper's corpus, 1,000,000):
   knn          tanimoto_knn's block product (propagation._knn_block: a [block, 2048] x [2048, N] Tanimoto
@@ -43,12 +45,12 @@ KNN_BLOCK = 1024
 PROP_CHUNK = 256
 
 
-def step_row(topology: str, variant: str, fit: bool, batch: int) -> dict:
+def step_row(topology: str, variant: str, fit: bool, batch: int, max_probes: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, "-m", "chmr_jax.cli", "compile", "--config", str(ROOT / "configs/paper.py") + ":tpu_pod",
                "--topology", topology, "--out", str(out), f"--config.batch.batch_size={batch}",
-               *VARIANTS[variant]] + (["--fit"] if fit else [])
+               *VARIANTS[variant]] + (["--fit", f"--max_probes={max_probes}"] if fit else [])
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         wall = time.perf_counter() - t0
@@ -137,9 +139,12 @@ def step_table(rows: list[dict]) -> str:
             continue
         fit = r.get("fit") or {}
         lines.append(" | ".join(str(v) for v in [
-            f"{r['name']} ({r['topology']})", r["variant"], r["chips"], f"{r['per_chip_bytes'] / 2**30:.2f}",
-            "yes" if r["fits"] else "NO", f"{r['estimated_step_s'] * 1e3:.1f}",
-            f"{r['estimated_molecules_per_s']:,.0f}", f"{r['estimated_mfu']:.1%}", f"{r['bytes_per_molecule'] / 1e6:.1f}",
+            f"{r['name']} ({r['topology']})", r["variant"], r["chips"],
+            f"{r['per_chip_bytes'] / 2**30:.2f}" if r.get("per_chip_bytes") else "-",
+            "yes" if r["fits"] else "NO", f"{r['estimated_step_s'] * 1e3:.1f}" if r.get("estimated_step_s") else "-",
+            f"{r['estimated_molecules_per_s']:,.0f}" if r.get("estimated_molecules_per_s") else "-",
+            f"{r['estimated_mfu']:.1%}" if r.get("estimated_mfu") is not None else "-",
+            f"{r['bytes_per_molecule'] / 1e6:.1f}" if r.get("bytes_per_molecule") else "-",
             f"{fit['largest_batch']:,}" if fit.get("largest_batch") else "-",
             f"{fit['per_chip_bytes'] / 2**30:.2f}" if fit.get("per_chip_bytes") else "-",
             f"{fit['estimated_molecules_per_s']:,.0f}" if fit.get("estimated_molecules_per_s") else "-",
@@ -168,6 +173,8 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--batch", type=int, default=3072)
     parser.add_argument("--no_fit", action="store_true", help="skip the largest-batch search")
+    parser.add_argument("--fit_variants", default="bf16_remat", help="variants whose largest batch is searched")
+    parser.add_argument("--max_probes", type=int, default=2, help="compiles of the search after its first two")
     parser.add_argument("--kernel_topologies", default="v5e-8,v5p-128")
     parser.add_argument("--molecules", default="129592,1000000")
     parser.add_argument("--kernels_only", action="store_true")
@@ -210,7 +217,8 @@ def main() -> int:
         if not args.kernels_only:
             for t in args.topologies.split(","):
                 for v in args.variants.split(","):
-                    row = step_row(t, v, not args.no_fit, args.batch)
+                    fit = not args.no_fit and v in args.fit_variants.split(",")
+                    row = step_row(t, v, fit, args.batch, args.max_probes)
                     old["steps"] = [r for r in old["steps"] if (r.get("name"), r.get("variant")) != (t, v)] + [row]
                     print(step_table([row]).splitlines()[-1], flush=True)
                     out.write_text(json.dumps(old, indent=1, default=str))

@@ -475,6 +475,8 @@ def _compile(argv: list[str]) -> int:
         flags.DEFINE_string("out", None, "write the row(s) as JSON here", flag_values=fv)
         flags.DEFINE_boolean("fit", False, "also search the largest global batch that fits the chip's HBM",
                              flag_values=fv)
+        flags.DEFINE_integer("max_probes", 8, "--fit: compiles after the first two (each narrows the bracket)",
+                             flag_values=fv)
         flags.DEFINE_integer("molecules", 0, "corpus size the replicated context arrays are scaled to "
                              "(default: the config's corpus, or 129,592 for a stand-in)", flag_values=fv)
         flags.DEFINE_integer("sample", 1024, "molecules the shapes are taken from", flag_values=fv)
@@ -509,7 +511,7 @@ def _compile(argv: list[str]) -> int:
         print(aot.format_rows(rows), flush=True)
         fit = None
         if fv.fit:
-            fit = aot.largest_batch(config, spec, sample, devices, first=row)
+            fit = aot.largest_batch(config, spec, sample, devices, first=row, max_probes=fv.max_probes)
             print(f"largest global batch that fits {spec.chip.hbm_bytes / aot.GiB:.0f} GiB per chip: "
                   f"{fit['largest_batch']:,} (estimate)")
             if fit.get("per_chip_bytes"):
@@ -517,7 +519,7 @@ def _compile(argv: list[str]) -> int:
     except aot.CompileError as e:
         print(f"chmr-jax compile: {e}", file=sys.stderr)
         return 2
-    if row["host_calls"]:
+    if row.get("host_calls"):
         print(f"chmr-jax compile: the TPU program calls back to the host ({', '.join(row['host_calls'])}): "
               "it would stall every step on a TPU", file=sys.stderr)
         return 2

@@ -130,3 +130,18 @@ def test_compile_bad_topology_is_one_line(tmp_path):
                         "--topology", "v5e-12"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "no v5e slice of 12" in p.stderr
+
+
+@needs_libtpu
+def test_a_step_that_does_not_fit_is_a_row_with_fits_false(tmp_path):
+    """The TPU compiler refuses a program larger than its HBM: that is the answer (fits: false, the
+    temporaries it asked for, the HBM it allows), not a compile error."""
+    out = tmp_path / "big.json"
+    env = {**os.environ, "CHMR_CACHE_DIR": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-m", "chmr_jax.cli", "compile", "--config", str(ROOT / "configs/test.py"),
+                        "--topology", "v5e-4", "--config.batch.batch_size=8000000", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert row["fits"] is False and row["per_chip_bytes"] > row["hbm_available_bytes"] > 15 * 2 ** 30
+    assert set(aot.ROW_FIELDS) <= set(row)

@@ -119,7 +119,7 @@ def test_blocked_batches_keep_every_index_in_its_block(feats):
     one = budget.block()
     for group in groups:
         b = graphs.pack(feats, group, budget)
-        assert b.blocks.tolist() == [0, 1, 2, 3] and b.nodes.shape[0] == budget.n_node
+        assert b.blocks.tolist() == [[0, 1, 2, 3]] and b.nodes.shape[0] == budget.n_node
         assert sorted(b.index[b.index >= 0].tolist()) == sorted(group.tolist()) and len(group) <= budget.max_molecules
         node_block = np.arange(budget.n_node) // one.n_node
         edge_block = np.arange(budget.n_edge) // one.n_edge

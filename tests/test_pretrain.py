@@ -438,12 +438,16 @@ def test_first_step_loss_does_not_depend_on_padding_or_device_count(tmp_path, ca
     """Through the CLI: the same model and molecules on 1 device (17 graph slots for 16 molecules)
     and on 8 devices (slots rounded up to 24) give the same first-step loss and terms. Before padding
     was masked out of CPR's mean, the two differed by 3e-3 (122.03 vs 121.62); float32 rounding of
-    the two reduction orders is ~1e-6 relative (two-pass batch-norm variance)."""
+    the two reduction orders is ~1e-6 relative (two-pass batch-norm variance). In the global layout
+    (device_blocks=False): per-device blocks put the molecules in other graph slots, and the context
+    walks draw their steps per slot, so their CPR term is another sample (test_graphs checks that the
+    blocked encoder itself is the same function)."""
     rows = {}
     for devices in (1, 8):
         workdir = tmp_path / f"d{devices}"
         assert cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
-                         "--config.train.steps=1", f"--config.train.devices={devices}"]) == 0
+                         "--config.train.steps=1", f"--config.train.devices={devices}",
+                         "--config.batch.device_blocks=False"]) == 0
         rows[devices] = metric_writers.read_jsonl(workdir / "metrics.jsonl")[0]
         budget = json.loads((workdir / "summary.json").read_text())
         assert budget["devices"] == devices
@@ -471,7 +475,7 @@ def test_vicreg_invariance_is_not_zero_with_sca_on_measured_rows(tmp_path, cache
 
 def test_step_flops_per_device_of_one_global_batch_on_1_and_8_devices(tmp_path, cache_dir):
     """Through the CLI and summary.json: 15 molecules per step pad to the same global budget on 1 and 8
-    devices (16 graph slots, node / edge budgets multiples of 32), so each of 8 devices does 1/8 of the
+    devices (16 graph slots, node / edge budgets multiples of 32, the global layout), so each of 8 devices does 1/8 of the
     one device's FLOPs. The count used to be XLA's count of the unpartitioned program divided by
     nothing: the same number on 8 devices as on 1 (utilisation overstated 8x; issue 21 §2)."""
     got = {}
@@ -479,7 +483,7 @@ def test_step_flops_per_device_of_one_global_batch_on_1_and_8_devices(tmp_path, 
         workdir = tmp_path / f"d{devices}"
         assert cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
                          "--config.train.steps=1", f"--config.train.devices={devices}",
-                         "--config.batch.batch_size=15"]) == 0
+                         "--config.batch.batch_size=15", "--config.batch.device_blocks=False"]) == 0
         got[devices] = json.loads((workdir / "summary.json").read_text())
     one, eight = got[1]["step_flops_per_device"], got[8]["step_flops_per_device"]
     assert isinstance(one, int) and isinstance(eight, int) and one > 0
@@ -518,6 +522,9 @@ def test_config_sections_are_the_components_keyword_arguments():
     assert isinstance(cfg.vicreg_weights, tuple) and cfg == objective.ObjectiveConfig(**config.objective)
     data = pretrain.data_config(saved, n_devices=3)
     assert (data.batch_size, data.knn_k, data.modalities) == (16, 5, "all")
+    assert (data.pad_multiple, data.graph_multiple, data.device_blocks) == (32, 3, True)   # 3 blocks of multiples of 32
+    saved.batch.device_blocks = False
+    data = pretrain.data_config(saved, n_devices=3)
     assert (data.pad_multiple, data.graph_multiple) == (96, 3)          # lcm(32, 3): every device the same share
     fields = {f.name for f in dataclasses.fields(pretrain_data.DataConfig)}
     assert set(config.batch) | set(config.pretrain_data) <= fields
@@ -534,12 +541,20 @@ def test_a_workdir_saved_before_a_config_field_existed_still_resumes(tmp_path):
         del saved[section][key]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     # VICReg's held-out second view changed the objective: an old run does not silently resume with it...
-    with pytest.raises(pretrain.ConfigError, match="different config in \\['pretrain_data'\\]"):
+    with pytest.raises(pretrain.ConfigError, match="pretrain_data.vicreg_second_view: 'propagated' -> 'held_out'"):
         pretrain._check_same_run(tmp_path, config)
     config.pretrain_data.vicreg_second_view = "propagated"
     pretrain._check_same_run(tmp_path, config)          # ...but with what it did, it is accepted
+    pretrain._check_same_run(tmp_path, config, n_devices=1)     # one device: either batch layout is the same
+    # On several devices the per-device blocks are other batches than the run's global layout...
+    with pytest.raises(pretrain.ConfigError, match="batch.device_blocks: False -> True.*did not exist"):
+        pretrain._check_same_run(tmp_path, config, n_devices=8)
+    config.batch.device_blocks = False
+    pretrain._check_same_run(tmp_path, config, n_devices=8)     # ...which the saved value restores
+    config.objective.collapse_every = 2                 # diagnostics do not define the run
+    pretrain._check_same_run(tmp_path, config, n_devices=8)
     config.model.dtype = "bfloat16"                     # a real change is still refused
-    with pytest.raises(pretrain.ConfigError, match="different config in \\['model'\\]"):
+    with pytest.raises(pretrain.ConfigError, match="model.dtype: 'float32' -> 'bfloat16'"):
         pretrain._check_same_run(tmp_path, config)
 
 

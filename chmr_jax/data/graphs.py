@@ -39,7 +39,8 @@ class GraphBatch(NamedTuple):
     edge_mask  bool  [E]      real edge
     graph_mask bool  [G]      real molecule
     index      int32 [G]      row of the molecule in its MoleculeFeatures (-1 for padding)
-    blocks     int32 [B]      0 .. B-1: the batch is B blocks (see the module docstring); B = 1 by default
+    blocks     int32 [S, B]   per device shard (S rows) the block ids 0 .. B-1: the batch is B blocks
+                              (module docstring); pack() always sets it, None reads as one block
     """
     nodes: np.ndarray
     edges: np.ndarray
@@ -51,12 +52,22 @@ class GraphBatch(NamedTuple):
     edge_mask: np.ndarray
     graph_mask: np.ndarray
     index: np.ndarray
-    blocks: np.ndarray = np.zeros(1, np.int32)   # int32 [B]: block ids; its length is the block count
+    blocks: np.ndarray = None   # int32 [S, B]: one row per device shard; B (its width) is the block count
 
 
 def n_blocks(batch: GraphBatch) -> int:
-    """The number of blocks of a batch (a static shape)."""
-    return int(batch.blocks.shape[0])
+    """The number of blocks of a batch: a static shape, the width of `blocks` (1 without the field)."""
+    return 1 if batch.blocks is None else int(batch.blocks.shape[1])
+
+
+def _block_leaf(budget: "GraphBudget", graph_rows: tuple[int, int]) -> np.ndarray:
+    """The `blocks` rows of the device shards whose first graph slot lies in `graph_rows` ([S_local, B]):
+    sharded like the other arrays (one row per device), so every host contributes its devices' rows and
+    the global leaf is [S, B] whatever the layout; only its width B is read."""
+    per = budget.n_graph // budget.shards
+    lo, hi = graph_rows
+    count = sum(1 for s in range(budget.shards) if lo <= s * per < hi)
+    return np.tile(np.arange(budget.blocks, dtype=np.int32), (count, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +78,7 @@ class GraphBudget:
     n_graph: int
     batch_size: int | None = None   # molecules per batch at most (n_graph may be rounded up past it)
     blocks: int = 1                 # independent sub-batches (module docstring); n_node, n_edge, n_graph divide
+    shards: int = 1                 # devices the batch is split over (n_graph divides; rows of `blocks`)
 
     @property
     def max_molecules(self) -> int:
@@ -101,7 +113,8 @@ def estimate_budget(n_atoms: Sequence[int], n_edges: Sequence[int], batch_size: 
         # Each block is its own sum of ~B / blocks molecules, with its own upper tail and padding.
         one = estimate_budget(n_atoms, n_edges, -(-batch_size // blocks), pad_multiple, n_sigma, 1)
         return GraphBudget(n_node=one.n_node * blocks, n_edge=one.n_edge * blocks,
-                           n_graph=one.n_graph * blocks, batch_size=batch_size, blocks=blocks)
+                           n_graph=one.n_graph * blocks, batch_size=batch_size, blocks=blocks,
+                           shards=max(graph_multiple, 1))
     b = min(batch_size, n_atoms.size)
 
     def tail(x):
@@ -110,7 +123,7 @@ def estimate_budget(n_atoms: Sequence[int], n_edges: Sequence[int], batch_size: 
     return GraphBudget(
         n_node=round_up(int(math.ceil(tail(n_atoms))) + 1, pad_multiple),
         n_edge=round_up(max(int(math.ceil(tail(n_edges))), 1), pad_multiple),
-        n_graph=round_up(batch_size + 1, graph_multiple), batch_size=batch_size)
+        n_graph=round_up(batch_size + 1, graph_multiple), batch_size=batch_size, shards=max(graph_multiple, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +203,7 @@ def pack(features, indices: Sequence[int], budget: GraphBudget, rows: Rows | Non
         nodes=nodes, edges=edges, senders=senders, receivers=receivers, node_graph=node_graph,
         n_node=n_node[slots], node_mask=np.arange(n_lo, n_hi) < n_real_nodes,
         edge_mask=np.arange(e_lo, e_hi) < n_real_edges, graph_mask=(np.arange(G) < n_mol)[slots],
-        index=index[slots])
+        index=index[slots], blocks=_block_leaf(budget, rows.graph))
 
 
 def _block_split(features, indices, budget: GraphBudget) -> list[np.ndarray]:
@@ -217,6 +230,8 @@ def _pack_blocks(features, indices, budget: GraphBudget, rows: Rows | None) -> G
     """pack() of a blocked budget: each block packed on its own (its indices offset to its place in
     the batch); with `rows`, only the blocks (and rows of them) inside the requested ranges."""
     one = budget.block()
+    if one.n_graph * budget.blocks != budget.n_graph or budget.n_graph % budget.shards:
+        raise ValueError(f"{budget}: graph slots must split evenly into blocks and device shards")
     rows = rows or Rows.full(budget)
     pieces = []
     for d, group in enumerate(_block_split(features, indices, budget)):
@@ -228,14 +243,12 @@ def _pack_blocks(features, indices, budget: GraphBudget, rows: Rows | None) -> G
             continue
         local = [(lo, max(lo, hi)) for lo, hi in local]
         g = pack(features, group, one, Rows(*local))
-        # A block's id goes with its first graph slot, so the hosts' pieces hold each id once.
-        first_slot = local[2][0] == 0 and local[2][1] > 0
         pieces.append(g._replace(senders=g.senders + starts[0], receivers=g.receivers + starts[0],
-                                 node_graph=g.node_graph + starts[2],
-                                 blocks=np.full(1 if first_slot else 0, d, np.int32)))
+                                 node_graph=g.node_graph + starts[2]))
     if not pieces:
         raise ValueError(f"rows {rows} hold no block of {budget}")
-    return GraphBatch(*(np.concatenate([getattr(p, f) for p in pieces]) for f in GraphBatch._fields))
+    fields = {f: np.concatenate([getattr(p, f) for p in pieces]) for f in GraphBatch._fields if f != "blocks"}
+    return GraphBatch(**fields, blocks=_block_leaf(budget, rows.graph))
 
 
 def partition(features, order: Sequence[int], budget: GraphBudget) -> list[np.ndarray]:

@@ -203,11 +203,12 @@ def load_sample(config, n_chips: int, sample: int = 1024, molecules: int | None 
         if config.corpus.saved or config.corpus.kind == "synthetic" or \
                 (pretrain.corpus_cache_path(config, cache_dir) / "manifest.json").exists():
             full = pretrain.load_corpus(config, data_dir, cache_dir, config.workers or None, quiet)
-            pretrain.validate(config, full, "the config's corpus")
             source = f"the config's corpus (kind={config.corpus.kind}, {len(full)} molecules)"
     except (FileNotFoundError, corpus_lib.CorpusError, registry.DataNotFoundError, pretrain.ConfigError) as e:
         log(f"compile: the config's corpus is not usable here ({str(e).splitlines()[0][:160]}); using a stand-in")
         full = None
+    if full is not None:        # a config that does not fit its own corpus is the user's error, not a stand-in case
+        pretrain.validate(config, full, "the config's corpus")
     stand_in = full is None
     if stand_in:
         dims = {k: int(v) for k, v in config.corpus.dims.items()}
@@ -294,14 +295,14 @@ def batch_shapes(data, budget) -> dict:
     template = pretrain_data.batch_of(dc.replace(data, budget=small), [0, 1])
 
     def lead(field):
-        return (budget.n_node if field in NODE_FIELDS else budget.n_edge if field in EDGE_FIELDS else
-                budget.blocks if field == "blocks" else budget.n_graph)
+        return budget.n_node if field in NODE_FIELDS else budget.n_edge if field in EDGE_FIELDS else budget.n_graph
 
     out = {}
     for key, value in template.items():
         if key == "graph":
             out[key] = value._replace(**{f: ((lead(f),) + getattr(value, f).shape[1:], getattr(value, f).dtype)
-                                         for f in value._fields})
+                                         for f in value._fields if f != "blocks"},
+                                      blocks=((budget.shards, budget.blocks), np.int32))
         elif isinstance(value, dict):
             out[key] = {k: ((budget.n_graph,) + v.shape[1:], v.dtype) for k, v in value.items()}
         else:
@@ -591,15 +592,16 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
          "replica-id", "opt-barrier", "add-dependency", "call", "while", "conditional"}
 
 
-def hlo_cost(text: str) -> dict:
+def hlo_cost(text: str, conditional: str = "max", parsed=None) -> dict:
     """Per-chip bytes accessed and dot FLOPs of a compiled module, every instruction counted once per
     execution: top-level instructions (a fusion counts its operands and output, not its insides; its
     dots' FLOPs) in the entry computation and, through while / call / conditional, in the computations
     they run, times the loops' trip counts. `bytes`: all operands and outputs (XLA's 'bytes accessed'
     convention); `hbm_bytes`: without the arrays placed in on-chip memory (S(1) layouts), the traffic the
-    roofline charges to HBM. Returns the totals, {source line or op: hbm bytes} and {instruction kind:
-    hbm bytes}, and the loops found with their trip counts."""
-    comps, entry = _parse_hlo(text)
+    roofline charges to HBM. A conditional runs one branch: `conditional` 'max' charges the heaviest (an
+    upper bound), 'min' the lightest. Returns the totals, {source line or op: hbm bytes} and
+    {instruction kind: hbm bytes}, and the loops found with their trip counts. `parsed`: _parse_hlo(text)."""
+    comps, entry = parsed or _parse_hlo(text)
     by_source, by_kind, loops = {}, {}, []
     totals = {"bytes": 0.0, "hbm_bytes": 0.0, "flops": 0.0}
 
@@ -626,13 +628,13 @@ def hlo_cost(text: str) -> dict:
                     walk(c, times, depth + 1)
                 continue
             if ins.opcode == "conditional":
-                # One branch runs: charge the heaviest (a per-step upper bound).
+                # One branch runs: the heaviest or the lightest (see the docstring).
                 best = None
                 for c in ins.calls:
                     saved = (dict(totals), dict(by_source), dict(by_kind), len(loops))
                     walk(c, times, depth + 1)
                     moved = totals["bytes"] - saved[0]["bytes"]
-                    if best is None or moved > best[0]:
+                    if best is None or (moved > best[0] if conditional == "max" else moved < best[0]):
                         best = (moved, dict(totals), dict(by_source), dict(by_kind), loops[saved[3]:])
                     totals.clear(); totals.update(saved[0])
                     by_source.clear(); by_source.update(saved[1])
@@ -715,7 +717,21 @@ def compile_step(config, spec: Topology, batch_size: int | None = None, sample: 
     try:
         compiled = step.lower(a_state, a_batch, a_key, a_ctx).compile()
     except Exception as e:   # XLA's compile errors (an op TPU cannot run, out of memory at compile time)
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        text = str(e)
+        oom = re.search(r"required for HLO temporaries \(([\d.]+)([GMK])\) exceeds available HBM \(([\d.]+)([GMK])\)", text)
+        if oom or "RESOURCE_EXHAUSTED" in text:
+            # The TPU compiler refuses a program that does not fit its HBM: that is the answer, not an error.
+            unit = lambda u: {"G": GiB, "M": 2 ** 20, "K": 2 ** 10}[u]
+            need = int(float(oom.group(1)) * unit(oom.group(2))) if oom else None
+            avail = int(float(oom.group(3)) * unit(oom.group(4))) if oom else spec.chip.hbm_bytes
+            return {**{f: None for f in ROW_FIELDS}, "topology": spec.topology_name, "name": spec.name, "chips": n,
+                    "device_kind": devices[0].device_kind, "global_batch": batch_size, "fits": False,
+                    "per_chip_bytes": need, "hbm_bytes": spec.chip.hbm_bytes, "hbm_available_bytes": avail,
+                    "budget": dataclasses.asdict(budget), "dtype": config.model.dtype, "remat": bool(config.model.remat),
+                    "compile_s": round(time.perf_counter() - t0, 1),
+                    "note": "the TPU compiler refused the program: its temporaries alone exceed the HBM it allows "
+                            "(per_chip_bytes: those temporaries, from its message)"}
+        first = next((ln for ln in text.splitlines() if ln.strip()), type(e).__name__)
         raise CompileError(f"the step does not compile for {spec.topology_name} at global batch {batch_size}: "
                            f"{type(e).__name__}: {first[:300]}") from None
     seconds = time.perf_counter() - t0
@@ -728,7 +744,13 @@ def compile_step(config, spec: Topology, batch_size: int | None = None, sample: 
     if hlo_dump:
         with open(hlo_dump, "w") as fh:
             fh.write(text)
-    cost = hlo_cost(text)
+    parsed = _parse_hlo(text)
+    heavy, light = hlo_cost(text, "max", parsed), hlo_cost(text, "min", parsed)
+    # The step's conditional is the collapse diagnostics (objective.collapse_every = k): the heavy branch
+    # runs on one step in k. Amortised over k steps:
+    k = int(config.objective.get("collapse_every", 1)) if config.objective.get("collapse_stats", True) else 1
+    cost = {key: light[key] + (heavy[key] - light[key]) / max(k, 1) for key in ("bytes", "hbm_bytes", "flops")}
+    cost.update(by_source=heavy["by_source"], by_kind=heavy["by_kind"])
     hosts = host_calls(text)
     model_flops = pretrain.step_flops(config, dims, tx, ctx, mesh, step, a_state, a_batch, a_key, a_ctx)
     chip = spec.chip
@@ -748,6 +770,7 @@ def compile_step(config, spec: Topology, batch_size: int | None = None, sample: 
         "hbm_bytes": chip.hbm_bytes, "fits": per_chip <= chip.hbm_bytes,
         "flops_per_chip": cost["flops"], "bytes_accessed_per_chip": cost["bytes"],
         "bytes_per_molecule": cost["bytes"] * n / molecules,
+        "bytes_accessed_per_chip_every_branch_heavy": heavy["bytes"], "conditional_amortised_over_steps": k,
         # Without the arrays XLA placed in on-chip memory: the HBM traffic alone (a lower bound of the time).
         "hbm_bytes_accessed_per_chip": cost["hbm_bytes"], "hbm_bytes_per_molecule": cost["hbm_bytes"] * n / molecules,
         "estimated_step_s_hbm_only": max(cost["flops"] / chip.peak_flops, cost["hbm_bytes"] / chip.hbm_bytes_per_s),
@@ -768,11 +791,13 @@ def compile_step(config, spec: Topology, batch_size: int | None = None, sample: 
 
 
 def largest_batch(config, spec: Topology, sample: Sample | None = None, devices=None, log=print,
-                  probes: tuple = (1, 2), first: dict | None = None) -> dict:
+                  probes: tuple = (1, 2), first: dict | None = None, max_probes: int = 8) -> dict:
     """The largest global batch (a multiple of 8 x chips) whose compiled step fits the chip's HBM: a
     line through two compiles (the config's batch x `probes`; `first`: an already compiled row at the
-    config's batch) predicts the footprint (close to linear in the batch), the prediction is compiled
-    and stepped down by 5% until it fits. Returns the largest fitting row with the probes tried."""
+    config's batch) predicts where the footprint reaches the HBM limit; each further compile moves the
+    fitting / refused bracket (the line through its two ends, or halfway) until it is within 2% (or one
+    unit), at most `max_probes` more compiles. Returns the largest fitting row, the smallest refused
+    batch and every probe."""
     devices = devices or tpu_devices(spec)
     n = len(devices)
     sample = sample or load_sample(config, n, log=log)
@@ -793,22 +818,41 @@ def largest_batch(config, spec: Topology, sample: Sample | None = None, devices=
     if first is not None and first["global_batch"] != base:
         first = None
     r1, r2 = probe(base * probes[0]), probe(base * probes[1])
-    slope = (r2["per_chip_bytes"] - r1["per_chip_bytes"]) / (r2["global_batch"] - r1["global_batch"])
-    if slope <= 0:
-        best = max((r for r in (r1, r2) if r["fits"]), key=lambda r: r["global_batch"], default=None)
-        return {**(best or {}), "largest_batch": best["global_batch"] if best else 0, "probes": tried}
-    b = int((r1["global_batch"] + (limit - r1["per_chip_bytes"]) / slope) // unit * unit)
-    best = max((r for r in (r1, r2) if r["fits"]), key=lambda r: r["global_batch"], default=None)
-    while b >= unit:
-        if best is not None and b <= best["global_batch"]:
+    # The compiler's own limit where a refused probe named it (v5e: 15.75 of 16 GiB).
+    limit = min([limit] + [r["hbm_available_bytes"] for r in (r1, r2) if r.get("hbm_available_bytes")])
+    fits = lambda r: bool(r["fits"])
+    lo = max((r for r in (r1, r2) if fits(r)), key=lambda r: r["global_batch"], default=None)
+    hi = min((r for r in (r1, r2) if not fits(r)), key=lambda r: r["global_batch"], default=None)
+    line = None
+    if r1["per_chip_bytes"] and r2["per_chip_bytes"] and r2["per_chip_bytes"] > r1["per_chip_bytes"]:
+        line = (r1, r2)
+    for _ in range(max_probes):
+        # The next guess: where the line through the two nearest probes (one fitting, one not, when there are
+        # both) reaches the limit; halfway when a probe has no size; never a batch already bracketed.
+        a, b = (lo, hi) if lo is not None and hi is not None and lo["per_chip_bytes"] and hi["per_chip_bytes"] \
+            else (line if line else (None, None))
+        if lo is not None and hi is not None and hi["global_batch"] - lo["global_batch"] <= max(unit, 0.02 * lo["global_batch"]):
             break
-        row = probe(b)
-        if row["fits"]:
-            best = row
+        if a is not None:
+            slope = (b["per_chip_bytes"] - a["per_chip_bytes"]) / (b["global_batch"] - a["global_batch"])
+            guess = a["global_batch"] + (limit - a["per_chip_bytes"]) / slope if slope > 0 else None
+        else:
+            guess = None
+        if guess is None:
+            guess = (lo["global_batch"] + hi["global_batch"]) / 2 if lo and hi else \
+                (hi["global_batch"] / 2 if hi else 2 * lo["global_batch"])
+        low = lo["global_batch"] + unit if lo else unit
+        high = hi["global_batch"] - unit if hi else float("inf")
+        guess = int(min(max(guess, low), high) // unit * unit)
+        if guess < low or guess > high:
             break
-        b = int(b * 0.95 // unit * unit)
-    return {**(best or {}), "largest_batch": best["global_batch"] if best else 0,
-            "bytes_per_molecule_of_memory": slope * n, "probes": tried}
+        row = probe(guess)
+        if fits(row):
+            lo = row
+        else:
+            hi = row
+    return {**(lo or {}), "largest_batch": lo["global_batch"] if lo else 0,
+            "smallest_refused_batch": hi["global_batch"] if hi else None, "probes": tried}
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -819,6 +863,12 @@ def format_rows(rows: list[dict]) -> str:
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
         est = r.get("estimated_step_s")
+        if est is None:     # refused by the compiler: does not fit
+            need = r.get("per_chip_bytes")
+            lines.append(" | ".join(str(v) for v in [r["topology"], r["chips"], f"{r['global_batch']:,}", r.get("dtype", ""),
+                                                      r.get("remat", ""), f"> {need / GiB:.2f}" if need else "-",
+                                                      f"{r['hbm_bytes'] / GiB:.0f}", "NO"] + ["-"] * 7 + [r["compile_s"]]))
+            continue
         vals = [r["topology"], r["chips"], f"{r['global_batch']:,}", r.get("dtype", ""), r.get("remat", ""),
                 f"{r['per_chip_bytes'] / GiB:.2f}", f"{r['hbm_bytes'] / GiB:.0f}", "yes" if r["fits"] else "NO",
                 f"{r['flops_per_chip'] / 1e9:.1f}", f"{r['bytes_accessed_per_chip'] / 1e9:.2f}",

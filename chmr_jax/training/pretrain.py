@@ -40,6 +40,8 @@ from chmr_jax.training import checkpoint as checkpoint_lib, chores as chores_lib
 MOLECULAR = ("fingerprint", "graph", "geometry")
 # Sections whose change makes a checkpoint unusable (shapes, data order): a restart must match them.
 RUN_DEFINING = ("featurize", "geometry", "corpus", "batch", "pretrain_data", "model", "objective", "optim")
+# Fields of those sections that do not define the run: diagnostics only.
+NOT_RUN_DEFINING = (("objective", "collapse_every"), ("objective", "collapse_stats"))
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,8 @@ def data_config(config, n_devices: int) -> pretrain_data.DataConfig:
     """config.batch and config.pretrain_data are DataConfig's arguments; the device count adds the
     graph multiple and makes the padding a multiple of it."""
     cfg = pretrain_data.DataConfig(**config.batch, **config.pretrain_data, graph_multiple=n_devices)
+    if cfg.device_blocks and n_devices > 1:
+        return cfg          # per-device blocks: the totals are n_devices x a block, already divisible
     return dataclasses.replace(cfg, pad_multiple=math.lcm(cfg.pad_multiple, n_devices))
 
 
@@ -344,9 +348,10 @@ def _check_same_dims(workdir: Path, dims: dict) -> None:
                           "Use a new --workdir, or restore the inputs the run was built from")
 
 
-def _check_same_run(workdir: Path, config, dims: dict | None = None) -> None:
-    """`config` continues the run in `workdir` (its RUN_DEFINING sections) and, when `dims` is given,
-    builds a model of the same dims."""
+def _check_same_run(workdir: Path, config, dims: dict | None = None, n_devices: int | None = None) -> None:
+    """`config` continues the run in `workdir` (its RUN_DEFINING sections but NOT_RUN_DEFINING) and, when
+    `dims` is given, builds a model of the same dims. batch.device_blocks is compared only once the
+    device count is known (n_devices) and above 1: on one device both layouts are the same batches."""
     if dims is not None:
         _check_same_dims(workdir, dims)
     saved_path = workdir / "config.json"
@@ -356,11 +361,23 @@ def _check_same_run(workdir: Path, config, dims: dict | None = None) -> None:
     for (section, key), value in ADDED_FIELDS.items():   # a run saved before the field existed had its default
         saved.get(section, {}).setdefault(key, value)
     now = json.loads(config.to_json_best_effort())
-    changed = [k for k in RUN_DEFINING if saved.get(k) != now.get(k)]
+    ignored = list(NOT_RUN_DEFINING) + ([("batch", "device_blocks")] if (n_devices or 1) <= 1 else [])
+    for section, key in ignored:
+        for d in (saved, now):
+            d.get(section, {}).pop(key, None)
+    changed = []
+    for section in RUN_DEFINING:
+        old, new = saved.get(section) or {}, now.get(section) or {}
+        if old != new:
+            keys = sorted(k for k in set(old) | set(new) if old.get(k, "absent") != new.get(k, "absent"))
+            changed += [f"{section}.{k}: {old.get(k, 'absent')!r} -> {new.get(k, 'absent')!r}" for k in keys]
     if changed:
-        raise ConfigError(f"{workdir} holds a run with a different config in {changed} (see {saved_path}); "
-                          "resuming it with this config would not continue the same run. Use a new --workdir, "
-                          "or restore those fields")
+        added = [f"{s}.{k}" for (s, k) in ADDED_FIELDS if any(c.startswith(f"{s}.{k}:") for c in changed)]
+        raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(changed)}; saved -> now, see "
+                          f"{saved_path}); resuming it with this config would not continue the same run. Use a new "
+                          "--workdir, or pass the saved values as --config overrides"
+                          + (f" ({', '.join(added)} did not exist when the run was saved: the value shown is what "
+                             "it did then)" if added else ""))
 
 
 class _StopFlag:
@@ -419,7 +436,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     names = molecular_names(config)
     corpus, data = build_inputs(config, n_dev, data_dir, log)
     dims = model_dims(config, data, names)
-    _check_same_run(workdir, config, dims)     # before model_dims.json is (re)written
+    _check_same_run(workdir, config, dims, n_dev)     # before model_dims.json is (re)written
     if is_main:
         _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
         _write_json(workdir / "corpus_manifest.json", corpus.manifest)
@@ -494,7 +511,9 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
                 step += 1
                 logged = None
                 if chores_lib.itstime(step, tcfg.log_every_steps, total):
-                    last = train.host_values(metrics)
+                    # Diagnostics not computed on this step (objective.collapse_every) are NaN: left out.
+                    last = {k: v for k, v in train.host_values(metrics).items()
+                            if not (k.startswith("collapse/") and np.isnan(v).all())}
                     logged = {**last, "epoch": epoch}   # 'lr': the rate the update used (skips hold it back)
                 chores.step_done(step, n_mol, ready=state.step, metrics=logged)
                 if logged is not None:
