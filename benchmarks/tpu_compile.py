@@ -140,7 +140,8 @@ def step_table(rows: list[dict]) -> str:
         fit = r.get("fit") or {}
         lines.append(" | ".join(str(v) for v in [
             f"{r['name']} ({r['topology']})", r["variant"], r["chips"],
-            f"{r['per_chip_bytes'] / 2**30:.2f}" if r.get("per_chip_bytes") else "-",
+            (f"{r['per_chip_bytes'] / 2**30:.2f}" if r["fits"] else f">= {r['per_chip_bytes'] / 2**30:.2f}")
+            if r.get("per_chip_bytes") else "-",
             "yes" if r["fits"] else "NO", f"{r['estimated_step_s'] * 1e3:.1f}" if r.get("estimated_step_s") else "-",
             f"{r['estimated_molecules_per_s']:,.0f}" if r.get("estimated_molecules_per_s") else "-",
             f"{r['estimated_mfu']:.1%}" if r.get("estimated_mfu") is not None else "-",

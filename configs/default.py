@@ -105,7 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lambda_cpr=1.0,              # weight of L_CPR (0: the "w/o CPR" ablation; not computed)
         cpr_source="modality",       # release: cellular targets decoded from p_c, molecule target from the anchor
         collapse_stats=True,         # log effective rank / std of the molecular projections (collapse.py)
-        collapse_every=1))           # ... every k-th step only (a divisor of train.log_every_steps)
+        collapse_every=1))           # ... every k-th step only (a divisor of train.log_every_steps; 0: the logged steps)
 
     # Optimiser (spec §7): Adam + coupled L2 1e-8, lr 1e-4, the release's cosine lr*cos(7pi/16 t/T).
     config.optim = ml_collections.ConfigDict(dict(lr=1e-4, weight_decay=1e-8, schedule="release_cosine"))

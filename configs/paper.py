@@ -51,6 +51,6 @@ def get_config(arg: str | None = None):
         config.model.dtype = "bfloat16"
         # The collapse diagnostics' eigendecompositions on the logged steps only (every 10th): on TPU they
         # moved 3.5 of a compiled step's 14.5 GB per chip (benchmarks/RESULTS.md "Compiled for TPU").
-        # (A reference: --config.train.log_every_steps=N moves it along.)
-        config.objective.collapse_every = config.train.get_ref("log_every_steps")
+        # 0 = every logged step: --config.train.log_every_steps=N moves it along.
+        config.objective.collapse_every = 0
     return config

@@ -145,3 +145,14 @@ def test_a_step_that_does_not_fit_is_a_row_with_fits_false(tmp_path):
     row = json.loads(out.read_text())
     assert row["fits"] is False and row["per_chip_bytes"] > row["hbm_available_bytes"] > 15 * 2 ** 30
     assert set(aot.ROW_FIELDS) <= set(row)
+
+
+def test_hbm_refusals_are_told_from_compile_errors():
+    assert aot.hbm_refusal("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                           "temporaries (54.12G) exceeds available HBM (15.75G).") == \
+        (int(54.12 * 2 ** 30), int(15.75 * 2 ** 30), "temporaries")
+    assert aot.hbm_refusal("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+                           "hbm. Used 21.95G of 15.48G hbm. Exceeded hbm capacity by 6.47G.") == \
+        (int(21.95 * 2 ** 30), int(15.48 * 2 ** 30), "total")
+    assert aot.hbm_refusal("RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem.") is None
+    assert aot.hbm_refusal("INVALID_ARGUMENT: unsupported op") is None

@@ -660,6 +660,23 @@ def hlo_cost(text: str, conditional: str = "max", parsed=None) -> dict:
     return {**totals, "by_source": by_source, "by_kind": by_kind, "loops": loops}
 
 
+def hbm_refusal(text: str):
+    """(bytes needed or None, bytes the compiler allows or None, what the first figure is) when a TPU
+    compile error is an HBM refusal, else None (on-chip vmem / smem exhaustion is a compile error).
+    Two messages are known: '... HLO temporaries (54.12G) exceeds available HBM (15.75G)' and
+    'Ran out of memory in memory space hbm. Used 21.95G of 15.48G hbm'."""
+    unit = lambda u: {"G": GiB, "M": 2 ** 20, "K": 2 ** 10, "": 1}[u]
+    m = re.search(r"HLO temporaries \(([\d.]+)([GMK]?)\) exceeds available HBM \(([\d.]+)([GMK]?)\)", text)
+    if m:
+        return int(float(m.group(1)) * unit(m.group(2))), int(float(m.group(3)) * unit(m.group(4))), "temporaries"
+    m = re.search(r"memory space hbm\. Used ([\d.]+)([GMK]?) of ([\d.]+)([GMK]?) hbm", text)
+    if m:
+        return int(float(m.group(1)) * unit(m.group(2))), int(float(m.group(3)) * unit(m.group(4))), "total"
+    if "RESOURCE_EXHAUSTED" in text and re.search(r"\bhbm\b|\bHBM\b", text) and not re.search(r"vmem|smem", text, re.I):
+        return None, None, "unknown"
+    return None
+
+
 HOST_TARGETS = ("callback", "host", "python")
 
 
@@ -718,19 +735,18 @@ def compile_step(config, spec: Topology, batch_size: int | None = None, sample: 
         compiled = step.lower(a_state, a_batch, a_key, a_ctx).compile()
     except Exception as e:   # XLA's compile errors (an op TPU cannot run, out of memory at compile time)
         text = str(e)
-        oom = re.search(r"required for HLO temporaries \(([\d.]+)([GMK])\) exceeds available HBM \(([\d.]+)([GMK])\)", text)
-        if oom or "RESOURCE_EXHAUSTED" in text:
+        refused = hbm_refusal(text)
+        if refused is not None:
             # The TPU compiler refuses a program that does not fit its HBM: that is the answer, not an error.
-            unit = lambda u: {"G": GiB, "M": 2 ** 20, "K": 2 ** 10}[u]
-            need = int(float(oom.group(1)) * unit(oom.group(2))) if oom else None
-            avail = int(float(oom.group(3)) * unit(oom.group(4))) if oom else spec.chip.hbm_bytes
+            need, avail, what = refused
             return {**{f: None for f in ROW_FIELDS}, "topology": spec.topology_name, "name": spec.name, "chips": n,
                     "device_kind": devices[0].device_kind, "global_batch": batch_size, "fits": False,
-                    "per_chip_bytes": need, "hbm_bytes": spec.chip.hbm_bytes, "hbm_available_bytes": avail,
+                    "per_chip_bytes": need, "per_chip_bytes_is": what, "hbm_bytes": spec.chip.hbm_bytes,
+                    "hbm_available_bytes": avail or spec.chip.hbm_bytes,
                     "budget": dataclasses.asdict(budget), "dtype": config.model.dtype, "remat": bool(config.model.remat),
                     "compile_s": round(time.perf_counter() - t0, 1),
-                    "note": "the TPU compiler refused the program: its temporaries alone exceed the HBM it allows "
-                            "(per_chip_bytes: those temporaries, from its message)"}
+                    "note": "the TPU compiler refused the program for HBM; per_chip_bytes is what its message "
+                            "names (per_chip_bytes_is), at least that much"}
         first = next((ln for ln in text.splitlines() if ln.strip()), type(e).__name__)
         raise CompileError(f"the step does not compile for {spec.topology_name} at global batch {batch_size}: "
                            f"{type(e).__name__}: {first[:300]}") from None
@@ -748,7 +764,7 @@ def compile_step(config, spec: Topology, batch_size: int | None = None, sample: 
     heavy, light = hlo_cost(text, "max", parsed), hlo_cost(text, "min", parsed)
     # The step's conditional is the collapse diagnostics (objective.collapse_every = k): the heavy branch
     # runs on one step in k. Amortised over k steps:
-    k = int(config.objective.get("collapse_every", 1)) if config.objective.get("collapse_stats", True) else 1
+    k = pretrain.collapse_every(config) if config.objective.get("collapse_stats", True) else 1
     cost = {key: light[key] + (heavy[key] - light[key]) / max(k, 1) for key in ("bytes", "hbm_bytes", "flops")}
     cost.update(by_source=heavy["by_source"], by_kind=heavy["by_kind"])
     hosts = host_calls(text)
@@ -810,8 +826,9 @@ def largest_batch(config, spec: Topology, sample: Sample | None = None, devices=
             compile_step(config, spec, b, sample, devices, log=log)
         tried.append({"global_batch": b, "per_chip_bytes": row["per_chip_bytes"], "fits": row["fits"],
                       "compile_s": row["compile_s"]})
-        log(f"  {spec.topology_name} batch {b}: {row['per_chip_bytes'] / GiB:.2f} GiB per chip "
-            f"({'fits' if row['fits'] else 'does not fit'} {limit / GiB:.0f} GiB)")
+        size = f"{row['per_chip_bytes'] / GiB:.2f} GiB" if row["per_chip_bytes"] else "? GiB"
+        log(f"  {spec.topology_name} batch {b}: {'' if row['fits'] else '>= '}{size} per chip "
+            f"({'fits' if row['fits'] else 'refused by the compiler for'} {limit / GiB:.0f} GiB)")
         return row
 
     base = max(unit, int(config.batch.batch_size) // unit * unit)

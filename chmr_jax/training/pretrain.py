@@ -75,8 +75,14 @@ def data_config(config, n_devices: int) -> pretrain_data.DataConfig:
     return dataclasses.replace(cfg, pad_multiple=math.lcm(cfg.pad_multiple, n_devices))
 
 
+def collapse_every(config) -> int:
+    """config.objective.collapse_every, where 0 means every logged step (config.train.log_every_steps)."""
+    every = int(config.objective.get("collapse_every", 1))
+    return int(config.train.log_every_steps) if every == 0 else every
+
+
 def objective_config(config) -> objective_lib.ObjectiveConfig:
-    return objective_lib.ObjectiveConfig(**config.objective)
+    return objective_lib.ObjectiveConfig(**{**config.objective, "collapse_every": collapse_every(config)})
 
 
 def _digest(obj) -> str:
@@ -146,10 +152,11 @@ def validate(config, corpus: corpus_lib.Corpus, source: str) -> None:
                               "if that corpus is the intended one")
     if config.batch.batch_size < 2:
         raise ConfigError("config.batch.batch_size must be >= 2 (InfoNCE needs negatives)")
-    every = config.objective.get("collapse_every", 1)
-    if every > 1 and config.train.log_every_steps % every:
+    every = collapse_every(config)
+    if every < 1 or (every > 1 and config.train.log_every_steps % every):
         raise ConfigError(f"config.objective.collapse_every={every} must divide config.train.log_every_steps="
-                          f"{config.train.log_every_steps}: the logged steps would report NaN collapse statistics")
+                          f"{config.train.log_every_steps} (0: the logged steps): the logged steps would miss the "
+                          "collapse statistics")
     if config.objective.infonce_impl not in ("dense", "chunked", "ring"):
         raise ConfigError(f"config.objective.infonce_impl={config.objective.infonce_impl!r}: "
                           "choose 'dense', 'chunked' or 'ring'")
@@ -358,8 +365,11 @@ def _check_same_run(workdir: Path, config, dims: dict | None = None, n_devices: 
     if not saved_path.exists():
         return
     saved = json.loads(saved_path.read_text())
+    inserted = set()
     for (section, key), value in ADDED_FIELDS.items():   # a run saved before the field existed had its default
-        saved.get(section, {}).setdefault(key, value)
+        if key not in saved.get(section, {}):
+            saved.setdefault(section, {})[key] = value
+            inserted.add(f"{section}.{key}")
     now = json.loads(config.to_json_best_effort())
     ignored = list(NOT_RUN_DEFINING) + ([("batch", "device_blocks")] if (n_devices or 1) <= 1 else [])
     for section, key in ignored:
@@ -372,7 +382,7 @@ def _check_same_run(workdir: Path, config, dims: dict | None = None, n_devices: 
             keys = sorted(k for k in set(old) | set(new) if old.get(k, "absent") != new.get(k, "absent"))
             changed += [f"{section}.{k}: {old.get(k, 'absent')!r} -> {new.get(k, 'absent')!r}" for k in keys]
     if changed:
-        added = [f"{s}.{k}" for (s, k) in ADDED_FIELDS if any(c.startswith(f"{s}.{k}:") for c in changed)]
+        added = [name for name in sorted(inserted) if any(c.startswith(f"{name}:") for c in changed)]
         raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(changed)}; saved -> now, see "
                           f"{saved_path}); resuming it with this config would not continue the same run. Use a new "
                           "--workdir, or pass the saved values as --config overrides"
@@ -481,6 +491,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     step_fn = train.make_train_step(graphdef, tx, objective_config(config), ctx, mesh, schedule=schedule)
     ctx_device = train.context_on_devices(ctx, mesh)
     base_key = train.step_base_key(tcfg.seed)   # a stream apart from the parameters' and dropout's
+    every_collapse = collapse_every(config)
     meta_common = {"total_steps": total, "devices": n_dev, "corpus": corpus.manifest.get("name", ""),
                    "budget": data.budget.__dict__}
     # Utilisation (issue 14 §2, issue 21 §2): the dense matmul rate in the model's dtype of a device this
@@ -511,9 +522,11 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
                 step += 1
                 logged = None
                 if chores_lib.itstime(step, tcfg.log_every_steps, total):
-                    # Diagnostics not computed on this step (objective.collapse_every) are NaN: left out.
+                    # Diagnostics not computed on this step (objective.collapse_every; NaN placeholders) are
+                    # left out; a NaN computed on a diagnostic step (a non-finite projection) is kept.
+                    skipped_diag = step % every_collapse != 0
                     last = {k: v for k, v in train.host_values(metrics).items()
-                            if not (k.startswith("collapse/") and np.isnan(v).all())}
+                            if not (skipped_diag and k.startswith("collapse/"))}
                     logged = {**last, "epoch": epoch}   # 'lr': the rate the update used (skips hold it back)
                 chores.step_done(step, n_mol, ready=state.step, metrics=logged)
                 if logged is not None:
