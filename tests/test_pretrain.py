@@ -616,3 +616,23 @@ def test_a_final_checkpoint_that_fails_its_read_back_does_not_finish_the_run(tmp
     assert rc == 2 and "final checkpoint of step 6 failed its read-back check" in err and "step 4" in err
     assert not (workdir / "summary.json").exists()
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
+
+
+def test_collapse_every_logs_the_statistics_on_their_steps_only(tmp_path, cache_dir):
+    """collapse_every=2, logged every step for 3 steps: step 2 carries the collapse statistics (finite),
+    steps 1 and 3 (the final one) carry none (not NaN placeholders), nor does summary.json; a value
+    that does not divide log_every_steps is refused (exit 2)."""
+    workdir = tmp_path / "every2"
+    assert cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
+                     "--config.train.steps=3", "--config.train.log_every_steps=2",
+                     "--config.objective.collapse_every=2"]) == 0
+    rows = {r["step"]: r for r in metric_writers.read_jsonl(workdir / "metrics.jsonl")}
+    assert sorted(rows) == [2, 3]
+    assert [k for k in rows[2] if k.startswith("collapse/")] and all(
+        np.isfinite(v) for k, v in rows[2].items() if k.startswith("collapse/"))
+    assert not [k for k in rows[3] if k.startswith("collapse/")]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert not [k for k in summary["final_metrics"] if k.startswith("collapse/")]
+    assert cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(tmp_path / "bad"),
+                     f"--config.cache_dir={cache_dir}", "--config.train.log_every_steps=3",
+                     "--config.objective.collapse_every=2"]) == 2
