@@ -210,17 +210,7 @@ def _block_split(features, indices, budget: GraphBudget) -> list[np.ndarray]:
     """The molecules of a blocked batch per block: greedily in order, a block closes when the next
     molecule would overflow it (partition builds groups the same way, so this recovers its split)."""
     one = budget.block()
-    out, current, nodes, edges = [], [], 0, 0
-    for i in indices:
-        a, b = int(features.n_atoms[i]), int(features.n_edges[i])
-        if current and (len(current) == one.n_graph - 1 or nodes + a > one.n_node - 1 or edges + b > one.n_edge):
-            out.append(np.asarray(current, np.int64))
-            current, nodes, edges = [], 0, 0
-        current.append(int(i))
-        nodes += a
-        edges += b
-    if current:
-        out.append(np.asarray(current, np.int64))
+    out = partition(features, indices, one)     # the single-batch greedy rule on one block's budget
     if len(out) > budget.blocks:
         raise ValueError(f"{len(indices)} molecules need {len(out)} blocks of {one}; the budget has {budget.blocks}")
     return out + [np.zeros(0, np.int64)] * (budget.blocks - len(out))
