@@ -76,6 +76,7 @@ def kernel_worker(topology: str, kernel: str, n: int) -> dict:
 
     spec = aot.parse_topology(topology)
     devices = aot.tpu_devices(spec)
+    molecules = n
     mesh = train.data_mesh(devices)
     chips = len(devices)
     rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -95,6 +96,7 @@ def kernel_worker(topology: str, kernel: str, n: int) -> dict:
         # all-gather is part of the program). Columns in chunks of PROP_CHUNK: the three modalities'
         # 2749 + 1973 + 978 columns are ceil(5700 / PROP_CHUNK) chunks, T = 5 steps each.
         kk = 2 * 10
+        n = -(-n // chips) * chips                    # rows padded to a multiple of the chips (sharded evenly)
         graph = propagation.PropagationGraph(
             indptr=sds((n + 1,), jnp.int32, rep), rows=sds((1,), jnp.int32, rep), cols=sds((1,), jnp.int32, rep),
             weights=sds((1,), jnp.float32, rep), ell_cols=sds((n, kk), jnp.int32, shard),
@@ -113,7 +115,7 @@ def kernel_worker(topology: str, kernel: str, n: int) -> dict:
                    - mem.alias_size_in_bytes)
     chip = spec.chip
     step_s = max(cost["flops"] / chip.peak_flops, cost["bytes"] / chip.hbm_bytes_per_s)
-    return {"kernel": kernel, "topology": spec.topology_name, "name": topology, "chips": chips, "molecules": n,
+    return {"kernel": kernel, "topology": spec.topology_name, "name": topology, "chips": chips, "molecules": molecules,
             "per_chip_bytes": per_chip, "fits": per_chip <= chip.hbm_bytes, "flops_per_chip": cost["flops"],
             "bytes_accessed_per_chip": cost["bytes"], "estimated_call_s": step_s, "calls": calls,
             "estimated_total_s": step_s * calls, "compile_s": round(seconds, 1),
