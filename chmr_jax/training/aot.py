@@ -512,10 +512,10 @@ def _moved_bytes(ins, shapes: dict, comps: dict) -> tuple[float, float]:
         # (operands...), result(s), context scalars: the result is the array after the operands.
         n_in = max(1, len(_arrays(operands[0])) if operands else 1)
         result = arrays[n_in] if len(arrays) > n_in else (arrays[-1] if arrays else "")
-        src_hbm = sum(_bytes_of(o, True) for o in operands) if op != "slice-start" else \
-            (_bytes_of(result) if operands and _bytes_of(operands[0], True) else 0.0)
-        if op == "copy-start":
+        if op in ("copy-start", "slice-start"):   # reads the result's bytes from its source
             src_hbm = _bytes_of(result) if operands and _bytes_of(operands[0], True) else 0.0
+        else:                                      # collectives read their operands
+            src_hbm = sum(_bytes_of(o, True) for o in operands)
         return 2 * _bytes_of(result), src_hbm + _bytes_of(result, True)
     if op in _PARTIAL_READS and operands:
         rest_all = sum(_bytes_of(o) for o in operands[1:])
