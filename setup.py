@@ -1,6 +1,10 @@
 """chmr_jax: CHMR (cell-aware hierarchical multi-modal molecular representations) in JAX/Flax."""
 from setuptools import find_packages, setup
 
+# The jax this project is tested with. launch/tpu_pod.sh installs jax[tpu]==JAX_PIN on every pod worker,
+# so a pod never picks up a newer, untested jax; install_requires below stays a range for local use.
+JAX_PIN = "0.10.2"
+
 setup(
     name="chmr_jax",
     version="0.1.0",

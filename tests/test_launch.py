@@ -1,0 +1,150 @@
+"""launch/tpu_pod.sh against a `gcloud` stub on PATH that records its arguments (no cloud needed):
+the TPU is created with autocheckpoint, jax[tpu] is pinned to setup.py's JAX_PIN, stale processes are
+killed before the start, the job starts detached with the compilation cache set, and the `stop` /
+`status` commands it sends really find (and only find) the job when run here in a shell."""
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "launch" / "tpu_pod.sh"
+STUB = """#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["GCLOUD_LOG"], "a") as fh:
+    fh.write(json.dumps(sys.argv[1:]) + "\\n")
+"""
+
+
+def run_launcher(tmp_path, *args, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "gcloud").write_text(STUB)
+    (bin_dir / "gcloud").chmod(0o755)
+    log = tmp_path / "gcloud.jsonl"
+    log.unlink(missing_ok=True)
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "GCLOUD_LOG": str(log),
+                "TPU_NAME": "chmr-pod", "ZONE": "us-central2-b", **env}
+    out = subprocess.run(["bash", str(SCRIPT), *args], env=full_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def commands(calls):
+    """The --command strings of the `ssh` calls, in order."""
+    return [c[c.index("--command") + 1] for c in calls if "ssh" in c]
+
+
+def jax_pin():
+    return re.search(r'^JAX_PIN = "(.+)"', (ROOT / "setup.py").read_text(), re.M).group(1)
+
+
+@pytest.fixture(scope="module")
+def start_calls(tmp_path_factory):
+    return run_launcher(tmp_path_factory.mktemp("pod"), "start", "gs://bucket/runs/paper",
+                        "--config.train.steps=10", CREATE="1", ACCELERATOR="v5litepod-16")
+
+
+def test_create_asks_for_autocheckpoint_and_the_accelerator(start_calls):
+    create = [c for c in start_calls if "create" in c]
+    assert len(create) == 1
+    c = create[0]
+    assert c[:5] == ["alpha", "compute", "tpus", "tpu-vm", "create"] and "chmr-pod" in c
+    assert "--autocheckpoint-enabled" in c
+    assert c[c.index("--accelerator-type") + 1] == "v5litepod-16"
+    assert c[c.index("--zone") + 1] == "us-central2-b"
+
+
+def test_every_remote_command_is_valid_shell_and_targets_all_workers(start_calls):
+    ssh = [c for c in start_calls if "ssh" in c]
+    assert len(ssh) == 3   # install, cleanup, start
+    for c in ssh:
+        assert "--worker=all" in c
+    for cmd in commands(start_calls):
+        check = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
+        assert check.returncode == 0, (cmd, check.stderr)
+
+
+def test_install_pins_jax_to_setup_py(start_calls):
+    install = commands(start_calls)[0]
+    pinned = re.findall(r"jax\[tpu\]==([0-9.]+)", install)
+    assert pinned == [jax_pin()]
+
+
+def test_stale_processes_are_killed_before_the_start(start_calls):
+    install, cleanup, start = commands(start_calls)
+    assert "pkill -KILL" in cleanup and "libtpu_lockfile" in cleanup and "fuser -k" in cleanup
+    assert "pkill" not in start
+
+
+def test_the_job_starts_detached_with_the_compilation_cache(start_calls):
+    start = commands(start_calls)[-1]
+    assert "setsid nohup" in start and "< /dev/null" in start and "&" in start
+    assert "--config.train.compilation_cache_dir='gs://bucket/runs/paper/compilation_cache'" in start
+    assert "--config.train.distributed=True" in start and "--config.train.steps=10" in start
+    assert "--workdir 'gs://bucket/runs/paper'" in start
+
+
+def test_start_stop_status_really_work_in_a_shell(tmp_path):
+    """The commands the launcher sends, run here in a fake worker home with a stub `chmr-jax`: the job
+    survives the end (SIGHUP) of the session that started it, `status` sees it, `stop` SIGTERMs it (and
+    not the shell running pkill), and then `status` reports it gone."""
+    home = tmp_path / "home"
+    venv_bin = home / "chmr_jax" / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    stub = venv_bin / "chmr-jax"
+    stub.write_text("#!/usr/bin/env bash\ntrap 'echo TERM >> \"$HOME/job.log\"; exit 0' TERM\n"
+                    "echo \"$@\" > \"$HOME/job.args\"\nwhile true; do sleep 0.1; done\n")
+    stub.chmod(0o755)
+    start = commands(run_launcher(tmp_path, "start", str(tmp_path / "run")))[-1]
+    env = {**os.environ, "HOME": str(home)}
+    # The start command in its own session, which we then hang up on, as a dropped ssh would.
+    session = subprocess.Popen(["bash", "-c", start], cwd=home, env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, text=True)
+    assert "started" in session.communicate(timeout=30)[0]
+    pid = int((home / "chmr_jax" / "logs" / "pretrain.pid").read_text())
+    deadline = time.time() + 10
+    while not (home / "job.args").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    args = (home / "job.args").read_text().split()
+    assert args[0] == "pretrain" and args[-1].startswith("--config.train.compilation_cache_dir=")
+    try:   # the job is running: hang up on the session that started it
+        os.killpg(session.pid, signal.SIGHUP)
+    except ProcessLookupError:
+        pass
+    time.sleep(0.5)
+    os.kill(pid, 0)   # still alive after the hang-up
+
+    status = commands(run_launcher(tmp_path, "status"))[-1]
+    out = subprocess.run(["bash", "-c", status], cwd=home, env=env, capture_output=True, text=True, timeout=30)
+    assert "running" in out.stdout and "not running" not in out.stdout
+
+    stop = commands(run_launcher(tmp_path, "stop"))[-1]
+    out = subprocess.run(["bash", "-c", stop], cwd=home, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (home / "job.log").read_text().strip() == "TERM"
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.1)
+    out = subprocess.run(["bash", "-c", status], cwd=home, env=env, capture_output=True, text=True, timeout=30)
+    assert "not running" in out.stdout
+
+
+def test_logs_reads_the_worker_log(tmp_path):
+    calls = run_launcher(tmp_path, "logs", "20", WORKER="3")
+    assert "--worker=3" in calls[-1]
+    assert re.search(r"tail -n 20 .*pretrain-\$\(hostname\)\.log", commands(calls)[-1])
+
+
+def test_no_subcommand_and_no_arguments_is_a_usage_error(tmp_path):
+    out = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "TPU_NAME": "x", "ZONE": "z"},
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "usage" in out.stderr
