@@ -488,10 +488,11 @@ def _check_shared_workdir(workdir: Path) -> None:
     gathered = np.asarray(multihost_utils.process_allgather(record))
     if jax.process_index() == 0:
         path.unlink(missing_ok=True)   # every process has read it (they all sent their verdicts)
-    bad = [(i, bytes(r[1:]).rstrip(b"\0").decode()) for i, r in enumerate(gathered) if not r[0]]
+    dirs = [bytes(r[1:]).rstrip(b"\0").decode() for r in gathered]
+    bad = [(i, d) for i, (r, d) in enumerate(zip(gathered, dirs)) if not r[0]]
     if bad:
-        where = "; ".join(f"process {i} read its workdir {w}" for i, w in bad)
-        raise ConfigError(f"the processes do not share one workdir: process 0 wrote {path}, but {where} and did "
+        where = "; ".join(f"process {i} read its workdir {d}" for i, d in bad)
+        raise ConfigError(f"the processes do not share one workdir: process 0 wrote {Path(dirs[0]) / path.name}, but {where} and did "
                           "not find it there. --workdir must be one directory every host sees (a shared "
                           "filesystem or a gs:// bucket); nothing was trained")
 
