@@ -401,8 +401,8 @@ class _StopFlag:
     steps would hang): JAX's preemption service. jax.distributed.initialize installs its SIGTERM handler
     (in C++, invisible to Python's `signal`), which is left in place; any process' notice starts JAX's
     agreement on a step (the fastest process' next), and `reached(step)`
-    (multihost_utils.reached_preemption_sync_point, a local check, no communication) is True on that same
-    step on every process. A SIGINT is forwarded to that handler as a SIGTERM. A second signal (SIGINT,
+    (multihost_utils.reached_preemption_sync_point: a local check under a lock, no communication, ~0.1 us
+    a call on this CPU) is True on that same step on every process. A SIGINT is forwarded to that handler as a SIGTERM. A second signal (SIGINT,
     or SIGTERM on one process) stops at once without a checkpoint.
     """
 
