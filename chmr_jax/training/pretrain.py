@@ -492,7 +492,7 @@ def _check_shared_workdir(workdir: Path) -> None:
     bad = [(i, d) for i, (r, d) in enumerate(zip(gathered, dirs)) if not r[0]]
     if bad:
         where = "; ".join(f"process {i} read its workdir {d}" for i, d in bad)
-        raise ConfigError(f"the processes do not share one workdir: process 0 wrote {Path(dirs[0]) / path.name}, but {where} and did "
+        raise ConfigError(f"the processes do not share one workdir: process 0 wrote {dirs[0].rstrip('/')}/{path.name}, but {where} and did "
                           "not find it there. --workdir must be one directory every host sees (a shared "
                           "filesystem or a gs:// bucket); nothing was trained")
 
