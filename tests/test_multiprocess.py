@@ -204,7 +204,8 @@ def test_corruption_seen_by_one_of_two_processes_is_agreed_before_anything_moves
 # the stop's; a constant learning rate, so the run's length (train.steps) does not enter the step
 # program and a run stopped later is the uninterrupted reference for an earlier one's restart.
 PREEMPT = ["--config.train.steps=2000", "--config.train.checkpoint_every_steps=100000",
-           "--config.train.log_every_steps=1", "--config.optim.schedule=constant", "--config.train.heartbeat_timeout_s=20"]
+           "--config.train.log_every_steps=1", "--config.optim.schedule=constant",
+           "--config.train.heartbeat_timeout_s=20"]
 
 
 def _preempt(workdir, cache_dir, xla_cache, targets, after_rows):
@@ -214,7 +215,8 @@ def _preempt(workdir, cache_dir, xla_cache, targets, after_rows):
     proc = launch(workdir, cache_dir, *PREEMPT, f"--config.train.compilation_cache_dir={xla_cache}", wait=False)
     try:
         deadline = time.time() + 600
-        while not (workdir / "metrics.jsonl").exists() or len(metric_writers.read_jsonl(workdir / "metrics.jsonl")) < after_rows:
+        rows = workdir / "metrics.jsonl"
+        while not rows.exists() or len(metric_writers.read_jsonl(rows)) < after_rows:
             assert time.time() < deadline and proc.poll() is None, "the 2-process run did not start"
             time.sleep(0.05)
         t0 = time.time()
@@ -264,8 +266,8 @@ def test_processes_without_a_shared_workdir_stop_before_training(tmp_path, cache
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "chmr_jax.cli", "pretrain", "--config", TEST_CONFIG, "--workdir", str(tmp_path / f"local_{i}"),
-         f"--config.cache_dir={cache_dir}", f"--config.train.coordinator_address=127.0.0.1:{port}",
+        [sys.executable, "-m", "chmr_jax.cli", "pretrain", "--config", TEST_CONFIG,
+         "--workdir", str(tmp_path / f"local_{i}"), f"--config.cache_dir={cache_dir}", f"--config.train.coordinator_address=127.0.0.1:{port}",
          "--config.train.num_processes=2", f"--config.train.process_id={i}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     try:

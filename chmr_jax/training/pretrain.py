@@ -402,8 +402,9 @@ class _StopFlag:
     (in C++, invisible to Python's `signal`), which is left in place; any process' notice starts JAX's
     agreement on a step (the fastest process' next), and `reached(step)`
     (multihost_utils.reached_preemption_sync_point: a local check under a lock, no communication, ~0.1 us
-    a call on this CPU) is True on that same step on every process. A SIGINT is forwarded to that handler as a SIGTERM. A second signal (SIGINT,
-    or SIGTERM on one process) stops at once without a checkpoint.
+    a call on this CPU) is True on that same step on every process. A SIGINT is forwarded to that
+    handler as a SIGTERM. A second SIGINT (in one process: a second SIGTERM too) stops at once without
+    a checkpoint.
     """
 
     def __init__(self, start: int, log=print):
@@ -492,9 +493,9 @@ def _check_shared_workdir(workdir: Path) -> None:
     bad = [(i, d) for i, (r, d) in enumerate(zip(gathered, dirs)) if not r[0]]
     if bad:
         where = "; ".join(f"process {i} read its workdir {d}" for i, d in bad)
-        raise ConfigError(f"the processes do not share one workdir: process 0 wrote {dirs[0].rstrip('/')}/{path.name}, but {where} and did "
-                          "not find it there. --workdir must be one directory every host sees (a shared "
-                          "filesystem or a gs:// bucket); nothing was trained")
+        raise ConfigError(f"the processes do not share one workdir: process 0 wrote {dirs[0].rstrip('/')}/{path.name}, "
+                          f"but {where} and did not find it there. --workdir must be one directory every host "
+                          "sees (a shared filesystem or a gs:// bucket); nothing was trained")
 
 
 def enable_compilation_cache(cache_dir: str) -> None:
@@ -674,7 +675,8 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     summary = {
         "steps": step, "total_steps": total, "resumed_from": start, "stopped_by": stop_reason,
         "devices": n_dev, "platform": devices[0].platform, **chores.summary(),
-        **peak_memory(), **compile_time.read(), "final_metrics": {k: float(np.asarray(v).mean()) for k, v in last.items()},
+        **peak_memory(), **compile_time.read(),
+        "final_metrics": {k: float(np.asarray(v).mean()) for k, v in last.items()},
         "checkpoint": str(ckpt.directory / str(step)), "workdir": str(workdir)}
     if is_main:
         _write_json(workdir / "summary.json", summary)
