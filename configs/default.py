@@ -124,5 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # JAX_COORDINATOR_* variables). A coordinator address implies distributed.
         coordinator_address="", num_processes=0, process_id=-1,
         heartbeat_timeout_s=100,     # multi-process: a peer silent this long ends the job with an error
+        profile_steps="",            # e.g. "5:8": a jax.profiler trace of steps 5, 6, 7 (process 0) in workdir/profile/
+        compilation_cache_dir="",    # JAX's persistent compilation cache ('' = off): a restart skips XLA compilation
         progress="auto"))            # 'auto' (a bar on a terminal, log lines otherwise) | 'bar' | 'log'
     return config

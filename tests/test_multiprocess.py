@@ -6,7 +6,11 @@ launch/two_process.sh, the same code path as the hosts of a TPU pod:
     (from a checkpoint verified by its digests);
   - when one process is killed the other exits non-zero, naming the lost task, in bounded time;
   - per-host input: each process packs only its devices' rows, and the global batch they assemble is
-    the 1-process batch."""
+    the 1-process batch;
+  - a SIGTERM to one process (or to both, 0.3 s apart) stops both at one agreed step (JAX's
+    preemption sync point), checkpointed once, and the restart continues the uninterrupted curve;
+  - processes that do not share their workdir stop before training, naming the process and paths;
+  - the profiler window is traced by process 0 only."""
 import json
 import os
 import re
@@ -63,7 +67,7 @@ def reference(tmp_path_factory, cache_dir):
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, cache_dir, reference):
     workdir = tmp_path_factory.mktemp("two_process")
-    launch(workdir, cache_dir, *STEPS)
+    launch(workdir, cache_dir, *STEPS, "--config.train.profile_steps=2:4")
     return workdir
 
 
@@ -84,6 +88,14 @@ def test_only_process_zero_writes(two_process_run):
     assert len(list((two_process_run / "tensorboard").glob("events.out.tfevents.*"))) == 1
     p0, p1 = ((two_process_run / f"process_{i}.log").read_text() for i in (0, 1))
     assert "done: step 6/6" in p0 and "done:" not in p1 and "checkpoints:" not in p1
+
+
+def test_only_process_zero_traces_the_profile_window(two_process_run):
+    # Hosts share the workdir (and on a pod often one host name): one trace, process 0's.
+    traces = list((two_process_run / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    p0, p1 = ((two_process_run / f"process_{i}.log").read_text() for i in (0, 1))
+    assert "profile: steps 2-3 traced to" in p0 and "(process 0)" in p0 and "profile:" not in p1
 
 
 def test_each_process_times_a_device_it_owns(two_process_run):
@@ -186,3 +198,89 @@ def test_corruption_seen_by_one_of_two_processes_is_agreed_before_anything_moves
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
     assert [p.name.split("-")[0] for p in (tmp_path / "run" / "corrupt").iterdir()] == ["2"]
     assert "step 2 is corrupt" in got[0]["warnings"][0]
+
+
+# Preemption: enough steps that the notice arrives mid-run; no periodic checkpoint, so the only one is
+# the stop's; a constant learning rate, so the run's length (train.steps) does not enter the step
+# program and a run stopped later is the uninterrupted reference for an earlier one's restart.
+PREEMPT = ["--config.train.steps=2000", "--config.train.checkpoint_every_steps=100000",
+           "--config.train.log_every_steps=1", "--config.optim.schedule=constant",
+           "--config.train.heartbeat_timeout_s=20"]
+
+
+def _preempt(workdir, cache_dir, xla_cache, targets, after_rows):
+    """Launches PREEMPT; once `after_rows` metrics rows are written, sends SIGTERM to process `targets[0]`,
+    0.3 s later to the next one, ...; checks that both processes exit 0 within 60 s, stopped at one step
+    with one checkpoint, and returns that step."""
+    proc = launch(workdir, cache_dir, *PREEMPT, f"--config.train.compilation_cache_dir={xla_cache}", wait=False)
+    try:
+        deadline = time.time() + 600
+        rows = workdir / "metrics.jsonl"
+        while not rows.exists() or len(metric_writers.read_jsonl(rows)) < after_rows:
+            assert time.time() < deadline and proc.poll() is None, "the 2-process run did not start"
+            time.sleep(0.05)
+        t0 = time.time()
+        for k, i in enumerate(targets):
+            if k:
+                time.sleep(0.3)
+            os.kill(int((workdir / f"process_{i}.pid").read_text()), signal.SIGTERM)
+        proc.wait(timeout=60)
+        waited = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    logs = [(workdir / f"process_{i}.log").read_text() for i in (0, 1)]
+    assert proc.returncode == 0 and waited < 60, proc.stdout.read().decode() + "\n".join(log[-3000:] for log in logs)
+    summary = json.loads((workdir / "summary.json").read_text())
+    stop = summary["steps"]
+    assert summary["stopped_by"] == "SIGTERM" and after_rows <= stop < 2000
+    # One checkpoint, of the step both stopped at (saves at different steps would hang until the
+    # heartbeat timeout, or fail), and the metrics up to it.
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(stop)]
+    assert sorted(losses(workdir)) == list(range(1, stop + 1))
+    assert f"done: step {stop}/2000" in logs[0] and "stopped by SIGTERM" in logs[0]
+    for log in logs:   # (Orbax's save logs the sync point it was called at)
+        assert f"Reached preemption sync point, step={stop}" in log and "Traceback" not in log
+    return stop
+
+
+def test_sigterm_stops_every_process_at_one_step_and_the_restart_continues(tmp_path, cache_dir):
+    xla_cache = tmp_path / "xla_cache"    # the three launches run the same programs: compiled once
+    # SIGTERM to process 1 only: process 0 learns of it through JAX's coordination service.
+    one = tmp_path / "sigterm_one"
+    stop_one = _preempt(one, cache_dir, xla_cache, targets=[1], after_rows=2)
+    # SIGTERM to both, 0.3 s apart (two notices, one agreement), a few steps later in the run.
+    both = tmp_path / "sigterm_both"
+    stop_both = _preempt(both, cache_dir, xla_cache, targets=[0, 1], after_rows=stop_one + 3)
+    # Up to its stop, the second run is uninterrupted: the first run's restart (the same command but for
+    # its length) must follow it bit for bit, from the checkpoint of the agreed step.
+    logs = launch(one, cache_dir, *PREEMPT, f"--config.train.steps={stop_both}",
+                  f"--config.train.compilation_cache_dir={xla_cache}")
+    assert f"(step {stop_one} of {stop_both})" in logs
+    assert losses(one) == losses(both)
+
+
+def test_processes_without_a_shared_workdir_stop_before_training(tmp_path, cache_dir):
+    # Each process its own local workdir (as on hosts without the shared mount): both exit 2 with one line
+    # naming process 1 and the paths, before any input is built (no config.json, no metrics).
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "chmr_jax.cli", "pretrain", "--config", TEST_CONFIG,
+         "--workdir", str(tmp_path / f"local_{i}"), f"--config.cache_dir={cache_dir}", f"--config.train.coordinator_address=127.0.0.1:{port}",
+         "--config.train.num_processes=2", f"--config.train.process_id={i}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [2, 2], outs
+    for out, err in outs:
+        lines = [line for line in err.splitlines() if line.startswith("chmr-jax pretrain:")]
+        assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+        assert "do not share one workdir" in lines[0] and str(tmp_path / "local_0" / ".shared_check") in lines[0]
+        assert f"process 1 read its workdir {tmp_path / 'local_1'}" in lines[0] and "process 0 read" not in lines[0]
+    for i in (0, 1):
+        assert sorted(p.name for p in (tmp_path / f"local_{i}").iterdir()) == []

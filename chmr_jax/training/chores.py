@@ -1,11 +1,14 @@
 """The pretraining loop's chores in one place, as big_vision's train loops delegate them: when to log,
-checkpoint or snapshot (`itstime`), the progress bar, metric writers on process 0 only, and the run's
+checkpoint or snapshot (`itstime`), the progress bar, metric writers on process 0 only, the run's
 running totals (wall time, molecules, steady-state time), which are saved with every checkpoint so a
-resumed run's summary covers the whole run and not only its last process.
+resumed run's summary covers the whole run and not only its last process, a profiler window
+(`Profiler`) and the time spent compiling (`CompileTime`).
 """
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
 
 import jax
 
@@ -45,6 +48,9 @@ class Chores:
         self.t_first_done: float | None = None
         self.step_flops: float | None = None   # set by the loop once the first batch is lowered
         self.matmul_rate = matmul_rate
+        # The interval since the previous metrics row (the first row's: since the loop started, so it
+        # includes compilation).
+        self._row_t, self._row_steps, self._row_molecules = time.perf_counter(), 0, 0
 
     def step_done(self, step: int, n_molecules: int, ready=None, metrics: dict | None = None) -> None:
         """After optimiser step `step` on `n_molecules` molecules: `metrics` (when it is time to log) go
@@ -60,7 +66,18 @@ class Chores:
         else:
             self.steady_molecules += n_molecules
             self.steady_steps += 1
+        self._row_steps += 1
+        self._row_molecules += n_molecules
         if metrics is not None:
+            # Wall time between rows: device compute, host input building (the batches are packed on the
+            # host between steps) and dispatch. The loop fetches each row's metrics from the device
+            # before writing it, so the interval ends when its last step has finished, not when it was
+            # dispatched.
+            now = time.perf_counter()
+            interval = now - self._row_t
+            metrics = {**metrics, "step_s": interval / self._row_steps,
+                       "molecules_per_s": self._row_molecules / interval if interval > 0 else float("nan")}
+            self._row_t, self._row_steps, self._row_molecules = now, 0, 0
             if self.writers is not None:
                 self.writers.write(step, metrics)
                 self.writers.flush()
@@ -96,3 +113,90 @@ class Chores:
         self.bar.close()
         if self.writers is not None:
             self.writers.close()
+
+
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+    """config.train.profile_steps "a:b" -> (a, b): the optimiser steps a, ..., b-1 (as metrics.jsonl numbers
+    them, from 1); '' -> None."""
+    if not spec:
+        return None
+    try:
+        first, stop = (int(x) for x in spec.split(":"))
+    except ValueError:
+        first = stop = 0
+    if not 1 <= first < stop:
+        raise ValueError(f"config.train.profile_steps={spec!r}: give 'FIRST:STOP' with 1 <= FIRST < STOP (e.g. '5:8' "
+                         "traces steps 5, 6 and 7), or '' for no trace")
+    return first, stop
+
+
+class Profiler:
+    """A jax.profiler trace of the steps [first, stop) into `logdir` (TensorBoard's profile plugin / xprof
+    read it), on the process that makes one (`enabled`: process 0 only, so hosts of a shared workdir do
+    not write over each other's traces). A resumed run traces the part of the window it still runs."""
+
+    def __init__(self, window: tuple[int, int] | None, logdir, enabled: bool, log=print):
+        self.window = window if enabled else None
+        self.logdir, self.log = Path(logdir), log
+        self.active = False
+
+    def before_step(self, step: int) -> None:
+        """Before optimiser step `step` (1-based) is dispatched."""
+        if self.window and not self.active and self.window[0] <= step < self.window[1]:
+            jax.profiler.start_trace(str(self.logdir))
+            self.active, self.first = True, step
+
+    def after_step(self, step: int, ready, last: bool = False) -> None:
+        """After step `step` was dispatched (`ready`: one of its outputs, waited for so the trace holds its
+        device work); `last`: the loop ends here."""
+        if self.active and (step + 1 >= self.window[1] or last):
+            jax.block_until_ready(ready)
+            self.stop(step)
+
+    def stop(self, step: int | None = None) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active, self.window = False, None
+            if step is not None:
+                self.log(f"profile: steps {self.first}-{step} traced to {self.logdir} (process {jax.process_index()})")
+
+
+class CompileTime:
+    """XLA compilation in this process, from jax.monitoring's events: seconds spent compiling and the
+    persistent compilation cache's hits and misses (a hit loads the program instead of compiling it).
+    `start()` ... `read()` counts the events in between (the listeners are registered once per process:
+    jax.monitoring has no public way to remove them)."""
+
+    _lock = threading.Lock()
+    _totals = {"compile_s": 0.0, "hits": 0, "misses": 0}
+    _registered = False
+
+    @classmethod
+    def _register(cls) -> None:
+        with cls._lock:
+            if cls._registered:
+                return
+            cls._registered = True
+
+        def on_duration(event, duration, **kwargs):
+            if event == "/jax/core/compile/backend_compile_duration":
+                cls._totals["compile_s"] += duration
+
+        def on_event(event, **kwargs):
+            if event == "/jax/compilation_cache/cache_hits":
+                cls._totals["hits"] += 1
+            elif event == "/jax/compilation_cache/cache_misses":
+                cls._totals["misses"] += 1
+
+        jax.monitoring.register_event_duration_secs_listener(on_duration)
+        jax.monitoring.register_event_listener(on_event)
+
+    def start(self) -> CompileTime:
+        self._register()
+        self._at_start = dict(self._totals)
+        return self
+
+    def read(self) -> dict:
+        """{'compile_s': XLA compile seconds, 'compilation_cache': {'hits': n, 'misses': m}} since start()."""
+        d = {k: self._totals[k] - self._at_start[k] for k in self._totals}
+        return {"compile_s": round(d["compile_s"], 3), "compilation_cache": {"hits": d["hits"], "misses": d["misses"]}}

@@ -12,9 +12,12 @@ Workdir layout:
   config.json            the resolved config of the run (a restart must match it)
   corpus_manifest.json   the corpus' manifest (sources, counts, dims)
   checkpoints/<step>/    Orbax checkpoints (train state + JSON meta), the newest `keep` kept
-  metrics.jsonl          one row per logged step; tensorboard/ event files with the same scalars
+  metrics.jsonl          one row per logged step (with step_s and molecules_per_s of the interval since
+                         the previous row); tensorboard/ event files with the same scalars
   summary.json           wall time and molecules over the whole run (the totals travel with each
-                         checkpoint), molecules/s after compilation, peak memory, final metrics
+                         checkpoint), molecules/s after compilation, peak memory, this process' XLA
+                         compile seconds and compilation-cache hits, final metrics
+  profile/               the jax.profiler trace of config.train.profile_steps (process 0)
 """
 from __future__ import annotations
 
@@ -391,14 +394,38 @@ def _check_same_run(workdir: Path, config, dims: dict | None = None, n_devices: 
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit (a preempted job loses nothing)."""
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit (a preempted job loses nothing).
 
-    def __init__(self):
+    One process: a Python handler; `reached(step)` after each step says whether one came. Several
+    processes (a pod's hosts receive the notice at different steps, and a cooperative save at different
+    steps would hang): JAX's preemption service. jax.distributed.initialize installs its SIGTERM handler
+    (in C++, invisible to Python's `signal`), which is left in place; any process' notice starts JAX's
+    agreement on a step (the fastest process' next), and `reached(step)`
+    (multihost_utils.reached_preemption_sync_point: a local check under a lock, no communication, ~0.1 us
+    a call on this CPU) is True on that same step on every process. A SIGINT is forwarded to that
+    handler as a SIGTERM. A second SIGINT (in one process: a second SIGTERM too) stops at once without
+    a checkpoint.
+    """
+
+    def __init__(self, start: int, log=print):
+        from jax.experimental import multihost_utils
         self.signal = None
         self._old = {}
+        self._sync = None
+        if jax.process_count() > 1:
+            try:   # every process calls it at every step from the same step on: here the step resumed from
+                multihost_utils.reached_preemption_sync_point(start)
+                self._sync = multihost_utils.reached_preemption_sync_point
+            except RuntimeError:   # jax_enable_preemption_service=False
+                log("note: JAX's preemption service is off (jax_enable_preemption_service): a SIGTERM ends this "
+                    "process without a checkpoint and the others at the heartbeat timeout")
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if self._sync is not None:
+            self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward)
+        elif jax.process_count() == 1:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -408,9 +435,83 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.signal = signum
 
+    def _forward(self, signum, frame):
+        self._handle(signum, frame)
+        signal.raise_signal(signal.SIGTERM)     # JAX's handler: a preemption notice for every process
+
+    def reached(self, step: int) -> bool:
+        """Whether to stop after optimiser step `step` (every process of a run gets the same answer)."""
+        if self._sync is not None:
+            return self._sync(step)
+        return self.signal is not None
+
+    @property
+    def reason(self) -> str:
+        # A SIGINT of a multi-process run reaches the others as JAX's preemption notice, a SIGTERM.
+        return signal.Signals(self.signal).name if self._sync is None else "SIGTERM"
+
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _check_shared_workdir(workdir: Path) -> None:
+    """Several processes: every one sees the workdir process 0 sees (a shared filesystem or bucket), else
+    ConfigError naming the processes and paths that do not, on every process, before anything is read or
+    trained (with separate workdirs process 0 would resume while another started afresh).
+
+    Process 0 writes a random nonce to workdir/.shared_check; after a collective that every process
+    enters (so after that write), each reads the file back; the verdicts are all-gathered."""
+    import secrets
+
+    from jax.experimental import multihost_utils
+    if jax.process_count() < 2:
+        return
+    path = workdir / ".shared_check"
+    nonce = secrets.token_hex(8)
+    if jax.process_index() == 0:
+        files.atomic_write_text(path, nonce)
+    # The nonce as 16 bytes from process 0 (a collective: every process waits for process 0's write).
+    sent = multihost_utils.broadcast_one_to_all(np.frombuffer(nonce.encode(), np.uint8))
+    want = bytes(np.asarray(sent, np.uint8)).decode()
+    for wait in (0.0, 0.5, 1.0, 2.0):    # a network filesystem may show a new file a moment late
+        time.sleep(wait)
+        try:
+            ok = path.read_text().strip() == want
+        except OSError:
+            ok = False
+        if ok:
+            break
+    # Each process' verdict and workdir, padded to a fixed size for the gather.
+    record = np.zeros(4097, np.uint8)
+    name = str(workdir).encode()[:4096]
+    record[0], record[1:1 + len(name)] = ok, np.frombuffer(name, np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(record))
+    if jax.process_index() == 0:
+        path.unlink(missing_ok=True)   # every process has read it (they all sent their verdicts)
+    dirs = [bytes(r[1:]).rstrip(b"\0").decode() for r in gathered]
+    bad = [(i, d) for i, (r, d) in enumerate(zip(gathered, dirs)) if not r[0]]
+    if bad:
+        where = "; ".join(f"process {i} read its workdir {d}" for i, d in bad)
+        raise ConfigError(f"the processes do not share one workdir: process 0 wrote {dirs[0].rstrip('/')}/{path.name}, "
+                          f"but {where} and did not find it there. --workdir must be one directory every host "
+                          "sees (a shared filesystem or a gs:// bucket); nothing was trained")
+
+
+def enable_compilation_cache(cache_dir: str) -> None:
+    """JAX's persistent compilation cache in `cache_dir` (config.train.compilation_cache_dir): a restarted
+    or repeated job loads its compiled programs instead of compiling them again. Every program is cached
+    (no minimum compile time or size: the tiny config's programs compile in under JAX's 1 s default).
+    A loaded program is the same XLA executable, so the numbers do not change."""
+    from jax.experimental.compilation_cache import compilation_cache
+    if not cache_dir or jax.config.jax_compilation_cache_dir == str(cache_dir):
+        return
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    compilation_cache.set_cache_dir(str(cache_dir))
+    # JAX decides once per process whether it uses the cache (at its first compilation): a process that
+    # compiled before this call (a notebook, the tests) decides again.
+    compilation_cache.reset_cache()
 
 
 def _already_finished(workdir: Path, summary: dict) -> str:
@@ -427,6 +528,10 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     tcfg = config.train
     is_main = jax.process_index() == 0
     log_every_process, log = log, (log if is_main else (lambda *a, **k: None))
+    _check_shared_workdir(workdir)
+    profile_window = chores_lib.parse_profile_steps(tcfg.get("profile_steps", ""))
+    enable_compilation_cache(tcfg.get("compilation_cache_dir", ""))
+    compile_time = chores_lib.CompileTime().start()
     _check_same_run(workdir, config)
     done = _finished_summary(workdir, tcfg)
     if done is not None:
@@ -512,14 +617,18 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
             meta["epochs_done"] = epoch + 1
         (store or ckpt).save(step, state, meta, force=force)
 
+    profiler = chores_lib.Profiler(profile_window, workdir / "profile", enabled=is_main, log=log_every_process)
     last, stop_reason, step = {}, None, start
-    with _StopFlag() as stop:
+    with _StopFlag(start, log) as stop:
         try:
             for step, epoch, n_mol, batch in pretrain_data.global_batches(data, plan, start, total, mesh):
                 if step == start:   # tracing only (no compilation)
                     chores.step_flops = step_flops(config, dims, tx, ctx, mesh, step_fn, state, batch, base_key, ctx_device)
+                profiler.before_step(step + 1)
                 state, metrics = step_fn(state, batch, base_key, ctx_device)   # key: fold_in(base_key, state.step)
                 step += 1
+                stopping = stop.reached(step)   # (every process calls it at every step)
+                profiler.after_step(step, state.step, last=stopping or step == total)
                 logged = None
                 if chores_lib.itstime(step, tcfg.log_every_steps, total):
                     # Diagnostics not computed on this step (objective.collapse_every; NaN placeholders) are
@@ -541,14 +650,15 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
                 if snapshots is not None and (epoch + 1) in snapshot_epochs and \
                         (step == total or plan.locate(step)[0] != epoch):
                     save(step, snapshots, force=True)
-                if stop.signal is not None:
-                    stop_reason = signal.Signals(stop.signal).name
+                if stopping:
+                    stop_reason = stop.reason
                     break
             # Finished or stopped by a signal: the final checkpoint. (After an exception the
             # periodic checkpoints stand; the state may be mid-update.)
             if step > start and (ckpt.latest_step() or 0) < step:
                 save(step, force=True)
         finally:
+            profiler.stop()
             chores.close()
             ckpt.close()
             if snapshots is not None:
@@ -565,7 +675,8 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     summary = {
         "steps": step, "total_steps": total, "resumed_from": start, "stopped_by": stop_reason,
         "devices": n_dev, "platform": devices[0].platform, **chores.summary(),
-        **peak_memory(), "final_metrics": {k: float(np.asarray(v).mean()) for k, v in last.items()},
+        **peak_memory(), **compile_time.read(),
+        "final_metrics": {k: float(np.asarray(v).mean()) for k, v in last.items()},
         "checkpoint": str(ckpt.directory / str(step)), "workdir": str(workdir)}
     if is_main:
         _write_json(workdir / "summary.json", summary)
