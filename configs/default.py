@@ -124,5 +124,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # JAX_COORDINATOR_* variables). A coordinator address implies distributed.
         coordinator_address="", num_processes=0, process_id=-1,
         heartbeat_timeout_s=100,     # multi-process: a peer silent this long ends the job with an error
+        # Checkpoint commits: 'auto' = Orbax's commit_success.txt files (no directory renames) on gs:// and on
+        # a gcsfuse-mounted workdir (found in /proc/mounts), atomic renames elsewhere; or 'rename' / 'commit_file'.
+        checkpoint_atomicity="auto",
         progress="auto"))            # 'auto' (a bar on a terminal, log lines otherwise) | 'bar' | 'log'
     return config
