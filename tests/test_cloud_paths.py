@@ -68,6 +68,14 @@ def gcs(emulator, monkeypatch):
     """The emulator's variables in this process too (before gcsfs is first imported)."""
     for k, v in emulator.items():
         monkeypatch.setenv(k, v)
+    # gcsfs picks its class when first imported; make sure it is the plain one (no gRPC layout probe) even
+    # if something imported gcsfs before this fixture, and that etils makes a new file system for the emulator.
+    import fsspec
+    import gcsfs.core
+    from etils.epath import backend
+    for name in ("gs", "gcs"):
+        fsspec.register_implementation(name, gcsfs.core.GCSFileSystem, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()
     return emulator
 
 
@@ -78,10 +86,12 @@ def _bucket(env):
 
 
 def _rows(fs, key):
+    fs.invalidate_cache()
     return {r["step"]: r["loss"] for r in map(json.loads, fs.cat(key).decode().splitlines())}
 
 
 def _committed(fs, key):
+    fs.invalidate_cache()   # (gcsfs caches listings)
     return sorted(int(p.rsplit("/", 1)[1]) for p in fs.ls(key) if fs.exists(f"{p}/commit_success.txt"))
 
 
@@ -113,6 +123,30 @@ def test_paths_local_and_remote(tmp_path, gcs):
     w.close()
 
 
+def test_a_corrupt_gs_checkpoint_is_copied_aside_and_the_older_one_restored(gcs):
+    import jax.numpy as jnp
+    fs = _bucket(gcs)
+    state = {"params": {"w": jnp.arange(12.0).reshape(3, 4)}, "rest": {"b": jnp.zeros(2)}}
+    ckpt = checkpoint_lib.Checkpointer(f"gs://{BUCKET}/q/checkpoints", max_to_keep=None)
+    assert ckpt.dir_renames is False
+    for step in (1, 2):
+        ckpt.save(step, jax.tree.map(lambda x: x + step, state), {"step": step})
+    ckpt.close()
+    fs.invalidate_cache()
+    for key in fs.find(f"{BUCKET}/q/checkpoints/2/state"):
+        if "/d/" in key:
+            fs.pipe(key, b"garbage")
+    ckpt = checkpoint_lib.Checkpointer(f"gs://{BUCKET}/q/checkpoints", max_to_keep=None, log=lambda *a: None)
+    restored, meta = ckpt.restore_newest_good(state)
+    assert meta["step"] == 1 and ckpt.all_steps() == [1]
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(12.0).reshape(3, 4) + 1)
+    fs.invalidate_cache()
+    aside = fs.ls(f"{BUCKET}/q/corrupt")
+    assert len(aside) == 1 and aside[0].rsplit("/", 1)[1].startswith("2-")
+    assert fs.exists(f"{aside[0]}/commit_success.txt") and not fs.exists(f"{BUCKET}/q/checkpoints/2/commit_success.txt")
+    ckpt.close()
+
+
 # Runs `chmr-jax pretrain` and SIGKILLs itself at the final save (step 6), once checkpoint 4 is committed:
 # every row 1..6 of this uninterrupted computation is in the bucket (uploaded before each save), the
 # final checkpoint is not.
@@ -131,8 +165,11 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir, tmp_path):
-    env = {**os.environ, **gcs, "CHMR_CACHE_DIR": str(cache_dir), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir, tmp_path, tmp_path_factory):
+    env = {**os.environ, **gcs, "CHMR_CACHE_DIR": str(cache_dir), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           # the resumed process reuses the first one's compiled programs (cost, not behaviour)
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     env.pop("XLA_FLAGS", None)
     workdir = f"gs://{BUCKET}/run"
     args = ["pretrain", "--config", TEST_CONFIG, "--workdir", workdir, "--config.train.steps=6",
@@ -162,15 +199,18 @@ def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir,
     local, _, _ = pretrain.load_pretrained(tmp_path / "copy")
     assert meta["step"] == 6
     from flax import nnx
-    for a, b in zip(jax.tree.leaves(nnx.state(remote)), jax.tree.leaves(nnx.state(local))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for kind in (nnx.Param, nnx.BatchStat):
+        leaves = jax.tree.leaves(nnx.state(remote, kind)), jax.tree.leaves(nnx.state(local, kind))
+        assert len(leaves[0]) == len(leaves[1]) > 0
+        for a, b in zip(*leaves):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     (tmp_path / "mols.csv").write_text("smiles\nCCO\nc1ccccc1O\nCC(=O)Nc1ccc(O)cc1\n")
     assert cli.main(["embed", "--pretrained", workdir, "--input", str(tmp_path / "mols.csv"), "--out",
                      str(tmp_path / "emb"), "--formats", "npz", "--cache_dir", str(cache_dir)]) == 0
     manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
     with np.load(tmp_path / "emb" / "embeddings.npz") as data:
         assert data["anchor"].shape[0] == 3
-    assert manifest["step"] == 6
+    assert manifest["checkpoint_step"] == 6
 
 
 def test_no_directory_renames_on_a_gcsfuse_workdir(tmp_path, cache_dir, monkeypatch):
@@ -197,7 +237,7 @@ def test_no_directory_renames_on_a_gcsfuse_workdir(tmp_path, cache_dir, monkeypa
     def pretrain_cli(steps):
         return cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
                          f"--config.train.steps={steps}", "--config.train.checkpoint_every_steps=2",
-                         "--config.train.progress=log"])
+                         "--config.train.progress=log", "--config.train.devices=1"])   # (one device: a cheaper compile)
 
     assert pretrain_cli(4) == 0
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if (p / "commit_success.txt").exists())

@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
