@@ -34,12 +34,15 @@ setup(
         "tensorboardX",
         # Progress bars (featurization, downloads, embedding, training) instead of a hand-written bar.
         "tqdm",
+        # gs:// workdirs: etils.epath's backend for gs:// without TensorFlow is fsspec + gcsfs.
+        "gcsfs",
     ],
     extras_require={
         # scipy / scikit-learn are also the independent references the tests compare against.
         # libtpu (through jax's own tpu extra, so it matches the installed jax): `chmr-jax compile` and its
         # test compile the step for TPU topologies on a CPU machine. Linux x86_64 wheels only.
-        "dev": ["pytest", "scipy", "scikit-learn",
+        # gcp-storage-emulator: the local GCS server tests/test_cloud_paths.py runs gs:// workdirs against.
+        "dev": ["pytest", "scipy", "scikit-learn", "gcp-storage-emulator",
                 "jax[tpu]; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         # Only for legacy (pre-zip) torch.save files; `chmr-jax convert` reads the zip format without torch.
         "torch": ["torch"],

@@ -230,7 +230,7 @@ def _config_flags(argv: list[str], command: str, default_config: str, usage: str
 # Errors in what the user gave (a file, a row, a flag, a config value), as opposed to bugs: `main` reports
 # them in one line and exits 2 (CHMR_TRACEBACK=1 shows the traceback instead).
 USER_ERRORS = ("FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "ValueError", "CorpusError",
-               "DataNotFoundError", "ConfigError", "CorruptCheckpoint")
+               "DataNotFoundError", "ConfigError", "CorruptCheckpoint", "StorageUnreachable")
 
 
 def is_user_error(e: BaseException) -> bool:

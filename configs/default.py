@@ -126,5 +126,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         heartbeat_timeout_s=100,     # multi-process: a peer silent this long ends the job with an error
         profile_steps="",            # e.g. "5:8": a jax.profiler trace of steps 5, 6, 7 (process 0) in workdir/profile/
         compilation_cache_dir="",    # JAX's persistent compilation cache ('' = off): a restart skips XLA compilation
+        # Checkpoint commits: 'auto' = Orbax's commit_success.txt files (no directory renames) on gs:// and on
+        # a gcsfuse-mounted workdir (found in /proc/mounts), atomic renames elsewhere; or 'rename' / 'commit_file'.
+        checkpoint_atomicity="auto",
         progress="auto"))            # 'auto' (a bar on a terminal, log lines otherwise) | 'bar' | 'log'
     return config

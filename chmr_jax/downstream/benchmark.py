@@ -2,6 +2,7 @@
 (spec §9) and the lift summary (lift.json: pretrained vs the untrained control per dataset)."""
 from __future__ import annotations
 
+from chmr_jax.data import paths
 from chmr_jax.downstream import finetune
 
 
@@ -83,9 +84,8 @@ def run_benchmark(config, pretrained, workdir, names, data_dir=None, log=print, 
     table_only: compute nothing; tabulate the datasets whose workdir/<dataset>/results.json exists, with
     whatever methods each holds (e.g. to report a benchmark that is still being extended)."""
     import json
-    from pathlib import Path
 
-    workdir = Path(workdir)
+    workdir = paths.as_path(workdir)
     results = []
     for name in names:
         if table_only:

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from chmr_jax import config_util
+from chmr_jax.data import paths
 from chmr_jax.downstream import baselines as baselines_lib, embeddings, encoder_fit, head as head_lib
 
 
@@ -79,9 +80,9 @@ def run_settings(config, pretrained) -> dict:
     and the content of the checkpoint fine-tuned (not its path and step alone: an ablation pretrained
     again into the same workdir with the same step count must not be served the earlier result)."""
     ident = checkpoint_identity(pretrained, config.get("pretrained_step", 0) or None)
-    pre_config = Path(pretrained) / "config.json"
+    pre_config = paths.as_path(pretrained) / "config.json"
     settings = {"version": RESULTS_VERSION, "config": json.loads(config.to_json()),
-                "pretrained": str(Path(pretrained).resolve()), "pretrained_step": ident["step"],
+                "pretrained": str(paths.as_path(pretrained)), "pretrained_step": ident["step"],
                 "checkpoint_digest": ident["digest"],
                 "pretrain_config_digest": _sha256(json.loads(pre_config.read_text())) if pre_config.exists() else None}
     csv = Path(config.get("csv") or "")
@@ -201,7 +202,7 @@ def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | Non
 
     import time
     t_start = time.perf_counter()
-    workdir = Path(workdir)   # created when results.json is written: a failed run leaves no empty folder
+    workdir = paths.as_path(workdir)   # (gs:// too) created when results.json is written: a failed run leaves no empty folder
     if config.encoder not in ("frozen", "finetune"):
         raise ValueError(f"config.encoder={config.encoder!r}: choose 'frozen' or 'finetune'")
     baselines = config_util.parse_list(config.baselines)
@@ -212,7 +213,7 @@ def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | Non
     # Checked before any featurizing; results.json records the parts actually used.
     parts = embeddings.head_parts(config_util.parse_list(config.head.parts), model.mol_names, model.cell_names)
     ds, prepared, extra = load_task(config, pre_config, model.mol_names, data_dir, log)
-    dims = json.loads((Path(pretrained) / "model_dims.json").read_text())
+    dims = json.loads((paths.as_path(pretrained) / "model_dims.json").read_text())
     control = None
     if config.get("control", True):
         # The control every pretraining claim needs: the same architecture and config, initialised with
@@ -318,7 +319,7 @@ def run_or_reuse(config, pretrained, workdir, data_dir=None, log=print) -> dict:
     import json
     from pathlib import Path
 
-    done = Path(workdir) / "results.json"
+    done = paths.as_path(workdir) / "results.json"
     reuse = None
     if done.exists():
         previous = json.loads(done.read_text())

@@ -14,6 +14,10 @@ the checkpoint's fault and never moves it: a transient I/O error is retried, the
 changed) is a ValueError naming the arrays. `restore_newest_good` walks back from the newest step,
 decides (agreed by all processes) which one to restore, and only then moves the corrupt newer ones
 aside to `<directory>/../corrupt/<step>-<time>` with a warning; it never moves the last one.
+Storage without directory renames (gs://, and a bucket mounted with gcsfuse, found in /proc/mounts;
+`dir_renames`): Orbax writes each step in place and marks it finished with a commit_success.txt file
+(its commit-file mode; a step without it is not listed), and a corrupt step is moved aside by copying
+it to corrupt/ and then deleting it, so the same agreed steps are moved either way.
 Rotation: each save is read back and its digests checked before the keep-N rotation may delete
 older steps, so it always keeps at least one verified step; a save that fails the check is moved
 aside instead. `save` refuses a state with non-finite parameters, optimiser moments or statistics.
@@ -26,12 +30,12 @@ import json
 import os
 import shutil
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from chmr_jax.data import paths
 from chmr_jax.training import train
 
 FORMAT = 2
@@ -198,23 +202,46 @@ def _template_of(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
+def default_dir_renames(directory) -> bool:
+    """Whether directories under `directory` can be renamed: not on object storage (gs://) nor on a
+    bucket mounted with gcsfuse (whose directory renames fail without --rename-dir-limit)."""
+    return not paths.is_remote(directory) and paths.gcsfuse_mount(directory) is None
+
+
+def dir_renames_of(setting: str, directory) -> bool:
+    """config.train.checkpoint_atomicity ('auto' | 'rename' | 'commit_file') -> dir_renames."""
+    if setting not in ("auto", "rename", "commit_file"):
+        raise ValueError(f"config.train.checkpoint_atomicity={setting!r}: choose 'auto' (commit files on gs:// and "
+                         "gcsfuse mounts, renames elsewhere), 'rename' or 'commit_file'")
+    if setting == "rename" and paths.is_remote(directory):
+        raise ValueError(f"config.train.checkpoint_atomicity='rename' but {directory} is object storage, which has "
+                         "no directory rename; use 'auto' or 'commit_file'")
+    return default_dir_renames(directory) if setting == "auto" else setting == "rename"
+
+
 class Checkpointer:
     """Periodic / final checkpoints in `directory`, keeping the newest `max_to_keep` (None: all).
 
     The rotation is ours, not Orbax's: a save is read back and verified (digests, finite values) when
     it has finished (at the next save, `wait` or `close`), and only then may older steps be deleted;
-    the newest verified step is never deleted. `log` receives the warnings."""
+    the newest verified step is never deleted. `log` receives the warnings.
+    dir_renames: False where directories cannot be renamed (see the module docstring); None: decided
+    from `directory` (default_dir_renames). A workdir's checkpoints are listed in the mode they were
+    written in (commit-file steps carry commit_success.txt, renamed ones do not)."""
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3, async_save: bool = True,
-                 log=print):
-        self.directory = Path(directory).resolve()
+                 log=print, dir_renames: bool | None = None):
+        self.directory = paths.as_path(directory)
         self.keep = max_to_keep
         self.log = log
+        self.dir_renames = default_dir_renames(self.directory) if dir_renames is None else dir_renames
         self.verified: set[int] = set()       # steps read back intact (by this process's saves or restore)
         self._unverified: dict[int, object] = {}   # step -> abstract template, saved but not yet read back
+        atomicity = None if self.dir_renames else ocp.options.AtomicityOptions(
+            mode=ocp.options.AtomicityMode.COMMIT_FILE)
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
-                max_to_keep=None, create=True, enable_async_checkpointing=async_save))
+                max_to_keep=None, create=True, enable_async_checkpointing=async_save, atomicity_options=atomicity))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -293,12 +320,27 @@ class Checkpointer:
             aside = self.directory.parent / "corrupt" / f"{step}-{stamp}"
             self.log(f"WARNING: checkpoint step {step} is corrupt and is skipped ({err}); {why}; moved to {aside}")
             if jax.process_index() == 0:
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(self.directory / str(step)), str(aside))
+                self._move_aside(self.directory / str(step), aside)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"chmr_quarantine_{'_'.join(str(s) for s, _ in corrupt)}")
         self.manager.reload()
+
+    def _move_aside(self, src, dst) -> None:
+        """A rename where directories can be renamed; else a copy, then the original deleted (the copy
+        first: an interruption leaves the step in place, to be moved again by the next run)."""
+        if self.dir_renames:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(src), str(dst))
+        elif paths.is_remote(src):
+            import fsspec
+            fs, src_key = fsspec.core.url_to_fs(os.fspath(src))
+            dst_key = fsspec.core.url_to_fs(os.fspath(dst))[1]
+            fs.copy(src_key, dst_key, recursive=True)
+            fs.rm(src_key, recursive=True)
+        else:
+            shutil.copytree(src, dst)
+            shutil.rmtree(src)
 
     def restore(self, template, step: int | None = None, subtrees: tuple[str, ...] | None = None):
         """(state, meta) at `step` (default: the latest), shaped and sharded like `template`.

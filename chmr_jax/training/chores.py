@@ -109,6 +109,11 @@ class Chores:
                 "molecules_per_s": round(rate, 1) if rate else None, **self.utilisation(), "this_process": {
                     "wall_s": round(time.perf_counter() - self.t_start, 2), "molecules": self.molecules}}
 
+    def sync(self) -> None:
+        """The metrics written so far are in the workdir (on gs:// they are uploaded in batches)."""
+        if self.writers is not None:
+            self.writers.sync()
+
     def close(self) -> None:
         self.bar.close()
         if self.writers is not None:

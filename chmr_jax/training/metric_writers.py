@@ -1,16 +1,26 @@
 """Metric writers: JSON lines (`metrics.jsonl`, what `chmr-jax report` and the tests read) and
 TensorBoard event files through tensorboardX (a maintained event writer that needs no TensorFlow;
-clu's writers import TensorFlow)."""
+clu's writers import TensorFlow).
+
+A gs:// workdir has no append: metrics.jsonl is kept in memory and the whole object rewritten, and
+the event files are written to a local staging folder and copied up, at most every UPLOAD_EVERY_S at
+`flush` and always at `sync` (the loop calls it before each checkpoint, so the rows a resumed run
+keeps are in the bucket) and `close`.
+"""
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-from chmr_jax.data import files
+from chmr_jax.data import files, paths
+
+UPLOAD_EVERY_S = 30.0
 
 
 def scalars_of(metrics: dict) -> dict:
@@ -37,8 +47,14 @@ class TensorBoardWriter:
 
     def __init__(self, logdir, resume_step: int | None = None):
         from tensorboardX import SummaryWriter   # imported here: only the writing process needs it
-        Path(logdir).mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(str(logdir), purge_step=None if resume_step is None else resume_step + 1)
+        self.logdir = paths.as_path(logdir)
+        # On gs://: written to a local folder, uploaded by sync() (tensorboardX appends to its file).
+        self._staging = tempfile.mkdtemp(prefix="chmr_tb_") if paths.is_remote(self.logdir) else None
+        if self._staging is None:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = SummaryWriter(self._staging or str(self.logdir),
+                                     purge_step=None if resume_step is None else resume_step + 1)
+        self._uploaded = time.monotonic()
 
     def write(self, step: int, metrics: dict) -> None:
         now = time.time()
@@ -47,9 +63,24 @@ class TensorBoardWriter:
 
     def flush(self) -> None:
         self._writer.flush()
+        if self._staging is not None and time.monotonic() - self._uploaded >= UPLOAD_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        """Copies the staged event files up (gs://); nothing to do locally."""
+        self._writer.flush()
+        if self._staging is None:
+            return
+        for name in sorted(os.listdir(self._staging)):
+            with open(f"{self._staging}/{name}", "rb") as fh:
+                files.atomic_write_bytes(self.logdir / name, fh.read())
+        self._uploaded = time.monotonic()
 
     def close(self) -> None:
         self._writer.close()
+        if self._staging is not None:
+            self.sync()
+            shutil.rmtree(self._staging, ignore_errors=True)
 
 
 class JsonlWriter:
@@ -60,27 +91,51 @@ class JsonlWriter:
     """
 
     def __init__(self, path, resume_step: int | None = None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = paths.as_path(path)
+        self.remote = paths.is_remote(self.path)
+        if not self.remote:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _complete_row(line) and json.loads(line)["step"] <= resume_step]
             files.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        self._fh = open(self.path, "a")
+        # gs://: every row of the file in memory, the object rewritten by sync(); locally: appended.
+        self._lines = kept if self.remote else None
+        self._fh = None if self.remote else open(self.path, "a")
+        self._dirty, self._uploaded = False, time.monotonic()
 
     def write(self, step: int, metrics: dict) -> None:
         row = {"step": int(step), "time": round(time.time(), 3)}
         for k, v in scalars_of(metrics).items():
             row[k] = v if math.isfinite(v) else str(v)   # JSON has no NaN / inf
-        self._fh.write(json.dumps(row) + "\n")
+        if self.remote:
+            self._lines.append(json.dumps(row))
+            self._dirty = True
+        else:
+            self._fh.write(json.dumps(row) + "\n")
 
     def flush(self) -> None:
-        self._fh.flush()
+        if not self.remote:
+            self._fh.flush()
+        elif time.monotonic() - self._uploaded >= UPLOAD_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        """Every row written so far is in the file (gs://: the object is rewritten if rows were added)."""
+        if not self.remote:
+            self._fh.flush()
+        elif self._dirty:
+            files.atomic_write_text(self.path, "".join(line + "\n" for line in self._lines))
+            self._dirty, self._uploaded = False, time.monotonic()
 
     def close(self) -> None:
-        self._fh.close()
+        if self.remote:
+            self.sync()
+        else:
+            self._fh.close()
 
 
 def _complete_row(line: str) -> bool:
@@ -93,14 +148,15 @@ def _complete_row(line: str) -> bool:
 
 
 def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip() and _complete_row(line)]
+    return [json.loads(line) for line in paths.as_path(path).read_text().splitlines()
+            if line.strip() and _complete_row(line)]
 
 
 class MetricWriters:
     """Writes the same metrics to JSONL (`metrics.jsonl`) and TensorBoard (`tensorboard/`)."""
 
     def __init__(self, workdir, resume_step: int | None = None, tensorboard: bool = True):
-        workdir = Path(workdir)
+        workdir = paths.as_path(workdir)
         self.writers = [JsonlWriter(workdir / "metrics.jsonl", resume_step)]
         if tensorboard:
             self.writers.append(TensorBoardWriter(workdir / "tensorboard", resume_step))
@@ -112,6 +168,11 @@ class MetricWriters:
     def flush(self) -> None:
         for w in self.writers:
             w.flush()
+
+    def sync(self) -> None:
+        """Everything written so far is in the workdir (uploaded now on gs://)."""
+        for w in self.writers:
+            w.sync()
 
     def close(self) -> None:
         for w in self.writers:

@@ -211,7 +211,7 @@ def step_flops(config, dims: dict, tx, ctx: dict, mesh, step_fn, *step_args) -> 
 def checkpoint_directory(workdir, step: int | None = None) -> Path:
     """Where `load_pretrained(workdir, step)` reads: checkpoints/, or snapshots/ for an epoch snapshot
     (config.train.snapshot_epochs) kept beside the rotation."""
-    workdir = Path(workdir)
+    workdir = paths.as_path(workdir)
     directory = workdir / "checkpoints"
     if step is not None and (workdir / "snapshots" / str(step)).is_dir() and not (directory / str(step)).is_dir():
         directory = workdir / "snapshots"
@@ -221,7 +221,8 @@ def checkpoint_directory(workdir, step: int | None = None) -> Path:
 def load_pretrained(workdir, step: int | None = None):
     """(model in eval mode, config, meta) from a pretraining workdir's checkpoint (default: newest)."""
     import ml_collections
-    workdir = Path(workdir)
+    workdir = paths.as_path(workdir)
+    paths.check_reachable(workdir, "pretrained workdir")
     for name in ("config.json", "model_dims.json"):
         if not (workdir / name).exists():
             raise FileNotFoundError(f"{workdir} is not a chmr_jax pretraining workdir (no {name}); pass the "
@@ -523,9 +524,12 @@ def _already_finished(workdir: Path, summary: dict) -> str:
 def run(config, workdir, data_dir=None, log=print) -> dict:
     """Pretrains as `config` says, in `workdir` (resuming from its newest checkpoint). Returns the summary."""
     t_start = time.perf_counter()
-    workdir = Path(workdir).resolve()
+    workdir = paths.as_path(workdir)   # gs://... stays a URL (etils.epath), a local path is resolved
+    paths.check_reachable(workdir, "--workdir")   # a missing bucket fails here, in seconds
     workdir.mkdir(parents=True, exist_ok=True)
     tcfg = config.train
+    # No directory renames on gs:// or a gcsfuse mount: Orbax's commit files instead (checkpoint.py).
+    dir_renames = checkpoint_lib.dir_renames_of(tcfg.get("checkpoint_atomicity", "auto"), workdir)
     is_main = jax.process_index() == 0
     log_every_process, log = log, (log if is_main else (lambda *a, **k: None))
     _check_shared_workdir(workdir)
@@ -564,11 +568,13 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     graphdef, state = train.init_state(build_model(config, dims), tx)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = train.place(state, replicated)
-    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints, log=log)
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints, log=log,
+                                       dir_renames=dir_renames)
     # Epoch-end snapshots that the keep-N rotation never deletes (pretraining-length experiments
     # fine-tune them: `--config.pretrained_step`).
     snapshot_epochs = set(config_util.parse_list(tcfg.get("snapshot_epochs", ""), int, "config.train.snapshot_epochs"))
-    snapshots = checkpoint_lib.Checkpointer(workdir / "snapshots", max_to_keep=None, log=log) if snapshot_epochs else None
+    snapshots = checkpoint_lib.Checkpointer(workdir / "snapshots", max_to_keep=None, log=log,
+                                            dir_renames=dir_renames) if snapshot_epochs else None
     start, saved_totals = 0, None
     if ckpt.latest_step() is not None:
         # The newest checkpoint that passes the integrity checks (digests, finite values); corrupt newer
@@ -615,6 +621,7 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
         meta = {"step": step, "epoch": epoch, **meta_common, "totals": chores.totals()}
         if store is snapshots:
             meta["epochs_done"] = epoch + 1
+        chores.sync()   # the metrics up to this step are in the workdir with it (gs:// uploads in batches)
         (store or ckpt).save(step, state, meta, force=force)
 
     profiler = chores_lib.Profiler(profile_window, workdir / "profile", enabled=is_main, log=log_every_process)

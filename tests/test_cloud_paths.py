@@ -1,0 +1,275 @@
+"""gs:// workdirs against a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py, started and stopped here),
+workdirs where directories cannot be renamed (a gcsfuse mount), and a bucket that does not answer."""
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from chmr_jax import cli
+from chmr_jax.data import files, paths
+from chmr_jax.training import checkpoint as checkpoint_lib, metric_writers, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_CONFIG = str(ROOT / "configs" / "test.py")
+BUCKET = "test-bucket"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _storage_env(url: str) -> dict:
+    # gcsfs (etils.epath's gs:// backend) and tensorstore (Orbax's array writer) at the emulator.
+    # GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false: gcsfs's default file system first asks the bucket's
+    # layout over gRPC, which the emulator does not serve (a 60 s wait per bucket, retried per call).
+    return {"STORAGE_EMULATOR_HOST": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x"}
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    pytest.importorskip("gcp_storage_emulator")
+    pytest.importorskip("gcsfs")
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--in-memory", "--default-bucket", BUCKET],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"the GCS emulator did not start: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.2)
+    yield _storage_env(f"http://127.0.0.1:{port}")
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture
+def gcs(emulator, monkeypatch):
+    """The emulator's variables in this process too (before gcsfs is first imported)."""
+    for k, v in emulator.items():
+        monkeypatch.setenv(k, v)
+    # gcsfs picks its class when first imported; make sure it is the plain one (no gRPC layout probe) even
+    # if something imported gcsfs before this fixture, and that etils makes a new file system for the emulator.
+    import fsspec
+    import gcsfs.core
+    from etils.epath import backend
+    for name in ("gs", "gcs"):
+        fsspec.register_implementation(name, gcsfs.core.GCSFileSystem, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    return emulator
+
+
+def _bucket(env):
+    import gcsfs
+    # An independent reader: gcsfs itself, not chmr_jax's paths / etils.
+    return gcsfs.core.GCSFileSystem(endpoint_url=env["STORAGE_EMULATOR_HOST"], token="anon")
+
+
+def _rows(fs, key):
+    fs.invalidate_cache()
+    return {r["step"]: r["loss"] for r in map(json.loads, fs.cat(key).decode().splitlines())}
+
+
+def _committed(fs, key):
+    fs.invalidate_cache()   # (gcsfs caches listings)
+    return sorted(int(p.rsplit("/", 1)[1]) for p in fs.ls(key) if fs.exists(f"{p}/commit_success.txt"))
+
+
+def test_paths_local_and_remote(tmp_path, gcs):
+    assert paths.as_path("gs://b/run") == paths.as_path(Path("gs://b/run"))   # pathlib's "gs:/b/run" too
+    assert str(paths.as_path(Path("gs://b/run")) / "x.json") == "gs://b/run/x.json"
+    assert paths.as_path("rel") == Path("rel").resolve() and not paths.is_remote(tmp_path)
+    with pytest.raises(ValueError, match="--cache_dir=gs://b/cache: the data and feature-cache directories must be local"):
+        paths.resolve_cache_dir("gs://b/cache")
+    assert not Path("gs:").exists()
+    mounts = f"/dev/sda1 / ext4 rw 0 0\nbucket {tmp_path}/mnt fuse.gcsfuse rw 0 0\ntmpfs {tmp_path}/mnt/t tmpfs rw 0 0\n"
+    assert paths._fuse_mount(tmp_path / "mnt" / "run", mounts) == f"{tmp_path}/mnt"
+    assert paths._fuse_mount(tmp_path / "mnt" / "t" / "run", mounts) is None   # a mount inside it wins
+    assert paths._fuse_mount(tmp_path / "other", mounts) is None
+    # An object write is verified by reading it back; a missing bucket is named in one line.
+    files.atomic_write_text(f"gs://{BUCKET}/unit/a.json", '{"a": 1}')
+    assert _bucket(gcs).cat(f"{BUCKET}/unit/a.json") == b'{"a": 1}'
+    with pytest.raises(paths.StorageUnreachable, match="bucket gs://no-such-bucket does not exist"):
+        paths.check_reachable("gs://no-such-bucket/run", "--workdir")
+    # metrics.jsonl on gs://: rows after the resumed-from step dropped, new rows uploaded at sync().
+    w = metric_writers.JsonlWriter(f"gs://{BUCKET}/unit/metrics.jsonl")
+    for step in (1, 2, 3):
+        w.write(step, {"loss": float(step)})
+    w.close()
+    w = metric_writers.JsonlWriter(f"gs://{BUCKET}/unit/metrics.jsonl", resume_step=2)
+    w.write(3, {"loss": 30.0})
+    w.sync()
+    assert _rows(_bucket(gcs), f"{BUCKET}/unit/metrics.jsonl") == {1: 1.0, 2: 2.0, 3: 30.0}
+    w.close()
+
+
+def test_a_corrupt_gs_checkpoint_is_copied_aside_and_the_older_one_restored(gcs):
+    import jax.numpy as jnp
+    fs = _bucket(gcs)
+    state = {"params": {"w": jnp.arange(12.0).reshape(3, 4)}, "rest": {"b": jnp.zeros(2)}}
+    ckpt = checkpoint_lib.Checkpointer(f"gs://{BUCKET}/q/checkpoints", max_to_keep=None)
+    assert ckpt.dir_renames is False
+    for step in (1, 2):
+        ckpt.save(step, jax.tree.map(lambda x: x + step, state), {"step": step})
+    ckpt.close()
+    fs.invalidate_cache()
+    for key in fs.find(f"{BUCKET}/q/checkpoints/2/state"):
+        if "/d/" in key:
+            fs.pipe(key, b"garbage")
+    ckpt = checkpoint_lib.Checkpointer(f"gs://{BUCKET}/q/checkpoints", max_to_keep=None, log=lambda *a: None)
+    restored, meta = ckpt.restore_newest_good(state)
+    assert meta["step"] == 1 and ckpt.all_steps() == [1]
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(12.0).reshape(3, 4) + 1)
+    fs.invalidate_cache()
+    aside = fs.ls(f"{BUCKET}/q/corrupt")
+    assert len(aside) == 1 and aside[0].rsplit("/", 1)[1].startswith("2-")
+    assert fs.exists(f"{aside[0]}/commit_success.txt") and not fs.exists(f"{BUCKET}/q/checkpoints/2/commit_success.txt")
+    ckpt.close()
+
+
+# Runs `chmr-jax pretrain` and SIGKILLs itself at the final save (step 6), once checkpoint 4 is committed:
+# every row 1..6 of this uninterrupted computation is in the bucket (uploaded before each save), the
+# final checkpoint is not.
+KILL_AT_FINAL_SAVE = """
+import os, signal, sys
+from chmr_jax import cli
+from chmr_jax.training import checkpoint
+save = checkpoint.Checkpointer.save
+def killing_save(self, step, state, meta, force=False):
+    if step == 6:
+        self.manager.wait_until_finished()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(self, step, state, meta, force)
+checkpoint.Checkpointer.save = killing_save
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir, tmp_path, tmp_path_factory):
+    env = {**os.environ, **gcs, "CHMR_CACHE_DIR": str(cache_dir), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           # the resumed process reuses the first one's compiled programs (cost, not behaviour)
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env.pop("XLA_FLAGS", None)
+    workdir = f"gs://{BUCKET}/run"
+    args = ["pretrain", "--config", TEST_CONFIG, "--workdir", workdir, "--config.train.steps=6",
+            "--config.train.checkpoint_every_steps=2", "--config.train.progress=log"]
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_FINAL_SAVE, *args], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr[-3000:]
+    fs = _bucket(gcs)
+    uninterrupted = _rows(fs, f"{BUCKET}/run/metrics.jsonl")
+    assert sorted(uninterrupted) == [1, 2, 3, 4, 5, 6]
+    assert _committed(fs, f"{BUCKET}/run/checkpoints") == [2, 4]   # commit files, not renamed directories
+    assert not fs.exists(f"{BUCKET}/run/summary.json")
+
+    resumed = subprocess.run([sys.executable, "-m", "chmr_jax.cli", *args], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-3000:]
+    assert f"resumed from {workdir}/checkpoints/4 (step 4 of 6)" in resumed.stdout
+    assert _rows(fs, f"{BUCKET}/run/metrics.jsonl") == uninterrupted   # bit-identical after the restore
+    assert _committed(fs, f"{BUCKET}/run/checkpoints") == [2, 4, 6]
+    assert json.loads(fs.cat(f"{BUCKET}/run/summary.json"))["steps"] == 6
+    assert any(p.rsplit("/", 1)[1].startswith("events.out.tfevents") for p in fs.ls(f"{BUCKET}/run/tensorboard"))
+    assert list(tmp_path.iterdir()) == []            # no local gs: folder (or anything else) in the cwd
+
+    # The encoder read from the bucket is the one read from a local copy of the workdir, and embed works.
+    fs.get(f"{BUCKET}/run", str(tmp_path / "copy"), recursive=True)
+    remote, _, meta = pretrain.load_pretrained(workdir)
+    local, _, _ = pretrain.load_pretrained(tmp_path / "copy")
+    assert meta["step"] == 6
+    from flax import nnx
+    for kind in (nnx.Param, nnx.BatchStat):
+        leaves = jax.tree.leaves(nnx.state(remote, kind)), jax.tree.leaves(nnx.state(local, kind))
+        assert len(leaves[0]) == len(leaves[1]) > 0
+        for a, b in zip(*leaves):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    (tmp_path / "mols.csv").write_text("smiles\nCCO\nc1ccccc1O\nCC(=O)Nc1ccc(O)cc1\n")
+    assert cli.main(["embed", "--pretrained", workdir, "--input", str(tmp_path / "mols.csv"), "--out",
+                     str(tmp_path / "emb"), "--formats", "npz", "--cache_dir", str(cache_dir)]) == 0
+    manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
+    with np.load(tmp_path / "emb" / "embeddings.npz") as data:
+        assert data["anchor"].shape[0] == 3
+    assert manifest["checkpoint_step"] == 6
+
+
+def test_no_directory_renames_on_a_gcsfuse_workdir(tmp_path, cache_dir, monkeypatch):
+    # gcsfuse without --rename-dir-limit: renaming a directory fails (EXDEV here); files rename fine.
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+
+    def refuse_dirs(rename):
+        def guarded(src, dst, *a, **k):
+            if os.path.isdir(src) and Path(os.path.abspath(src)).is_relative_to(mount):
+                raise OSError(errno.EXDEV, "directory rename on a gcsfuse mount", str(src))
+            return rename(src, dst, *a, **k)
+        return guarded
+
+    monkeypatch.setattr(os, "rename", refuse_dirs(os.rename))
+    monkeypatch.setattr(os, "replace", refuse_dirs(os.replace))
+    (mount / "probe").mkdir()
+    with pytest.raises(OSError, match="gcsfuse"):
+        (mount / "probe").rename(mount / "probe2")   # the guard is live (pathlib goes through os.rename)
+    monkeypatch.setattr(paths, "_read_mounts", lambda: f"bucket {mount} fuse.gcsfuse rw 0 0\n")
+    workdir = mount / "run"
+    assert checkpoint_lib.dir_renames_of("auto", workdir) is False and checkpoint_lib.dir_renames_of("auto", tmp_path)
+
+    def pretrain_cli(steps):
+        return cli.main(["pretrain", "--config", TEST_CONFIG, "--workdir", str(workdir), f"--config.cache_dir={cache_dir}",
+                         f"--config.train.steps={steps}", "--config.train.checkpoint_every_steps=2",
+                         "--config.train.progress=log", "--config.train.devices=1"])   # (one device: a cheaper compile)
+
+    assert pretrain_cli(4) == 0
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if (p / "commit_success.txt").exists())
+    assert steps == [2, 4]
+    # A corrupt newest step is moved aside by copy + delete, the run restarts from step 2 and saves step 4 again.
+    for f in (workdir / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"garbage")
+    assert pretrain_cli(6) == 0
+    assert [p.name.split("-")[0] for p in (workdir / "corrupt").iterdir()] == ["4"]
+    rows = metric_writers.read_jsonl(workdir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((workdir / "summary.json").read_text())["resumed_from"] == 2
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6]
+
+
+def test_unreachable_bucket_fails_in_one_line_without_a_local_folder(tmp_path):
+    # Nothing listens on the port: the bucket check gives up after its bounded wait ($CHMR_STORAGE_TIMEOUT_S,
+    # 20 s by default), well before gcsfs's own retries (~50 s) or any input building.
+    env = {**os.environ, **_storage_env(f"http://127.0.0.1:{_free_port()}"), "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    env.pop(paths.TIMEOUT_ENV, None)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "chmr_jax.cli", "pretrain", "--config", TEST_CONFIG, "--workdir",
+                           "gs://no-such-bucket/run"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert elapsed < 60
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chmr-jax pretrain: --workdir gs://no-such-bucket/run: bucket "
+                                                   "gs://no-such-bucket "), proc.stderr
+    # (gcsfs keeps retrying a refused connection here; should it give up first, its error is the line)
+    assert "did not answer within 20s" in lines[0] or "cannot be reached" in lines[0]
+    assert list(tmp_path.iterdir()) == []
