@@ -614,7 +614,8 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
                     os.kill(os.getpid(), signal.SIGKILL)
     finally:
         featurizer.close()
-    log(f"featurization wait {featurizer.seconds:.1f}s, model {runner.model_seconds:.1f}s "
+    log(f"process {jax.process_index()} of {jax.process_count()}: wrote shards {todo}; "
+        f"featurization wait {featurizer.seconds:.1f}s, model {runner.model_seconds:.1f}s "
         f"({len(jax.local_devices())} local devices, budget {budget})")
     _barrier("chmr_embed_shards_written")
     if jax.process_index() != 0:
