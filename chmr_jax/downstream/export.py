@@ -740,16 +740,21 @@ class _LastShard:
         return self._value
 
 
-def load_embeddings(out, fmt: str = "numpy") -> tuple[dict, dict]:
+def load_embeddings(out, fmt: str | None = None) -> tuple[dict, dict]:
     """(arrays, manifest) from an export directory: {name: ShardedArray} in input order (accepted
     molecules; 'id' names each), read lazily from fmt's shards ('numpy': memory-mapped .npy, 'parquet'
-    or 'tfds': a shard at a time). np.asarray(arrays[name]) reads one array whole."""
+    or 'tfds': a shard at a time; default: the first of those the export has). np.asarray(arrays[name])
+    reads one array whole."""
     out = Path(out)
     manifest_path = out / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"{out} is not a finished chmr_jax export (no manifest.json); run (or rerun) "
                                 "`chmr-jax embed`")
     manifest = json.loads(manifest_path.read_text())
+    if "shards" not in manifest:
+        raise ValueError(f"{out} is an export of an older chmr_jax (one embeddings.npz, no shards); read it with "
+                         "np.load(OUT/embeddings.npz) or rerun `chmr-jax embed` into a new --out")
+    fmt = fmt or next(f for f in FORMATS if f in manifest["formats"])
     fmt = ALIASES.get(fmt, fmt)
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {list(FORMATS)}, got {fmt!r}")
