@@ -425,11 +425,11 @@ def _shard_files(fmt: str, shard: int, n_shards: int, names: Sequence[str]) -> l
     return [f"{TFDS_DIR}/{TFDS_NAME}-train.array_record-{shard:05d}-of-{n_shards:05d}"]
 
 
-def _write_numpy(out: Path, rel: list[str], arrays: dict) -> None:
-    for r, (name, value) in zip(rel, arrays.items()):
+def _write_numpy(out: Path, rel: list[str], names: list[str], arrays: dict) -> None:
+    for r, name in zip(rel, names):
         tmp = _tmp(out / r)
         with open(tmp, "wb") as fh:
-            np.save(fh, value)
+            np.save(fh, arrays[name])
         os.replace(tmp, out / r)
 
 
@@ -568,7 +568,9 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
                 "args": {"formats": formats, "smiles_column": smiles_column, "id_column": id_column,
                          "batch_size": batch_size, "shard_size": shard_size, "shards": n_shards},
                 "budget": dataclasses.asdict(budget), "arrays": spec}
-        plan_sha = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+        # the input's path is left out: a moved (identical) input still resumes
+        plan_sha = hashlib.sha256(json.dumps({**plan, "input": {k: v for k, v in info.items() if k != "path"}},
+                                             sort_keys=True).encode()).hexdigest()
         _check_plan(out, plan)
         if jax.process_index() == 0:
             files.atomic_write_text(out / "plan.json", json.dumps(plan, indent=1))
@@ -599,7 +601,7 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
                 for fmt in formats:
                     rel = _shard_files(fmt, shard, n_shards, names)
                     if fmt == "numpy":
-                        _write_numpy(out, rel, arrays)
+                        _write_numpy(out, rel, names, arrays)
                     elif fmt == "parquet":
                         _write_parquet(out, rel, arrays)
                     else:
