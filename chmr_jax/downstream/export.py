@@ -26,14 +26,12 @@ writes the TFDS dataset_info and manifest.json last; memory does not grow with t
 """
 from __future__ import annotations
 
-import bisect
 import csv
 import dataclasses
 import hashlib
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
