@@ -22,8 +22,9 @@ def load_encoder(workdir, step: int | None = None):
     return export.load_encoder(workdir, step)
 
 
-def load_embeddings(out, fmt: str = "npz"):
-    """`export.load_embeddings`: (arrays, manifest) from a `chmr-jax embed` output directory."""
+def load_embeddings(out, fmt: str | None = None):
+    """`export.load_embeddings`: (arrays, manifest) from a `chmr-jax embed` output directory; arrays are
+    lazy (`export.ShardedArray`: memory-mapped shards, np.asarray reads one whole)."""
     from chmr_jax.downstream import export
     return export.load_embeddings(out, fmt)
 

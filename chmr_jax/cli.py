@@ -16,7 +16,7 @@ COMMANDS = {"prepare": "featurize and split the benchmarks (or a CSV), or build 
             "finetune": "fine-tune on a benchmark or CSV over seeds (frozen or full encoder, baselines)",
             "benchmark": "finetune on several benchmarks and write a results table with the paper's numbers",
             "stress": "hide cellular profiles at several levels, pretrain + finetune each, table and plot",
-            "embed": "embeddings, tree codes and straight-through vectors for molecules (npz, Parquet, TFDS)",
+            "embed": "embeddings, tree codes and straight-through vectors for molecules (NumPy, Parquet, TFDS shards)",
             "convert": "import the authors' PyTorch checkpoint (state_dict .pt) as a chmr_jax workdir",
             "report": "PNG plots of a pretraining run: losses, tree-code usage, embedding maps, task enrichment",
             "compile": "compile the pretraining step for a TPU topology without a TPU: per-chip memory, estimates"}
@@ -397,25 +397,41 @@ def _stress(argv: list[str]) -> int:
 
 def _embed(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="chmr-jax embed", description=COMMANDS["embed"] + (
-        ". Writes OUT/manifest.json (model config, checkpoint step, featurizer settings, molecule ids, "
-        "rejects) beside the chosen formats; read back with chmr_jax.load_embeddings(OUT)."))
+        ". Streams the input in shards of --shard_size rows over every local device (and every process "
+        "with --coordinator_address), writing each shard's files and OUT/shards/<i>.json as it finishes; "
+        "a rerun of the same command skips finished shards. Process 0 writes OUT/manifest.json (model "
+        "config, checkpoint step, featurizer settings, shards, rejects) last; read back with "
+        "chmr_jax.load_embeddings(OUT)."))
     parser.add_argument("--pretrained", required=True, help="a `chmr-jax pretrain` or `chmr-jax convert` workdir")
-    parser.add_argument("--input", required=True, help="molecules: .csv/.csv.gz with a SMILES column, or .smi")
+    parser.add_argument("--input", required=True,
+                        help="molecules: .csv[.gz] with a SMILES column, .smi[.gz] or .parquet")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--smiles_column", default="smiles")
     parser.add_argument("--id_column", help="CSV column with molecule ids (default: row numbers)")
-    parser.add_argument("--formats", default="npz,parquet,tfds", help="comma list of npz, parquet, tfds")
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--formats", default="numpy,parquet,tfds",
+                        help="comma list of numpy (alias npz), parquet, tfds")
+    parser.add_argument("--batch_size", type=int, default=256, help="molecules per step over all local devices")
+    parser.add_argument("--shard_size", type=int, default=10_000, help="input rows per output shard")
+    parser.add_argument("--workers", type=int, help="featurization processes (default: the CPU count)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
-    parser.add_argument("--cache_dir", help="feature cache (default: $CHMR_CACHE_DIR or ~/.cache/chmr_jax/features)")
+    parser.add_argument("--cache_dir", help="unused (streamed input is featurized afresh); kept for old scripts")
+    parser.add_argument("--no_progress", action="store_true", help="no progress line")
+    parser.add_argument("--coordinator_address", default="", help="multi-process: HOST:PORT of process 0")
+    parser.add_argument("--num_processes", type=int, default=0, help="multi-process: number of processes")
+    parser.add_argument("--process_id", type=int, default=-1, help="multi-process: this process's index")
     args = parser.parse_args(argv)
+    if args.coordinator_address:
+        import jax
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes; no-op elsewhere
+        jax.distributed.initialize(args.coordinator_address, args.num_processes or None,
+                                   None if args.process_id < 0 else args.process_id)
     from chmr_jax import config_util
-    from chmr_jax.data import paths
     from chmr_jax.downstream import export
     return _report_errors("embed", lambda: export.export(
         export.load_encoder(args.pretrained, args.step), args.input, args.out,
         config_util.parse_list(args.formats), args.smiles_column, args.id_column,
-        args.batch_size, paths.resolve_cache_dir(args.cache_dir)))
+        args.batch_size, None, shard_size=args.shard_size, n_workers=args.workers,
+        show_progress=not args.no_progress))
 
 
 def _convert(argv: list[str]) -> int:

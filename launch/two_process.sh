@@ -6,6 +6,9 @@
 #
 # Usage: [NUM_PROCESSES=2] [DEVICES_PER_PROCESS=1] [PORT=free] bash launch/two_process.sh WORKDIR [pretrain flags]
 #   bash launch/two_process.sh runs/mp --config configs/test.py
+# CHMR_COMMAND=embed runs `chmr-jax embed [flags] --coordinator_address ... --num_processes N --process_id i`
+# instead (WORKDIR then only holds the logs):
+#   CHMR_COMMAND=embed bash launch/two_process.sh runs/emb_logs --pretrained runs/a --input x.csv --out runs/emb
 # Each process' log goes to WORKDIR/process_<i>.log (its pid to process_<i>.pid); the script exits non-zero if any process does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,9 +20,14 @@ PORT=${PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1"
 mkdir -p "$WORKDIR"
 pids=()
 for ((i = 0; i < N; i++)); do
+  if [[ "${CHMR_COMMAND:-pretrain}" == pretrain ]]; then
+    args=(pretrain --workdir "$WORKDIR" "$@" --config.train.coordinator_address="127.0.0.1:$PORT"
+          --config.train.num_processes="$N" --config.train.process_id="$i")
+  else
+    args=("$CHMR_COMMAND" "$@" --coordinator_address="127.0.0.1:$PORT" --num_processes="$N" --process_id="$i")
+  fi
   JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}" \
-    "$PY" -m chmr_jax.cli pretrain --workdir "$WORKDIR" "$@" --config.train.coordinator_address="127.0.0.1:$PORT" \
-    --config.train.num_processes="$N" --config.train.process_id="$i" > "$WORKDIR/process_$i.log" 2>&1 &
+    "$PY" -m chmr_jax.cli "${args[@]}" > "$WORKDIR/process_$i.log" 2>&1 &
   pids+=($!)
   echo $! > "$WORKDIR/process_$i.pid"
 done
