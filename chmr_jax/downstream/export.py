@@ -561,7 +561,7 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
         spec = {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in runner.out_spec(sample).items()}
         spec = {**{k: {"shape": [], "dtype": "str"} for k in STRINGS}, **spec}
         plan = {"version": PLAN_VERSION, "input": info,
-                "encoder": {"workdir": str(Path(encoder.workdir).resolve()), "checkpoint_step": encoder.step,
+                "encoder": {"workdir": str(paths.as_path(encoder.workdir)), "checkpoint_step": encoder.step,
                             "params_sha256": encoder.params_digest()},
                 "args": {"formats": formats, "smiles_column": smiles_column, "id_column": id_column,
                          "batch_size": batch_size, "shard_size": shard_size, "shards": n_shards},
