@@ -24,4 +24,7 @@ WORKDIR=${1:?usage: bash launch/gpu.sh WORKDIR [flags]}
 shift
 # The latency-hiding scheduler overlaps the ring's ppermutes with the block computations.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
-exec .venv/bin/chmr-jax pretrain --config "${CONFIG:-configs/pretrain.py}" --workdir "$WORKDIR" "$@"
+# JAX's persistent compilation cache (COMPILATION_CACHE='' turns it off): a rerun or resume skips XLA compilation.
+COMPILATION_CACHE=${COMPILATION_CACHE-$HOME/.cache/chmr_jax/compilation_cache}
+exec .venv/bin/chmr-jax pretrain --config "${CONFIG:-configs/pretrain.py}" --workdir "$WORKDIR" \
+  --config.train.compilation_cache_dir="$COMPILATION_CACHE" "$@"

@@ -16,6 +16,8 @@ shift || true
 CONFIG=${CONFIG:-configs/pretrain.py}
 # The corpus is built on first use and cached (a second run skips featurization); a short run by
 # default: later flags override earlier ones.
+# JAX's persistent compilation cache (COMPILATION_CACHE='' turns it off): a rerun or resume skips XLA compilation.
+COMPILATION_CACHE=${COMPILATION_CACHE-$HOME/.cache/chmr_jax/compilation_cache}
 .venv/bin/chmr-jax pretrain --config "$CONFIG" --workdir "$WORKDIR" --config.train.steps=200 \
-  --config.train.checkpoint_every_steps=50 "$@"
+  --config.train.checkpoint_every_steps=50 --config.train.compilation_cache_dir="$COMPILATION_CACHE" "$@"
 echo "Results in $WORKDIR: checkpoints/ (Orbax), metrics.jsonl, tensorboard/ (tensorboard --logdir $WORKDIR/tensorboard), summary.json"
