@@ -5,7 +5,7 @@ Usage: python benchmarks/embed_scale.py --pretrained DIR [--sizes 20000,200000,1
 
 Inputs: the SMILES of the shared data's benchmarks and corpus ($CHMR_DATA_DIR: every CSV with a 'smiles'
 column, deduplicated), then topped up to each size with randomised-atom-order SMILES of the same molecules
-(RDKit MolToSmiles(doRandom=True), seeded), so every row is parsed and featurized afresh. Inputs are
+(RDKit MolToSmiles(doRandom=True); RDKit's atom order is not seeded), so every row is parsed and featurized afresh. Inputs are
 written once to WORK/input-<n>.csv and reused. Each size runs `chmr-jax embed` as a subprocess; its peak
 RSS is the largest VmHWM of the embed process and, separately, the sum of its featurization workers'
 (polled from /proc every 0.2 s). Afterwards a second subprocess loads the export with

@@ -6,6 +6,7 @@
 #                          stale processes holding the TPU, then start the same `chmr-jax pretrain
 #                          --config.train.distributed=True` on every worker under setsid + nohup: a
 #                          dropped connection (SIGHUP) no longer kills the job. Returns at once.
+#                          Refused while a job runs there (stop it first; FORCE=1 kills it).
 #   status                 on every worker: is the job running, the last lines of its log
 #   logs [N]               the last N (default 50) lines of worker ${WORKER:-0}'s log (FOLLOW=1: tail -f)
 #   stop                   SIGTERM on every worker: the processes agree on one step, checkpoint it and
@@ -65,6 +66,10 @@ WORKDIR=${1:?usage: bash launch/tpu_pod.sh start WORKDIR [flags]}
 shift
 COMPILATION_CACHE=${COMPILATION_CACHE:-${WORKDIR%/}/compilation_cache}
 
+if [ "${CREATE:-0}" != 1 ] && [ "${FORCE:-0}" != 1 ]; then
+  # A running job would be SIGKILLed by the cleanup below, losing the work since its last checkpoint.
+  on_all "if pgrep -f '$JOB_PATTERN' >/dev/null; then echo \"\$(hostname): the job is still running; run 'bash launch/tpu_pod.sh stop' first (or FORCE=1)\" >&2; exit 1; fi"
+fi
 if [ "${CREATE:-0}" = 1 ]; then
   # --autocheckpoint-enabled: on a maintenance event the TPU runtime sends SIGTERM first, which our
   # job turns into one agreed checkpoint (alpha track: the flag is not in the GA command yet).

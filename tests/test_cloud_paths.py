@@ -13,6 +13,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+import chmr_jax
 import pytest
 
 from chmr_jax import cli
@@ -183,7 +185,9 @@ def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir,
     assert _committed(fs, f"{BUCKET}/run/checkpoints") == [2, 4]   # commit files, not renamed directories
     assert not fs.exists(f"{BUCKET}/run/summary.json")
 
-    resumed = subprocess.run([sys.executable, "-m", "chmr_jax.cli", *args], env=env, cwd=tmp_path,
+    # (the resumed run also traces step 5: jax.profiler writes locally, the trace is copied into the bucket)
+    resumed = subprocess.run([sys.executable, "-m", "chmr_jax.cli", *args, "--config.train.profile_steps=5:6"],
+                             env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-3000:]
     assert f"resumed from {workdir}/checkpoints/4 (step 4 of 6)" in resumed.stdout
@@ -192,6 +196,7 @@ def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir,
     assert json.loads(fs.cat(f"{BUCKET}/run/summary.json"))["steps"] == 6
     assert any(p.rsplit("/", 1)[1].startswith("events.out.tfevents") for p in fs.ls(f"{BUCKET}/run/tensorboard"))
     assert list(tmp_path.iterdir()) == []            # no local gs: folder (or anything else) in the cwd
+    assert any(p.endswith(".xplane.pb") for p in fs.find(f"{BUCKET}/run/profile"))
 
     # The encoder read from the bucket is the one read from a local copy of the workdir, and embed works.
     fs.get(f"{BUCKET}/run", str(tmp_path / "copy"), recursive=True)
@@ -207,10 +212,12 @@ def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir,
     (tmp_path / "mols.csv").write_text("smiles\nCCO\nc1ccccc1O\nCC(=O)Nc1ccc(O)cc1\n")
     assert cli.main(["embed", "--pretrained", workdir, "--input", str(tmp_path / "mols.csv"), "--out",
                      str(tmp_path / "emb"), "--formats", "npz", "--cache_dir", str(cache_dir)]) == 0
-    manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
-    with np.load(tmp_path / "emb" / "embeddings.npz") as data:
-        assert data["anchor"].shape[0] == 3
-    assert manifest["checkpoint_step"] == 6
+    assert cli.main(["embed", "--pretrained", workdir, "--input", str(tmp_path / "mols.csv"), "--out",
+                     f"gs://{BUCKET}/emb"]) == 2   # outputs are local files: refused in one line, nothing written
+    assert not (tmp_path / "gs:").exists() and not fs.exists(f"{BUCKET}/emb")
+    arrays, manifest = chmr_jax.load_embeddings(tmp_path / "emb")
+    assert np.asarray(arrays["anchor"]).shape[0] == 3 and list(np.asarray(arrays["id"])) == ["row0", "row1", "row2"]
+    assert manifest["checkpoint_step"] == 6 and manifest["pretrained"] == workdir
 
 
 def test_no_directory_renames_on_a_gcsfuse_workdir(tmp_path, cache_dir, monkeypatch):

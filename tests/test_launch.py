@@ -103,7 +103,9 @@ def test_start_stop_status_really_work_in_a_shell(tmp_path):
     stub.write_text("#!/usr/bin/env bash\ntrap 'echo TERM >> \"$HOME/job.log\"; exit 0' TERM\n"
                     "echo \"$@\" > \"$HOME/job.args\"\nwhile true; do sleep 0.1; done\n")
     stub.chmod(0o755)
-    start = commands(run_launcher(tmp_path, "start", str(tmp_path / "run")))[-1]
+    calls = commands(run_launcher(tmp_path, "start", str(tmp_path / "run")))
+    running_check, start = calls[0], calls[-1]
+    assert len(calls) == 4   # the running-job check, install, cleanup, start
     env = {**os.environ, "HOME": str(home)}
     # The start command in its own session, which we then hang up on, as a dropped ssh would.
     session = subprocess.Popen(["bash", "-c", start], cwd=home, env=env, start_new_session=True,
@@ -125,6 +127,9 @@ def test_start_stop_status_really_work_in_a_shell(tmp_path):
     status = commands(run_launcher(tmp_path, "status"))[-1]
     out = subprocess.run(["bash", "-c", status], cwd=home, env=env, capture_output=True, text=True, timeout=30)
     assert "running" in out.stdout and "not running" not in out.stdout
+    # a second `start` now would SIGKILL the job in its cleanup: its first command refuses instead
+    out = subprocess.run(["bash", "-c", running_check], cwd=home, env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "still running" in out.stderr and "stop" in out.stderr
 
     stop = commands(run_launcher(tmp_path, "stop"))[-1]
     out = subprocess.run(["bash", "-c", stop], cwd=home, env=env, capture_output=True, text=True, timeout=60)
@@ -136,6 +141,7 @@ def test_start_stop_status_really_work_in_a_shell(tmp_path):
             time.sleep(0.1)
     out = subprocess.run(["bash", "-c", status], cwd=home, env=env, capture_output=True, text=True, timeout=30)
     assert "not running" in out.stdout
+    assert subprocess.run(["bash", "-c", running_check], cwd=home, env=env, timeout=30).returncode == 0
 
 
 def test_logs_reads_the_worker_log(tmp_path):

@@ -161,9 +161,15 @@ def embed_budget(encoder: Encoder, sample: featurize.MoleculeFeatures, batch_siz
         raise ValueError("none of the molecules sampled to size the batch budget could be featurized "
                          f"(the first {BUDGET_SAMPLE} rows); check the SMILES column")
     per_block = -(-batch_size // n_devices)
-    return graphs.estimate_budget(sample.n_atoms, sample.n_edges, per_block * n_devices,
-                                  int(cfg.get("pad_multiple", 64)), float(cfg.get("n_sigma", 4.0)),
-                                  graph_multiple=n_devices, blocks=n_devices)
+    pad = int(cfg.get("pad_multiple", 64))
+    budget = graphs.estimate_budget(sample.n_atoms, sample.n_edges, per_block * n_devices, pad,
+                                    float(cfg.get("n_sigma", 4.0)), graph_multiple=n_devices, blocks=n_devices)
+    # The sample is the input's first rows only: a block must still hold the largest molecule the featurizer
+    # accepts (max_atoms, at a mean degree of 4), so no later molecule is rejected for its size.
+    one, largest = budget.block(), encoder.settings.max_atoms
+    n_node = max(one.n_node, graphs.round_up(largest + 1, pad))
+    n_edge = max(one.n_edge, graphs.round_up(4 * largest, pad))
+    return dataclasses.replace(budget, n_node=n_node * budget.blocks, n_edge=n_edge * budget.blocks)
 
 
 class DeviceRunner:
@@ -477,7 +483,8 @@ def _write_tfds_metadata(out: Path, spec: dict, lengths: list[int], description:
     data_dir=OUT/tfds, split='train') reads them without TensorFlow."""
     import tensorflow_datasets as tfds
     path = out / TFDS_DIR
-    n_bytes = sum(p.stat().st_size for p in path.glob(f"{TFDS_NAME}-train.array_record-*"))
+    n_bytes = sum(p.stat().st_size for p in path.glob(f"{TFDS_NAME}-train.array_record-*")
+                  if ".tmp" not in p.name)   # not a killed run's leftovers
     split = tfds.core.SplitInfo(name="train", shard_lengths=list(lengths), num_bytes=n_bytes)
     tfds.folder_dataset.write_metadata(
         data_dir=path, features=_tfds_features(spec), split_infos=[split],
@@ -543,6 +550,10 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"--shard_size ({shard_size}) and --batch_size ({batch_size}) must be positive")
     formats = [f for f in FORMATS if f in formats]
+    if paths.is_remote(out):
+        # Shards are written under temporary names and renamed, and memory-mapped on load: local files.
+        raise ValueError(f"--out {os.fspath(out)}: embeddings are written to a local directory (or a bucket "
+                         "mounted with gcsfuse); copy them up afterwards with `gcloud storage cp -r`")
     out = Path(out)
     t_start = time.perf_counter()
     info = scan_input(input_path, smiles_column, id_column)
@@ -626,6 +637,8 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
         if not path.exists():
             raise ValueError(f"{out}: shard {i} has no record after every process finished; rerun the same command")
         r = json.loads(path.read_text())
+        if r.get("plan") != plan_sha:   # e.g. a concurrent run with other arguments into the same --out
+            raise ValueError(f"{out}: shard {i} was written by another embed run (its plan differs); use a new --out")
         records.append({k: r[k] for k in ("shard", "rows", "molecules", "files")} | {"n_rejects": len(r["rejects"])})
     if "tfds" in formats:
         _write_tfds_metadata(out, spec, [r["molecules"] for r in records])

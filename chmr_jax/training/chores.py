@@ -6,6 +6,8 @@ resumed run's summary covers the whole run and not only its last process, a prof
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import jax
 
 from chmr_jax import progress as progress_lib
+from chmr_jax.data import paths
 from chmr_jax.training import metric_writers, utilisation
 
 
@@ -142,13 +145,15 @@ class Profiler:
 
     def __init__(self, window: tuple[int, int] | None, logdir, enabled: bool, log=print):
         self.window = window if enabled else None
-        self.logdir, self.log = Path(logdir), log
+        self.logdir, self.log = logdir, log
         self.active = False
+        # jax.profiler writes local files: a gs:// workdir's trace is staged locally, copied up in stop().
+        self.staging = Path(tempfile.mkdtemp(prefix="chmr_profile_")) if paths.is_remote(logdir) and self.window else None
 
     def before_step(self, step: int) -> None:
         """Before optimiser step `step` (1-based) is dispatched."""
         if self.window and not self.active and self.window[0] <= step < self.window[1]:
-            jax.profiler.start_trace(str(self.logdir))
+            jax.profiler.start_trace(str(self.staging or self.logdir))
             self.active, self.first = True, step
 
     def after_step(self, step: int, ready, last: bool = False) -> None:
@@ -162,6 +167,12 @@ class Profiler:
         if self.active:
             jax.profiler.stop_trace()
             self.active, self.window = False, None
+            if self.staging is not None:
+                for f in sorted(p for p in self.staging.rglob("*") if p.is_file()):
+                    dest = self.logdir / str(f.relative_to(self.staging))
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(f.read_bytes())
+                shutil.rmtree(self.staging, ignore_errors=True)
             if step is not None:
                 self.log(f"profile: steps {self.first}-{step} traced to {self.logdir} (process {jax.process_index()})")
 
