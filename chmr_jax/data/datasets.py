@@ -6,6 +6,7 @@ labels as float32 [n_rows, n_tasks] (NaN = missing) and the 14-char InChIKey blo
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
@@ -70,14 +71,22 @@ class MoleculeDataset:
                 "labels_missing": float(1 - observed.mean()) if observed.size else 0.0}
 
 
-def _read_table(path: Path) -> tuple[list[str], list[list[str]], np.ndarray]:
-    """(header, rows, the file's line number where each row starts): errors and rejects name lines."""
+@contextlib.contextmanager
+def open_csv(path):
+    """(header, csv.reader positioned at the first data row) of a .csv[.gz]; a file without even a header
+    row is a ValueError naming it."""
     with paths.open_text(path) as fh:
         reader = csv.reader(fh)
         try:
             header = next(reader)
         except StopIteration:
             raise ValueError(f"{path}: empty file (no header row)") from None
+        yield header, reader
+
+
+def _read_table(path: Path) -> tuple[list[str], list[list[str]], np.ndarray]:
+    """(header, rows, the file's line number where each row starts): errors and rejects name lines."""
+    with open_csv(path) as (header, reader):
         rows, lines = [], []
         while True:
             start = reader.line_num + 1   # a quoted field may span lines: the row starts after the last one

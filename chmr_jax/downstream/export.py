@@ -26,7 +26,6 @@ writes the TFDS dataset_info and manifest.json last; memory does not grow with t
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -42,7 +41,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from chmr_jax.data import featurize, files, graphs, paths
+from chmr_jax.data import datasets, featurize, files, graphs, paths
 from chmr_jax.mechanisms import tree_vq
 from chmr_jax import progress as progress_lib
 
@@ -320,12 +319,7 @@ def iter_molecules(path, smiles_column: str = "smiles", id_column: str | None = 
                 yield ("" if a is None else str(a)), str(b)
             row += len(smi)
         return
-    with paths.open_text(path) as fh:
-        reader = csv.reader(fh)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise ValueError(f"{path}: empty file (no header row)") from None
+    with datasets.open_csv(path) as (header, reader):
         s = _column(path, header, smiles_column, "--smiles_column", True)
         i = _column(path, header, id_column, "--id_column", False) if id_column else None
         need = max(s, i if i is not None else 0) + 1
