@@ -92,6 +92,7 @@ def _prepare(argv: list[str]) -> int:
                                    n_workers=args.workers)
         prepared.seconds = time.perf_counter() - t0
         rows.append(prepared.row())
+        paths.push(cache_dir, "--cache_dir")   # a gs:// cache (a local mirror): each dataset uploaded when done
     wall = time.perf_counter() - start
     print(prepare.format_table(rows))
     n_mol = sum(r["molecules"] for r in rows)
@@ -123,7 +124,12 @@ def _prepare_corpus(args) -> int:
     start = time.perf_counter()
     corpus = prepare.build_corpus(cfg, settings, data_dir, cache_dir, args.workers)
     out = args.out or cache_dir / (f"corpus-{cfg.kind}" + (f"-no-{cfg.exclude_test_of.replace(',', '+')}-test" if cfg.exclude_test_of else ""))
+    if paths.is_remote(out):   # saved locally (a mirror folder), then uploaded
+        paths.check_reachable(out, "--out")
+        out = paths.mirror_of(out)
     corpus.save(out)
+    paths.push(out, "--out")
+    paths.push(cache_dir, "--cache_dir")
     print(prepare.format_table(corpus_lib.summary_rows(corpus)))
     if cfg.include_benchmarks:
         groups = prepare.benchmark_keys(datasets.ALL_BENCHMARKS, cfg.join, data_dir, cache_dir, args.workers)
@@ -404,8 +410,9 @@ def _embed(argv: list[str]) -> int:
         "chmr_jax.load_embeddings(OUT)."))
     parser.add_argument("--pretrained", required=True, help="a `chmr-jax pretrain` or `chmr-jax convert` workdir")
     parser.add_argument("--input", required=True,
-                        help="molecules: .csv[.gz] with a SMILES column, .smi[.gz] or .parquet")
-    parser.add_argument("--out", required=True, help="output directory")
+                        help="molecules: .csv[.gz] with a SMILES column, .smi[.gz] or .parquet (local or gs://)")
+    parser.add_argument("--out", required=True, help="output directory (or a gs:// folder: written in a local mirror, "
+                        "$CHMR_MIRROR_DIR, each finished shard uploaded at once)")
     parser.add_argument("--smiles_column", default="smiles")
     parser.add_argument("--id_column", help="CSV column with molecule ids (default: row numbers)")
     parser.add_argument("--formats", default="numpy,parquet,tfds",
@@ -459,7 +466,7 @@ def _report(argv: list[str]) -> int:
         ". Writes loss_curves.png, code_usage.png, embedding_map.png (and enrichment_<benchmark>.png) with "
         "report.json into --out (default PRETRAINED/report)."))
     parser.add_argument("--pretrained", required=True, help="a `chmr-jax pretrain` workdir")
-    parser.add_argument("--out", help="output directory (default: PRETRAINED/report)")
+    parser.add_argument("--out", help="output directory, local or gs:// (default: PRETRAINED/report)")
     parser.add_argument("--benchmark", help="also plot which tree branches are enriched for each task's positives")
     parser.add_argument("--method", choices=["pca", "tsne"], default="pca", help="2-D map (t-SNE is slower)")
     parser.add_argument("--max_molecules", type=int, default=2000, help="corpus molecules to embed for the maps")

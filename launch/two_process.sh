@@ -10,6 +10,8 @@
 # instead (WORKDIR then only holds the logs):
 #   CHMR_COMMAND=embed bash launch/two_process.sh runs/emb_logs --pretrained runs/a --input x.csv --out runs/emb
 # Each process' log goes to WORKDIR/process_<i>.log (its pid to process_<i>.pid); the script exits non-zero if any process does.
+# CHMR_MIRROR_DIR containing %i (e.g. /tmp/host%i) gives each process its own local mirror of gs:// folders,
+# as separate hosts have (%i becomes the process index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKDIR=${1:?usage: bash launch/two_process.sh WORKDIR [flags]}
@@ -26,7 +28,8 @@ for ((i = 0; i < N; i++)); do
   else
     args=("$CHMR_COMMAND" "$@" --coordinator_address="127.0.0.1:$PORT" --num_processes="$N" --process_id="$i")
   fi
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}" \
+  mirror=${CHMR_MIRROR_DIR:-}
+  CHMR_MIRROR_DIR=${mirror//%i/$i} JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}" \
     "$PY" -m chmr_jax.cli "${args[@]}" > "$WORKDIR/process_$i.log" 2>&1 &
   pids+=($!)
   echo $! > "$WORKDIR/process_$i.pid"

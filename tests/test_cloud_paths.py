@@ -97,12 +97,12 @@ def _committed(fs, key):
     return sorted(int(p.rsplit("/", 1)[1]) for p in fs.ls(key) if fs.exists(f"{p}/commit_success.txt"))
 
 
-def test_paths_local_and_remote(tmp_path, gcs):
+def test_paths_local_and_remote(tmp_path, gcs, monkeypatch):
     assert paths.as_path("gs://b/run") == paths.as_path(Path("gs://b/run"))   # pathlib's "gs:/b/run" too
     assert str(paths.as_path(Path("gs://b/run")) / "x.json") == "gs://b/run/x.json"
     assert paths.as_path("rel") == Path("rel").resolve() and not paths.is_remote(tmp_path)
-    with pytest.raises(ValueError, match="--cache_dir=gs://b/cache: the data and feature-cache directories must be local"):
-        paths.resolve_cache_dir("gs://b/cache")
+    with pytest.raises(ValueError, match="--workdir=gs://b/stress: this command writes a local folder"):
+        paths.local_only("gs://b/stress", "--workdir")
     assert not Path("gs:").exists()
     mounts = f"/dev/sda1 / ext4 rw 0 0\nbucket {tmp_path}/mnt fuse.gcsfuse rw 0 0\ntmpfs {tmp_path}/mnt/t tmpfs rw 0 0\n"
     assert paths._fuse_mount(tmp_path / "mnt" / "run", mounts) == f"{tmp_path}/mnt"
@@ -123,6 +123,55 @@ def test_paths_local_and_remote(tmp_path, gcs):
     w.sync()
     assert _rows(_bucket(gcs), f"{BUCKET}/unit/metrics.jsonl") == {1: 1.0, 2: 2.0, 3: 30.0}
     w.close()
+
+
+def test_a_bucket_folder_is_mirrored_both_ways_and_only_what_differs_moves(tmp_path, gcs, monkeypatch):
+    monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path / "mirror"))
+    fs = _bucket(gcs)
+    assert paths.mirror_of("gs://b/data/") == tmp_path / "mirror" / "gs" / "b" / "data"
+    assert paths.remote_of(tmp_path / "mirror" / "gs" / "b" / "data" / "x.csv") == "gs://b/data/x.csv"
+    assert paths.remote_of(tmp_path / "elsewhere") is None and paths.push(tmp_path / "elsewhere") == 0
+    with pytest.raises(ValueError, match="name a bucket folder"):
+        paths.mirror_of("gs://b/../c")
+    for key, data in (("m/a.csv", b"a,b\n1,2\n"), ("m/sub/b.npy", b"\x93NUMPY" + bytes(range(200))),
+                      ("m/c.json.tmp123", b"half"), ("m/.hidden", b"h")):
+        fs.pipe(f"{BUCKET}/{key}", data)
+    local = paths.resolve_data_dir(f"gs://{BUCKET}/m")     # a data dir URL: pulled, its mirror returned
+    assert local == paths.mirror_of(f"gs://{BUCKET}/m")
+    assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == ["a.csv", "sub/b.npy"]
+    assert (local / "sub" / "b.npy").read_bytes() == fs.cat(f"{BUCKET}/m/sub/b.npy")   # temporaries never move
+    stamp = (local / "a.csv").stat().st_mtime_ns, (local / "a.csv").stat().st_ino
+    fs.pipe(f"{BUCKET}/m/sub/b.npy", b"changed")
+    paths.pull(f"gs://{BUCKET}/m")
+    assert ((local / "a.csv").stat().st_mtime_ns, (local / "a.csv").stat().st_ino) == stamp   # unchanged: not fetched
+    assert (local / "sub" / "b.npy").read_bytes() == b"changed"
+    # A damaged download (here: the object changes between the listing and the copy) is an error, not a file.
+    import fsspec
+    ours = fsspec.core.url_to_fs(f"gs://{BUCKET}/m")[0]   # the file system paths.pull / push use (cached by fsspec)
+    get_file = ours.get_file
+    monkeypatch.setattr(ours, "get_file", lambda rpath, lpath, **k: (get_file(rpath, lpath, **k),
+                                                                     Path(lpath).write_bytes(b"X"))[0])
+    fs.pipe(f"{BUCKET}/m/a.csv", b"a,b\n3,4\n")
+    with pytest.raises(OSError, match="a.csv: the downloaded copy differs from the object"):
+        paths.pull(f"gs://{BUCKET}/m")
+    monkeypatch.setattr(ours, "get_file", get_file)
+    assert (local / "a.csv").read_bytes() == b"a,b\n1,2\n" and not list(local.glob("a.csv.tmp*"))
+    # push: new and changed files go up (oldest first), identical ones and temporaries do not.
+    cache = paths.resolve_cache_dir(f"gs://{BUCKET}/cache")
+    (cache / "x.npz").write_bytes(b"x" * 10)
+    (cache / "x.npz.tmp77").write_bytes(b"partial")
+    (cache / "d").mkdir()
+    (cache / "d" / "manifest.json").write_text("{}")
+    sent = []
+    put_file = ours.put_file
+    monkeypatch.setattr(ours, "put_file", lambda lpath, rpath, **k: (sent.append(Path(lpath).name),
+                                                                     put_file(lpath, rpath, **k))[1])
+    os.utime(cache / "x.npz", ns=(1, 1))   # the oldest file is uploaded first
+    assert paths.push(cache) == 2 and sent == ["x.npz", "manifest.json"]
+    assert fs.cat(f"{BUCKET}/cache/d/manifest.json") == b"{}" and not fs.exists(f"{BUCKET}/cache/x.npz.tmp77")
+    assert paths.push(cache) == 0                             # nothing differs now
+    (cache / "x.npz").write_bytes(b"y" * 10)                 # same size, other bytes: the MD5 tells
+    assert paths.push(cache) == 1 and fs.cat(f"{BUCKET}/cache/x.npz") == b"y" * 10
 
 
 def test_a_corrupt_gs_checkpoint_is_copied_aside_and_the_older_one_restored(gcs):
@@ -167,7 +216,8 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir, tmp_path, tmp_path_factory):
+def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir, tmp_path, tmp_path_factory,
+                                                                  monkeypatch):
     env = {**os.environ, **gcs, "CHMR_CACHE_DIR": str(cache_dir), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
            # the resumed process reuses the first one's compiled programs (cost, not behaviour)
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
@@ -210,14 +260,100 @@ def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir,
         for a, b in zip(*leaves):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     (tmp_path / "mols.csv").write_text("smiles\nCCO\nc1ccccc1O\nCC(=O)Nc1ccc(O)cc1\n")
-    assert cli.main(["embed", "--pretrained", workdir, "--input", str(tmp_path / "mols.csv"), "--out",
-                     str(tmp_path / "emb"), "--formats", "npz", "--cache_dir", str(cache_dir)]) == 0
-    assert cli.main(["embed", "--pretrained", workdir, "--input", str(tmp_path / "mols.csv"), "--out",
-                     f"gs://{BUCKET}/emb"]) == 2   # outputs are local files: refused in one line, nothing written
-    assert not (tmp_path / "gs:").exists() and not fs.exists(f"{BUCKET}/emb")
+    # (a subprocess like the gs:// embeds below: one CPU device, the same padded batches, identical floats)
+    plain = subprocess.run([sys.executable, "-m", "chmr_jax.cli", "embed", "--pretrained", workdir, "--input",
+                            str(tmp_path / "mols.csv"), "--out", str(tmp_path / "emb"), "--formats", "npz",
+                            "--shard_size", "2", "--cache_dir", str(cache_dir)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert plain.returncode == 0, plain.stdout + plain.stderr[-3000:]
     arrays, manifest = chmr_jax.load_embeddings(tmp_path / "emb")
     assert np.asarray(arrays["anchor"]).shape[0] == 3 and list(np.asarray(arrays["id"])) == ["row0", "row1", "row2"]
     assert manifest["checkpoint_step"] == 6 and manifest["pretrained"] == workdir
+
+    # embed --out gs://: killed after its first shard (written locally, then uploaded), resumed on another
+    # machine (an empty local mirror) that takes the finished shard from the bucket, read back from the bucket.
+    out = f"gs://{BUCKET}/emb"
+    embed = ["embed", "--pretrained", workdir, "--input", str(tmp_path / "mols.csv"), "--out", out,
+             "--formats", "numpy,parquet", "--shard_size", "2", "--cache_dir", str(cache_dir)]
+    killed = subprocess.run([sys.executable, "-m", "chmr_jax.cli", *embed], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600, env={**env, "CHMR_EMBED_KILL_AFTER_SHARDS": "1",
+                                                         paths.MIRROR_ENV: str(tmp_path_factory.mktemp("host1"))})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr[-3000:]
+    fs.invalidate_cache()
+    first = json.loads(fs.cat(f"{BUCKET}/emb/shards/00000.json"))
+    assert all(fs.exists(f"{BUCKET}/emb/{rel}") for rel in first["files"])
+    assert not fs.exists(f"{BUCKET}/emb/shards/00001.json") and not fs.exists(f"{BUCKET}/emb/manifest.json")
+    resumed = subprocess.run([sys.executable, "-m", "chmr_jax.cli", *embed], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600, env={**env, paths.MIRROR_ENV: str(tmp_path_factory.mktemp("host2"))})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-3000:]
+    assert "skipped: [0]" in resumed.stdout
+    fs.invalidate_cache()
+    assert json.loads(fs.cat(f"{BUCKET}/emb/shards/00000.json")) == first     # not redone
+    assert json.loads(fs.cat(f"{BUCKET}/emb/manifest.json"))["molecules"] == 3
+    monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path_factory.mktemp("reader")))
+    for fmt in ("numpy", "parquet"):
+        remote_arrays, remote_manifest = chmr_jax.load_embeddings(out, fmt)
+        assert sorted(remote_arrays) == sorted(arrays)
+        for name in arrays:
+            np.testing.assert_array_equal(np.asarray(remote_arrays[name]), np.asarray(arrays[name]))
+    assert not (tmp_path / "gs:").exists()
+
+
+def test_two_hosts_embed_into_one_bucket_folder(gcs, tiny_run, data_dir, tmp_path):
+    # Two processes with separate local mirrors (as on two hosts): each uploads its own shards, process 0
+    # fetches the other's records for the manifest; the export read from the bucket is the local one-process one.
+    import csv
+    with open(data_dir / "moleculenet" / "bbbp.csv", newline="") as fh:
+        rows = [(f"b{i}", r["smiles"]) for i, r in zip(range(20), csv.DictReader(fh))]
+    src = tmp_path / "lib.csv"
+    src.write_text("name,smiles\n" + "".join(f"{n},{s}\n" for n, s in rows))
+    common = ["--pretrained", str(tiny_run), "--input", str(src), "--id_column", "name", "--shard_size", "7",
+              "--batch_size", "8", "--workers", "1", "--no_progress", "--formats", "numpy"]
+    env = {**os.environ, **gcs, "PYTHON": sys.executable, "CHMR_COMMAND": "embed"}
+    for n, out, mirror in ((1, str(tmp_path / "local"), ""), (2, f"gs://{BUCKET}/two", str(tmp_path / "host%i"))):
+        run = subprocess.run(["bash", str(ROOT / "launch" / "two_process.sh"), str(tmp_path / f"logs{n}"), *common,
+                              "--out", out], env={**env, "NUM_PROCESSES": str(n), paths.MIRROR_ENV: mirror},
+                             capture_output=True, text=True, timeout=300)
+        logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / f"logs{n}").glob("*.log")))
+        assert run.returncode == 0, run.stderr + logs
+    host1 = tmp_path / "host1" / "gs" / BUCKET / "two"
+    assert sorted(p.name for p in (host1 / "shards").iterdir()) == ["00001.json"]   # host 1 wrote only its own
+    fs = _bucket(gcs)
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/two/shards")) == ["00000.json", "00001.json", "00002.json"]
+    want, _ = chmr_jax.load_embeddings(tmp_path / "local")
+    got, manifest = chmr_jax.load_embeddings(f"gs://{BUCKET}/two")
+    assert manifest["processes"] == 2 and len(manifest["shards"]) == 3
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]))
+
+
+def test_gs_data_and_cache_dirs_prepare_a_benchmark_and_another_host_reuses_the_cache(gcs, data_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from chmr_jax.data import featurize
+    fs = _bucket(gcs)
+    fs.put(str(data_dir / "moleculenet" / "bbbp.csv"), f"{BUCKET}/data/moleculenet/bbbp.csv")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path / "host1"))
+    args = ["prepare", "--dataset", "bbbp", "--data_dir", f"gs://{BUCKET}/data", "--cache_dir",
+            f"gs://{BUCKET}/cache", "--workers", "1"]
+    assert cli.main(args) == 0
+    first = capsys.readouterr().out
+    fs.invalidate_cache()
+    cached = sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{BUCKET}/cache"))
+    assert any(n.startswith("bbbp-") and n.endswith(".npz") for n in cached), cached   # the features went up
+    mirror = tmp_path / "host1" / "gs" / BUCKET
+    assert sorted(p.name for p in (mirror / "cache").rglob("*") if p.is_file()) == cached
+    assert (mirror / "data" / "moleculenet" / "bbbp.csv").read_bytes() == (data_dir / "moleculenet" / "bbbp.csv").read_bytes()
+    # Another host (an empty mirror) takes the features from the bucket: nothing is featurized again.
+    monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path / "host2"))
+    monkeypatch.setattr(featurize.MoleculeFeatures, "save", lambda *a, **k: pytest.fail("featurized again"))
+    assert cli.main(args) == 0
+    second = capsys.readouterr().out
+    table = lambda text: [line.rsplit(None, 1)[0] for line in text.splitlines() if line.startswith("bbbp")]
+    assert table(second) == table(first) and len(table(first)) == 1   # the same counts, split sizes
+    assert sorted(os.listdir(tmp_path)) == ["host1", "host2"]        # no local gs: folder
 
 
 def test_no_directory_renames_on_a_gcsfuse_workdir(tmp_path, cache_dir, monkeypatch):

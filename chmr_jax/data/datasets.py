@@ -140,7 +140,7 @@ def load_csv(path: str | os.PathLike, smiles_column: str = "smiles",
     task_columns: default = every column after the SMILES column. task_type: inferred from the
     labels (all 0/1 -> classification) unless given. Labels must be numbers or empty cells.
     """
-    path = Path(path)
+    path = paths.local_file(path, "csv")   # (a gs:// CSV: its verified local copy)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     header, rows, lines = _read_table(path)

@@ -17,6 +17,7 @@ import os
 import re
 import threading
 from pathlib import Path
+from typing import Callable
 
 DATA_ENV = "CHMR_DATA_DIR"
 CACHE_ENV = "CHMR_CACHE_DIR"
@@ -112,7 +113,8 @@ def _fuse_mount(path: Path, mounts: str) -> str | None:
 
 
 def resolve_data_dir(flag: str | os.PathLike | None = None) -> Path:
-    """Returns the data directory: `flag` if given, else $CHMR_DATA_DIR, else ~/.cache/chmr_jax."""
+    """Returns the data directory: `flag` if given, else $CHMR_DATA_DIR, else ~/.cache/chmr_jax. A URL
+    (gs://bucket/data) is mirrored to local disk first (`pull`) and its local mirror returned."""
     if flag:
         return _local(flag, "--data_dir")
     env = os.environ.get(DATA_ENV)
@@ -122,7 +124,8 @@ def resolve_data_dir(flag: str | os.PathLike | None = None) -> Path:
 
 
 def resolve_cache_dir(flag: str | os.PathLike | None = None) -> Path:
-    """Returns the featurization cache directory (created if missing)."""
+    """Returns the featurization cache directory (created if missing). A URL is mirrored (`pull`); the
+    jobs `push` what they add to it once their inputs are built."""
     if flag:
         path = _local(flag, "--cache_dir")
     elif os.environ.get(CACHE_ENV):
@@ -133,14 +136,182 @@ def resolve_cache_dir(flag: str | os.PathLike | None = None) -> Path:
     return path.resolve()
 
 
-def _local(path, what: str) -> Path:
-    """The data and cache directories are read with numpy / gzip / csv, which need local files: a URL
-    is refused in one line (it would otherwise become a local `gs:` folder)."""
+def local_only(path, what: str) -> Path:
+    """For jobs that keep many runs under one folder (stress, planted): a URL is refused in one line
+    (never a local `gs:` folder); run them locally and copy the folder up (`gcloud storage cp -r`)."""
     if is_remote(path):
-        raise ValueError(f"{what}={os.fspath(path)}: the data and feature-cache directories must be local (or a "
-                         "bucket mounted with gcsfuse); copy the files with `gcloud storage cp -r` or mount the "
-                         "bucket. Workdirs (--workdir, --pretrained) may be gs:// URLs")
+        raise ValueError(f"{what}={os.fspath(path)}: this command writes a local folder of runs; give a local path "
+                         "and copy it up afterwards (gcloud storage cp -r)")
     return Path(path).expanduser().resolve()
+
+
+def _local(path, what: str) -> Path:
+    """The data and cache directories are read with numpy / gzip / csv, which need local files: a URL is
+    mirrored to local disk (never a local `gs:` folder), a local path resolved."""
+    if is_remote(path):
+        return pull(path, what)
+    return Path(path).expanduser().resolve()
+
+
+# ---- local mirrors of bucket folders ---------------------------------------------------------------
+# Data and feature-cache directories, and embed's outputs, are read and written by numpy / gzip / csv /
+# pyarrow / array_record, memory-mapped and renamed: local-file operations. A gs:// folder is therefore
+# used through a local mirror, <$CHMR_MIRROR_DIR or ~/.cache/chmr_jax/mirror>/<scheme>/<bucket>/<prefix>:
+# `pull` brings the bucket's objects down (only those that differ), `push` sends local files up (only
+# those the bucket lacks or holds differently), oldest first so that a file written last (a manifest,
+# a record) is also uploaded last: a reader that finds it finds what it lists. Every transfer is checked
+# (size, and MD5 where the store reports one). The mirror's path alone names its URL (`remote_of`), so no
+# state is kept between calls.
+
+MIRROR_ENV = "CHMR_MIRROR_DIR"
+# Temporary names of atomic writes (files.py, Orbax, TFDS, our own downloads): never transferred.
+_TEMPORARY = re.compile(r"\.tmp\d*$|\.tmp\d+\.|(^|/)\.")
+
+
+def mirror_root() -> Path:
+    return Path(os.environ.get(MIRROR_ENV) or DEFAULT_HOME / "mirror").expanduser().resolve()
+
+
+def mirror_of(url) -> Path:
+    """The local folder that mirrors `url`: <mirror root>/<scheme>/<bucket>/<prefix>."""
+    scheme, rest = os.fspath(as_path(url)).split("://", 1)
+    parts = [p for p in rest.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise ValueError(f"{os.fspath(url)}: name a bucket folder (gs://bucket/folder)")
+    return mirror_root().joinpath(scheme, *parts)
+
+
+def remote_of(local) -> str | None:
+    """The URL that a mirror folder (or a file or folder inside one) stands for; None for any other path."""
+    if is_remote(local):
+        return os.fspath(as_path(local))
+    path, root = Path(local).expanduser().resolve(), mirror_root()
+    if not path.is_relative_to(root):
+        return None
+    parts = path.relative_to(root).parts
+    return f"{parts[0]}://" + "/".join(parts[1:]) if len(parts) >= 2 else None
+
+
+_MD5S: dict = {}   # (path, size, mtime_ns) -> MD5: a job resolves its data dir several times; hash once
+
+
+def _md5_b64(path: Path) -> str:
+    import base64
+    import hashlib
+    st = path.stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _MD5S:
+        h = hashlib.md5()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        _MD5S[memo] = base64.b64encode(h.digest()).decode()
+    return _MD5S[memo]
+
+
+def _same(local: Path, info: dict) -> bool:
+    """Whether the local file holds the object `info` describes: same size and, where the store gives
+    one (GCS's md5Hash; composite objects have none), the same MD5. Without an MD5: not known, so no."""
+    if not local.is_file() or local.stat().st_size != int(info.get("size", -1)):
+        return False
+    md5 = info.get("md5Hash")
+    return bool(md5) and md5 == _md5_b64(local)
+
+
+def _listing(fs, key: str) -> dict:
+    """{relative name: info} of the objects under key (gcsfs caches listings: asked afresh)."""
+    fs.invalidate_cache()
+    try:
+        found = fs.find(key, detail=True)
+    except FileNotFoundError:
+        return {}
+    key = key.rstrip("/")
+    out = {}
+    for name, info in found.items():
+        rel = name[len(key):].lstrip("/") if name.startswith(key) else None
+        if rel and info.get("type", "file") == "file" and not _TEMPORARY.search(rel):
+            out[rel] = info
+    return out
+
+
+def pull(url, what: str = "path", only: Callable[[str], bool] | None = None) -> Path:
+    """Copies the objects under `url` that the local mirror lacks or holds differently (only those whose
+    relative name passes `only`) into `mirror_of(url)`, each to a temporary name, checked, then renamed.
+    Returns the mirror folder (created). An unreachable bucket: StorageUnreachable, nothing created."""
+    import fsspec
+    check_reachable(url, what)
+    local = mirror_of(url)
+    fs, key = fsspec.core.url_to_fs(os.fspath(as_path(url)))
+    local.mkdir(parents=True, exist_ok=True)
+    for rel, info in sorted(_listing(fs, key).items()):
+        if (only is not None and not only(rel)) or _same(local / rel, info):
+            continue
+        _download(fs, f"{key.rstrip('/')}/{rel}", info, local / rel, f"{what} {os.fspath(as_path(url))}/{rel}")
+    return local
+
+
+def local_file(path, what: str = "path") -> Path:
+    """A file to read: a local path (resolved), or for a URL (gs://bucket/lib.csv) its copy in the local
+    mirror, downloaded unless the copy there is the same object (size, MD5)."""
+    if not is_remote(path):
+        return Path(path).expanduser().resolve()
+    import fsspec
+    check_reachable(path, what)
+    url = os.fspath(as_path(path))
+    fs, key = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    try:
+        info = fs.info(key)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {url}: no such object") from None
+    if info.get("type", "file") != "file":
+        raise IsADirectoryError(f"{what} {url} is a folder; name a file")
+    dst = mirror_of(url)
+    if not _same(dst, info):
+        _download(fs, key, info, dst, f"{what} {url}")
+    return dst
+
+
+def _download(fs, key: str, info: dict, dst: Path, name: str) -> None:
+    """One object to `dst`: a temporary name, size and MD5 checked, then renamed."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    fs.get_file(key, str(tmp))
+    if tmp.stat().st_size != int(info["size"]) or (info.get("md5Hash") and _md5_b64(tmp) != info["md5Hash"]):
+        tmp.unlink()
+        raise OSError(f"{name}: the downloaded copy differs from the object (size or MD5); run again")
+    os.replace(tmp, dst)
+
+
+def push(local, what: str = "path", only: Callable[[str], bool] | None = None) -> int:
+    """Uploads the files under `local` (a mirror folder, or a folder / file inside one) that the bucket
+    lacks or holds differently, oldest first; each upload is checked (size, MD5). Returns how many were
+    sent; 0 for a path outside the mirror root (a plain local folder: nothing to do)."""
+    url = remote_of(local)
+    if url is None:
+        return 0
+    import fsspec
+    local = Path(local).expanduser().resolve()
+    fs, key = fsspec.core.url_to_fs(url)
+    if local.is_file():
+        candidates = {"": local}
+    else:
+        candidates = {p.relative_to(local).as_posix(): p for p in local.rglob("*")
+                      if p.is_file() and not _TEMPORARY.search(p.relative_to(local).as_posix())}
+    listing = _listing(fs, key) if local.is_dir() else {"": fs.info(key)} if fs.exists(key) else {}
+    sent = 0
+    for rel, path in sorted(candidates.items(), key=lambda kv: (kv[1].stat().st_mtime_ns, kv[0])):
+        if (only is not None and not only(rel)) or (rel in listing and _same(path, listing[rel])):
+            continue
+        target = f"{key.rstrip('/')}/{rel}" if rel else key
+        fs.put_file(str(path), target)
+        info = fs.info(target)
+        if int(info.get("size", -1)) != path.stat().st_size or (info.get("md5Hash") and
+                                                                info["md5Hash"] != _md5_b64(path)):
+            raise OSError(f"{what} {url}/{rel}: the uploaded object differs from the local file (size or MD5); "
+                          "run again")
+        sent += 1
+    return sent
 
 
 def open_text(path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chmr_jax.data import datasets, featurize, geometry as geometry_lib, splits
+from chmr_jax.data import datasets, featurize, geometry as geometry_lib, paths, splits
 
 
 @dataclasses.dataclass
@@ -181,6 +181,8 @@ def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.Featuri
         available = _reachable_sources(data_dir, join, cfg.dose)
     else:
         root = cfg.path
+        if root and paths.is_remote(root):   # gs://.../raw: read from its local mirror (downloaded once)
+            root = paths.pull(root, "config.corpus.path")
         if kind == "synthetic":
             dims = dict(cfg.get("synthetic_dims") or {}) or None
             tag = "" if not dims else "-d" + "-".join(f"{k}{v}" for k, v in sorted(dims.items()))

@@ -302,12 +302,13 @@ def convert_state_dict(sd: dict, base_config=None, drop_geometry: bool = False, 
 def convert(torch_path, out, base_config=None, drop_geometry: bool = False, morgan_radius: int = 4,
             log=print) -> Path:
     """Writes a chmr_jax workdir at `out` holding the converted release checkpoint (as step 0)."""
-    from chmr_jax.data import files
+    from chmr_jax.data import files, paths
     from chmr_jax.training import checkpoint as checkpoint_lib, train
 
+    out = paths.as_path(out)   # a gs:// workdir too (files.py and Orbax write objects)
+    paths.check_reachable(out, "--out")
     sd = read_torch_state_dict(torch_path)
     config, dims, model = convert_state_dict(sd, base_config, drop_geometry, morgan_radius)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise ValueError(f"{out} already holds checkpoints; convert into a new directory")

@@ -23,6 +23,10 @@ then shards/<i>.json (rows, molecules, rejects, sha256 of every file). A rerun s
 and digests check out. plan.json pins the input (sha256, rows), the encoder (checkpoint step, sha256 of
 the parameters), the arguments and the budget: a rerun with any of them changed is refused. Process 0
 writes the TFDS dataset_info and manifest.json last; memory does not grow with the number of rows.
+Cloud storage: a gs:// --out is written into its local mirror (paths.pull first brings down what a killed
+run finished) and every finished shard, then its record, is uploaded at once (paths.push); process 0 reads
+the other hosts' records from the bucket and uploads the metadata and manifest last. A gs:// --input is
+read from its verified local copy (paths.local_file).
 """
 from __future__ import annotations
 
@@ -514,8 +518,9 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _check_plan(out: Path, plan: dict) -> None:
-    """Refuses an OUT that holds another plan's shards (another input, encoder or arguments)."""
+def _check_plan(out: Path, plan: dict, name=None) -> None:
+    """Refuses an OUT (named `name`: a gs:// --out is checked in its local mirror) that holds another
+    plan's shards (another input, encoder or arguments)."""
     path = out / "plan.json"
     if not path.exists():
         return
@@ -526,7 +531,7 @@ def _check_plan(out: Path, plan: dict) -> None:
                 continue
             a, b = old.get(part, {}).get(key), plan[part].get(key)
             if a != b:
-                raise ValueError(f"{out} holds an export of a different {part} ({key}: {a} -> {b}); resuming "
+                raise ValueError(f"{name or out} holds an export of a different {part} ({key}: {a} -> {b}); resuming "
                                  "needs the same input, encoder and arguments: pass a new --out or delete it")
 
 
@@ -544,11 +549,16 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"--shard_size ({shard_size}) and --batch_size ({batch_size}) must be positive")
     formats = [f for f in FORMATS if f in formats]
-    if paths.is_remote(out):
-        # Shards are written under temporary names and renamed, and memory-mapped on load: local files.
-        raise ValueError(f"--out {os.fspath(out)}: embeddings are written to a local directory (or a bucket "
-                         "mounted with gcsfuse); copy them up afterwards with `gcloud storage cp -r`")
+    out_url = os.fspath(paths.as_path(out)) if paths.is_remote(out) else None
+    if out_url:
+        # Shards are written under temporary names, renamed and hashed: local-file work. A gs:// --out is
+        # written into its local mirror (paths.pull also brings a killed run's finished shards down) and
+        # each shard is uploaded, with its record last, as soon as it is finished.
+        out = paths.pull(out_url, "--out")
+    out_name = out_url or out
     out = Path(out)
+    input_name = os.fspath(input_path)
+    input_path = paths.local_file(input_path, "--input")   # a gs:// input: read from its verified local copy
     t_start = time.perf_counter()
     info = scan_input(input_path, smiles_column, id_column)
     if info["rows"] == 0:
@@ -574,9 +584,10 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
         # the input's path is left out: a moved (identical) input still resumes
         plan_sha = hashlib.sha256(json.dumps({**plan, "input": {k: v for k, v in info.items() if k != "path"}},
                                              sort_keys=True).encode()).hexdigest()
-        _check_plan(out, plan)
+        _check_plan(out, plan, out_name)
         if jax.process_index() == 0:
             files.atomic_write_text(out / "plan.json", json.dumps(plan, indent=1))
+            paths.push(out / "plan.json", "--out")
 
         mine = [i for i in range(n_shards) if i % jax.process_count() == jax.process_index()]
         done = {i for i in mine if _finished(out, i, plan_sha) is not None}
@@ -614,6 +625,9 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
                           "molecules": int(len(arrays["id"])), "rejects": rejects, "files": written,
                           "plan": plan_sha}
                 files.atomic_write_text(_record_path(out, shard), json.dumps(record))
+                if out_url:   # the shard's files, then its record (uploaded oldest first)
+                    sent = set(written) | {_record_path(out, shard).relative_to(out).as_posix()}
+                    paths.push(out, "--out", only=sent.__contains__)
                 bar.update(len(smiles))
                 if len(done) + todo.index(shard) + 1 == _KILL_AFTER:    # tests: a crash between shards
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -625,6 +639,8 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
     _barrier("chmr_embed_shards_written")
     if jax.process_index() != 0:
         return plan
+    if out_url and jax.process_count() > 1:   # the other hosts' records (their shards stay in the bucket)
+        paths.pull(out_url, "--out", only=lambda rel: rel.startswith("shards/"))
     records = []
     for i in range(n_shards):
         path = _record_path(out, i)
@@ -641,13 +657,14 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
     manifest = {"chmr_jax_version": chmr_jax.__version__, "pretrained": plan["encoder"]["workdir"],
                 "checkpoint_step": encoder.step, "params_sha256": plan["encoder"]["params_sha256"],
                 "model": encoder.config.get("model", {}), "featurizer": dataclasses.asdict(encoder.settings),
-                "input": str(input_path), "input_sha256": info["sha256"], "rows": info["rows"],
+                "input": input_name, "input_sha256": info["sha256"], "rows": info["rows"],
                 "molecules": sum(r["molecules"] for r in records), "rejects": rejects, "arrays": spec,
                 "formats": {f: FILES[f] for f in formats}, "shard_size": shard_size, "shards": records,
                 "budget": plan["budget"], "processes": jax.process_count()}
     files.atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
+    paths.push(out, "--out")   # (a gs:// --out: the TFDS metadata, then the manifest; shards are there already)
     log(f"embedded {manifest['molecules']} of {info['rows']} molecules ({len(rejects)} rejected, listed in "
-        f"manifest.json) with {encoder.workdir} step {encoder.step} -> {out} "
+        f"manifest.json) with {encoder.workdir} step {encoder.step} -> {out_name} "
         f"({n_shards} shards, {time.perf_counter() - t_start:.1f}s)")
     return manifest
 
@@ -751,8 +768,9 @@ def load_embeddings(out, fmt: str | None = None) -> tuple[dict, dict]:
     """(arrays, manifest) from an export directory: {name: ShardedArray} in input order (accepted
     molecules; 'id' names each), read lazily from fmt's shards ('numpy': memory-mapped .npy, 'parquet'
     or 'tfds': a shard at a time; default: the first of those the export has). np.asarray(arrays[name])
-    reads one array whole."""
-    out = Path(out)
+    reads one array whole. A gs:// export is first mirrored to local disk (paths.pull: only files that
+    differ), then read from there the same way."""
+    out = paths.pull(out, "export") if paths.is_remote(out) else Path(out)
     manifest_path = out / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"{out} is not a finished chmr_jax export (no manifest.json); run (or rerun) "

@@ -177,6 +177,7 @@ def load_task(config, pre_config, mol_names, data_dir=None, log=print):
     prepared = prepare.prepare(ds, settings, cache_dir, config.split or None,
                                geometry=pre_config.geometry if uses_geometry else "none",
                                geometry_settings=geometry_lib.GeometrySettings(seed=pre_config.geometry_seed))
+    paths.push(cache_dir, "the feature cache")   # a gs:// cache (a local mirror): upload what was featurized
     extra = {}
     if uses_geometry:
         # z-scored with training-split statistics, as the encoder saw z-scored corpus descriptors

@@ -94,7 +94,8 @@ def run(workdir, smiles, config: str, steps: int, seeds=(0, 1, 2), cache_dir: st
     from chmr_jax.downstream import finetune
     from chmr_jax.training import pretrain
 
-    workdir = Path(workdir)
+    from chmr_jax.data import paths
+    workdir = paths.local_only(workdir, "--workdir")
     made = write(workdir, smiles, **write_kw)
     log(f"planted corpus: {made['molecules']} molecules, task on {made['labelled']}")
     cache_dir = cache_dir or str(workdir / "cache")

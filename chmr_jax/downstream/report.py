@@ -16,6 +16,7 @@ Every plot numbers a level-h code 0 .. 2^h - 1 (`tree_codes` hold heap indices, 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -240,8 +241,11 @@ def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca",
     from chmr_jax.data import datasets
     if benchmark and benchmark not in datasets.BENCHMARKS:   # checked before any work
         raise ValueError(f"--benchmark {benchmark!r}: unknown benchmark; choose from {list(datasets.ALL_BENCHMARKS)}")
-    pretrained = Path(pretrained)
-    out = Path(out) if out else pretrained / "report"
+    pretrained = paths.as_path(pretrained)
+    out_url = os.fspath(out) if out else os.fspath(pretrained / "report")
+    if paths.is_remote(out_url):   # the plots are written locally (a mirror folder), then uploaded
+        paths.check_reachable(out_url, "--out")
+    out = paths.mirror_of(out_url) if paths.is_remote(out_url) else Path(out_url)
     model, config, meta = pretrain.load_pretrained(pretrained)   # restored once, for the encoder and the projectors
     data_dir = paths.resolve_data_dir(data_dir or config.data_dir or None)
     cache_dir = paths.resolve_cache_dir(cache_dir or config.cache_dir or None)
@@ -310,5 +314,6 @@ def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca",
                                 "log2_enrichment": np.where(np.isnan(table), None, table).tolist()}
         report["files"].append(f"enrichment_{benchmark}.png")
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    log(f"report: {', '.join(report['files'])} -> {out}")
+    paths.push(out, "--out")
+    log(f"report: {', '.join(report['files'])} -> {out_url}")
     return report

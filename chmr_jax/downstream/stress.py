@@ -25,7 +25,7 @@ IMPUTATIONS = ("propagate", "mean", "zero")
 def run(config, finetune_config, levels, imputations=IMPUTATIONS, workdir="runs/stress", data_dir=None,
         hide_seed: int = 0, log=print) -> list[dict]:
     """Runs the grid levels x imputations; returns one row per (level, imputation)."""
-    workdir = Path(workdir)
+    workdir = paths.local_only(workdir, "--workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     levels = [float(f) for f in levels]
     bad = [f for f in levels if not 0.0 <= f < 1.0]

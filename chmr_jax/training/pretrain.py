@@ -97,11 +97,12 @@ def load_corpus(config, data_dir, cache_dir, n_workers=None, log=print) -> corpu
     cache_dir under a digest of the corpus and featurizer settings."""
     cfg = config.corpus
     if cfg.saved:
-        if not (Path(cfg.saved) / "manifest.json").exists():
+        saved = paths.pull(cfg.saved, "config.corpus.saved") if paths.is_remote(cfg.saved) else Path(cfg.saved)
+        if not (saved / "manifest.json").exists():
             raise ConfigError(f"config.corpus.saved={cfg.saved!r} is not a corpus directory (no manifest.json); "
                               "build one with `chmr-jax prepare --corpus ... --out DIR` or leave it empty")
         log(f"corpus: {cfg.saved}")
-        corpus = corpus_lib.Corpus.load(cfg.saved)
+        corpus = corpus_lib.Corpus.load(saved)
     else:
         corpus = _cached_corpus(config, data_dir, cache_dir, n_workers, log)
     log(prepare.format_table(corpus_lib.summary_rows(corpus)))
@@ -128,13 +129,17 @@ def _cached_corpus(config, data_dir, cache_dir, n_workers, log) -> corpus_lib.Co
         if jax.process_index() == 0 and not (path / "manifest.json").exists():
             log(f"corpus: building kind={cfg.kind} (cached afterwards in {path})")
             prepare.build_corpus(cfg, settings, data_dir, cache_dir, n_workers, verbose=False).save(path)
+            paths.push(cache_dir, "the feature cache")   # a gs:// cache: the other hosts read it from there
         multihost_utils.sync_global_devices("chmr_corpus_cache")
+        if jax.process_index() != 0 and paths.remote_of(path) and not (path / "manifest.json").exists():
+            paths.pull(paths.remote_of(path), "the feature cache")
     if (path / "manifest.json").exists():
         log(f"corpus: cached {path}")
         return corpus_lib.Corpus.load(path)
     log(f"corpus: building kind={cfg.kind} (cached afterwards in {path})")
     corpus = prepare.build_corpus(cfg, settings, data_dir, cache_dir, n_workers, verbose=False)
     corpus.save(path)
+    paths.push(cache_dir, "the feature cache")   # a gs:// cache (a mirror): upload what was built
     return corpus
 
 
@@ -272,6 +277,8 @@ def build_inputs(config, n_devices: int, data_dir=None, log=print):
                                         geometry_lib.GeometrySettings(seed=config.geometry_seed), cache_dir,
                                         f"corpus-{config.corpus.kind}", config.workers or None)
         data.inputs["geometry"] = geo.standardized().astype(np.float32)
+        if jax.process_index() == 0:
+            paths.push(cache_dir, "the feature cache")
     obs = {n: int(m.available.sum()) for n, m in corpus.modalities.items()}
     reached = {n: int(r.sum()) for n, r in data.reached.items()}
     log(f"inputs: {len(corpus)} molecules; observed {obs}; observed or propagated {reached}; "
