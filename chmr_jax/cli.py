@@ -124,11 +124,12 @@ def _prepare_corpus(args) -> int:
     start = time.perf_counter()
     corpus = prepare.build_corpus(cfg, settings, data_dir, cache_dir, args.workers)
     out = args.out or cache_dir / (f"corpus-{cfg.kind}" + (f"-no-{cfg.exclude_test_of.replace(',', '+')}-test" if cfg.exclude_test_of else ""))
-    if paths.is_remote(out):   # saved locally (a mirror folder), then uploaded
-        paths.check_reachable(out, "--out")
-        out = paths.mirror_of(out)
-    corpus.save(out)
-    paths.push(out, "--out")
+    if paths.is_remote(out):   # saved in a fresh local folder, then uploaded
+        with paths.staged(out, "--out") as local:
+            corpus.save(local)
+            paths.push(local, "--out", to=out)
+    else:
+        corpus.save(out)
     paths.push(cache_dir, "--cache_dir")
     print(prepare.format_table(corpus_lib.summary_rows(corpus)))
     if cfg.include_benchmarks:

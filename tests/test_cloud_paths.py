@@ -172,6 +172,20 @@ def test_a_bucket_folder_is_mirrored_both_ways_and_only_what_differs_moves(tmp_p
     assert paths.push(cache) == 0                             # nothing differs now
     (cache / "x.npz").write_bytes(b"y" * 10)                 # same size, other bytes: the MD5 tells
     assert paths.push(cache) == 1 and fs.cat(f"{BUCKET}/cache/x.npz") == b"y" * 10
+    # A data dir's mirror drops what the bucket no longer holds (a cache's does not: another process may
+    # have just written an entry it has not uploaded yet).
+    fs.rm(f"{BUCKET}/m/sub/b.npy")
+    (cache / "only_here.npz").write_bytes(b"z")
+    assert paths.resolve_data_dir(f"gs://{BUCKET}/m") == local and not (local / "sub" / "b.npy").exists()
+    assert (local / "a.csv").exists() and paths.resolve_cache_dir(f"gs://{BUCKET}/cache") == cache
+    assert (cache / "only_here.npz").exists()
+    # Outputs are staged in a fresh folder per job: a copy of the bucket folder, uploaded with push(to=), deleted after.
+    with paths.staged(f"gs://{BUCKET}/cache", "--out") as out:
+        assert out != cache and not out.is_relative_to(tmp_path / "mirror")
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["d/manifest.json", "x.npz"]
+        (out / "new.json").write_text("[]")
+        assert paths.push(out, "--out", to=f"gs://{BUCKET}/cache") == 1
+    assert not out.exists() and fs.cat(f"{BUCKET}/cache/new.json") == b"[]"
 
 
 def test_a_corrupt_gs_checkpoint_is_copied_aside_and_the_older_one_restored(gcs):
@@ -316,8 +330,9 @@ def test_two_hosts_embed_into_one_bucket_folder(gcs, tiny_run, data_dir, tmp_pat
                              capture_output=True, text=True, timeout=300)
         logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / f"logs{n}").glob("*.log")))
         assert run.returncode == 0, run.stderr + logs
-    host1 = tmp_path / "host1" / "gs" / BUCKET / "two"
-    assert sorted(p.name for p in (host1 / "shards").iterdir()) == ["00001.json"]   # host 1 wrote only its own
+    for i, mine in ((0, [0, 2]), (1, [1])):
+        assert f"process {i} of 2: wrote shards {mine}" in (tmp_path / "logs2" / f"process_{i}.log").read_text()
+    assert not list(tmp_path.glob("host*/gs/*/two"))   # outputs are staged per run (deleted), not mirrored
     fs = _bucket(gcs)
     fs.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/two/shards")) == ["00000.json", "00001.json", "00002.json"]

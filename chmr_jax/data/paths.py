@@ -13,11 +13,14 @@ asks the bucket once, with a bounded wait, before a job does anything heavy.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 DATA_ENV = "CHMR_DATA_DIR"
 CACHE_ENV = "CHMR_CACHE_DIR"
@@ -116,10 +119,10 @@ def resolve_data_dir(flag: str | os.PathLike | None = None) -> Path:
     """Returns the data directory: `flag` if given, else $CHMR_DATA_DIR, else ~/.cache/chmr_jax. A URL
     (gs://bucket/data) is mirrored to local disk first (`pull`) and its local mirror returned."""
     if flag:
-        return _local(flag, "--data_dir")
+        return _local(flag, "--data_dir", prune=True)
     env = os.environ.get(DATA_ENV)
     if env:
-        return _local(env, f"${DATA_ENV}")
+        return _local(env, f"${DATA_ENV}", prune=True)
     return DEFAULT_HOME.expanduser()
 
 
@@ -127,9 +130,10 @@ def resolve_cache_dir(flag: str | os.PathLike | None = None) -> Path:
     """Returns the featurization cache directory (created if missing). A URL is mirrored (`pull`); the
     jobs `push` what they add to it once their inputs are built."""
     if flag:
-        path = _local(flag, "--cache_dir")
+        path = _local(flag, "--cache_dir", prune=False)   # (entries are keyed by content; a process may
+                                                          # have just written one it has not uploaded yet)
     elif os.environ.get(CACHE_ENV):
-        path = _local(os.environ[CACHE_ENV], f"${CACHE_ENV}")
+        path = _local(os.environ[CACHE_ENV], f"${CACHE_ENV}", prune=False)
     else:
         path = DEFAULT_HOME.expanduser() / "features"
     path.mkdir(parents=True, exist_ok=True)
@@ -145,11 +149,11 @@ def local_only(path, what: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def _local(path, what: str) -> Path:
+def _local(path, what: str, prune: bool) -> Path:
     """The data and cache directories are read with numpy / gzip / csv, which need local files: a URL is
     mirrored to local disk (never a local `gs:` folder), a local path resolved."""
     if is_remote(path):
-        return pull(path, what)
+        return pull(path, what, prune=prune)
     return Path(path).expanduser().resolve()
 
 
@@ -234,20 +238,43 @@ def _listing(fs, key: str) -> dict:
     return out
 
 
-def pull(url, what: str = "path", only: Callable[[str], bool] | None = None) -> Path:
-    """Copies the objects under `url` that the local mirror lacks or holds differently (only those whose
-    relative name passes `only`) into `mirror_of(url)`, each to a temporary name, checked, then renamed.
-    Returns the mirror folder (created). An unreachable bucket: StorageUnreachable, nothing created."""
+def pull(url, what: str = "path", only: Callable[[str], bool] | None = None, into=None,
+         prune: bool = False) -> Path:
+    """Copies the objects under `url` that the local folder (`into`, default `mirror_of(url)`) lacks or
+    holds differently (only those whose relative name passes `only`), each to a temporary name, checked,
+    then renamed. prune: also delete local files the bucket no longer holds (for read-only folders, e.g. a
+    data dir, so that a file removed from the bucket is not read from a stale copy). Returns the local
+    folder (created). An unreachable bucket: StorageUnreachable, nothing created."""
     import fsspec
     check_reachable(url, what)
-    local = mirror_of(url)
+    local = Path(into) if into is not None else mirror_of(url)
     fs, key = fsspec.core.url_to_fs(os.fspath(as_path(url)))
     local.mkdir(parents=True, exist_ok=True)
-    for rel, info in sorted(_listing(fs, key).items()):
+    listing = _listing(fs, key)
+    for rel, info in sorted(listing.items()):
         if (only is not None and not only(rel)) or _same(local / rel, info):
             continue
         _download(fs, f"{key.rstrip('/')}/{rel}", info, local / rel, f"{what} {os.fspath(as_path(url))}/{rel}")
+    if prune:
+        for path in local.rglob("*"):
+            rel = path.relative_to(local).as_posix()
+            if path.is_file() and not _TEMPORARY.search(rel) and rel not in listing and (only is None or only(rel)):
+                path.unlink(missing_ok=True)
     return local
+
+
+@contextlib.contextmanager
+def staged(url, what: str = "path") -> Iterator[Path]:
+    """A fresh local folder standing for bucket folder `url` during one job (for outputs): it starts as a
+    copy of what the bucket holds, the job writes into it and uploads with push(folder, to=url), and it is
+    deleted on exit. Fresh per job, so nothing stale from an earlier run (or another process on this
+    host) is mixed in or uploaded again."""
+    check_reachable(url, what)
+    folder = Path(tempfile.mkdtemp(prefix="chmr_staged_"))
+    try:
+        yield pull(url, what, into=folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def local_file(path, what: str = "path") -> Path:
@@ -283,11 +310,11 @@ def _download(fs, key: str, info: dict, dst: Path, name: str) -> None:
     os.replace(tmp, dst)
 
 
-def push(local, what: str = "path", only: Callable[[str], bool] | None = None) -> int:
-    """Uploads the files under `local` (a mirror folder, or a folder / file inside one) that the bucket
-    lacks or holds differently, oldest first; each upload is checked (size, MD5). Returns how many were
-    sent; 0 for a path outside the mirror root (a plain local folder: nothing to do)."""
-    url = remote_of(local)
+def push(local, what: str = "path", only: Callable[[str], bool] | None = None, to=None) -> int:
+    """Uploads the files under `local` (a mirror folder, or a folder / file inside one; or any folder with
+    `to`, the URL it stands for) that the bucket lacks or holds differently, oldest first; each upload is
+    checked (size, MD5). Returns how many were sent; 0 for a plain local folder (nothing to do)."""
+    url = os.fspath(as_path(to)) if to is not None else remote_of(local)
     if url is None:
         return 0
     import fsspec

@@ -182,7 +182,7 @@ def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.Featuri
     else:
         root = cfg.path
         if root and paths.is_remote(root):   # gs://.../raw: read from its local mirror (downloaded once)
-            root = paths.pull(root, "config.corpus.path")
+            root = paths.pull(root, "config.corpus.path", prune=True)
         if kind == "synthetic":
             dims = dict(cfg.get("synthetic_dims") or {}) or None
             tag = "" if not dims else "-d" + "-".join(f"{k}{v}" for k, v in sorted(dims.items()))

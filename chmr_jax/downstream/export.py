@@ -23,9 +23,10 @@ then shards/<i>.json (rows, molecules, rejects, sha256 of every file). A rerun s
 and digests check out. plan.json pins the input (sha256, rows), the encoder (checkpoint step, sha256 of
 the parameters), the arguments and the budget: a rerun with any of them changed is refused. Process 0
 writes the TFDS dataset_info and manifest.json last; memory does not grow with the number of rows.
-Cloud storage: a gs:// --out is written into its local mirror (paths.pull first brings down what a killed
-run finished) and every finished shard, then its record, is uploaded at once (paths.push); process 0 reads
-the other hosts' records from the bucket and uploads the metadata and manifest last. A gs:// --input is
+Cloud storage: a gs:// --out is written into a fresh local folder that starts as a copy of the bucket
+folder (paths.staged: a killed run's finished shards come back from there) and every finished shard,
+then its record, is uploaded at once (paths.push); process 0 reads the other hosts' records from the
+bucket and uploads the metadata and manifest last. The local folder is deleted when embed ends. A gs:// --input is
 read from its verified local copy (paths.local_file).
 """
 from __future__ import annotations
@@ -541,7 +542,19 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
     """The streaming export (module docstring): embeds `input_path` into OUT's shards (this process's
     share; skipping finished ones), then process 0 writes the TFDS metadata and OUT/manifest.json.
     Returns the manifest (on process 0; the plan elsewhere). cache_dir is unused (streamed input is not
-    cached; kept for the call signature)."""
+    cached; kept for the call signature). A gs:// OUT is written in a fresh local folder that starts as
+    a copy of the bucket folder (paths.staged), each finished shard uploaded at once."""
+    kw = dict(formats=formats, smiles_column=smiles_column, id_column=id_column, batch_size=batch_size, log=log,
+              shard_size=shard_size, n_workers=n_workers, show_progress=show_progress)
+    if paths.is_remote(out):
+        url = os.fspath(paths.as_path(out))
+        with paths.staged(url, "--out") as local:
+            return _export(encoder, input_path, local, out_url=url, **kw)
+    return _export(encoder, input_path, Path(out), out_url=None, **kw)
+
+
+def _export(encoder: Encoder, input_path, out: Path, out_url: str | None, formats, smiles_column, id_column,
+            batch_size, log, shard_size, n_workers, show_progress) -> dict:
     formats = [ALIASES.get(f, f) for f in formats]
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -549,14 +562,7 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"--shard_size ({shard_size}) and --batch_size ({batch_size}) must be positive")
     formats = [f for f in FORMATS if f in formats]
-    out_url = os.fspath(paths.as_path(out)) if paths.is_remote(out) else None
-    if out_url:
-        # Shards are written under temporary names, renamed and hashed: local-file work. A gs:// --out is
-        # written into its local mirror (paths.pull also brings a killed run's finished shards down) and
-        # each shard is uploaded, with its record last, as soon as it is finished.
-        out = paths.pull(out_url, "--out")
-    out_name = out_url or out
-    out = Path(out)
+    out_name = out_url or out   # (shards are written under temporary names, renamed and hashed: local files)
     input_name = os.fspath(input_path)
     input_path = paths.local_file(input_path, "--input")   # a gs:// input: read from its verified local copy
     t_start = time.perf_counter()
@@ -587,7 +593,7 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
         _check_plan(out, plan, out_name)
         if jax.process_index() == 0:
             files.atomic_write_text(out / "plan.json", json.dumps(plan, indent=1))
-            paths.push(out / "plan.json", "--out")
+            paths.push(out, "--out", only={"plan.json"}.__contains__, to=out_url)
 
         mine = [i for i in range(n_shards) if i % jax.process_count() == jax.process_index()]
         done = {i for i in mine if _finished(out, i, plan_sha) is not None}
@@ -627,7 +633,7 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
                 files.atomic_write_text(_record_path(out, shard), json.dumps(record))
                 if out_url:   # the shard's files, then its record (uploaded oldest first)
                     sent = set(written) | {_record_path(out, shard).relative_to(out).as_posix()}
-                    paths.push(out, "--out", only=sent.__contains__)
+                    paths.push(out, "--out", only=sent.__contains__, to=out_url)
                 bar.update(len(smiles))
                 if len(done) + todo.index(shard) + 1 == _KILL_AFTER:    # tests: a crash between shards
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -640,7 +646,7 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
     if jax.process_index() != 0:
         return plan
     if out_url and jax.process_count() > 1:   # the other hosts' records (their shards stay in the bucket)
-        paths.pull(out_url, "--out", only=lambda rel: rel.startswith("shards/"))
+        paths.pull(out_url, "--out", only=lambda rel: rel.startswith("shards/"), into=out)
     records = []
     for i in range(n_shards):
         path = _record_path(out, i)
@@ -662,7 +668,7 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
                 "formats": {f: FILES[f] for f in formats}, "shard_size": shard_size, "shards": records,
                 "budget": plan["budget"], "processes": jax.process_count()}
     files.atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
-    paths.push(out, "--out")   # (a gs:// --out: the TFDS metadata, then the manifest; shards are there already)
+    paths.push(out, "--out", to=out_url)   # (a gs:// --out: the TFDS metadata, then the manifest; shards are there already)
     log(f"embedded {manifest['molecules']} of {info['rows']} molecules ({len(rejects)} rejected, listed in "
         f"manifest.json) with {encoder.workdir} step {encoder.step} -> {out_name} "
         f"({n_shards} shards, {time.perf_counter() - t_start:.1f}s)")
@@ -770,7 +776,7 @@ def load_embeddings(out, fmt: str | None = None) -> tuple[dict, dict]:
     or 'tfds': a shard at a time; default: the first of those the export has). np.asarray(arrays[name])
     reads one array whole. A gs:// export is first mirrored to local disk (paths.pull: only files that
     differ), then read from there the same way."""
-    out = paths.pull(out, "export") if paths.is_remote(out) else Path(out)
+    out = paths.pull(out, "export", prune=True) if paths.is_remote(out) else Path(out)
     manifest_path = out / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"{out} is not a finished chmr_jax export (no manifest.json); run (or rerun) "

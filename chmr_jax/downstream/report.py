@@ -232,7 +232,22 @@ def enrichment_plot(table: np.ndarray, task_names, level: int, dataset: str, pat
 
 def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca", max_molecules: int = 2000,
         data_dir=None, cache_dir=None, seed: int = 0, log=print) -> dict:
-    """Writes the PNGs and report.json into `out` (default <pretrained>/report); returns report.json."""
+    """Writes the PNGs and report.json into `out` (default <pretrained>/report; a gs:// folder too: written
+    in a fresh local folder, then uploaded); returns report.json."""
+    from chmr_jax.data import paths
+    target = os.fspath(out) if out else os.fspath(paths.as_path(pretrained) / "report")
+    kw = dict(benchmark=benchmark, method=method, max_molecules=max_molecules, data_dir=data_dir,
+              cache_dir=cache_dir, seed=seed, log=log)
+    if not paths.is_remote(target):
+        return _run(pretrained, Path(target), **kw)
+    with paths.staged(target, "--out") as local:
+        report = _run(pretrained, local, **kw)
+        paths.push(local, "--out", to=target)
+    log(f"report: uploaded to {target}")
+    return report
+
+
+def _run(pretrained, out: Path, benchmark, method, max_molecules, data_dir, cache_dir, seed, log) -> dict:
     import jax
 
     from chmr_jax.data import paths
@@ -242,10 +257,6 @@ def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca",
     if benchmark and benchmark not in datasets.BENCHMARKS:   # checked before any work
         raise ValueError(f"--benchmark {benchmark!r}: unknown benchmark; choose from {list(datasets.ALL_BENCHMARKS)}")
     pretrained = paths.as_path(pretrained)
-    out_url = os.fspath(out) if out else os.fspath(pretrained / "report")
-    if paths.is_remote(out_url):   # the plots are written locally (a mirror folder), then uploaded
-        paths.check_reachable(out_url, "--out")
-    out = paths.mirror_of(out_url) if paths.is_remote(out_url) else Path(out_url)
     model, config, meta = pretrain.load_pretrained(pretrained)   # restored once, for the encoder and the projectors
     data_dir = paths.resolve_data_dir(data_dir or config.data_dir or None)
     cache_dir = paths.resolve_cache_dir(cache_dir or config.cache_dir or None)
@@ -314,6 +325,5 @@ def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca",
                                 "log2_enrichment": np.where(np.isnan(table), None, table).tolist()}
         report["files"].append(f"enrichment_{benchmark}.png")
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    paths.push(out, "--out")
-    log(f"report: {', '.join(report['files'])} -> {out_url}")
+    log(f"report: {', '.join(report['files'])} -> {out}")
     return report

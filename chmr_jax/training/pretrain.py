@@ -97,7 +97,7 @@ def load_corpus(config, data_dir, cache_dir, n_workers=None, log=print) -> corpu
     cache_dir under a digest of the corpus and featurizer settings."""
     cfg = config.corpus
     if cfg.saved:
-        saved = paths.pull(cfg.saved, "config.corpus.saved") if paths.is_remote(cfg.saved) else Path(cfg.saved)
+        saved = paths.pull(cfg.saved, "config.corpus.saved", prune=True) if paths.is_remote(cfg.saved) else Path(cfg.saved)
         if not (saved / "manifest.json").exists():
             raise ConfigError(f"config.corpus.saved={cfg.saved!r} is not a corpus directory (no manifest.json); "
                               "build one with `chmr-jax prepare --corpus ... --out DIR` or leave it empty")
