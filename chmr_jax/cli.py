@@ -517,11 +517,16 @@ def _compile(argv: list[str]) -> int:
     import json
     from pathlib import Path
 
+    from chmr_jax.data import files, paths
     from chmr_jax.training import aot
     config = fv.config
     if fv.data_dir:
         config.data_dir = fv.data_dir
     try:
+        if fv.hlo_dump:   # checked before the long compile: a text file written locally
+            paths.local_only(fv.hlo_dump, "--hlo_dump")
+        if fv.out:        # (a gs:// --out is written as an object; its bucket is asked now, not after compiling)
+            paths.check_reachable(fv.out, "--out")
         spec = aot.parse_topology(fv.topology)
         # The sample first: a featurization pool's workers must not start while libtpu holds its lock.
         sample = aot.load_sample(config, spec.chips, fv.sample, fv.molecules or None)
@@ -549,8 +554,7 @@ def _compile(argv: list[str]) -> int:
         return 2
     if fv.out:
         out = {**row, "fit": fit}
-        Path(fv.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(fv.out).write_text(json.dumps(out, indent=1, default=str))
+        files.atomic_write_text(fv.out, json.dumps(out, indent=1, default=str))   # (local or gs://)
         print(f"written to {fv.out}")
     return 0
 

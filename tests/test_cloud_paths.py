@@ -131,6 +131,17 @@ def test_a_bucket_folder_is_mirrored_both_ways_and_only_what_differs_moves(tmp_p
     assert paths.mirror_of("gs://b/data/") == tmp_path / "mirror" / "gs" / "b" / "data"
     assert paths.remote_of(tmp_path / "mirror" / "gs" / "b" / "data" / "x.csv") == "gs://b/data/x.csv"
     assert paths.remote_of(tmp_path / "elsewhere") is None and paths.push(tmp_path / "elsewhere") == 0
+    assert paths.remote_of(tmp_path / "mirror" / "work" / "features") is None   # under the root, not a mirror
+    # Objects without an MD5 (composite uploads) are compared by CRC32C (reference: google_crc32c itself).
+    import base64
+    import google_crc32c
+    (tmp_path / "f.bin").write_bytes(b"abc" * 1000)
+    crc = base64.b64encode(google_crc32c.value(b"abc" * 1000).to_bytes(4, "big")).decode()
+    assert paths._same(tmp_path / "f.bin", {"size": 3000, "crc32c": crc})
+    assert not paths._same(tmp_path / "f.bin", {"size": 3000, "crc32c": base64.b64encode(b"\0\0\0\0").decode()})
+    assert not paths._same(tmp_path / "f.bin", {"size": 3000})     # no digest: not known to be the same
+    with pytest.raises(FileNotFoundError, match=f"--data_dir=gs://{BUCKET}/typo: the bucket holds no objects"):
+        paths.resolve_data_dir(f"gs://{BUCKET}/typo")
     with pytest.raises(ValueError, match="name a bucket folder"):
         paths.mirror_of("gs://b/../c")
     for key, data in (("m/a.csv", b"a,b\n1,2\n"), ("m/sub/b.npy", b"\x93NUMPY" + bytes(range(200))),
@@ -166,7 +177,8 @@ def test_a_bucket_folder_is_mirrored_both_ways_and_only_what_differs_moves(tmp_p
     put_file = ours.put_file
     monkeypatch.setattr(ours, "put_file", lambda lpath, rpath, **k: (sent.append(Path(lpath).name),
                                                                      put_file(lpath, rpath, **k))[1])
-    os.utime(cache / "x.npz", ns=(1, 1))   # the oldest file is uploaded first
+    for f in (cache / "x.npz", cache / "d" / "manifest.json"):
+        os.utime(f, ns=(1, 1))   # equal file times (coarse clocks): a manifest still goes up after what it lists
     assert paths.push(cache) == 2 and sent == ["x.npz", "manifest.json"]
     assert fs.cat(f"{BUCKET}/cache/d/manifest.json") == b"{}" and not fs.exists(f"{BUCKET}/cache/x.npz.tmp77")
     assert paths.push(cache) == 0                             # nothing differs now
@@ -232,7 +244,10 @@ sys.exit(cli.main(sys.argv[1:]))
 
 def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir, tmp_path, tmp_path_factory,
                                                                   monkeypatch):
-    env = {**os.environ, **gcs, "CHMR_CACHE_DIR": str(cache_dir), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+    # The feature cache is a bucket folder too: the killed run builds the corpus and uploads it, the resumed
+    # run (another local mirror: another machine) reads it from the bucket.
+    env = {**os.environ, **gcs, "CHMR_CACHE_DIR": f"gs://{BUCKET}/cache", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           paths.MIRROR_ENV: str(tmp_path_factory.mktemp("pretrain_host1")),
            # the resumed process reuses the first one's compiled programs (cost, not behaviour)
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
@@ -248,6 +263,8 @@ def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir,
     assert sorted(uninterrupted) == [1, 2, 3, 4, 5, 6]
     assert _committed(fs, f"{BUCKET}/run/checkpoints") == [2, 4]   # commit files, not renamed directories
     assert not fs.exists(f"{BUCKET}/run/summary.json")
+    assert [p for p in fs.find(f"{BUCKET}/cache") if p.endswith("/manifest.json") and "/corpus-synthetic-" in p]
+    env[paths.MIRROR_ENV] = str(tmp_path_factory.mktemp("pretrain_host2"))
 
     # (the resumed run also traces step 5: jax.profiler writes locally, the trace is copied into the bucket)
     resumed = subprocess.run([sys.executable, "-m", "chmr_jax.cli", *args, "--config.train.profile_steps=5:6"],
@@ -255,6 +272,7 @@ def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-3000:]
     assert f"resumed from {workdir}/checkpoints/4 (step 4 of 6)" in resumed.stdout
+    assert "corpus: cached " in resumed.stdout and "corpus: building" not in resumed.stdout   # from the bucket
     assert _rows(fs, f"{BUCKET}/run/metrics.jsonl") == uninterrupted   # bit-identical after the restore
     assert _committed(fs, f"{BUCKET}/run/checkpoints") == [2, 4, 6]
     assert json.loads(fs.cat(f"{BUCKET}/run/summary.json"))["steps"] == 6
@@ -304,6 +322,15 @@ def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir,
     fs.invalidate_cache()
     assert json.loads(fs.cat(f"{BUCKET}/emb/shards/00000.json")) == first     # not redone
     assert json.loads(fs.cat(f"{BUCKET}/emb/manifest.json"))["molecules"] == 3
+    # The bucket loses one file of shard 1 (say, a host died between uploads): a rerun redoes that shard only.
+    lost = next(rel for rel in json.loads(fs.cat(f"{BUCKET}/emb/shards/00001.json"))["files"] if rel.startswith("numpy/"))
+    fs.rm(f"{BUCKET}/emb/{lost}")
+    fs.rm(f"{BUCKET}/emb/manifest.json")
+    again = subprocess.run([sys.executable, "-m", "chmr_jax.cli", *embed], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600, env=env)
+    assert again.returncode == 0 and "skipped: [0]" in again.stdout, again.stdout + again.stderr[-3000:]
+    fs.invalidate_cache()
+    assert fs.exists(f"{BUCKET}/emb/{lost}") and fs.exists(f"{BUCKET}/emb/manifest.json")
     monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path_factory.mktemp("reader")))
     for fmt in ("numpy", "parquet"):
         remote_arrays, remote_manifest = chmr_jax.load_embeddings(out, fmt)
@@ -368,6 +395,8 @@ def test_gs_data_and_cache_dirs_prepare_a_benchmark_and_another_host_reuses_the_
     second = capsys.readouterr().out
     table = lambda text: [line.rsplit(None, 1)[0] for line in text.splitlines() if line.startswith("bbbp")]
     assert table(second) == table(first) and len(table(first)) == 1   # the same counts, split sizes
+    assert cli.main([*args[:2], "bace", *args[3:]]) == 2              # not in the bucket: named there
+    assert f"expected it at gs://{BUCKET}/data/moleculenet/bace.csv (mirrored to " in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["host1", "host2"]        # no local gs: folder
 
 

@@ -416,8 +416,10 @@ def write_rejects(path: Path, rejects: Iterable[tuple], line_numbers: Sequence[i
     """(row, smiles, reason) per reject; with line_numbers, the row's file line (column 'line')."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")   # (a killed run leaves no truncated list to upload)
+    with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["row" if line_numbers is None else "line", "smiles", "reason"])
         writer.writerows(rejects if line_numbers is None else
                          [(int(line_numbers[row]), smi, why) for row, smi, why in rejects])
+    os.replace(tmp, path)

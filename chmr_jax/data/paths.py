@@ -30,6 +30,7 @@ TIMEOUT_ENV = "CHMR_STORAGE_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 20.0
 
 # A URL, or one that pathlib has already collapsed ("gs:/b/run" from Path("gs://b/run")).
+_SCHEMES = ("gs", "s3", "az", "hf")
 _URL = re.compile(r"^(gs|s3|az|hf):/+(.*)$")
 
 
@@ -153,7 +154,11 @@ def _local(path, what: str, prune: bool) -> Path:
     """The data and cache directories are read with numpy / gzip / csv, which need local files: a URL is
     mirrored to local disk (never a local `gs:` folder), a local path resolved."""
     if is_remote(path):
-        return pull(path, what, prune=prune)
+        local = pull(path, what, prune=prune)
+        if prune and not any(p.is_file() for p in local.rglob("*")):   # a data dir: a typo, most likely
+            raise FileNotFoundError(f"{what}={os.fspath(as_path(path))}: the bucket holds no objects under it; "
+                                    "check the name (gcloud storage ls)")
+        return local
     return Path(path).expanduser().resolve()
 
 
@@ -193,33 +198,55 @@ def remote_of(local) -> str | None:
     if not path.is_relative_to(root):
         return None
     parts = path.relative_to(root).parts
-    return f"{parts[0]}://" + "/".join(parts[1:]) if len(parts) >= 2 else None
+    # (only <root>/<scheme>/...: a folder that merely lies under the root is not a mirror)
+    return f"{parts[0]}://" + "/".join(parts[1:]) if len(parts) >= 2 and parts[0] in _SCHEMES else None
 
 
-_MD5S: dict = {}   # (path, size, mtime_ns) -> MD5: a job resolves its data dir several times; hash once
+_DIGESTS: dict = {}   # (kind, path, size, mtime_ns) -> digest: a job resolves its data dir several times
 
 
 def _md5_b64(path: Path) -> str:
+    return _digest_b64(path, "md5")
+
+
+def _digest_b64(path: Path, kind: str) -> str:
+    """base64 of the file's MD5, or of its CRC32C as 4 big-endian bytes (GCS's md5Hash / crc32c)."""
     import base64
-    import hashlib
     st = path.stat()
-    memo = (str(path), st.st_size, st.st_mtime_ns)
-    if memo not in _MD5S:
-        h = hashlib.md5()
+    memo = (kind, str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        if kind == "md5":
+            import hashlib
+            h = hashlib.md5()
+        else:
+            import google_crc32c
+            h = google_crc32c.Checksum()
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
-        _MD5S[memo] = base64.b64encode(h.digest()).decode()
-    return _MD5S[memo]
+        _DIGESTS[memo] = base64.b64encode(h.digest()).decode()
+    return _DIGESTS[memo]
+
+
+def _compare(local: Path, info: dict) -> bool | None:
+    """Whether the local file holds the object `info` describes: same size and the same MD5, or CRC32C
+    where the store has no MD5 (GCS composite objects, e.g. large `gcloud storage cp` uploads). None:
+    the sizes agree but there is no digest to compare."""
+    if not local.is_file() or local.stat().st_size != int(info.get("size", -1)):
+        return False
+    if info.get("md5Hash"):
+        return info["md5Hash"] == _md5_b64(local)
+    if info.get("crc32c"):
+        try:
+            return info["crc32c"] == _digest_b64(local, "crc32c")
+        except ImportError:   # (google-crc32c comes with gcsfs' google-cloud dependencies)
+            return None
+    return None
 
 
 def _same(local: Path, info: dict) -> bool:
-    """Whether the local file holds the object `info` describes: same size and, where the store gives
-    one (GCS's md5Hash; composite objects have none), the same MD5. Without an MD5: not known, so no."""
-    if not local.is_file() or local.stat().st_size != int(info.get("size", -1)):
-        return False
-    md5 = info.get("md5Hash")
-    return bool(md5) and md5 == _md5_b64(local)
+    """Known to be the same (an unknown is not: it is transferred again)."""
+    return _compare(local, info) is True
 
 
 def _listing(fs, key: str) -> dict:
@@ -236,6 +263,13 @@ def _listing(fs, key: str) -> dict:
         if rel and info.get("type", "file") == "file" and not _TEMPORARY.search(rel):
             out[rel] = info
     return out
+
+
+def listing(url) -> dict:
+    """{relative name: info (size, md5Hash, ...)} of the objects under a bucket folder, asked afresh."""
+    import fsspec
+    fs, key = fsspec.core.url_to_fs(os.fspath(as_path(url)))
+    return _listing(fs, key)
 
 
 def pull(url, what: str = "path", only: Callable[[str], bool] | None = None, into=None,
@@ -304,16 +338,25 @@ def _download(fs, key: str, info: dict, dst: Path, name: str) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
     fs.get_file(key, str(tmp))
-    if tmp.stat().st_size != int(info["size"]) or (info.get("md5Hash") and _md5_b64(tmp) != info["md5Hash"]):
+    if _compare(tmp, info) is False:   # (no digest to compare: the size was checked)
         tmp.unlink()
         raise OSError(f"{name}: the downloaded copy differs from the object (size or MD5); run again")
     os.replace(tmp, dst)
 
 
-def push(local, what: str = "path", only: Callable[[str], bool] | None = None, to=None) -> int:
+def _is_marker(rel: str) -> bool:
+    """Files whose presence says the others are complete (corpus and export manifests, embed's plan and
+    shard records): uploaded after everything else."""
+    return rel.rsplit("/", 1)[-1] in ("manifest.json", "plan.json") or rel.startswith("shards/")
+
+
+def push(local, what: str = "path", only: Callable[[str], bool] | None = None, to=None,
+         last: Callable[[str], bool] = _is_marker) -> int:
     """Uploads the files under `local` (a mirror folder, or a folder / file inside one; or any folder with
-    `to`, the URL it stands for) that the bucket lacks or holds differently, oldest first; each upload is
-    checked (size, MD5). Returns how many were sent; 0 for a plain local folder (nothing to do)."""
+    `to`, the URL it stands for) that the bucket lacks or holds differently: those `last` names after
+    all others, each group oldest first (file times can tie: the explicit group is what guarantees a
+    manifest goes up after what it lists); each upload is checked (size, MD5). Returns how many were
+    sent; 0 for a plain local folder (nothing to do)."""
     url = os.fspath(as_path(to)) if to is not None else remote_of(local)
     if url is None:
         return 0
@@ -327,14 +370,13 @@ def push(local, what: str = "path", only: Callable[[str], bool] | None = None, t
                       if p.is_file() and not _TEMPORARY.search(p.relative_to(local).as_posix())}
     listing = _listing(fs, key) if local.is_dir() else {"": fs.info(key)} if fs.exists(key) else {}
     sent = 0
-    for rel, path in sorted(candidates.items(), key=lambda kv: (kv[1].stat().st_mtime_ns, kv[0])):
+    for rel, path in sorted(candidates.items(), key=lambda kv: (last(kv[0]), kv[1].stat().st_mtime_ns, kv[0])):
         if (only is not None and not only(rel)) or (rel in listing and _same(path, listing[rel])):
             continue
         target = f"{key.rstrip('/')}/{rel}" if rel else key
         fs.put_file(str(path), target)
         info = fs.info(target)
-        if int(info.get("size", -1)) != path.stat().st_size or (info.get("md5Hash") and
-                                                                info["md5Hash"] != _md5_b64(path)):
+        if _compare(path, info) is False:
             raise OSError(f"{what} {url}/{rel}: the uploaded object differs from the local file (size or MD5); "
                           "run again")
         sent += 1

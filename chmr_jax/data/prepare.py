@@ -87,6 +87,8 @@ def geometry_features(smiles, keys, geometry: str, settings: geometry_lib.Geomet
         return None
     if geometry == "rdkit3d":
         return geometry_lib.featurize_geometry(smiles, settings, cache_dir, name, n_workers, show_progress)
+    if paths.is_remote(geometry):
+        geometry = str(paths.local_file(geometry, "geometry"))
     if not os.path.exists(geometry):
         raise ValueError(f"geometry must be 'rdkit3d', 'none' or an existing matrix file; "
                          f"{geometry!r} does not exist")

@@ -190,8 +190,10 @@ def fetch_file(remote: RemoteFile, data_dir: str | os.PathLike | None = None,
             why = f"download from {remote.url} failed: {err}"
     elif not remote.url:
         why = f"it cannot be downloaded as-is ({remote.note})"
+    url = paths.remote_of(local)   # a gs:// data dir: name the bucket, not this host's mirror of it
     raise DataNotFoundError(
-        f"Data file {remote.path!r} is missing: expected it at {local}. {why}. "
+        f"Data file {remote.path!r} is missing: expected it at {url + f' (mirrored to {local})' if url else local}. "
+        f"{why}. "
         f"Put the file there, or point chmr_jax at a directory that has it with "
         f"--data_dir or the {paths.DATA_ENV} environment variable"
         + (f"; its public source is {remote.url}" if remote.url else "") + ".")

@@ -477,13 +477,16 @@ def _write_tfds(out: Path, rel: list[str], arrays: dict, features) -> None:
     os.replace(tmp, out / rel[0])
 
 
-def _write_tfds_metadata(out: Path, spec: dict, lengths: list[int], description: str = "") -> Path:
+def _write_tfds_metadata(out: Path, spec: dict, lengths: list[int], description: str = "",
+                         n_bytes: int | None = None) -> Path:
     """dataset_info.json / features.json for the shards: tfds.data_source('chmr_embeddings',
-    data_dir=OUT/tfds, split='train') reads them without TensorFlow."""
+    data_dir=OUT/tfds, split='train') reads them without TensorFlow. n_bytes: the shards' total size
+    (default: of the local files; a multi-host gs:// export passes the bucket's)."""
     import tensorflow_datasets as tfds
     path = out / TFDS_DIR
-    n_bytes = sum(p.stat().st_size for p in path.glob(f"{TFDS_NAME}-train.array_record-*")
-                  if ".tmp" not in p.name)   # not a killed run's leftovers
+    if n_bytes is None:
+        n_bytes = sum(p.stat().st_size for p in path.glob(f"{TFDS_NAME}-train.array_record-*")
+                      if ".tmp" not in p.name)   # not a killed run's leftovers
     split = tfds.core.SplitInfo(name="train", shard_lengths=list(lengths), num_bytes=n_bytes)
     tfds.folder_dataset.write_metadata(
         data_dir=path, features=_tfds_features(spec), split_infos=[split],
@@ -591,6 +594,8 @@ def _export(encoder: Encoder, input_path, out: Path, out_url: str | None, format
         plan_sha = hashlib.sha256(json.dumps({**plan, "input": {k: v for k, v in info.items() if k != "path"}},
                                              sort_keys=True).encode()).hexdigest()
         _check_plan(out, plan, out_name)
+        if out_url:   # every host has its copy of the bucket folder before process 0 replaces plan.json there
+            _barrier("chmr_embed_plan_checked")
         if jax.process_index() == 0:
             files.atomic_write_text(out / "plan.json", json.dumps(plan, indent=1))
             paths.push(out, "--out", only={"plan.json"}.__contains__, to=out_url)
@@ -645,19 +650,28 @@ def _export(encoder: Encoder, input_path, out: Path, out_url: str | None, format
     _barrier("chmr_embed_shards_written")
     if jax.process_index() != 0:
         return plan
-    if out_url and jax.process_count() > 1:   # the other hosts' records (their shards stay in the bucket)
-        paths.pull(out_url, "--out", only=lambda rel: rel.startswith("shards/"), into=out)
+    in_bucket = None
+    if out_url:   # the other hosts' records (their shards stay in the bucket), and what the bucket holds
+        if jax.process_count() > 1:
+            paths.pull(out_url, "--out", only=lambda rel: rel.startswith("shards/"), into=out)
+        in_bucket = paths.listing(out_url)
     records = []
     for i in range(n_shards):
         path = _record_path(out, i)
         if not path.exists():
-            raise ValueError(f"{out}: shard {i} has no record after every process finished; rerun the same command")
+            raise ValueError(f"{out_name}: shard {i} has no record after every process finished; rerun the same command")
         r = json.loads(path.read_text())
         if r.get("plan") != plan_sha:   # e.g. a concurrent run with other arguments into the same --out
-            raise ValueError(f"{out}: shard {i} was written by another embed run (its plan differs); use a new --out")
+            raise ValueError(f"{out_name}: shard {i} was written by another embed run (its plan differs); use a new --out")
+        missing = [rel for rel in r["files"] if in_bucket is not None and rel not in in_bucket]
+        if missing:   # (records go up after their files: only a concurrent deletion gets here)
+            raise ValueError(f"{out_name}: shard {i}'s files {missing[:3]} are not in the bucket; rerun the same command")
         records.append({k: r[k] for k in ("shard", "rows", "molecules", "files")} | {"n_rejects": len(r["rejects"])})
     if "tfds" in formats:
-        _write_tfds_metadata(out, spec, [r["molecules"] for r in records])
+        sizes = None if in_bucket is None else {rel: int(v["size"]) for rel, v in in_bucket.items()}
+        _write_tfds_metadata(out, spec, [r["molecules"] for r in records],
+                             n_bytes=None if sizes is None else sum(sizes.get(rel, 0) for r in records
+                                                                   for rel in r["files"] if rel.startswith("tfds/")))
     import chmr_jax
     rejects = [x for i in range(n_shards) for x in json.loads(_record_path(out, i).read_text())["rejects"]]
     manifest = {"chmr_jax_version": chmr_jax.__version__, "pretrained": plan["encoder"]["workdir"],

@@ -85,8 +85,8 @@ def run_settings(config, pretrained) -> dict:
                 "pretrained": str(paths.as_path(pretrained)), "pretrained_step": ident["step"],
                 "checkpoint_digest": ident["digest"],
                 "pretrain_config_digest": _sha256(json.loads(pre_config.read_text())) if pre_config.exists() else None}
-    csv = Path(config.get("csv") or "")
-    if config.get("csv") and csv.is_file():
+    csv = paths.local_file(config.get("csv")) if config.get("csv") else None   # (gs://: its verified copy)
+    if csv is not None and csv.is_file():
         # A user's CSV is edited in place under the same name: its content, not its path, keys the result.
         settings["csv_sha256"] = hashlib.sha256(csv.read_bytes()).hexdigest()
     return settings

@@ -129,7 +129,8 @@ def _cached_corpus(config, data_dir, cache_dir, n_workers, log) -> corpus_lib.Co
         if jax.process_index() == 0 and not (path / "manifest.json").exists():
             log(f"corpus: building kind={cfg.kind} (cached afterwards in {path})")
             prepare.build_corpus(cfg, settings, data_dir, cache_dir, n_workers, verbose=False).save(path)
-            paths.push(cache_dir, "the feature cache")   # a gs:// cache: the other hosts read it from there
+        if jax.process_index() == 0:   # a gs:// cache: the other hosts read the corpus from there (also one
+            paths.push(cache_dir, "the feature cache")   # built earlier on this host but not in the bucket)
         multihost_utils.sync_global_devices("chmr_corpus_cache")
         if jax.process_index() != 0 and paths.remote_of(path) and not (path / "manifest.json").exists():
             paths.pull(paths.remote_of(path), "the feature cache")
