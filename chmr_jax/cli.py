@@ -524,7 +524,7 @@ def _compile(argv: list[str]) -> int:
         config.data_dir = fv.data_dir
     try:
         if fv.hlo_dump:   # checked before the long compile: a text file written locally
-            paths.local_only(fv.hlo_dump, "--hlo_dump")
+            paths.local_only(fv.hlo_dump, "--hlo_dump", "the HLO text is written as a local file")
         if fv.out:        # (a gs:// --out is written as an object; its bucket is asked now, not after compiling)
             paths.check_reachable(fv.out, "--out")
         spec = aot.parse_topology(fv.topology)

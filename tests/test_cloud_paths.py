@@ -149,7 +149,8 @@ def test_a_bucket_folder_is_mirrored_both_ways_and_only_what_differs_moves(tmp_p
         fs.pipe(f"{BUCKET}/{key}", data)
     local = paths.resolve_data_dir(f"gs://{BUCKET}/m")     # a data dir URL: pulled, its mirror returned
     assert local == paths.mirror_of(f"gs://{BUCKET}/m")
-    assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == ["a.csv", "sub/b.npy"]
+    assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*")
+                  if p.is_file() and p.name != paths._PULLED) == ["a.csv", "sub/b.npy"]   # (_PULLED: what it pulled)
     assert (local / "sub" / "b.npy").read_bytes() == fs.cat(f"{BUCKET}/m/sub/b.npy")   # temporaries never move
     stamp = (local / "a.csv").stat().st_mtime_ns, (local / "a.csv").stat().st_ino
     fs.pipe(f"{BUCKET}/m/sub/b.npy", b"changed")
@@ -188,12 +189,19 @@ def test_a_bucket_folder_is_mirrored_both_ways_and_only_what_differs_moves(tmp_p
     # have just written an entry it has not uploaded yet).
     fs.rm(f"{BUCKET}/m/sub/b.npy")
     (cache / "only_here.npz").write_bytes(b"z")
+    (local / "fetched.csv").write_text("x")   # put there by this host (a public file downloaded into the data dir)
     assert paths.resolve_data_dir(f"gs://{BUCKET}/m") == local and not (local / "sub" / "b.npy").exists()
+    assert (local / "fetched.csv").exists()   # pruning drops only what an earlier pull brought down
     assert (local / "a.csv").exists() and paths.resolve_cache_dir(f"gs://{BUCKET}/cache") == cache
     assert (cache / "only_here.npz").exists()
-    # Outputs are staged in a fresh folder per job: a copy of the bucket folder, uploaded with push(to=), deleted after.
+    # Outputs are staged in a fresh folder per job: a copy of the bucket folder, uploaded with push(to=), deleted
+    # after; a killed job's folder (its process gone) is removed by the next job.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / "mirror" / ".staged" / f"{gone.pid}-abc"
+    stale.mkdir(parents=True)
     with paths.staged(f"gs://{BUCKET}/cache", "--out") as out:
-        assert out != cache and not out.is_relative_to(tmp_path / "mirror")
+        assert out.parent == tmp_path / "mirror" / ".staged" and not stale.exists()
         assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["d/manifest.json", "x.npz"]
         (out / "new.json").write_text("[]")
         assert paths.push(out, "--out", to=f"gs://{BUCKET}/cache") == 1
@@ -360,6 +368,7 @@ def test_two_hosts_embed_into_one_bucket_folder(gcs, tiny_run, data_dir, tmp_pat
     for i, mine in ((0, [0, 2]), (1, [1])):
         assert f"process {i} of 2: wrote shards {mine}" in (tmp_path / "logs2" / f"process_{i}.log").read_text()
     assert not list(tmp_path.glob("host*/gs/*/two"))   # outputs are staged per run (deleted), not mirrored
+    assert not list(tmp_path.glob("host*/.staged/*"))
     fs = _bucket(gcs)
     fs.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/two/shards")) == ["00000.json", "00001.json", "00002.json"]

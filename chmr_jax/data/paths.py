@@ -14,6 +14,7 @@ asks the bucket once, with a bounded wait, before a job does anything heavy.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -141,12 +142,12 @@ def resolve_cache_dir(flag: str | os.PathLike | None = None) -> Path:
     return path.resolve()
 
 
-def local_only(path, what: str) -> Path:
-    """For jobs that keep many runs under one folder (stress, planted): a URL is refused in one line
-    (never a local `gs:` folder); run them locally and copy the folder up (`gcloud storage cp -r`)."""
+def local_only(path, what: str, why: str = "this command writes a local folder of runs") -> Path:
+    """For outputs kept local (stress and planted runs, an HLO dump): a URL is refused in one line (never
+    a local `gs:` folder); write locally and copy it up (`gcloud storage cp -r`)."""
     if is_remote(path):
-        raise ValueError(f"{what}={os.fspath(path)}: this command writes a local folder of runs; give a local path "
-                         "and copy it up afterwards (gcloud storage cp -r)")
+        raise ValueError(f"{what}={os.fspath(path)}: {why}; give a local path and copy it up afterwards "
+                         "(gcloud storage cp -r)")
     return Path(path).expanduser().resolve()
 
 
@@ -155,7 +156,7 @@ def _local(path, what: str, prune: bool) -> Path:
     mirrored to local disk (never a local `gs:` folder), a local path resolved."""
     if is_remote(path):
         local = pull(path, what, prune=prune)
-        if prune and not any(p.is_file() for p in local.rglob("*")):   # a data dir: a typo, most likely
+        if prune and not any(p.is_file() and not p.name.startswith(".") for p in local.rglob("*")):   # a typo?
             raise FileNotFoundError(f"{what}={os.fspath(as_path(path))}: the bucket holds no objects under it; "
                                     "check the name (gcloud storage ls)")
         return local
@@ -173,6 +174,7 @@ def _local(path, what: str, prune: bool) -> Path:
 # state is kept between calls.
 
 MIRROR_ENV = "CHMR_MIRROR_DIR"
+_PULLED = ".chmr_pulled.json"   # in a pruned mirror: the names the last pull saw in the bucket
 # Temporary names of atomic writes (files.py, Orbax, TFDS, our own downloads): never transferred.
 _TEMPORARY = re.compile(r"\.tmp\d*$|\.tmp\d+\.|(^|/)\.")
 
@@ -290,25 +292,51 @@ def pull(url, what: str = "path", only: Callable[[str], bool] | None = None, int
             continue
         _download(fs, f"{key.rstrip('/')}/{rel}", info, local / rel, f"{what} {os.fspath(as_path(url))}/{rel}")
     if prune:
-        for path in local.rglob("*"):
-            rel = path.relative_to(local).as_posix()
-            if path.is_file() and not _TEMPORARY.search(rel) and rel not in listing and (only is None or only(rel)):
-                path.unlink(missing_ok=True)
+        # Only what an earlier pull brought down and the bucket no longer holds: files this host added
+        # itself (a public file downloaded into a gs:// data dir, a cache nested in it) are kept.
+        record = local / _PULLED
+        try:
+            before = set(json.loads(record.read_text()))
+        except (OSError, ValueError):
+            before = set()
+        for rel in sorted(before - set(listing)):
+            if only is None or only(rel):
+                (local / rel).unlink(missing_ok=True)
+        tmp = record.with_name(record.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(sorted(listing)))
+        os.replace(tmp, record)
     return local
 
 
 @contextlib.contextmanager
-def staged(url, what: str = "path") -> Iterator[Path]:
+def staged(url, what: str = "path", only: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """A fresh local folder standing for bucket folder `url` during one job (for outputs): it starts as a
-    copy of what the bucket holds, the job writes into it and uploads with push(folder, to=url), and it is
-    deleted on exit. Fresh per job, so nothing stale from an earlier run (or another process on this
-    host) is mixed in or uploaded again."""
+    copy of what the bucket holds (the objects `only` passes), the job writes into it and uploads with
+    push(folder, to=url), and it is deleted on exit. Fresh per job, so nothing stale from an earlier run
+    (or another process on this host) is mixed in or uploaded again. It lives under the mirror root
+    (<root>/.staged/<pid>-...); folders of processes that no longer run (a killed job) are removed here."""
     check_reachable(url, what)
-    folder = Path(tempfile.mkdtemp(prefix="chmr_staged_"))
+    base = mirror_root() / ".staged"
+    base.mkdir(parents=True, exist_ok=True)
+    for old in base.iterdir():
+        pid = old.name.split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
     try:
-        yield pull(url, what, into=folder)
+        yield pull(url, what, only=only, into=folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process
+        return True
+    return True
 
 
 def local_file(path, what: str = "path") -> Path:

@@ -551,7 +551,8 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
               shard_size=shard_size, n_workers=n_workers, show_progress=show_progress)
     if paths.is_remote(out):
         url = os.fspath(paths.as_path(out))
-        with paths.staged(url, "--out") as local:
+        # (the plan and the shard records; each process then fetches the files of its own finished shards)
+        with paths.staged(url, "--out", only=lambda rel: rel == "plan.json" or rel.startswith("shards/")) as local:
             return _export(encoder, input_path, local, out_url=url, **kw)
     return _export(encoder, input_path, Path(out), out_url=None, **kw)
 
@@ -569,9 +570,12 @@ def _export(encoder: Encoder, input_path, out: Path, out_url: str | None, format
     input_name = os.fspath(input_path)
     input_path = paths.local_file(input_path, "--input")   # a gs:// input: read from its verified local copy
     t_start = time.perf_counter()
-    info = scan_input(input_path, smiles_column, id_column)
+    try:
+        info = scan_input(input_path, smiles_column, id_column)
+    except (ValueError, FileNotFoundError) as e:   # name a gs:// input by its URL, not this host's copy
+        raise type(e)(str(e).replace(str(input_path), input_name)) from None
     if info["rows"] == 0:
-        raise ValueError(f"{input_path}: no molecules (no data rows)")
+        raise ValueError(f"{input_name}: no molecules (no data rows)")
     n_shards = -(-info["rows"] // shard_size)
 
     featurizer = _Featurizer(encoder.settings, n_workers)
@@ -601,6 +605,17 @@ def _export(encoder: Encoder, input_path, out: Path, out_url: str | None, format
             paths.push(out, "--out", only={"plan.json"}.__contains__, to=out_url)
 
         mine = [i for i in range(n_shards) if i % jax.process_count() == jax.process_index()]
+        if out_url:   # the files of this process's shards that the bucket has records of (digests checked next)
+            wanted = set()
+            for i in mine:
+                try:
+                    r = json.loads(_record_path(out, i).read_text())
+                except (OSError, ValueError):
+                    continue
+                if r.get("plan") == plan_sha:
+                    wanted |= set(r["files"])
+            if wanted:
+                paths.pull(out_url, "--out", only=wanted.__contains__, into=out)
         done = {i for i in mine if _finished(out, i, plan_sha) is not None}
         if done:
             log(f"resuming: {len(done)} of {len(mine)} shards of this process already written (digests "
@@ -682,7 +697,10 @@ def _export(encoder: Encoder, input_path, out: Path, out_url: str | None, format
                 "formats": {f: FILES[f] for f in formats}, "shard_size": shard_size, "shards": records,
                 "budget": plan["budget"], "processes": jax.process_count()}
     files.atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
-    paths.push(out, "--out", to=out_url)   # (a gs:// --out: the TFDS metadata, then the manifest; shards are there already)
+    # (a gs:// --out: the TFDS metadata, then the manifest; every shard went up when it was finished, and
+    # this folder holds only this process's copies of them)
+    paths.push(out, "--out", to=out_url,
+               only=lambda rel: rel == "manifest.json" or (rel.startswith("tfds/") and ".array_record-" not in rel))
     log(f"embedded {manifest['molecules']} of {info['rows']} molecules ({len(rejects)} rejected, listed in "
         f"manifest.json) with {encoder.workdir} step {encoder.step} -> {out_name} "
         f"({n_shards} shards, {time.perf_counter() - t_start:.1f}s)")
@@ -790,10 +808,11 @@ def load_embeddings(out, fmt: str | None = None) -> tuple[dict, dict]:
     or 'tfds': a shard at a time; default: the first of those the export has). np.asarray(arrays[name])
     reads one array whole. A gs:// export is first mirrored to local disk (paths.pull: only files that
     differ), then read from there the same way."""
+    name = os.fspath(paths.as_path(out)) if paths.is_remote(out) else out
     out = paths.pull(out, "export", prune=True) if paths.is_remote(out) else Path(out)
     manifest_path = out / "manifest.json"
     if not manifest_path.exists():
-        raise FileNotFoundError(f"{out} is not a finished chmr_jax export (no manifest.json); run (or rerun) "
+        raise FileNotFoundError(f"{name} is not a finished chmr_jax export (no manifest.json); run (or rerun) "
                                 "`chmr-jax embed`")
     manifest = json.loads(manifest_path.read_text())
     if "shards" not in manifest:

@@ -241,13 +241,12 @@ def run(pretrained, out=None, benchmark: str | None = None, method: str = "pca",
     if not paths.is_remote(target):
         return _run(pretrained, Path(target), **kw)
     with paths.staged(target, "--out") as local:
-        report = _run(pretrained, local, **kw)
+        report = _run(pretrained, local, name=target, **kw)
         paths.push(local, "--out", to=target)
-    log(f"report: uploaded to {target}")
     return report
 
 
-def _run(pretrained, out: Path, benchmark, method, max_molecules, data_dir, cache_dir, seed, log) -> dict:
+def _run(pretrained, out: Path, benchmark, method, max_molecules, data_dir, cache_dir, seed, log, name=None) -> dict:
     import jax
 
     from chmr_jax.data import paths
@@ -325,5 +324,5 @@ def _run(pretrained, out: Path, benchmark, method, max_molecules, data_dir, cach
                                 "log2_enrichment": np.where(np.isnan(table), None, table).tolist()}
         report["files"].append(f"enrichment_{benchmark}.png")
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    log(f"report: {', '.join(report['files'])} -> {out}")
+    log(f"report: {', '.join(report['files'])} -> {name or out}")
     return report

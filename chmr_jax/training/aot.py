@@ -255,7 +255,8 @@ def geometry_width(geometry: str) -> int:
     from chmr_jax.training import pretrain
     if geometry == "rdkit3d":
         return geometry_lib.GEOMETRY_DIM
-    path = os.path.expanduser(geometry)
+    from chmr_jax.data import paths
+    path = str(paths.local_file(geometry, "config.geometry")) if paths.is_remote(geometry) else os.path.expanduser(geometry)
     if path.endswith(".npz") and os.path.exists(path):
         with np.load(path) as z:
             return int(next(v.shape[1] for v in z.values() if v.ndim == 2))
