@@ -380,6 +380,21 @@ def test_two_hosts_embed_into_one_bucket_folder(gcs, tiny_run, data_dir, tmp_pat
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]))
 
 
+def test_a_gs_finetune_csv_is_keyed_by_its_content(gcs, tmp_path, monkeypatch):
+    # run_or_reuse serves an earlier results.json only for the same settings: an edited CSV in the bucket
+    # must change them (pathlib would have collapsed the URL and recorded no digest at all).
+    import hashlib
+    from chmr_jax import config_util
+    from chmr_jax.downstream import finetune
+    monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path / "mirror"))
+    fs = _bucket(gcs)
+    config = config_util.load_config(str(ROOT / "configs" / "finetune.py"))
+    config.csv = f"gs://{BUCKET}/task/t.csv"
+    for text in (b"smiles,y\nCCO,1\n", b"smiles,y\nCCO,0\n"):
+        fs.pipe(f"{BUCKET}/task/t.csv", text)
+        assert finetune.run_settings(config, tmp_path / "no_run")["csv_sha256"] == hashlib.sha256(text).hexdigest()
+
+
 def test_gs_data_and_cache_dirs_prepare_a_benchmark_and_another_host_reuses_the_cache(gcs, data_dir, tmp_path,
                                                                                        monkeypatch, capsys):
     from chmr_jax.data import featurize
