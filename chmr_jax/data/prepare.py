@@ -87,15 +87,19 @@ def geometry_features(smiles, keys, geometry: str, settings: geometry_lib.Geomet
         return None
     if geometry == "rdkit3d":
         return geometry_lib.featurize_geometry(smiles, settings, cache_dir, name, n_workers, show_progress)
+    shown = geometry   # (a gs:// matrix is read from its verified local copy but named by its URL)
     if paths.is_remote(geometry):
         geometry = str(paths.local_file(geometry, "geometry"))
     if not os.path.exists(geometry):
         raise ValueError(f"geometry must be 'rdkit3d', 'none' or an existing matrix file; "
                          f"{geometry!r} does not exist")
-    values, available = geometry_lib.load_external_matrix(geometry, keys)
+    try:
+        values, available = geometry_lib.load_external_matrix(geometry, keys)
+    except ValueError as e:
+        raise ValueError(str(e).replace(geometry, shown)) from None
     return geometry_lib.GeometryFeatures(
         values=values, ok=available, names=[f"external_{i}" for i in range(values.shape[1])],
-        reasons=[(int(i), f"no row for key {keys[i]} in {geometry}") for i in np.nonzero(~available)[0]])
+        reasons=[(int(i), f"no row for key {keys[i]} in {shown}") for i in np.nonzero(~available)[0]])
 
 
 def format_table(rows: list[dict]) -> str:
