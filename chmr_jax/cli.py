@@ -515,7 +515,6 @@ def _compile(argv: list[str]) -> int:
     import jax
     jax.config.update("jax_platforms", "cpu")
     import json
-    from pathlib import Path
 
     from chmr_jax.data import files, paths
     from chmr_jax.training import aot

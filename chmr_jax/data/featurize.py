@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -414,12 +415,9 @@ def _assemble(smiles: list[str], results: list, settings: FeaturizerSettings) ->
 
 def write_rejects(path: Path, rejects: Iterable[tuple], line_numbers: Sequence[int] | None = None) -> None:
     """(row, smiles, reason) per reject; with line_numbers, the row's file line (column 'line')."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")   # (a killed run leaves no truncated list to upload)
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["row" if line_numbers is None else "line", "smiles", "reason"])
-        writer.writerows(rejects if line_numbers is None else
-                         [(int(line_numbers[row]), smi, why) for row, smi, why in rejects])
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["row" if line_numbers is None else "line", "smiles", "reason"])
+    writer.writerows(rejects if line_numbers is None else
+                     [(int(line_numbers[row]), smi, why) for row, smi, why in rejects])
+    files.atomic_write_text(path, buf.getvalue())   # (a killed run leaves no truncated list to upload)

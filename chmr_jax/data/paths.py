@@ -168,10 +168,10 @@ def _local(path, what: str, prune: bool) -> Path:
 # pyarrow / array_record, memory-mapped and renamed: local-file operations. A gs:// folder is therefore
 # used through a local mirror, <$CHMR_MIRROR_DIR or ~/.cache/chmr_jax/mirror>/<scheme>/<bucket>/<prefix>:
 # `pull` brings the bucket's objects down (only those that differ), `push` sends local files up (only
-# those the bucket lacks or holds differently), oldest first so that a file written last (a manifest,
-# a record) is also uploaded last: a reader that finds it finds what it lists. Every transfer is checked
-# (size, and MD5 where the store reports one). The mirror's path alone names its URL (`remote_of`), so no
-# state is kept between calls.
+# those the bucket lacks or holds differently), markers (manifests, plan.json, shard records) after
+# everything else: a reader that finds one finds what it lists. Outputs are written in a per-job
+# `staged` folder instead. Every transfer is checked (size, and MD5, else CRC32C, where the store reports
+# one). The mirror's path alone names its URL (`remote_of`), so no state is kept between calls.
 
 MIRROR_ENV = "CHMR_MIRROR_DIR"
 _PULLED = ".chmr_pulled.json"   # in a pruned mirror: the names the last pull saw in the bucket
@@ -207,10 +207,6 @@ def remote_of(local) -> str | None:
 _DIGESTS: dict = {}   # (kind, path, size, mtime_ns) -> digest: a job resolves its data dir several times
 
 
-def _md5_b64(path: Path) -> str:
-    return _digest_b64(path, "md5")
-
-
 def _digest_b64(path: Path, kind: str) -> str:
     """base64 of the file's MD5, or of its CRC32C as 4 big-endian bytes (GCS's md5Hash / crc32c)."""
     import base64
@@ -237,7 +233,7 @@ def _compare(local: Path, info: dict) -> bool | None:
     if not local.is_file() or local.stat().st_size != int(info.get("size", -1)):
         return False
     if info.get("md5Hash"):
-        return info["md5Hash"] == _md5_b64(local)
+        return info["md5Hash"] == _digest_b64(local, "md5")
     if info.get("crc32c"):
         try:
             return info["crc32c"] == _digest_b64(local, "crc32c")
@@ -314,8 +310,8 @@ def staged(url, what: str = "path", only: Callable[[str], bool] | None = None) -
     copy of what the bucket holds (the objects `only` passes), the job writes into it and uploads with
     push(folder, to=url), and it is deleted on exit. Fresh per job, so nothing stale from an earlier run
     (or another process on this host) is mixed in or uploaded again. It lives under the mirror root
-    (<root>/.staged/<pid>-...); folders of processes that no longer run (a killed job) are removed here."""
-    check_reachable(url, what)
+    (<root>/.staged/<pid>-...); folders of processes that no longer run (a killed job) are removed here.
+    (pull asks the bucket first: an unreachable one raises and the folder is removed.)"""
     base = mirror_root() / ".staged"
     base.mkdir(parents=True, exist_ok=True)
     for old in base.iterdir():
@@ -378,11 +374,10 @@ def _is_marker(rel: str) -> bool:
     return rel.rsplit("/", 1)[-1] in ("manifest.json", "plan.json") or rel.startswith("shards/")
 
 
-def push(local, what: str = "path", only: Callable[[str], bool] | None = None, to=None,
-         last: Callable[[str], bool] = _is_marker) -> int:
-    """Uploads the files under `local` (a mirror folder, or a folder / file inside one; or any folder with
-    `to`, the URL it stands for) that the bucket lacks or holds differently: those `last` names after
-    all others, each group oldest first (file times can tie: the explicit group is what guarantees a
+def push(local, what: str = "path", only: Callable[[str], bool] | None = None, to=None) -> int:
+    """Uploads the files under folder `local` (a mirror folder or one inside it; or any folder with `to`,
+    the URL it stands for) that the bucket lacks or holds differently: markers (_is_marker) after all
+    others, each group oldest first (file times can tie: the explicit group is what guarantees a
     manifest goes up after what it lists); each upload is checked (size, MD5). Returns how many were
     sent; 0 for a plain local folder (nothing to do)."""
     url = os.fspath(as_path(to)) if to is not None else remote_of(local)
@@ -391,17 +386,14 @@ def push(local, what: str = "path", only: Callable[[str], bool] | None = None, t
     import fsspec
     local = Path(local).expanduser().resolve()
     fs, key = fsspec.core.url_to_fs(url)
-    if local.is_file():
-        candidates = {"": local}
-    else:
-        candidates = {p.relative_to(local).as_posix(): p for p in local.rglob("*")
-                      if p.is_file() and not _TEMPORARY.search(p.relative_to(local).as_posix())}
-    listing = _listing(fs, key) if local.is_dir() else {"": fs.info(key)} if fs.exists(key) else {}
+    candidates = {p.relative_to(local).as_posix(): p for p in local.rglob("*")
+                  if p.is_file() and not _TEMPORARY.search(p.relative_to(local).as_posix())}
+    listing = _listing(fs, key)
     sent = 0
-    for rel, path in sorted(candidates.items(), key=lambda kv: (last(kv[0]), kv[1].stat().st_mtime_ns, kv[0])):
+    for rel, path in sorted(candidates.items(), key=lambda kv: (_is_marker(kv[0]), kv[1].stat().st_mtime_ns, kv[0])):
         if (only is not None and not only(rel)) or (rel in listing and _same(path, listing[rel])):
             continue
-        target = f"{key.rstrip('/')}/{rel}" if rel else key
+        target = f"{key.rstrip('/')}/{rel}"
         fs.put_file(str(path), target)
         info = fs.info(target)
         if _compare(path, info) is False:

@@ -86,7 +86,6 @@ def cellular_projections(model, pre_config, features, names, data_dir, config, l
     data_dir = paths.resolve_data_dir(data_dir or config.data_dir or pre_config.data_dir or None)
     cache_dir = paths.resolve_cache_dir(config.cache_dir or pre_config.cache_dir or None)
     corpus = pretrain.load_corpus(pre_config, data_dir, cache_dir, pre_config.workers or None, log=lambda *a: None)
-    paths.push(cache_dir, "the feature cache")
     data = pretrain_data.prepare(corpus, pretrain.data_config(pre_config, 1))
     index = {str(k)[:14]: i for i, k in enumerate(corpus.keys)}
     rows = np.array([index.get(str(k)[:14], -1) for k in features.keys])
