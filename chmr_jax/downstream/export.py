@@ -670,7 +670,7 @@ def _export(encoder: Encoder, input_path, out: Path, out_url: str | None, format
         if jax.process_count() > 1:
             paths.pull(out_url, "--out", only=lambda rel: rel.startswith("shards/"), into=out)
         in_bucket = paths.listing(out_url)
-    records = []
+    records, rejects = [], []
     for i in range(n_shards):
         path = _record_path(out, i)
         if not path.exists():
@@ -682,13 +682,12 @@ def _export(encoder: Encoder, input_path, out: Path, out_url: str | None, format
         if missing:   # (records go up after their files: only a concurrent deletion gets here)
             raise ValueError(f"{out_name}: shard {i}'s files {missing[:3]} are not in the bucket; rerun the same command")
         records.append({k: r[k] for k in ("shard", "rows", "molecules", "files")} | {"n_rejects": len(r["rejects"])})
-    if "tfds" in formats:
-        sizes = None if in_bucket is None else {rel: int(v["size"]) for rel, v in in_bucket.items()}
+        rejects += r["rejects"]
+    if "tfds" in formats:   # (every listed file is in the bucket: checked above)
         _write_tfds_metadata(out, spec, [r["molecules"] for r in records],
-                             n_bytes=None if sizes is None else sum(sizes.get(rel, 0) for r in records
-                                                                   for rel in r["files"] if rel.startswith("tfds/")))
+                             n_bytes=None if in_bucket is None else sum(
+                                 int(in_bucket[rel]["size"]) for r in records for rel in r["files"] if rel.startswith("tfds/")))
     import chmr_jax
-    rejects = [x for i in range(n_shards) for x in json.loads(_record_path(out, i).read_text())["rejects"]]
     manifest = {"chmr_jax_version": chmr_jax.__version__, "pretrained": plan["encoder"]["workdir"],
                 "checkpoint_step": encoder.step, "params_sha256": plan["encoder"]["params_sha256"],
                 "model": encoder.config.get("model", {}), "featurizer": dataclasses.asdict(encoder.settings),
