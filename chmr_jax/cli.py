@@ -412,8 +412,8 @@ def _embed(argv: list[str]) -> int:
     parser.add_argument("--pretrained", required=True, help="a `chmr-jax pretrain` or `chmr-jax convert` workdir")
     parser.add_argument("--input", required=True,
                         help="molecules: .csv[.gz] with a SMILES column, .smi[.gz] or .parquet (local or gs://)")
-    parser.add_argument("--out", required=True, help="output directory (or a gs:// folder: written in a local mirror, "
-                        "$CHMR_MIRROR_DIR, each finished shard uploaded at once)")
+    parser.add_argument("--out", required=True, help="output directory (or a gs:// folder: written in a per-job folder under "
+                        "$CHMR_MIRROR_DIR/.staged, each finished shard uploaded at once)")
     parser.add_argument("--smiles_column", default="smiles")
     parser.add_argument("--id_column", help="CSV column with molecule ids (default: row numbers)")
     parser.add_argument("--formats", default="numpy,parquet,tfds",
