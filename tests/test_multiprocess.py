@@ -133,13 +133,11 @@ def test_a_killed_peer_ends_the_other_process_with_an_error(tmp_path, cache_dir,
             assert time.time() < deadline and proc.poll() is None, "the 2-process run did not start"
             time.sleep(1)
         os.kill(int((workdir / "process_1.pid").read_text()), signal.SIGKILL)
-        t0 = time.time()
-        proc.wait(timeout=120)              # bounded: the heartbeat timeout (10 s) plus error polling
-        waited = time.time() - t0
+        proc.wait(timeout=300)   # a hang guard only (the heartbeat timeout is 10 s); no wall-time assertion
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0 and waited < 120
+    assert proc.returncode != 0
     log0 = (workdir / "process_0.log").read_text()
     assert "stopped sending heartbeats" in log0 and "process 1 failed" in proc.stdout.read().decode()
 
@@ -219,18 +217,16 @@ def _preempt(workdir, cache_dir, xla_cache, targets, after_rows):
         while not rows.exists() or len(metric_writers.read_jsonl(rows)) < after_rows:
             assert time.time() < deadline and proc.poll() is None, "the 2-process run did not start"
             time.sleep(0.05)
-        t0 = time.time()
         for k, i in enumerate(targets):
             if k:
                 time.sleep(0.3)
             os.kill(int((workdir / f"process_{i}.pid").read_text()), signal.SIGTERM)
-        proc.wait(timeout=60)
-        waited = time.time() - t0
+        proc.wait(timeout=300)   # a hang guard only; no wall-time assertion (issue 35)
     finally:
         if proc.poll() is None:
             proc.kill()
     logs = [(workdir / f"process_{i}.log").read_text() for i in (0, 1)]
-    assert proc.returncode == 0 and waited < 60, proc.stdout.read().decode() + "\n".join(log[-3000:] for log in logs)
+    assert proc.returncode == 0, proc.stdout.read().decode() + "\n".join(log[-3000:] for log in logs)
     summary = json.loads((workdir / "summary.json").read_text())
     stop = summary["steps"]
     assert summary["stopped_by"] == "SIGTERM" and after_rows <= stop < 2000

@@ -48,8 +48,8 @@ def test_a_second_run_loads_its_programs_from_the_compilation_cache(tmp_path, ca
     # The same programs, all loaded: no compilation, no new entry.
     assert second["compilation_cache"] == {"hits": len(entries), "misses": 0}
     assert sorted(p.name for p in xla_cache.iterdir()) == entries
-    # Loading (deserialising) takes time too, far less than compiling (about half, or less, here).
-    assert second["compile_s"] < 0.8 * first["compile_s"], (first["compile_s"], second["compile_s"])
+    # No assertion on compile_s: wall times on a shared machine vary by more than any margin (issue 35);
+    # the counts above are what proves the programs were loaded, and RESULTS.md has the timings.
     rows1, rows2 = (metric_writers.read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("first", "second"))
     assert [r["loss"] for r in rows2] == [r["loss"] for r in rows1]       # the same executables: the same numbers
 
@@ -63,4 +63,6 @@ def test_a_second_run_loads_its_programs_from_the_compilation_cache(tmp_path, ca
     assert [r["step"] for r in rows1] == [2, 4]
     for r in rows1:
         assert r["molecules_per_s"] * r["step_s"] * 2 == pytest.approx(32, rel=1e-6)
-    assert rows1[1]["step_s"] * 2 == pytest.approx(rows1[1]["time"] - rows1[0]["time"], abs=0.05)
+    # The row's "time" is read at the same instant as the interval's end (chores.step_done), so the two
+    # clocks agree to the rows' 1 ms rounding however busy the machine is (not a timing assertion).
+    assert rows1[1]["step_s"] * 2 == pytest.approx(rows1[1]["time"] - rows1[0]["time"], abs=2e-3)

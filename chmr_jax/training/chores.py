@@ -76,13 +76,13 @@ class Chores:
             # host between steps) and dispatch. The loop fetches each row's metrics from the device
             # before writing it, so the interval ends when its last step has finished, not when it was
             # dispatched.
-            now = time.perf_counter()
+            now, walltime = time.perf_counter(), time.time()   # the row's "time" is this same instant
             interval = now - self._row_t
             metrics = {**metrics, "step_s": interval / self._row_steps,
                        "molecules_per_s": self._row_molecules / interval if interval > 0 else float("nan")}
             self._row_t, self._row_steps, self._row_molecules = now, 0, 0
             if self.writers is not None:
-                self.writers.write(step, metrics)
+                self.writers.write(step, metrics, walltime)
                 self.writers.flush()
             if "loss" in metrics:
                 util = self.utilisation()["utilisation"]

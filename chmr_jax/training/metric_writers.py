@@ -56,8 +56,8 @@ class TensorBoardWriter:
                                      purge_step=None if resume_step is None else resume_step + 1)
         self._uploaded = time.monotonic()
 
-    def write(self, step: int, metrics: dict) -> None:
-        now = time.time()
+    def write(self, step: int, metrics: dict, walltime: float | None = None) -> None:
+        now = time.time() if walltime is None else walltime
         for tag, value in scalars_of(metrics).items():
             self._writer.add_scalar(tag, value, int(step), walltime=now)
 
@@ -107,8 +107,9 @@ class JsonlWriter:
         self._fh = None if self.remote else open(self.path, "a")
         self._dirty, self._uploaded = False, time.monotonic()
 
-    def write(self, step: int, metrics: dict) -> None:
-        row = {"step": int(step), "time": round(time.time(), 3)}
+    def write(self, step: int, metrics: dict, walltime: float | None = None) -> None:
+        """walltime: the row's unix time (default now); the trainer passes the instant it timed the row at."""
+        row = {"step": int(step), "time": round(time.time() if walltime is None else walltime, 3)}
         for k, v in scalars_of(metrics).items():
             row[k] = v if math.isfinite(v) else str(v)   # JSON has no NaN / inf
         if self.remote:
@@ -161,9 +162,9 @@ class MetricWriters:
         if tensorboard:
             self.writers.append(TensorBoardWriter(workdir / "tensorboard", resume_step))
 
-    def write(self, step: int, metrics: dict) -> None:
+    def write(self, step: int, metrics: dict, walltime: float | None = None) -> None:
         for w in self.writers:
-            w.write(step, metrics)
+            w.write(step, metrics, walltime)
 
     def flush(self) -> None:
         for w in self.writers:
