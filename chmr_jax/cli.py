@@ -59,7 +59,10 @@ def _prepare(argv: list[str]) -> int:
                              "(--corpus_path), or a generated one in that layout")
     corpus.add_argument("--config", help="config file[:variant] for the corpus settings (default configs/default.py)")
     corpus.add_argument("--corpus_path", help="for --corpus paper: the directory with structure.csv.gz etc.")
-    corpus.add_argument("--exclude_test", help="leakage guard: leave out this benchmark's test-split molecules")
+    corpus.add_argument("--exclude_test", help="leakage guard: leave out these molecules (structures and profiles): "
+                        "'all', benchmark names (their test split) and/or CSV files of SMILES, comma separated")
+    corpus.add_argument("--exclude_split", help="the split the excluded benchmarks are evaluated with "
+                        "(default: each benchmark's own protocol; e.g. key_scaffold)")
     corpus.add_argument("--join", choices=["inchikey14", "inchikey"])
     corpus.add_argument("--aggregate", choices=["median", "mean", "first"])
     corpus.add_argument("--out", help="where to save the corpus (default <cache_dir>/corpus-<kind>[-no-<benchmark>-test])")
@@ -104,6 +107,15 @@ def _prepare(argv: list[str]) -> int:
     return 0
 
 
+def _exclude_tag(spec: str) -> str:
+    """A folder-name tag for corpus.exclude: benchmark names as given, a CSV by its file stem."""
+    from pathlib import Path
+
+    from chmr_jax import config_util
+    return "+".join(Path(p).name.split(".")[0] if p.lower().endswith((".csv", ".csv.gz")) else p
+                    for p in config_util.parse_list(spec))
+
+
 def _prepare_corpus(args) -> int:
     from chmr_jax import config_util
     from chmr_jax.data import datasets, featurize, paths, prepare
@@ -114,7 +126,8 @@ def _prepare_corpus(args) -> int:
     config = config_util.load_config(args.config or paper_variant)
     cfg = config.corpus
     cfg.kind = args.corpus
-    for flag, field in (("corpus_path", "path"), ("exclude_test", "exclude_test_of"), ("join", "join"),
+    for flag, field in (("corpus_path", "path"), ("exclude_test", "exclude"), ("exclude_split", "exclude_split"),
+                        ("join", "join"),
                         ("aggregate", "aggregate")):
         if getattr(args, flag):
             setattr(cfg, field, getattr(args, flag))
@@ -123,7 +136,7 @@ def _prepare_corpus(args) -> int:
     data_dir = paths.resolve_data_dir(args.data_dir)
     start = time.perf_counter()
     corpus = prepare.build_corpus(cfg, settings, data_dir, cache_dir, args.workers)
-    out = args.out or cache_dir / (f"corpus-{cfg.kind}" + (f"-no-{cfg.exclude_test_of.replace(',', '+')}-test" if cfg.exclude_test_of else ""))
+    out = args.out or cache_dir / (f"corpus-{cfg.kind}" + (f"-no-{_exclude_tag(cfg.exclude)}-test" if cfg.exclude else ""))
     if paths.is_remote(out):   # saved in a fresh local folder, then uploaded
         with paths.staged(out, "--out") as local:
             corpus.save(local)
@@ -138,7 +151,8 @@ def _prepare_corpus(args) -> int:
         print(prepare.format_table(corpus_lib.overlap_table(corpus, groups)))
     c = corpus.manifest["counts"]
     print(f"\n{len(corpus)} molecules; {c['featurize_rejects']} rejected by the featurizer, "
-          f"{c['structures_unparsable']} unparsable structures, {c['excluded_leakage']} excluded by the leakage guard")
+          f"{c['structures_unparsable']} unparsable structures, {c['excluded_leakage']} excluded by the leakage guard"
+          + (f" (profile rows lost: {c['excluded_profile_rows']})" if c.get('excluded_profile_rows') else ""))
     for name, info in corpus.manifest["modalities"].items():
         for source, sc in info["source_counts"].items():
             print(f"  {name} <- {source}: {sc['rows']} profiles, {sc['molecules']} molecules, "

@@ -38,10 +38,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # `chmr-jax prepare --corpus ...` to use instead of building (empty: build, cached in cache_dir).
     config.corpus = ml_collections.ConfigDict(dict(
         kind="reachable", path="", saved="", join="inchikey14", aggregate="median", max_nan_fraction=0.5,
-        # exclude_test_of: '' | 'all' | a comma list of benchmarks whose test-split molecules are left out
-        # of the corpus (include_benchmarks otherwise adds every benchmark molecule, test ones included,
-        # structures and profiles, no labels: a transductive setting).
-        dose="all", include_benchmarks=True, exclude_test_of="",
+        # exclude: '' | 'all' | a comma list of benchmarks and/or CSV files of SMILES whose molecules are
+        # left out of the corpus, structures and profiles, by join key (include_benchmarks otherwise adds
+        # every benchmark molecule, test ones included, structures and profiles, no labels: a transductive
+        # setting). A benchmark contributes its test split under exclude_split (the split it will be
+        # evaluated with, finetune's config.split: '' = each benchmark's default protocol, or e.g.
+        # 'key_scaffold'); a CSV every row of its exclude_smiles_column. exclude_test_of: the older name
+        # (benchmarks only), read the same way.
+        dose="all", include_benchmarks=True, exclude="", exclude_split="", exclude_smiles_column="smiles",
+        exclude_test_of="",
         synthetic_molecules=400, synthetic_seed=0))
     config.corpus.modalities = ml_collections.ConfigDict(dict(
         expression="l1000_consensus+l1000_plate", cell="cellpainting_plate"))

@@ -102,6 +102,61 @@ def test_leakage_guard_keys(data_dir, cache_dir):
     assert corpus.modalities["m"].available.sum() == 0
 
 
+def test_exclude_a_csv_removes_its_molecules_structures_and_profiles_by_connectivity_key(tmp_path, cache_dir):
+    """corpus.exclude with a user's evaluation CSV (issue 32): its molecules leave the corpus, as
+    structures and as profile rows, matched by the connectivity key (the 14-char InChIKey block: another
+    SMILES or stereo form of the same molecule is the same key); the counts are in the manifest."""
+    import ml_collections
+    from rdkit import Chem
+    key = lambda s: Chem.MolToInchiKey(Chem.MolFromSmiles(s))[:14]   # the reference, straight from RDKit
+    csv = tmp_path / "my_eval.csv"
+    csv.write_text("smiles,pIC50\nC[C@H](N)C(=O)O,5.1\nOCC,4.0\nnot a smiles,3.0\n")
+    structures = [("CC(N)C(=O)O", "lib"), ("CCO", "lib"), ("c1ccccc1", "lib"), ("CCN", "lib")]
+    # Profile rows: alanine twice (replicates), benzene once, and a profile-only molecule (propane).
+    table = C.ProfileTable("t", keys=[key("CC(N)C(=O)O"), key("CC(N)C(=O)O"), key("c1ccccc1"), key("CCC")],
+                           smiles=["CC(N)C(=O)O", "CC(N)C(=O)O", "c1ccccc1", "CCC"],
+                           values=np.arange(8, dtype=float).reshape(4, 2), feature_names=["a", "b"],
+                           row_ids=["1", "2", "3", "4"])
+    cfg = ml_collections.ConfigDict(dict(exclude=str(csv), exclude_split="", exclude_smiles_column="smiles",
+                                         exclude_test_of=""))
+    keys, report = prepare.exclusion_keys(cfg, "inchikey14", None, cache_dir)
+    assert keys == {key("CC(N)C(=O)O"), key("CCO")} and report["csv"] == {str(csv): 2}
+    corpus = C.assemble(structures, {"m": [table]}, exclude_keys=keys, verbose=False, exclusion=report)
+    assert set(corpus.keys) == {key("c1ccccc1"), key("CCN"), key("CCC")}
+    assert corpus.manifest["counts"]["excluded_leakage"] == 2
+    assert corpus.manifest["counts"]["excluded_profile_rows"] == {"m": 2}
+    assert corpus.manifest["exclusion"]["csv"] == {str(csv): 2}
+    assert corpus.modalities["m"].available.sum() == 2                    # benzene and propane keep theirs
+    # A CSV without the named column, and an item that is neither a benchmark nor a CSV, are one-line errors.
+    cfg.exclude_smiles_column = "SMILES"
+    with pytest.raises(ValueError, match=r"has no column 'SMILES'.*exclude_smiles_column"):
+        prepare.exclusion_keys(cfg, "inchikey14", None, cache_dir)
+    with pytest.raises(ValueError, match="neither a benchmark nor a .csv file"):
+        prepare.exclusion_items("bace,my_eval")
+
+
+@pytest.mark.parametrize("split_kind", ["", "key_scaffold"])
+def test_exclude_all_leaves_out_the_test_part_of_the_split_each_benchmark_is_evaluated_with(
+        split_kind, data_dir, cache_dir):
+    """exclude=all names the nine benchmarks; each contributes the test rows of the split fine-tuning
+    scores it on (finetune's config.split: the default protocol, or key_scaffold), as prepare.prepare
+    (fine-tuning's own path) splits it. Checked on bace and bbbp (the other seven take the same path)."""
+    import ml_collections
+    assert prepare.exclusion_items("all") == (list(datasets.ALL_BENCHMARKS), [])
+    assert sorted(prepare.exclusion_items("bace, all")[0]) == sorted(datasets.ALL_BENCHMARKS)   # no repeats
+    from chmr_jax.data import featurize
+    for name in ("bace", "bbbp"):
+        cfg = ml_collections.ConfigDict(dict(exclude=name, exclude_split=split_kind, exclude_smiles_column="smiles",
+                                             exclude_test_of=""))
+        keys, report = prepare.exclusion_keys(cfg, "inchikey14", data_dir, cache_dir)
+        ds = datasets.load_benchmark(name, data_dir, cache_dir)
+        evaluated = prepare.prepare(ds, featurize.FeaturizerSettings(), cache_dir, split_kind or None,
+                                    show_progress=False)
+        test_keys = {ds.keys[i] for i in evaluated.split["test"] if ds.keys[i]}
+        assert keys == test_keys and len(keys) > 0, name
+        assert report["split"] == (split_kind or "default")
+
+
 # ---- the paper layout ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -267,5 +322,5 @@ def test_exclude_test_of_takes_a_list_or_all():
     assert prepare.excluded_benchmarks("") == []
     assert prepare.excluded_benchmarks("bace, chembl2k") == ["bace", "chembl2k"]
     assert prepare.excluded_benchmarks("all") == list(datasets.ALL_BENCHMARKS)
-    with pytest.raises(ValueError, match="unknown benchmark.*'baec'"):
+    with pytest.raises(ValueError, match="'baec' is neither a benchmark nor a .csv file \\(did you mean 'bace'\\?\\)"):
         prepare.excluded_benchmarks("bace,baec")

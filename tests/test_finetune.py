@@ -234,6 +234,13 @@ def test_the_control_is_a_fresh_initialisation_with_the_pretraining_seed(tiny_ru
     assert not same(embedded[1], embedded[0]) and not same(embedded[1], fresh(pre_config.train.seed + 1))
     result = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert result["head_input"]["parts"] == ["fingerprint_raw", "fingerprint", "graph"]   # no geometry here
+    # The digest pretraining recorded of its initial parameters is the control's (issue 32): computed here
+    # independently from the fresh initialisation's arrays, and not the trained parameters' digest.
+    recorded = json.loads((tiny_run / "summary.json").read_text())["init_digest"]
+    assert recorded == json.loads((tiny_run / "init_digest.json").read_text())["init_digest"]
+    assert result["control_init_digest"] == recorded
+    cfg = pre_config.copy_and_resolve_references()
+    assert pretrain.init_digest(pretrain.build_model(cfg, dims)) == recorded != pretrain.init_digest(pretrained)
     # A misspelt head part stops the job (exit 2) instead of shrinking the head input unnoticed.
     assert cli.main(["finetune", "--config", f"{CONFIGS / 'finetune.py'}:dataset=bace,seeds=0", "--pretrained",
                      str(tiny_run), "--workdir", str(tmp_path / "bad"), f"--config.data_dir={data_dir}",
@@ -317,3 +324,60 @@ def test_a_csvs_content_keys_its_result(tmp_path, tiny_run):
     assert finetune.run_settings(config, tiny_run) == before
     csv.write_text("SMILES,y\nCCO,2.0\n")
     assert finetune.run_settings(config, tiny_run)["csv_sha256"] != before["csv_sha256"]
+
+
+def test_a_control_that_is_not_the_runs_own_initialisation_is_refused(tiny_run, data_dir, tmp_path, capsys):
+    """A run whose recorded initial parameters differ from what this code initialises (the model or its
+    init changed since pretraining) is refused before any fine-tuning: its lift would be measured
+    against another encoder's start."""
+    import json
+    import shutil
+
+    from chmr_jax import cli
+    run_dir = tmp_path / "pretrain"
+    shutil.copytree(tiny_run, run_dir)
+    (run_dir / "init_digest.json").write_text(json.dumps({"init_digest": "0" * 64, "seed": 0}))
+    rc = cli.main(["finetune", "--config", f"{CONFIGS / 'finetune.py'}:dataset=bace,seeds=0", "--pretrained",
+                   str(run_dir), "--workdir", str(tmp_path / "ft"), f"--config.data_dir={data_dir}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not" in err and "own initialisation" in err and "000000000000" in err, err
+    assert not (tmp_path / "ft" / "results.json").exists()
+
+
+def test_reuse_is_keyed_on_the_split_version_and_the_data_files_content(tiny_run, data_dir, tmp_path, monkeypatch):
+    """A changed splitter (its SPLIT_VERSION) or a data file edited under the same name makes
+    `benchmark` / `finetune` recompute instead of serving the earlier results.json (issue 32)."""
+    import json
+    import shutil
+
+    from chmr_jax.data import datasets, registry, splits
+    from chmr_jax.downstream import finetune
+    source = registry.fetch("bace", datasets.BENCHMARKS["bace"][0], data_dir)
+    local_data = tmp_path / "data"
+    copy = local_data / source.relative_to(data_dir)
+    copy.parent.mkdir(parents=True)
+    shutil.copy(source, copy)
+    calls = []
+
+    def fake_run(config, pretrained, workdir, data_dir=None, *a, **k):
+        calls.append(1)
+        result = {"dataset": "bace", "metric": "roc_auc", "methods": {},
+                  "settings": finetune.run_settings(config, pretrained, data_dir)}
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "results.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(finetune, "run", fake_run)
+    config, out = _finetune_config("dataset=bace"), tmp_path / "ft"
+    first = finetune.run_or_reuse(config, tiny_run, out, local_data)["settings"]["data"]
+    finetune.run_or_reuse(config, tiny_run, out, local_data)
+    assert len(calls) == 1 and first["data_sha256"] == registry.sha256_of(source)
+    monkeypatch.setattr(splits, "SPLIT_VERSION", splits.SPLIT_VERSION + 1)
+    finetune.run_or_reuse(config, tiny_run, out, local_data)
+    assert len(calls) == 2                                     # another splitter: recomputed
+    finetune.run_or_reuse(config, tiny_run, out, local_data)
+    assert len(calls) == 2                                     # ... once
+    with open(copy, "ab") as fh:                               # the same file name, other content
+        fh.write(b"\n")
+    finetune.run_or_reuse(config, tiny_run, out, local_data)
+    assert len(calls) == 3

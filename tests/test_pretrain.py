@@ -68,6 +68,29 @@ def test_run_writes_metrics_checkpoints_and_summary(tiny_run):
     assert sorted(e.step for e in decoded for v in e.summary.value if v.tag == "loss") == list(range(1, 11))
 
 
+def test_summary_records_the_excluded_molecules_and_the_initial_parameters_digest(tiny_run, tmp_path, cache_dir):
+    """A run with corpus.exclude (a CSV of 5 of the corpus's molecules) trains on the rest and says so in
+    summary.json (corpus_excluded, the profile rows lost) beside init_digest (issue 32)."""
+    config = config_util.load_config(str(ROOT / "configs" / "test.py"))
+    config.cache_dir = str(cache_dir)
+    corpus = pretrain.load_corpus(config, None, cache_dir, log=lambda *a: None)
+    chosen = list(corpus.smiles[:5])
+    observed = {n: int(m.available[:5].sum()) for n, m in corpus.modalities.items()}
+    csv = tmp_path / "held_out.csv"
+    csv.write_text("smiles\n" + "".join(f"{s}\n" for s in chosen))
+    workdir = tmp_path / "run"
+    assert cli.main(["pretrain", "--config", str(ROOT / "configs" / "test.py"), "--workdir", str(workdir),
+                     f"--config.cache_dir={cache_dir}", "--config.train.steps=2", f"--config.corpus.exclude={csv}",
+                     "--config.train.devices=1"]) == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["corpus_excluded"] == 5
+    # Each excluded molecule had one aggregated profile per observed modality, from >= 1 profile rows.
+    assert all(summary["corpus_excluded_profile_rows"][n] >= observed[n] for n in observed)
+    assert json.loads((workdir / "corpus_manifest.json").read_text())["molecules"] == len(corpus) - 5
+    assert summary["init_digest"] == json.loads((workdir / "init_digest.json").read_text())["init_digest"]
+    assert json.loads((tiny_run / "summary.json").read_text())["corpus_excluded"] == 0
+
+
 def test_rerun_of_a_finished_run_trains_no_further(tiny_run, cache_dir, capsys):
     before = (tiny_run / "metrics.jsonl").read_text()
     summary = (tiny_run / "summary.json").read_text()

@@ -215,7 +215,7 @@ def assemble(structures: Sequence[tuple], modality_sources: dict, join: str = "i
              settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
              cache_dir=None, exclude_keys: set | None = None, n_workers: int | None = None,
              gene_edges: np.ndarray | None = None, name: str = "corpus",
-             expected_dims: dict | None = None, verbose: bool = True) -> Corpus:
+             expected_dims: dict | None = None, verbose: bool = True, exclusion: dict | None = None) -> Corpus:
     """Builds a Corpus.
 
     structures: (smiles, origin) pairs of molecules to include even without profiles (e.g. the
@@ -224,6 +224,7 @@ def assemble(structures: Sequence[tuple], modality_sources: dict, join: str = "i
     modality_sources: {modality: [ProfileTable, ...]} concatenated in the given order.
     exclude_keys: join keys never to include (the leakage guard: a benchmark's test molecules).
     expected_dims: {modality: dim} from the config; a mismatch is an error naming the sources.
+    exclusion: what exclude_keys came from (prepare.exclusion_keys), kept in the manifest.
     """
     if join not in JOIN_KEYS:
         raise ValueError(f"join key must be one of {JOIN_KEYS}, got {join!r}")
@@ -252,16 +253,19 @@ def assemble(structures: Sequence[tuple], modality_sources: dict, join: str = "i
         if key not in smiles_of:
             smiles_of[key] = smiles
             order.append(key)
+    lost_rows: dict = {}   # profile rows (replicates) of excluded molecules, per modality
     for modality, tables in modality_sources.items():
         for table in tables:
             for key, smiles in zip(table.keys, table.smiles):
                 if key in exclude_keys:
                     excluded.add(key)
+                    lost_rows[modality] = lost_rows.get(modality, 0) + 1
                     continue
                 if key not in smiles_of and smiles:
                     smiles_of[key] = smiles
                     order.append(key)
     counts["excluded_leakage"] = len(excluded)
+    counts["excluded_profile_rows"] = {m: lost_rows.get(m, 0) for m in modality_sources}
 
     # 2. Featurize; molecules the featurizer rejects leave the corpus with their profiles.
     all_smiles = [smiles_of[k] for k in order]
@@ -319,6 +323,7 @@ def assemble(structures: Sequence[tuple], modality_sources: dict, join: str = "i
         "modalities": {m: {**modality_counts[m], "feature_names": modalities[m].feature_names,
                            "sources": modalities[m].sources} for m in modalities},
         "origins": {o: len(k & corpus_keys) for o, k in origin_keys.items()},
+        "exclusion": exclusion,
         "seconds": round(time.perf_counter() - start, 1),
     }
     return Corpus(keys=keys, smiles=np.array([smiles_of[k] for k in keys], dtype=str), features=feats,

@@ -153,24 +153,78 @@ def benchmark_keys(names, join: str, data_dir, cache_dir, n_workers=None) -> dic
 
 
 def excluded_benchmarks(spec: str) -> list[str]:
-    """corpus.exclude_test_of: '' (none), 'all' (the nine benchmarks) or a comma list of benchmarks."""
+    """The benchmark part of corpus.exclude: '' (none), 'all' (the nine benchmarks) or a comma list of
+    benchmarks (items that are not benchmark names are CSV files: exclusion_items)."""
+    return exclusion_items(spec)[0]
+
+
+def exclusion_items(spec: str) -> tuple[list[str], list[str]]:
+    """(benchmarks, CSV files) named by corpus.exclude: 'all' (the nine benchmarks), benchmark names and
+    CSV files of SMILES (any user's evaluation set), comma separated. A name that is neither a benchmark
+    nor a .csv[.gz] file is an error naming it."""
     from chmr_jax import config_util
-    names = list(datasets.ALL_BENCHMARKS) if str(spec).strip() == "all" else config_util.parse_list(spec)
-    unknown = [n for n in names if n not in datasets.ALL_BENCHMARKS]
-    if unknown:
-        raise ValueError(f"corpus.exclude_test_of names unknown benchmark(s) {unknown}; choose from "
-                         f"{list(datasets.ALL_BENCHMARKS)} or 'all'")
-    return names
+    benchmarks, csvs = [], []
+    for item in config_util.parse_list(spec):
+        if item == "all":
+            benchmarks += [b for b in datasets.ALL_BENCHMARKS if b not in benchmarks]
+        elif item in datasets.ALL_BENCHMARKS:
+            if item not in benchmarks:
+                benchmarks.append(item)
+        elif item.lower().endswith((".csv", ".csv.gz")):
+            csvs.append(item)
+        else:
+            import difflib
+            close = difflib.get_close_matches(item, list(datasets.ALL_BENCHMARKS), n=1)
+            raise ValueError(f"corpus.exclude (--exclude_test): {item!r} is neither a benchmark nor a .csv file"
+                             + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; choose from {list(datasets.ALL_BENCHMARKS)}, 'all', or name a CSV of SMILES")
+    return benchmarks, csvs
 
 
-def test_split_keys(benchmark: str, join: str, data_dir, cache_dir, n_workers=None) -> set:
-    """Join keys of a benchmark's test split (its default protocol): the leakage guard's list."""
+def test_split_keys(benchmark: str, join: str, data_dir, cache_dir, n_workers=None, split_kind: str | None = None) -> set:
+    """Join keys of a benchmark's test split: the split it is evaluated with (`split_kind`, the same
+    value as finetune's config.split; None or '' = the benchmark's default protocol)."""
     ds = datasets.load_benchmark(benchmark, data_dir, cache_dir, n_workers)
-    split = splits.load_or_make_split(ds.smiles, ds.default_split, cache_dir, ds.name, n_workers=n_workers)
+    split = splits.load_or_make_split(ds.smiles, split_kind or ds.default_split, cache_dir, ds.name,
+                                      n_workers=n_workers)
     test_smiles = [ds.smiles[i] for i in split["test"]]
     keys = [ds.keys[i] for i in split["test"]] if join == "inchikey14" else \
         featurize.keys_of_smiles(test_smiles, join, n_workers)
     return {k for k in keys if k}
+
+
+def csv_keys(path, column: str, join: str, n_workers=None) -> set:
+    """Join keys of every molecule of a CSV (its SMILES column `column`, matched exactly): a user's
+    evaluation set to keep out of the corpus. Unparsable SMILES have no key and are skipped."""
+    local = paths.local_file(path, "corpus.exclude") if paths.is_remote(path) else Path(path)
+    if not local.is_file():
+        raise FileNotFoundError(f"corpus.exclude: {path}: no such file")
+    with datasets.open_csv(local) as (header, reader):
+        if column not in header:
+            raise ValueError(f"corpus.exclude: {path} has no column {column!r} (columns: {header}); "
+                             "set corpus.exclude_smiles_column")
+        col = header.index(column)
+        smiles = [row[col] for row in reader if len(row) > col and row[col].strip()]
+    return {k for k in featurize.keys_of_smiles(smiles, join, n_workers) if k}
+
+
+def exclusion_keys(cfg, join: str, data_dir, cache_dir, n_workers=None) -> tuple[set, dict]:
+    """(join keys to leave out of the corpus, what they came from) for config.corpus: `exclude` (and
+    the older `exclude_test_of`, read the same way). Benchmarks contribute their test split under
+    `exclude_split` (the split the benchmarks will be evaluated with: '' = each one's default
+    protocol, or e.g. 'key_scaffold'); CSV files every molecule."""
+    spec = ",".join(s for s in (cfg.get("exclude", ""), cfg.get("exclude_test_of", "")) if s)
+    benchmarks, csvs = exclusion_items(spec)
+    split_kind = cfg.get("exclude_split", "") or None
+    keys, report = set(), {"benchmarks": benchmarks, "split": split_kind or "default", "csv": {}}
+    for benchmark in benchmarks:
+        keys |= test_split_keys(benchmark, join, data_dir, cache_dir, n_workers, split_kind)
+    for path in csvs:
+        found = csv_keys(path, cfg.get("exclude_smiles_column", "smiles"), join, n_workers)
+        report["csv"][str(path)] = len(found)
+        keys |= found
+    report["keys"] = len(keys)
+    return keys, report
 
 
 def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
@@ -219,10 +273,9 @@ def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.Featuri
             tables = [loaded.setdefault(s, available[s]()) for s in block]
             blocks.append(tables[0] if len(tables) == 1 else profiles.stack_tables(tables, "+".join(block)))
         modality_sources[modality] = blocks
-    exclude = set()
-    for benchmark in excluded_benchmarks(cfg.exclude_test_of):
-        exclude |= test_split_keys(benchmark, join, data_dir, cache_dir, n_workers)
+    exclude, exclusion = exclusion_keys(cfg, join, data_dir, cache_dir, n_workers)
     expected = dict(cfg.dims) if "dims" in cfg and cfg.dims else None
     return corpus_lib.assemble(structures, modality_sources, join, cfg.aggregate, cfg.max_nan_fraction,
                                settings, cache_dir, exclude, n_workers, gene_edges,
-                               name=f"corpus-{kind}", expected_dims=expected, verbose=verbose)
+                               name=f"corpus-{kind}", expected_dims=expected, verbose=verbose,
+                               exclusion=exclusion if exclude else None)

@@ -37,8 +37,9 @@ BASELINES = ("mlp", "rf", "gnn")
 
 
 # Bump when what a results.json holds changes for the same settings (2: sample std, ddof=1; settings
-# keyed on the checkpoint's content), so an earlier file is recomputed rather than reused.
-RESULTS_VERSION = 2
+# keyed on the checkpoint's content; 3: keyed on the data file's content and the featurizer / splitter /
+# key versions too), so an earlier file is recomputed rather than reused.
+RESULTS_VERSION = 3
 
 
 def _sha256(obj) -> str:
@@ -75,16 +76,35 @@ def checkpoint_identity(pretrained, step: int | None = None) -> dict:
     return {"step": step, "digest": _sha256(content)}
 
 
-def run_settings(config, pretrained) -> dict:
-    """What a results.json depends on besides the code: the fine-tuning config, the pretraining config
-    and the content of the checkpoint fine-tuned (not its path and step alone: an ablation pretrained
-    again into the same workdir with the same step count must not be served the earlier result)."""
+def data_identity(config, data_dir=None) -> dict:
+    """What a result depends on in the data and the code that turns it into splits: the versions of the
+    featurizer, the splitter and the molecule keys (each bumped when its output changes) and the sha256
+    of the benchmark's data file (a refreshed file under the same name must not be served old results)."""
+    from chmr_jax.data import datasets, featurize, registry, splits
+    out = {"featurize_version": featurize.FEATURIZE_VERSION, "split_version": splits.SPLIT_VERSION,
+           "keys_version": datasets.KEYS_VERSION, "data_sha256": None}
+    if not config.get("csv") and config.get("dataset") in datasets.BENCHMARKS:
+        try:
+            path = registry.fetch(config.dataset, datasets.BENCHMARKS[config.dataset][0],
+                                  paths.resolve_data_dir(data_dir or config.get("data_dir") or None),
+                                  allow_download=False)
+            out["data_sha256"] = registry.sha256_of(path)
+        except (FileNotFoundError, OSError, ValueError):
+            pass   # not present yet: the run itself fetches it or says where it is missing
+    return out
+
+
+def run_settings(config, pretrained, data_dir=None) -> dict:
+    """What a results.json depends on: the fine-tuning config, the pretraining config, the content of
+    the checkpoint fine-tuned (not its path and step alone: an ablation pretrained again into the same
+    workdir with the same step count must not be served the earlier result) and data_identity."""
     ident = checkpoint_identity(pretrained, config.get("pretrained_step", 0) or None)
     pre_config = paths.as_path(pretrained) / "config.json"
     settings = {"version": RESULTS_VERSION, "config": json.loads(config.to_json()),
                 "pretrained": str(paths.as_path(pretrained)), "pretrained_step": ident["step"],
                 "checkpoint_digest": ident["digest"],
-                "pretrain_config_digest": _sha256(json.loads(pre_config.read_text())) if pre_config.exists() else None}
+                "pretrain_config_digest": _sha256(json.loads(pre_config.read_text())) if pre_config.exists() else None,
+                "data": data_identity(config, data_dir)}
     csv = paths.local_file(config.get("csv")) if config.get("csv") else None   # (gs://: its verified copy)
     if csv is not None and csv.is_file():
         # A user's CSV is edited in place under the same name: its content, not its path, keys the result.
@@ -213,14 +233,23 @@ def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | Non
     model, pre_config, meta = pretrain.load_pretrained(pretrained, config.get("pretrained_step", 0) or None)
     # Checked before any featurizing; results.json records the parts actually used.
     parts = embeddings.head_parts(config_util.parse_list(config.head.parts), model.mol_names, model.cell_names)
-    ds, prepared, extra = load_task(config, pre_config, model.mol_names, data_dir, log)
     dims = json.loads((paths.as_path(pretrained) / "model_dims.json").read_text())
-    control = None
+    control = control_digest = None
     if config.get("control", True):
         # The control every pretraining claim needs: the same architecture and config, initialised with
         # the pretraining run's seed, no pretraining step, used exactly like the pretrained encoder.
         control = pretrain.build_model(pre_config, dims)
         control.eval()
+        control_digest, run_digest = pretrain.init_digest(control), pretrain.saved_init_digest(pretrained)
+        if run_digest is None:
+            log(f"warning: {pretrained} records no init_digest.json (a run from before it was recorded): the "
+                "untrained control cannot be checked against the run's own initial parameters")
+        elif control_digest != run_digest:
+            raise ValueError(
+                f"the untrained control is not {pretrained}'s own initialisation (parameter digest "
+                f"{control_digest[:12]} vs the run's {run_digest[:12]}): the model or its initialisation code "
+                "changed since pretraining; pretrain again with this code, or pass --config.control=False")
+    ds, prepared, extra = load_task(config, pre_config, model.mol_names, data_dir, log)
     log(f"{ds.name}: {len(prepared.features)} molecules, {ds.num_tasks} tasks ({ds.task_type}); encoder "
         f"{pretrained} step {meta['step']} ({config.encoder}); baselines: {', '.join(baselines) or 'none'}")
     y = ds.labels[prepared.features.rows]
@@ -295,8 +324,9 @@ def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | Non
               "encoder": config.encoder, "molecules": len(prepared.features),
               "rejects": len(prepared.features.rejects), "tasks": ds.num_tasks,
               "head_input": {"parts": list(parts), "width": int(x.shape[1]) if x is not None
-                             else (reuse or {}).get("head_input", {}).get("width")}, "settings": run_settings(config, pretrained), "wall_s": round(time.perf_counter() - t_start, 1),
-              "methods": methods, "lift": lift, **methods["chmr"]}
+                             else (reuse or {}).get("head_input", {}).get("width")}, "settings": run_settings(config, pretrained, data_dir), "wall_s": round(time.perf_counter() - t_start, 1),
+              "methods": methods, "lift": lift, **methods["chmr"],
+              "control_init_digest": control_digest if control is not None else None}
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.json").write_text(json.dumps(result, indent=1, default=float))
     log_summary(result, log)
@@ -324,7 +354,7 @@ def run_or_reuse(config, pretrained, workdir, data_dir=None, log=print) -> dict:
     reuse = None
     if done.exists():
         previous = json.loads(done.read_text())
-        settings = run_settings(config, pretrained)
+        settings = run_settings(config, pretrained, data_dir)
         if previous.get("settings") == settings:
             log(f"{previous['dataset']}: finished with the same settings (config, encoder checkpoint): "
                 f"reusing {done}, nothing recomputed (delete it to recompute)")

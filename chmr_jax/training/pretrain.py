@@ -116,6 +116,11 @@ def corpus_cache_path(config, cache_dir) -> Path:
     # dims are expectations checked by validate(), not inputs: they do not change the corpus.
     spec = {"corpus": {k: v for k, v in cfg.to_dict().items() if k not in ("dims", "saved")},
             "featurize": dataclasses.asdict(settings)}
+    # An evaluation set named by file is edited in place under the same name: its content keys the corpus.
+    csvs = prepare.exclusion_items(",".join(s for s in (cfg.get("exclude", ""), cfg.get("exclude_test_of", "")) if s))[1]
+    if csvs:
+        spec["exclude_csv_sha256"] = [hashlib.sha256(paths.local_file(c, "corpus.exclude").read_bytes() if paths.is_remote(c)
+                                                     else Path(c).read_bytes()).hexdigest() for c in csvs]
     return Path(cache_dir) / f"corpus-{cfg.kind}-{_digest(spec)}"
 
 
@@ -185,6 +190,21 @@ def build_model(config, dims: dict) -> model_lib.CHMR:
     kwargs = {k: v for k, v in config.model.items() if k != "molecular"}
     return model_lib.CHMR(dims["mol_dims"], dims["cell_dims"], dims["target_dims"], **kwargs,
                           rngs=train.init_rngs(config.train.seed))
+
+
+def init_digest(model) -> str:
+    """sha256 of a model's parameters and batch statistics (per-leaf digests as in the checkpoints,
+    sorted by path): pretraining records its initial parameters' digest (init_digest.json, summary.json),
+    and fine-tuning checks its untrained control against it (the control must be this run's own start)."""
+    named = sorted(("/".join(str(p) for p in path), checkpoint_lib._digest(leaf))
+                   for path, leaf in nnx.to_flat_state(nnx.state(model)))
+    return hashlib.sha256(json.dumps(named).encode()).hexdigest()
+
+
+def saved_init_digest(workdir) -> str | None:
+    """The initial-parameter digest a pretraining run recorded (None for runs before it was recorded)."""
+    path = paths.as_path(workdir) / "init_digest.json"
+    return json.loads(path.read_text())["init_digest"] if path.exists() else None
 
 
 def step_flops(config, dims: dict, tx, ctx: dict, mesh, step_fn, *step_args) -> float | None:
@@ -573,7 +593,11 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     total = tcfg.steps if tcfg.steps > 0 else plan.total_steps(tcfg.epochs)
     schedule = train.lr_schedule(config.optim.lr, total, config.optim.schedule)
     tx = train.make_optimizer(**config.optim, total_steps=total)
-    graphdef, state = train.init_state(build_model(config, dims), tx)
+    model = build_model(config, dims)
+    start_digest = init_digest(model)   # this run's own initialisation: the untrained control must equal it
+    if is_main:
+        _write_json(workdir / "init_digest.json", {"init_digest": start_digest, "seed": int(tcfg.seed)})
+    graphdef, state = train.init_state(model, tx)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = train.place(state, replicated)
     ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints, log=log,
@@ -690,6 +714,10 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     summary = {
         "steps": step, "total_steps": total, "resumed_from": start, "stopped_by": stop_reason,
         "devices": n_dev, "platform": devices[0].platform, **chores.summary(),
+        "init_digest": start_digest,
+        # The leakage guard (config.corpus.exclude): molecules left out and their profile rows lost.
+        "corpus_excluded": int(corpus.manifest.get("counts", {}).get("excluded_leakage", 0)),
+        "corpus_excluded_profile_rows": corpus.manifest.get("counts", {}).get("excluded_profile_rows", {}),
         **peak_memory(), **compile_time.read(),
         "final_metrics": {k: float(np.asarray(v).mean()) for k, v in last.items()},
         "checkpoint": str(ckpt.directory / str(step)), "workdir": str(workdir)}
