@@ -196,8 +196,8 @@ def init_digest(model) -> str:
     """sha256 of a model's parameters and batch statistics (per-leaf digests as in the checkpoints,
     sorted by path): pretraining records its initial parameters' digest (init_digest.json, summary.json),
     and fine-tuning checks its untrained control against it (the control must be this run's own start)."""
-    named = sorted(("/".join(str(p) for p in path), checkpoint_lib._digest(leaf))
-                   for path, leaf in nnx.to_flat_state(nnx.state(model)))
+    named = sorted(("/".join(str(p) for p in path), checkpoint_lib._digest(checkpoint_lib._key_data(leaf[...])))
+                   for path, leaf in nnx.to_flat_state(nnx.state(model)))   # (RNG keys by their key data)
     return hashlib.sha256(json.dumps(named).encode()).hexdigest()
 
 
