@@ -12,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CHMR_DATA_DIR=${CHMR_DATA_DIR:-$(cd .. && pwd)/shared/data}
-CLI=${CLI:-.venv/bin/chmr-jax}
+# (python -m: the process is not named `chmr-jax pretrain`, which launch/tpu_pod.sh's stop pattern matches)
+CLI=${CLI:-.venv/bin/python -m chmr_jax.cli}
 RUNS=${RUNS:-runs/noleak}
 arm_flags() {
   case "$1" in
@@ -27,6 +28,9 @@ pretrain() {   # ARM SEED EPOCHS
   $CLI pretrain --config configs/pretrain.py --workdir "$dir" --config.corpus.exclude=all \
     --config.train.seed="$2" --config.train.epochs="$3" --config.train.checkpoint_every_steps=100 \
     --config.train.progress=log $(arm_flags "$1")
+  # A run stopped by a signal exits 0 after its checkpoint: never fine-tune a partial encoder.
+  .venv/bin/python -c "import json,sys; s=json.load(open('$dir/summary.json')); sys.exit(s['steps'] != s['total_steps'])" ||
+    { echo "$dir stopped before its last step: run the same command again to continue" >&2; exit 1; }
 }
 finetune() {   # ARM SEED EPOCHS
   local dir="$RUNS/$1_s$2_e$3"

@@ -388,6 +388,8 @@ def _stress(argv: list[str]) -> int:
                             "configs/finetune.py)", flag_values=fv)
         flags.DEFINE_integer("finetune_epochs", None, "override the fine-tuning epochs", flag_values=fv)
         flags.DEFINE_integer("hide_seed", 0, "seed choosing the profiles to hide", flag_values=fv)
+        flags.DEFINE_bool("structure_only", True, "also pretrain once without cellular modalities (the "
+                          "structure-only arm: what the profiles add beyond the structure objective)", flag_values=fv)
 
     fv = _config_flags(argv, "stress", "pretrain.py", STRESS_USAGE, more)
     if isinstance(fv, int):
@@ -406,7 +408,7 @@ def _stress(argv: list[str]) -> int:
             ft.optim.epochs = fv.finetune_epochs
         levels = config_util.parse_list(fv.missing, float, "--missing")
         stress.run(config, ft, levels, config_util.parse_list(fv.imputations), fv.workdir,
-                   data_dir=fv.data_dir, hide_seed=fv.hide_seed)
+                   data_dir=fv.data_dir, hide_seed=fv.hide_seed, structure_only=fv.structure_only)
     except pretrain.TrainingDiverged as e:   # (user errors: `main` reports them and exits 2)
         print(f"chmr-jax stress: {e}", file=sys.stderr)
         return 1

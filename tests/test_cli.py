@@ -158,7 +158,7 @@ def test_label_errors_name_the_file_line_after_a_multiline_field(tmp_path):
     ("finetune", ["--workdir", "--data_dir", "--cache_dir", "--pretrained"]),
     ("benchmark", ["--workdir", "--data_dir", "--pretrained", "--datasets", "--table_only"]),
     ("stress", ["--workdir", "--data_dir", "--missing", "--imputations", "--dataset", "--seeds", "--steps",
-                "--finetune_epochs", "--finetune_config", "--hide_seed"]),
+                "--finetune_epochs", "--finetune_config", "--hide_seed", "--structure_only"]),
 ])
 def test_every_subcommand_help_lists_its_flags(capsys, command, flags):
     assert cli.main([command, "--help"]) == 0

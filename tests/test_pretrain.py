@@ -416,6 +416,18 @@ def test_stress_command_hides_profiles_and_reports_each_level_and_imputation(dat
     table = (out / "results.md").read_text().splitlines()
     assert table[0].startswith("| extra missing | observed profiles | propagate (roc_auc x100) | zero")
     assert len(table) == 3 and table[2].startswith("| 0.5 |")
+    # The structure-only arm (issue 32): pretrained once without any cellular modality, its score one
+    # column of the table, each row's paired difference over it recorded.
+    struct = out / "structure_only"
+    assert json.loads((struct / "pretrain" / "config.json").read_text())["pretrain_data"]["modalities"] == "none"
+    assert json.loads((struct / "pretrain" / "model_dims.json").read_text())["cell_dims"] == {}
+    s_result = json.loads((struct / "finetune" / "results.json").read_text())
+    assert table[0].endswith("| structure-only pretraining |")
+    for r in rows:
+        assert r["structure_only_mean"] == s_result["test_mean"]
+        own = json.loads((out / f"{r['imputation']}-missing0.5" / "finetune" / "results.json").read_text())
+        assert r["lift_over_structure"]["mean"] == pytest.approx(np.mean(
+            [a["test"]["roc_auc"] - b["test"]["roc_auc"] for a, b in zip(own["runs"], s_result["runs"])]))
     width, height = stress.read_png_size(out / "stress.png")
     assert width > 300 and height > 200
     # Re-running reuses every stage (nothing retrained): the fine-tuning results are untouched.

@@ -8,6 +8,9 @@ benchmark. Workdir layout (every stage resumes or is reused when re-run with the
   corpus-missing<f>/                   the corpus with profiles hidden (manifest records the counts)
   <imputation>-missing<f>/pretrain/    a `chmr-jax pretrain` workdir
   <imputation>-missing<f>/finetune/    a `chmr-jax finetune` workdir (results.json)
+  structure_only/pretrain, /finetune   the same schedule without any cellular modality (SCA and VICReg
+                                       off, context walks over molecule nodes only): what the profiles add
+                                       beyond the structure objective; one line, the same at every level
   results.json, results.md, stress.png  the metric per level and imputation (mean +- std over seeds)
 """
 from __future__ import annotations
@@ -22,9 +25,20 @@ from chmr_jax.training import pretrain
 IMPUTATIONS = ("propagate", "mean", "zero")
 
 
+def _pretrain_and_finetune(cfg, finetune_config, run_dir, data_dir, log) -> dict:
+    """pretrain.run then finetune.run_or_reuse in run_dir/{pretrain,finetune}; never fine-tunes a partial run."""
+    summary = pretrain.run(cfg, run_dir / "pretrain", data_dir, log)
+    if summary.get("stopped_by") or (cfg.train.steps > 0 and summary.get("steps") != cfg.train.steps):
+        # interrupted (SIGTERM/Ctrl-C checkpoint and return): never fine-tune a partial encoder
+        raise KeyboardInterrupt(f"pretraining of {run_dir} stopped at step {summary.get('steps')} "
+                                f"({summary.get('stopped_by')}); re-run the same command to continue")
+    return finetune.run_or_reuse(finetune_config, run_dir / "pretrain", run_dir / "finetune", data_dir, log)
+
+
 def run(config, finetune_config, levels, imputations=IMPUTATIONS, workdir="runs/stress", data_dir=None,
-        hide_seed: int = 0, log=print) -> list[dict]:
-    """Runs the grid levels x imputations; returns one row per (level, imputation)."""
+        hide_seed: int = 0, log=print, structure_only: bool = True) -> list[dict]:
+    """Runs the grid levels x imputations; returns one row per (level, imputation). structure_only: also
+    pretrain (once) without cellular modalities and put its score beside every row."""
     workdir = paths.local_only(workdir, "--workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     levels = [float(f) for f in levels]
@@ -53,12 +67,7 @@ def run(config, finetune_config, levels, imputations=IMPUTATIONS, workdir="runs/
             cfg.corpus.saved = str(hidden_dir.resolve())
             cfg.pretrain_data.imputation = imputation
             log(f"== missing {level:g}, imputation {imputation}: pretrain -> {run_dir / 'pretrain'}")
-            summary = pretrain.run(cfg, run_dir / "pretrain", data_dir, log)
-            if summary.get("stopped_by") or (cfg.train.steps > 0 and summary.get("steps") != cfg.train.steps):
-                # interrupted (SIGTERM/Ctrl-C checkpoint and return): never fine-tune a partial encoder
-                raise KeyboardInterrupt(f"pretraining of {run_dir} stopped at step {summary.get('steps')} "
-                                        f"({summary.get('stopped_by')}); re-run the same command to continue")
-            result = finetune.run_or_reuse(finetune_config, run_dir / "pretrain", run_dir / "finetune", data_dir, log)
+            result = _pretrain_and_finetune(cfg, finetune_config, run_dir, data_dir, log)
             control = result.get("methods", {}).get("untrained")   # the same encoder untrained, same seeds
             rows.append({"missing": level, "imputation": imputation, "dataset": result["dataset"],
                          "metric": result["metric"], "test_mean": result["test_mean"],
@@ -68,6 +77,23 @@ def run(config, finetune_config, levels, imputations=IMPUTATIONS, workdir="runs/
                          "lift": result.get("lift"),
                          "observed": {n: v["observed_before"] - v["hidden"]
                                       for n, v in manifest["hidden"]["modalities"].items()}})
+    if structure_only:
+        # No profile at all, so the hidden fraction does not matter: one run on the full corpus, the same
+        # schedule, seeds and fine-tuning. Its own untrained control is another architecture (no cellular
+        # encoders): the pretrained rows' lift over it is paired by fine-tuning seed.
+        cfg = config.copy_and_resolve_references()
+        cfg.pretrain_data.modalities = "none"
+        log(f"== structure only (no cellular modality): pretrain -> {workdir / 'structure_only' / 'pretrain'}")
+        result = _pretrain_and_finetune(cfg, finetune_config, workdir / "structure_only", data_dir, log)
+        by_seed = {r["seed"]: r["test"][result["metric"]] for r in result["runs"]}
+        sign = 1.0 if finetune.higher_is_better(result["metric"]) else -1.0
+        for row in rows:
+            row.update(structure_only_mean=result["test_mean"], structure_only_std=result["test_std"])
+            ft = workdir / f"{row['imputation']}-missing{row['missing']:g}" / "finetune" / "results.json"
+            runs = json.loads(ft.read_text())["runs"] if ft.exists() else []
+            diffs = [sign * (r["test"][row["metric"]] - by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+            if diffs:
+                row["lift_over_structure"] = {"mean": sum(diffs) / len(diffs), "std": finetune.sample_std(diffs)}
     files.atomic_write_text(workdir / "results.json", json.dumps(rows, indent=1))
     table = format_table(rows)
     files.atomic_write_text(workdir / "results.md", table + "\n")
@@ -85,6 +111,7 @@ def format_table(rows: list[dict]) -> str:
     cell = {(r["missing"], r["imputation"]): r for r in rows}
     metric = rows[0]["metric"] if rows else ""
     control = any(r.get("untrained_mean") is not None for r in rows)
+    structure = any(r.get("structure_only_mean") is not None for r in rows)
 
     def value(r):
         text = f"{100 * r['test_mean']:.1f} +- {100 * r['test_std']:.1f}"
@@ -93,8 +120,9 @@ def format_table(rows: list[dict]) -> str:
         return text
 
     lines = ["| extra missing | observed profiles | " + " | ".join(f"{m} ({metric} x100)" for m in imputations)
-             + (" | untrained control |" if control else " |"),
-             "|---|---|" + "---|" * (len(imputations) + control)]
+             + (" | untrained control" if control else "") + (" | structure-only pretraining" if structure else "")
+             + " |",
+             "|---|---|" + "---|" * (len(imputations) + control + structure)]
     for level in levels:
         first = cell[(level, imputations[0])]
         obs = ", ".join(f"{n} {v}" for n, v in first["observed"].items())
@@ -102,6 +130,9 @@ def format_table(rows: list[dict]) -> str:
         if control:
             vals.append(f"{100 * first['untrained_mean']:.1f} +- {100 * first['untrained_std']:.1f}"
                         if first.get("untrained_mean") is not None else "-")
+        if structure:
+            vals.append(f"{100 * first['structure_only_mean']:.1f} +- {100 * first['structure_only_std']:.1f}"
+                        if first.get("structure_only_mean") is not None else "-")
         lines.append(f"| {level:g} | {obs} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -127,6 +158,11 @@ def plot(rows: list[dict], path) -> None:
         mean, std = 100 * control[0]["untrained_mean"], 100 * sd(control[0]["untrained_std"])
         ax.axhline(mean, color="black", ls="--", lw=1, label="untrained control")
         ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
+        values += [mean - std, mean + std]
+    structure = [r for r in rows if r.get("structure_only_mean") is not None]
+    if structure:   # no profiles at all: one level too
+        mean, std = 100 * structure[0]["structure_only_mean"], 100 * sd(structure[0]["structure_only_std"])
+        ax.axhline(mean, color="tab:gray", ls=":", lw=1.5, label="structure-only pretraining")
         values += [mean - std, mean + std]
     if values:
         # At least 2 points of the metric on the axis: matplotlib's autoscale would stretch a 0.02-point
