@@ -337,3 +337,37 @@ def test_ctrl_c_in_embed_is_one_line_and_the_rerun_resumes(tiny_run, tmp_path, c
     assert manifest["molecules"] == 20 and [r["row"] for r in manifest["rejects"]] == [2, 7]
     for name in ("id", "tree_codes", "anchor"):
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
+
+
+def test_finetune_messages_name_flags_and_steps(tiny_run, tmp_path, capsys):
+    from chmr_jax import config_util
+    from chmr_jax.downstream import finetune
+    from pathlib import Path
+    repo = Path(cli.__file__).resolve().parents[1]
+    rc = cli.main(["finetune", "--config", f"{repo}/configs/finetune.py:dataset=bace", "--pretrained", str(tiny_run),
+                   "--workdir", str(tmp_path / "ft"), "--config.pretrained_step=123"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == (f"chmr-jax finetune: --config.pretrained_step=123: {tiny_run} has no checkpoint of step "
+                               "123; its checkpoints are steps 4, 8, 10 (leave the flag out for the newest)")
+    # a CSV's settings record no benchmark name (config.dataset defaults to chembl2k and is unused)
+    csv = tmp_path / "assay.csv"
+    csv.write_text("smiles,y\nCCO,1\n")
+    config = config_util.load_config(f"{repo}/configs/finetune.py")
+    assert finetune.run_settings(config, tiny_run)["config"]["dataset"] == "chembl2k"
+    config.csv = str(csv)
+    assert finetune.run_settings(config, tiny_run)["config"]["dataset"] is None
+
+
+def test_one_seed_says_it_has_no_std():
+    lines = []
+    run = lambda score: {"seed": 0, "test": {"roc_auc": score}}
+    result = {"dataset": "bace", "metric": "roc_auc", "methods": {
+        "chmr": {"runs": [run(0.7)], "test_mean": 0.7, "test_std": float("nan")},
+        "mlp": {"runs": [run(0.6), run(0.8)], "test_mean": 0.7, "test_std": 0.1414}},
+        "lift": {"mean": 0.05, "std": float("nan"), "per_seed": {"0": 0.05}}}
+    from chmr_jax.downstream import finetune
+    finetune.log_summary(result, lines.append)
+    assert lines == ["bace chmr test roc_auc: 0.7000 (1 seed: no std)",
+                     "bace mlp test roc_auc: 0.7000 +- 0.1414 over 2 seeds",
+                     "bace lift over the untrained encoder (positive = pretrained better): +0.0500 (1 seed: no std) "
+                     "(paired over seeds)"]
