@@ -139,7 +139,8 @@ def _prepare_corpus(args) -> int:
     cfg = config.corpus
     cfg.kind = args.corpus
     if args.exclude_test:   # named by its flag here (corpus.exclude_test_of is the config's name for it)
-        unknown = [n for n in config_util.parse_list(args.exclude_test) if n not in datasets.ALL_BENCHMARKS]
+        unknown = [n for n in config_util.parse_list(args.exclude_test) if n not in datasets.ALL_BENCHMARKS
+                   and not n.lower().endswith((".csv", ".csv.gz"))]   # (a CSV file of SMILES: not a benchmark name)
         if unknown and args.exclude_test.strip() != "all":
             close = difflib.get_close_matches(unknown[0], datasets.ALL_BENCHMARKS, n=1)
             print(f"chmr-jax prepare: --exclude_test {args.exclude_test}: unknown benchmark(s) {unknown}"
