@@ -7,6 +7,7 @@ benchmark, stress, embed, convert, report, compile.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import time
@@ -30,11 +31,29 @@ Multi-host (TPU pods, GPU clusters): run the same command on every host with --c
 (or --config.train.coordinator_address=HOST:PORT --config.train.num_processes=N --config.train.process_id=I)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house's one-line errors (no usage block): an unknown flag names the closest
+    known one, e.g. `chmr-jax prepare: unknown flag --datset; did you mean --dataset? (...)`; exit 2."""
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments: "):
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            words = message.split(": ", 1)[1].split()
+            typed = [w.split("=", 1)[0] for w in words if w.startswith("-")]
+            parts = []
+            for t in typed:
+                close = difflib.get_close_matches(t, known, n=1, cutoff=0.6)
+                parts.append(f"unknown flag {t}" + (f"; did you mean {close[0]}?" if close else ""))
+            message = "; ".join(parts) or f"unexpected argument(s) {' '.join(words)}"
+        print(f"{self.prog}: {message} ({self.prog} --help lists the flags)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _prepare(argv: list[str]) -> int:
     from chmr_jax import config_util
     from chmr_jax.data import datasets, featurize, paths, prepare
 
-    parser = argparse.ArgumentParser(prog="chmr-jax prepare", description=COMMANDS["prepare"])
+    parser = _Parser(prog="chmr-jax prepare", description=COMMANDS["prepare"])
     parser.add_argument("--dataset", default="all",
                         help="'all', one benchmark, or a comma list of: " + ", ".join(datasets.ALL_BENCHMARKS))
     parser.add_argument("--csv", help="a CSV with a SMILES column to prepare instead of a benchmark")
@@ -77,7 +96,7 @@ def _prepare(argv: list[str]) -> int:
     if args.csv:
         tasks = config_util.parse_list(args.task_columns) or None
         loaders = [lambda: datasets.load_csv(args.csv, args.smiles_column, tasks, args.task_type,
-                                             cache_dir=cache_dir, n_workers=args.workers)]
+                                             cache_dir=cache_dir, n_workers=args.workers, flags=_CSV_FLAGS)]
     else:
         names = datasets.ALL_BENCHMARKS if args.dataset == "all" else config_util.parse_list(args.dataset)
         unknown = [n for n in names if n not in datasets.BENCHMARKS]
@@ -87,7 +106,7 @@ def _prepare(argv: list[str]) -> int:
 
     print(f"data_dir={data_dir}  cache_dir={cache_dir}  settings={settings}", flush=True)
     start = time.perf_counter()
-    rows = []
+    rows, rejects_files = [], []
     for load in loaders:
         t0 = time.perf_counter()
         ds = load()
@@ -95,6 +114,11 @@ def _prepare(argv: list[str]) -> int:
                                    n_workers=args.workers)
         prepared.seconds = time.perf_counter() - t0
         rows.append(prepared.row())
+        if args.csv and not args.task_columns:   # the default task list, said (never widened silently)
+            print(f"{ds.name}: tasks {', '.join(ds.task_names)} (every column after {args.smiles_column!r}; "
+                  "--task_columns chooses)", flush=True)
+        if prepared.rejects_file is not None:
+            rejects_files.append(prepared.rejects_file)
         paths.push(cache_dir, "--cache_dir")   # a gs:// cache (a local mirror): each dataset uploaded when done
     wall = time.perf_counter() - start
     print(prepare.format_table(rows))
@@ -102,8 +126,8 @@ def _prepare(argv: list[str]) -> int:
     n_rej = sum(r["rejects"] for r in rows)
     print(f"prepared {len(rows)} dataset(s): {n_mol} molecules, {n_rej} rejected, "
           f"{wall:.1f}s wall ({n_mol / max(wall, 1e-9):,.0f} molecules/s incl. cache hits)")
-    if n_rej:
-        print(f"rejected molecules are listed in {cache_dir}/<dataset>-<key>.rejects.csv (row, smiles, reason)")
+    if rejects_files:   # (row: the 0-based data row, header excluded, as in embed's manifest)
+        print(f"rejected molecules (row, smiles, reason) are listed in {', '.join(map(str, rejects_files))}")
     return 0
 
 
@@ -126,6 +150,15 @@ def _prepare_corpus(args) -> int:
     config = config_util.load_config(args.config or paper_variant)
     cfg = config.corpus
     cfg.kind = args.corpus
+    if args.exclude_test:   # named by its flag here (corpus.exclude is the config's name for it)
+        unknown = [n for n in config_util.parse_list(args.exclude_test) if n not in datasets.ALL_BENCHMARKS
+                   and not n.lower().endswith((".csv", ".csv.gz"))]   # (a CSV file of SMILES: not a benchmark name)
+        if unknown and args.exclude_test.strip() != "all":
+            close = difflib.get_close_matches(unknown[0], datasets.ALL_BENCHMARKS, n=1)
+            print(f"chmr-jax prepare: --exclude_test {args.exclude_test}: unknown benchmark(s) {unknown}"
+                  f"{f'; did you mean {close[0]}?' if close else ''} (choose from {', '.join(datasets.ALL_BENCHMARKS)} "
+                  "or all)", file=sys.stderr)
+            return 2
     for flag, field in (("corpus_path", "path"), ("exclude_test", "exclude"), ("exclude_split", "exclude_split"),
                         ("join", "join"),
                         ("aggregate", "aggregate")):
@@ -161,6 +194,10 @@ def _prepare_corpus(args) -> int:
                   f"{sc['dropped_nan_rows']} dropped (NaN), {sc['inf_entries']} inf entries")
     print(f"saved to {out} in {time.perf_counter() - start:.1f}s")
     return 0
+
+
+# How load_csv's errors name its settings when the user typed `chmr-jax prepare` flags.
+_CSV_FLAGS = {"smiles_column": "--smiles_column ", "task_columns": "--task_columns "}
 
 
 def _config_spec(argv: list[str], default: str) -> str:
@@ -419,7 +456,7 @@ def _stress(argv: list[str]) -> int:
 
 
 def _embed(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="chmr-jax embed", description=COMMANDS["embed"] + (
+    parser = _Parser(prog="chmr-jax embed", description=COMMANDS["embed"] + (
         ". Streams the input in shards of --shard_size rows over every local device (and every process "
         "with --coordinator_address), writing each shard's files and OUT/shards/<i>.json as it finishes; "
         "a rerun of the same command skips finished shards. Process 0 writes OUT/manifest.json (model "
@@ -451,15 +488,20 @@ def _embed(argv: list[str]) -> int:
                                    None if args.process_id < 0 else args.process_id)
     from chmr_jax import config_util
     from chmr_jax.downstream import export
-    return _report_errors("embed", lambda: export.export(
-        export.load_encoder(args.pretrained, args.step), args.input, args.out,
-        config_util.parse_list(args.formats), args.smiles_column, args.id_column,
-        args.batch_size, None, shard_size=args.shard_size, n_workers=args.workers,
-        show_progress=not args.no_progress))
+    try:
+        return _report_errors("embed", lambda: export.export(
+            export.load_encoder(args.pretrained, args.step), args.input, args.out,
+            config_util.parse_list(args.formats), args.smiles_column, args.id_column,
+            args.batch_size, None, shard_size=args.shard_size, n_workers=args.workers,
+            show_progress=not args.no_progress))
+    except KeyboardInterrupt:   # finished shards are on disk with their records: the same command resumes
+        print(f"chmr-jax embed: interrupted; finished shards are kept in {args.out}: run the same command "
+              "again to resume (only the missing shards are embedded)", file=sys.stderr)
+        return 130
 
 
 def _convert(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="chmr-jax convert", description=COMMANDS["convert"] + (
+    parser = _Parser(prog="chmr-jax convert", description=COMMANDS["convert"] + (
         ". The .pt file is read without torch (torch's zip format); the output workdir works with "
         "embed, finetune and benchmark (--pretrained OUT)."))
     parser.add_argument("--torch", required=True, help="the release's checkpoint (torch.save of the GNN state_dict)")
@@ -479,7 +521,7 @@ def _convert(argv: list[str]) -> int:
 
 
 def _report(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="chmr-jax report", description=COMMANDS["report"] + (
+    parser = _Parser(prog="chmr-jax report", description=COMMANDS["report"] + (
         ". Writes loss_curves.png, code_usage.png, embedding_map.png (and enrichment_<benchmark>.png) with "
         "report.json into --out (default PRETRAINED/report)."))
     parser.add_argument("--pretrained", required=True, help="a `chmr-jax pretrain` workdir")

@@ -349,3 +349,25 @@ def test_convert_of_a_file_that_is_not_a_torch_checkpoint_says_so(tmp_path, caps
     except ImportError:
         with pytest.raises(ValueError, match="legacy torch.save file"):
             convert.read_torch_state_dict(legacy)
+
+
+def test_convert_checks_the_destination_before_reading_the_checkpoint(converted, tmp_path, capsys, monkeypatch):
+    """Issue 36: into an existing workdir, convert refused after the whole conversion (11 s)."""
+    _, out = converted
+    monkeypatch.setattr(convert, "read_torch_state_dict", lambda *a: pytest.fail("the checkpoint was read first"))
+    assert cli.main(["convert", "--torch", str(tmp_path / "release.pt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"chmr-jax convert: --out {out} already holds checkpoints; convert into a new directory"
+
+
+def test_a_converted_encoder_with_geometry_points_at_drop_geometry(tmp_path, capsys):
+    sd = release_state_dict(seed=2)
+    write_torch_zip(tmp_path / "release.pt", sd)
+    out = tmp_path / "with_geometry"
+    assert cli.main(["convert", "--torch", str(tmp_path / "release.pt"), "--out", str(out)]) == 0
+    assert "convert again with --drop_geometry" in capsys.readouterr().out.strip().splitlines()[-1]
+    assert cli.main(["embed", "--pretrained", str(out), "--input", str(tmp_path / "x.csv"), "--out",
+                     str(tmp_path / "emb")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "chmr-jax convert --drop_geometry" in err and "config.model" not in err.split(
+        " or ")[0]

@@ -57,12 +57,15 @@ def test_generic_csv(tmp_path, cache_dir):
                     "a,CCO,1,0.5,x\n"
                     "b,c1ccccc1,0,,y\n"
                     "c,CC(=O)O,,1.25,z\n")
-    ds = datasets.load_csv(path, smiles_column="smiles", task_columns=["active"], cache_dir=cache_dir)
+    # column names match exactly (issue 36): 'smiles' is not silently taken to mean 'SMILES'
+    with pytest.raises(ValueError, match=r"no SMILES column 'smiles'; .*did you mean smiles_column=SMILES\?"):
+        datasets.load_csv(path, task_columns=["active"])
+    ds = datasets.load_csv(path, smiles_column="SMILES", task_columns=["active"], cache_dir=cache_dir)
     assert ds.task_type == "classification" and ds.metric == "roc_auc"
     np.testing.assert_array_equal(ds.labels[:, 0], [1, 0, np.nan])
     ds = datasets.load_csv(path, smiles_column="SMILES", task_columns=["active", "logd"])
     assert ds.task_type == "regression" and ds.metric == "mae"
-    ds = datasets.load_csv(path, task_columns=["active"], task_type="regression")
+    ds = datasets.load_csv(path, "SMILES", task_columns=["active"], task_type="regression")
     assert ds.task_type == "regression"
     assert ds.keys.tolist() == ["LFQSCWFLJHTTHZ", "UHOVQNZJYSORNB", "QTBSBXVTEAMEQO"]
 
@@ -82,3 +85,15 @@ def test_generic_csv_errors(tmp_path):
         datasets.load_csv(path, smiles_column="mol", task_columns=["z"])
     with pytest.raises(KeyError, match="unknown benchmark"):
         datasets.load_benchmark("tox21")
+
+
+def test_csv_tasks_need_a_label_and_the_file_rows(tmp_path):
+    path = tmp_path / "assay.csv"
+    path.write_text("smiles,a,b,c\nCCO,1,,\nCCN,0,,\n")
+    with pytest.raises(ValueError, match=r"task columns 'b', 'c' have no label in any of the 2 rows; leave them out "
+                                         r"with --task_columns a$"):
+        datasets.load_csv(path, flags={"task_columns": "--task_columns "})
+    assert datasets.load_csv(path, task_columns=["a"]).task_names == ["a"]
+    path.write_text("smiles,a\n")
+    with pytest.raises(ValueError, match="the file has no rows"):
+        datasets.load_csv(path)

@@ -70,3 +70,24 @@ def test_a_live_bar_keeps_one_count_across_a_clock_restart():
     bar.update(1)
     bar.close()
     assert "8/10" in out.getvalue().split("\r")[-1]
+
+
+def test_progress_line_and_summary_show_the_same_utilisation(tmp_path, monkeypatch):
+    """Issue 36: on a 3-step run the progress line said 42% of the matmul rate and the summary 23.6%:
+    the summary's clock ran on through the final checkpoint's save. Both now measure the steady steps up
+    to the last logged step (a fake clock: 1 s per step, then 10 s of saving)."""
+    from chmr_jax.training import chores as chores_lib
+    now = {"t": 0.0}
+    monkeypatch.setattr(chores_lib.time, "perf_counter", lambda: now["t"])
+    c = chores_lib.Chores(tmp_path, total=3, start=0, saved_totals=None, is_main=False, t_start=0.0,
+                          matmul_rate=10e9)
+    c.step_flops = 2e9
+    shown = []
+    for step in (1, 2, 3):
+        now["t"] = float(step)           # each step's metrics fetched 1 s after the previous step's
+        c.step_done(step, 16, metrics={"loss": 1.0})
+        shown.append(c.bar.postfix)
+    now["t"] = 13.0                      # the final checkpoint saved: 10 s later the summary is written
+    summary = c.summary()
+    assert summary["utilisation"] == 0.2      # 2 GFLOP x 2 steady steps in 2 s against 10 GFLOP/s
+    assert shown[-1] == f"loss 1.0000, {summary['utilisation']:.0%} of matmul rate", (shown, summary)

@@ -8,13 +8,15 @@ from chmr_jax import cli
 from chmr_jax.downstream import report, stress
 
 
-def test_report_command_writes_its_pngs(tiny_run, data_dir, cache_dir, tmp_path):
+def test_report_command_writes_its_pngs(tiny_run, data_dir, cache_dir, tmp_path, capsys):
     out = tmp_path / "report"
     assert cli.main(["report", "--pretrained", str(tiny_run), "--out", str(out), "--benchmark", "bace",
                      "--cache_dir", str(cache_dir)]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["files"] == ["loss_curves.png", "collapse.png", "code_usage.png", "embedding_map.png",
                             "enrichment_bace.png"]
+    # the last line names the folder written (issue 36: it named the last modality, 'expression')
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"report: {', '.join(rep['files'])} -> {out}"
     assert set(rep["collapse"]) == {"anchor", "fingerprint", "graph"}
     rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert rep["collapse"]["anchor"]["last_effective_rank"] == rows[-1]["collapse/anchor/effective_rank"]
@@ -83,3 +85,40 @@ def test_plots_read_at_a_glance(tmp_path, monkeypatch):
     level1, level2 = legends[-1][0], legends[-1][1]
     assert [t.split(" (")[0] for t in level1] == ["code 0", "code 1"]
     assert [t.split(" (")[0] for t in level2] == ["code 0", "code 1", "code 2", "code 3"]
+
+
+def test_embedding_map_axes_colours_and_a_small_modality(tmp_path, monkeypatch):
+    """Issue 36: every panel has axis labels; a colour means one thing across panels (a level-2 code a
+    shade of its parent's hue, no modality drawn in a code's colour); 3 cell points are drawn on top."""
+    import matplotlib.colors
+    import matplotlib.figure
+
+    figures, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
+    rng = np.random.default_rng(0)
+    codes = np.stack([2 ** h + rng.integers(0, 2 ** h, 200) for h in range(1, 4)], 1)
+    points = {"fingerprint": rng.normal(size=(200, 4)), "graph": rng.normal(size=(200, 4)), "cell": rng.normal(size=(3, 4))}
+    report.embedding_map(rng.normal(size=(200, 4)), codes, points, tmp_path / "map.png")
+    axes = figures[-1].axes
+    assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in axes] == [("PC 1", "PC 2")] * 3
+    colours = lambda ax: {matplotlib.colors.to_hex(c.get_facecolor()[0]): c.get_label() for c in ax.collections}
+    level1, level2, modalities = (colours(ax) for ax in axes)
+    assert not set(modalities) & (set(level1) | set(level2))          # no modality in a code's colour
+    hue = lambda hex_: matplotlib.colors.rgb_to_hsv(matplotlib.colors.to_rgb(hex_))[0]
+    parent = {label.split(" (")[0]: hue(h) for h, label in level1.items()}
+    for h, label in level2.items():                                   # codes 0, 1 under 0; 2, 3 under 1
+        code = int(label.split()[1])
+        assert abs(hue(h) - parent[f"code {code // 2}"]) < 0.05, (label, h)
+    cell = next(c for c in axes[2].collections if c.get_label().startswith("cell"))
+    others = [c for c in axes[2].collections if c is not cell]
+    assert cell.get_zorder() > max(c.get_zorder() for c in others) and cell.get_sizes()[0] > others[0].get_sizes()[0]
+    assert [t.get_text() for t in axes[2].get_legend().get_texts()] == ["fingerprint (200)", "graph (200)", "cell (3)"]
+
+
+def test_enrichment_colour_scale_follows_the_values():
+    """A one-task set with +-0.3 values is drawn on a +-0.5 scale, not +-3 (almost white); a branch
+    without positives (the 1e-3 floor) does not stretch the scale."""
+    small = np.array([[0.3, -0.21, 0.05, np.log2(1e-3), np.nan]])
+    assert report.enrichment_limit(small) == 0.5
+    assert report.enrichment_limit(np.array([[1.23, -0.4]])) == 1.3
+    assert report.enrichment_limit(np.array([[5.0, -7.0]])) == 3.0

@@ -134,40 +134,54 @@ def _metric_for(task_type: str) -> str:
 def load_csv(path: str | os.PathLike, smiles_column: str = "smiles",
              task_columns: Sequence[str] | None = None, task_type: str | None = None,
              name: str | None = None, cache_dir: str | os.PathLike | None = None,
-             default_split: str = "ogb_scaffold", n_workers: int | None = None) -> MoleculeDataset:
+             default_split: str = "ogb_scaffold", n_workers: int | None = None,
+             flags: dict | None = None) -> MoleculeDataset:
     """Loads any CSV (optionally .gz) with a SMILES column and numeric task columns.
 
-    task_columns: default = every column after the SMILES column. task_type: inferred from the
-    labels (all 0/1 -> classification) unless given. Labels must be numbers or empty cells.
+    Column names match exactly (a SMILES column that differs in case is an error naming it).
+    task_columns: default = every column after the SMILES column; a task column without one label is
+    an error naming it. task_type: inferred from the labels (all 0/1 -> classification) unless given.
+    Labels must be numbers or empty cells. flags: how errors name the settings, e.g.
+    {'smiles_column': '--smiles_column ', 'task_columns': '--task_columns '} (default 'smiles_column=').
     """
+    flags = flags or {}
     path = paths.local_file(path, "csv")   # (a gs:// CSV: its verified local copy)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     header, rows, lines = _read_table(path)
-    lower = [h.lower() for h in header]
-    if smiles_column not in header:
-        if smiles_column.lower() in lower:
-            smiles_column = header[lower.index(smiles_column.lower())]
-        else:
-            raise ValueError(f"{path}: no SMILES column {smiles_column!r}; columns are {header}. "
-                             "Pass smiles_column=...")
+    if not rows:
+        raise ValueError(f"{path}: the file has no rows (only a header); add molecules below it")
+    flag = lambda key: flags.get(key, f"{key}=")
+    if smiles_column not in header:   # column names match exactly: a near miss is named, never taken
+        near = [h for h in header if h.lower() == smiles_column.lower()]
+        hint = f"did you mean {flag('smiles_column')}{near[0]}? (column names match exactly)" if near else \
+            f"pass {flag('smiles_column')}<column>"
+        raise ValueError(f"{path}: no SMILES column {smiles_column!r}; columns are {header}; {hint}")
     s_col = header.index(smiles_column)
     if task_columns is None:
         cols = list(range(s_col + 1, len(header)))
     else:
         missing = [c for c in task_columns if c not in header]
         if missing:
-            raise ValueError(f"{path}: task columns {missing} not found; columns are {header}")
+            raise ValueError(f"{path}: task columns {missing} not found (column names match exactly); columns are "
+                             f"{header}")
         cols = [header.index(c) for c in task_columns]
     if not cols:
-        raise ValueError(f"{path}: no task columns (after {smiles_column!r}); pass task_columns=...")
+        raise ValueError(f"{path}: no task columns (after {smiles_column!r}); pass {flag('task_columns')}a,b")
     return _build(name or path.name.split(".")[0], path, header, rows, lines, s_col, cols, task_type,
-                  default_split, cache_dir, n_workers, split_over_accepted=True)
+                  default_split, cache_dir, n_workers, split_over_accepted=True, task_flag=flag("task_columns"))
 
 
 def _build(name, path, header, rows, lines, s_col, cols, task_type, default_split, cache_dir, n_workers,
-           split_over_accepted=False):
+           split_over_accepted=False, task_flag=None):
     labels = _parse_labels(path, header, rows, cols, lines)
+    if task_flag is not None:   # a user CSV: a task without one label would be trained and scored as nothing
+        empty = [header[c] for j, c in enumerate(cols) if not np.isfinite(labels[:, j]).any()]
+        if empty:
+            raise ValueError(f"{path}: task column{'s' * (len(empty) > 1)} {', '.join(map(repr, empty))} "
+                             f"{'have' if len(empty) > 1 else 'has'} no label in any of the {len(rows)} rows; "
+                             f"leave {'them' if len(empty) > 1 else 'it'} out with {task_flag}"
+                             f"{','.join(header[c] for c in cols if header[c] not in empty) or '...'}")
     if task_type is None:
         task_type = infer_task_type(labels)
     if task_type not in (CLASSIFICATION, REGRESSION):

@@ -22,6 +22,7 @@ class PreparedDataset:
     split: dict                               # 'train'/'valid'/'test' -> dataset row indices
     geometry: geometry_lib.GeometryFeatures | None  # aligned with features (one row per accepted molecule)
     seconds: float
+    rejects_file: Path | None = None          # the rejects CSV (row, smiles, reason), when there are rejects
 
     def split_indices(self, part: str) -> np.ndarray:
         """Indices into `features` (accepted molecules only) of split part `part`."""
@@ -52,8 +53,14 @@ def prepare(ds: datasets.MoleculeDataset, settings: featurize.FeaturizerSettings
     e.g. Uni-Mol embeddings. Molecules without a row are flagged (ok=False).
     """
     start = time.perf_counter()
-    feats = featurize.featurize_smiles(ds.smiles, settings, cache_dir, ds.name, n_workers, show_progress,
-                                       line_numbers=ds.lines)
+    feats = featurize.featurize_smiles(ds.smiles, settings, cache_dir, ds.name, n_workers, show_progress)
+    rejects_file = None
+    if cache_dir is not None and feats.rejects:
+        # One numbering for every rejects list (prepare, embed's manifest, embed_smiles): the 0-based data row,
+        # header excluded. Written again on a cache hit: a list cached before named file lines.
+        key = featurize.cache_key([str(x) for x in ds.smiles], dataclasses.asdict(settings), "molecule")
+        rejects_file = Path(cache_dir) / f"{ds.name}-{key}.rejects.csv"
+        featurize.write_rejects(rejects_file, feats.rejects)
     kind = split_kind or ds.default_split
     if ds.split_over_accepted:
         # A user CSV is split over the molecules that featurized: a rejected row must not take a slot
@@ -66,7 +73,7 @@ def prepare(ds: datasets.MoleculeDataset, settings: featurize.FeaturizerSettings
         check_labelled_parts(ds, split, kind, len(feats))
     geo = geometry_features(feats.smiles, feats.keys, geometry, geometry_settings, cache_dir, ds.name,
                             n_workers, show_progress)
-    return PreparedDataset(ds, feats, split, geo, time.perf_counter() - start)
+    return PreparedDataset(ds, feats, split, geo, time.perf_counter() - start, rejects_file)
 
 
 def check_labelled_parts(ds: datasets.MoleculeDataset, split: dict, kind: str, n_accepted: int) -> None:
@@ -77,6 +84,14 @@ def check_labelled_parts(ds: datasets.MoleculeDataset, split: dict, kind: str, n
             raise ValueError(f"{ds.source}: the {part} part of the {kind} split has no labelled molecule "
                              f"({len(split[part])} of {n_accepted} accepted molecules); use "
                              "--config.split=random (finetune) or --split random (prepare), or more data")
+    if ds.split_over_accepted:   # a user CSV: each of its tasks must be scorable too (benchmarks keep their protocol)
+        for part in ("train", "valid", "test"):
+            empty = [t for j, t in enumerate(ds.task_names) if not np.isfinite(ds.labels[split[part], j]).any()]
+            if empty:
+                raise ValueError(f"{ds.source}: task column {empty[0]!r} has no label in the {part} part of the {kind} "
+                                 f"split ({len(split[part])} molecules){f' (and {len(empty) - 1} more column(s): {empty[1:4]})' if len(empty) > 1 else ''}; "
+                                 "label more molecules, leave the column out (--task_columns / --config.task_columns) "
+                                 "or use another split (--split / --config.split)")
 
 
 def geometry_features(smiles, keys, geometry: str, settings: geometry_lib.GeometrySettings, cache_dir,

@@ -307,11 +307,12 @@ def convert(torch_path, out, base_config=None, drop_geometry: bool = False, morg
 
     out = paths.as_path(out)   # a gs:// workdir too (files.py and Orbax write objects)
     paths.check_reachable(out, "--out")
+    # The destination first: reading and converting the checkpoint takes seconds.
+    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise ValueError(f"--out {out} already holds checkpoints; convert into a new directory")
     sd = read_torch_state_dict(torch_path)
     config, dims, model = convert_state_dict(sd, base_config, drop_geometry, morgan_radius)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-        raise ValueError(f"{out} already holds checkpoints; convert into a new directory")
     tx = train.make_optimizer(**config.optim, total_steps=1)
     _, state = train.init_state(model, tx)
     files.atomic_write_text(out / "config.json", json.dumps(json.loads(config.to_json_best_effort()), indent=1))
@@ -325,4 +326,7 @@ def convert(torch_path, out, base_config=None, drop_geometry: bool = False, morg
     log(f"converted {len(sd)} tensors ({n:,} values) from {torch_path}: GIN {config.model.gnn_layers} x "
         f"{config.model.gnn_width}, latent {config.model.latent}, tree depth {config.model.tree_depth}, "
         f"modalities {list(dims['mol_dims']) + list(dims['cell_dims'])} -> {out}")
+    if "geometry" in dims["mol_dims"]:   # said now, not first when `chmr-jax embed` refuses it
+        log("this encoder takes a 3D (geometry) input: `chmr-jax embed` and embed_smiles need SMILES-only "
+            "encoders; convert again with --drop_geometry for one")
     return out

@@ -119,8 +119,9 @@ def load_encoder(workdir, step: int | None = None) -> Encoder:
 def encoder_of(model, config, meta, workdir) -> Encoder:
     """The Encoder of an already restored model (eval mode), e.g. from `pretrain.load_pretrained`."""
     if "geometry" in model.mol_names:
-        raise ValueError(f"{workdir}: this encoder takes the geometry modality as input; export supports "
-                         "encoders on SMILES-derived inputs only (config.model.molecular='fingerprint,graph')")
+        raise ValueError(f"{workdir}: this encoder takes the geometry modality as input; embed needs SMILES-only "
+                         "encoders: `chmr-jax convert --drop_geometry` (a converted release) or pretrain with "
+                         "--config.model.molecular=fingerprint,graph")
     # params: the trainable parameters only (so jax.grad over them just works); the batch-norm
     # running statistics (eval mode) are constants of `apply`.
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -370,7 +371,9 @@ class _Featurizer:
     def __init__(self, settings, n_workers: int | None, chunk_size: int = 256):
         self.settings, self.chunk_size = settings, chunk_size
         n_workers = n_workers or os.cpu_count() or 1
-        self.pool = featurize._pool_context().Pool(n_workers) if n_workers > 1 else None
+        # (workers ignore SIGINT: Ctrl-C reaches the main process alone, which ends the pool; no worker tracebacks)
+        self.pool = featurize._pool_context().Pool(n_workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) \
+            if n_workers > 1 else None
         self.seconds = 0.0   # time spent waiting for results (or featurizing, without a pool)
 
     def submit(self, smiles: list[str]):
@@ -535,7 +538,9 @@ def _check_plan(out: Path, plan: dict, name=None) -> None:
                 continue
             a, b = old.get(part, {}).get(key), plan[part].get(key)
             if a != b:
-                raise ValueError(f"{name or out} holds an export of a different {part} ({key}: {a} -> {b}); resuming "
+                what = f"made with other flags (--{key}: {a} -> {b})" if part == "args" else \
+                    f"of a different {part} ({key}: {a} -> {b})"
+                raise ValueError(f"{name or out} holds an export {what}; resuming "
                                  "needs the same input, encoder and arguments: pass a new --out or delete it")
 
 

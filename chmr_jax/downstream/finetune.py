@@ -105,11 +105,30 @@ def run_settings(config, pretrained, data_dir=None) -> dict:
                 "checkpoint_digest": ident["digest"],
                 "pretrain_config_digest": _sha256(json.loads(pre_config.read_text())) if pre_config.exists() else None,
                 "data": data_identity(config, data_dir)}
+    if config.get("csv"):   # the CSV is the dataset: config.dataset (a benchmark name, unused) is not recorded
+        settings["config"]["dataset"] = None
     csv = paths.local_file(config.get("csv")) if config.get("csv") else None   # (gs://: its verified copy)
     if csv is not None and csv.is_file():
         # A user's CSV is edited in place under the same name: its content, not its path, keys the result.
         settings["csv_sha256"] = hashlib.sha256(csv.read_bytes()).hexdigest()
     return settings
+
+
+def check_pretrained_step(pretrained, step: int | None) -> None:
+    """A --config.pretrained_step the workdir does not hold is a one-line error listing the steps it does."""
+    if not step:
+        return
+    workdir = paths.as_path(pretrained)
+    steps = sorted({int(p.name) for sub in ("checkpoints", "snapshots") if (workdir / sub).is_dir()
+                    for p in (workdir / sub).iterdir() if p.name.isdigit()})
+    if steps and step not in steps:
+        raise ValueError(f"--config.pretrained_step={step}: {workdir} has no checkpoint of step {step}; its "
+                         f"checkpoints are steps {', '.join(map(str, steps))} (leave the flag out for the newest)")
+
+
+def format_std(std: float, n: int) -> str:
+    """'+- 0.0123', or '(1 seed: no std)' where the sample std is undefined."""
+    return f"+- {std:.4f}" if n > 1 and np.isfinite(std) else f"({n} seed{'s' * (n != 1)}: no std)"
 
 
 def higher_is_better(metric: str) -> bool:
@@ -186,7 +205,8 @@ def load_task(config, pre_config, mol_names, data_dir=None, log=print):
     cache_dir = paths.resolve_cache_dir(config.cache_dir or None)
     if config.csv:
         ds = datasets.load_csv(config.csv, config.smiles_column, config_util.parse_list(config.task_columns) or None,
-                               config.task_type or None, cache_dir=cache_dir)
+                               config.task_type or None, cache_dir=cache_dir,
+                               flags={"smiles_column": "--config.smiles_column=", "task_columns": "--config.task_columns="})
     else:
         if config.dataset not in datasets.BENCHMARKS:
             raise ValueError(f"config.dataset={config.dataset!r}: choose one of {list(datasets.ALL_BENCHMARKS)} "
@@ -230,6 +250,7 @@ def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | Non
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"config.baselines: unknown {unknown}; choose from {list(BASELINES)} (comma separated)")
+    check_pretrained_step(pretrained, config.get("pretrained_step", 0) or None)
     model, pre_config, meta = pretrain.load_pretrained(pretrained, config.get("pretrained_step", 0) or None)
     # Checked before any featurizing; results.json records the parts actually used.
     parts = embeddings.head_parts(config_util.parse_list(config.head.parts), model.mol_names, model.cell_names)
@@ -338,10 +359,13 @@ def log_summary(result: dict, log=print) -> None:
     """The summary lines of a results.json: test mean +- std per method, and the lift."""
     name, key, lift = result["dataset"], result["metric"], result.get("lift")
     for m, r in result.get("methods", {"chmr": result}).items():
-        log(f"{name} {m} test {key}: {r['test_mean']:.4f} +- {r['test_std']:.4f} over {len(r['runs'])} seed(s)")
+        n = len(r["runs"])
+        log(f"{name} {m} test {key}: {r['test_mean']:.4f} {format_std(r['test_std'], n)}"
+            + (f" over {n} seeds" if n > 1 else ""))
     if lift is not None:
+        n = len(lift.get("per_seed", {}))
         log(f"{name} lift over the untrained encoder (positive = pretrained better): "
-            f"{lift['mean']:+.4f} +- {lift['std']:.4f} (paired over seeds)")
+            f"{lift['mean']:+.4f} {format_std(lift['std'], n)} (paired over seeds)")
 
 
 def run_or_reuse(config, pretrained, workdir, data_dir=None, log=print) -> dict:

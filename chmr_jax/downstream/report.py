@@ -6,8 +6,9 @@
                         representation collapsing while it trains
   code_usage.png        per tree level: a histogram of how many corpus molecules each code holds (the
                         final encoder's anchors), and the per-level perplexity over training
-  embedding_map.png     2-D PCA (or t-SNE) of the anchors coloured by level-1 and level-2 code, and of
-                        every modality's projections coloured by modality
+  embedding_map.png     2-D PCA (or t-SNE) of the anchors coloured by level-1 and level-2 code (a level-2
+                        code a shade of its parent's colour), and of every modality's projections
+                        (other hues, one marker each; a modality with few points drawn on top, outlined)
   enrichment_<ds>.png   with a benchmark: log2 enrichment of each task's positives per level-2/3 branch
   report.json           the numbers behind the plots (usage counts, perplexities, enrichment table)
 
@@ -128,9 +129,8 @@ def code_usage_plot(usage: list[np.ndarray], over_training: dict, path) -> None:
         arr = np.mean([np.asarray(series, float) for series in over_training.values()], axis=0)
         for h in range(1, arr.shape[1]):
             ax.plot(arr[:, 0], arr[:, h], lw=1.2, label=f"level {h} (max {2 ** h})")
-        # below the panel, not over the lines
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(3, arr.shape[1] - 1),
-                  frameon=False)
+        # inside the panel (where the lines leave room): below it, the legend fell off the figure
+        ax.legend(fontsize=8, loc="best", framealpha=0.85, title="level (codes)", title_fontsize=8)
         # log2 axis from 1 (one code used) to the deepest level's 2^H codes: each line reads against its maximum
         ax.set_yscale("log", base=2)
         ax.set_ylim(0.9, 2 ** (arr.shape[1] - 1) * 1.15)
@@ -138,6 +138,7 @@ def code_usage_plot(usage: list[np.ndarray], over_training: dict, path) -> None:
         ax.minorticks_off()
         ax.grid(axis="y", alpha=0.3)
     ax.set_title("perplexity during training\n(mean over modalities)", fontsize=10)
+    ax.set_ylabel("perplexity (codes in use)", fontsize=9)
     ax.set_xlabel("step", fontsize=9)
     ax.tick_params(labelsize=8)
     for a in axes[depth + 1:]:
@@ -156,31 +157,65 @@ def project_2d(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
     return centred @ vt[:2].T
 
 
+# Colours: tree branches in blues and oranges (a level-2 code a shade of its level-1 parent's colour, so a
+# colour means one branch in both code panels); modalities in other hues with their own markers, so no
+# colour in the modality panel reads as a code.
+_BRANCH_SHADES = ("#08306b", "#4292c6", "#7f2704", "#fd8d3c")   # level-2 codes 0, 1 (under 0); 2, 3 (under 1)
+_LEVEL1 = ("#2171b5", "#e6550d")
+# (no blue, orange or brown here: those are the codes' colours)
+_MODALITY_STYLES = (("#2ca02c", "o"), ("#9467bd", "s"), ("#e377c2", "^"), ("#7f7f7f", "D"), ("#bcbd22", "v"),
+                    ("#000000", "P"), ("#d62728", "X"), ("#17becf", "*"))
+
+
+def _code_colour(level: int, code: int) -> str:
+    if level == 1:
+        return _LEVEL1[code % 2]
+    if level == 2:
+        return _BRANCH_SHADES[code % 4]
+    import matplotlib.pyplot as plt
+    return plt.get_cmap("tab20")(code % 20)
+
+
 def embedding_map(anchor: np.ndarray, codes: np.ndarray, modality_points: dict, path, method="pca") -> None:
     plt = _plt()
     xy = project_2d(anchor, method)
+    axis = "PC" if method == "pca" else "t-SNE"
     within = level_codes(codes)          # codes 0 .. 2^h - 1, as in code_usage.png
-    panels = [("anchor by level-1 code", within[:, 0])]
+    panels = [(1, within[:, 0])]
     if codes.shape[1] > 1:
-        panels.append(("anchor by level-2 code", within[:, 1]))
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.6 * (len(panels) + 1), 4.2), dpi=110)
-    for ax, (title, colour) in zip(axes, panels):
+        panels.append((2, within[:, 1]))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.8 * (len(panels) + 1), 4.6), dpi=110)
+    for ax, (level, colour) in zip(axes, panels):
         for code in np.unique(colour):            # categorical: one colour and legend entry per code
             sel = colour == code
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=5, label=f"code {code} ({sel.sum()})")
-        ax.set_title(f"{title} ({method})", fontsize=10)
-        ax.legend(fontsize=8, markerscale=3, title="code (molecules)", title_fontsize=8)
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=7, color=_code_colour(level, int(code)),
+                       label=f"code {code} ({sel.sum()})")
+        parent = "" if level == 1 else "\n(shades of the level-1 parent's colour)"
+        ax.set_title(f"anchors by level-{level} code ({method}){parent}", fontsize=10)
+        ax.legend(fontsize=8, markerscale=2, title="code (molecules)", title_fontsize=8)
     ax = axes[-1]
     names = list(modality_points)
     stacked = np.concatenate([modality_points[n] for n in names])
     xy_m = project_2d(stacked, method)
-    start = 0
-    for n in names:
-        k = len(modality_points[n])
-        ax.scatter(xy_m[start:start + k, 0], xy_m[start:start + k, 1], s=5, label=f"{n} ({k})")
-        start += k
+    starts = np.cumsum([0] + [len(modality_points[n]) for n in names])
+    # Larger groups first: a modality with few points (e.g. 3 molecules with a cell profile) is drawn on top,
+    # bigger and outlined, so it is seen and not buried under the others.
+    for i in sorted(range(len(names)), key=lambda i: -len(modality_points[names[i]])):
+        n, k = names[i], len(modality_points[names[i]])
+        colour, marker = _MODALITY_STYLES[i % len(_MODALITY_STYLES)]
+        few = k < 30
+        ax.scatter(xy_m[starts[i]:starts[i + 1], 0], xy_m[starts[i]:starts[i + 1], 1], s=40 if few else 7,
+                   color=colour, marker=marker, edgecolors="black" if few else "none", linewidths=0.6,
+                   zorder=3 if few else 2, label=f"{n} ({k})")
     ax.set_title(f"projections by modality ({method})", fontsize=10)
-    ax.legend(fontsize=8, markerscale=3)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda j: names.index(labels[j].rsplit(" (", 1)[0]))
+    ax.legend([handles[j] for j in order], [labels[j] for j in order], fontsize=8, title="modality (points)",
+              title_fontsize=8)
+    for a in axes:
+        a.set_xlabel(f"{axis} 1", fontsize=9)
+        a.set_ylabel(f"{axis} 2", fontsize=9)
+        a.tick_params(labelsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -204,6 +239,13 @@ def enrichment(codes: np.ndarray, labels: np.ndarray, level: int) -> np.ndarray:
     return out
 
 
+def enrichment_limit(table: np.ndarray) -> float:
+    """The heatmap's symmetric colour limit: the largest |value| rounded up to a tenth, between 0.5 and 3;
+    a branch without positives (the 1e-3 floor, log2 = -10) is left out of it and drawn saturated."""
+    finite = np.abs(table[np.isfinite(table) & (table > np.log2(1e-3) + 1e-6)])
+    return float(np.clip(np.ceil((finite.max() if finite.size else 0.5) * 10) / 10, 0.5, 3.0))
+
+
 def enrichment_plot(table: np.ndarray, task_names, level: int, dataset: str, path) -> None:
     """Heatmap of `table` [tasks, 2^level] (the first 40 tasks); cells annotated when few, grey = no value."""
     plt = _plt()
@@ -213,19 +255,21 @@ def enrichment_plot(table: np.ndarray, task_names, level: int, dataset: str, pat
                            layout="constrained")
     cmap = plt.get_cmap("RdBu_r").copy()
     cmap.set_bad("0.85")                  # no labelled molecule in the branch / no positive in the task
-    im = ax.imshow(shown, cmap=cmap, vmin=-3, vmax=3, aspect="auto")
+    lim = enrichment_limit(table[:40])   # the data's own range: +-0.3 is not drawn almost white on a +-3 scale
+    im = ax.imshow(shown, cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
     ax.set_yticks(range(rows), [str(t)[:28] for t in task_names[:rows]], fontsize=8)
     ax.set_xticks(range(cols), [str(i) for i in range(cols)], fontsize=8)
     ax.set_xlabel(f"level-{level} code (0..{cols - 1}, as in code_usage.png)", fontsize=9)
     if rows * cols <= 160:                # numbers stay legible up to ~20 tasks at level 3
         for (t, c), v in np.ndenumerate(table[:40]):
             if np.isfinite(v):
-                ax.text(c, t, f"{v:+.1f}", ha="center", va="center", fontsize=7,
-                        color="white" if abs(v) > 2 else "black")
+                ax.text(c, t, "no pos." if v <= np.log2(1e-3) + 1e-6 else f"{v:+.1f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(v) > 0.6 * lim else "black")
     more = f" (first {rows} of {len(table)} tasks)" if len(table) > rows else ""
     ax.set_title(f"{dataset}: log2 enrichment of positives per branch{more}\n"
                  "(share of positives / share of labelled molecules; grey: no labelled molecule or positive)", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046).set_label("log2 enrichment", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046, extend="both" if np.nanmax(np.abs(table[:40]), initial=0) > lim
+                 else "neither").set_label(f"log2 enrichment (scale +-{lim:g})", fontsize=8)
     fig.savefig(path)
     plt.close(fig)
 
@@ -298,10 +342,11 @@ def _run(pretrained, out: Path, benchmark, method, max_molecules, data_dir, cach
     report["files"].append("code_usage.png")
 
     points = {n: emb[n] for n in encoder.mol_names}
-    for name, modality in sample.modalities.items():
-        if name in model.projectors and modality.available.any():
+    for modality_name, modality in sample.modalities.items():   # (not `name`: the folder's name for the last line)
+        if modality_name in model.projectors and modality.available.any():
             x = modality.values[modality.available].astype(np.float32)
-            points[name] = np.asarray(jax.jit(lambda v: model.projectors[name](v))(x))
+            projector = model.projectors[modality_name]
+            points[modality_name] = np.asarray(jax.jit(lambda v: projector(v))(x))
     embedding_map(emb["anchor"], emb["tree_codes"], points, out / "embedding_map.png", method)
     report["embedding_map"] = {"method": method, "molecules": int(len(pick)),
                                "points": {n: int(len(v)) for n, v in points.items()}}
@@ -324,5 +369,5 @@ def _run(pretrained, out: Path, benchmark, method, max_molecules, data_dir, cach
                                 "log2_enrichment": np.where(np.isnan(table), None, table).tolist()}
         report["files"].append(f"enrichment_{benchmark}.png")
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    log(f"report: {', '.join(report['files'])} -> {name or out}")
+    log(f"report: {', '.join(report['files'])} -> {name or out}")   # (the folder written: `name` is never reused)
     return report

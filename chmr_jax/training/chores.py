@@ -49,6 +49,10 @@ class Chores:
         self.t_start = time.perf_counter() if t_start is None else t_start
         self.molecules = self.steady_molecules = self.steady_steps = 0
         self.t_first_done: float | None = None
+        # The steady steps and time up to the last logged step (its metrics were fetched, so the device had
+        # finished it): the progress line and the summary's utilisation both use this one interval, so the
+        # final checkpoint's save (after the loop) does not dilute the summary's figure.
+        self._synced_steps, self._t_synced = 0, None
         self.step_flops: float | None = None   # set by the loop once the first batch is lowered
         self.matmul_rate = matmul_rate
         # The interval since the previous metrics row (the first row's: since the loop started, so it
@@ -81,6 +85,7 @@ class Chores:
             metrics = {**metrics, "step_s": interval / self._row_steps,
                        "molecules_per_s": self._row_molecules / interval if interval > 0 else float("nan")}
             self._row_t, self._row_steps, self._row_molecules = now, 0, 0
+            self._synced_steps, self._t_synced = self.steady_steps, now
             if self.writers is not None:
                 self.writers.write(step, metrics, walltime)
                 self.writers.flush()
@@ -100,9 +105,12 @@ class Chores:
                 "steady_molecules": int(self.saved["steady_molecules"] + self.steady_molecules)}
 
     def utilisation(self) -> dict:
-        """utilisation.report over this process's steady steps (after the compiling first step)."""
-        steady = time.perf_counter() - self.t_first_done if self.t_first_done is not None else 0.0
-        return utilisation.report(self.step_flops, self.steady_steps, steady, self.matmul_rate)
+        """utilisation.report over this process's steady steps (after the compiling first step) up to the
+        last logged step: the figure the progress line shows last is the summary's."""
+        if self.t_first_done is None or self._t_synced is None:
+            return utilisation.report(self.step_flops, 0, 0.0, self.matmul_rate)
+        return utilisation.report(self.step_flops, self._synced_steps, self._t_synced - self.t_first_done,
+                                  self.matmul_rate)
 
     def summary(self) -> dict:
         """summary.json's timing fields, over the whole run."""
