@@ -229,7 +229,89 @@ def test_a_corrupt_gs_checkpoint_is_copied_aside_and_the_older_one_restored(gcs)
     aside = fs.ls(f"{BUCKET}/q/corrupt")
     assert len(aside) == 1 and aside[0].rsplit("/", 1)[1].startswith("2-")
     assert fs.exists(f"{aside[0]}/commit_success.txt") and not fs.exists(f"{BUCKET}/q/checkpoints/2/commit_success.txt")
+    # The run goes on and saves step 2 again: Orbax's file system (etils' gcsfs) must not still list the old
+    # step 2 (its rm of the stale listing raised FileNotFoundError and ended the run).
+    ckpt.save(2, jax.tree.map(lambda x: x + 20, state), {"step": 2})
     ckpt.close()
+    assert _committed(fs, f"{BUCKET}/q/checkpoints") == [1, 2]
+    again, meta = checkpoint_lib.Checkpointer(f"gs://{BUCKET}/q/checkpoints", max_to_keep=None).restore_newest_good(state)
+    assert meta["step"] == 2
+    np.testing.assert_array_equal(np.asarray(again["params"]["w"]), np.arange(12.0).reshape(3, 4) + 20)
+
+
+# One of 2 JAX processes (CPU, gloo, one device each) checkpointing a small replicated state into a gs://
+# folder: phase "save" writes steps 1 and 2; phase "resume" restores the newest good step, saves step 2
+# again and closes (its read-back check included), then writes what it restored to OUT/<process>.json.
+TWO_PROCESS_GS_CHECKPOINT = """
+import json, sys
+port, pid, directory, out, phase = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid)
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from chmr_jax.training import checkpoint, train
+replicated = NamedSharding(train.data_mesh(jax.devices()), PartitionSpec())
+def state(scale):
+    g = lambda a: jax.make_array_from_callback(a.shape, replicated, lambda index: a[index])
+    return {"params": {"w": g(np.full((64, 16), scale, np.float32))}, "rest": {"mean": g(np.ones(3, np.float32))}}
+warnings = []
+ckpt = checkpoint.Checkpointer(directory, max_to_keep=None, log=warnings.append)
+if phase == "save":
+    for step in (1, 2):
+        ckpt.save(step, state(float(step)), {"step": step})
+else:
+    restored, meta = ckpt.restore_newest_good(state(0.0))
+    ckpt.save(2, state(20.0), {"step": 2})
+    ckpt.close()
+    again, meta2 = checkpoint.Checkpointer(directory, max_to_keep=None).restore_newest_good(state(0.0))
+    open(f"{out}/{pid}.json", "w").write(json.dumps({"restored": meta["step"], "w": float(train.host_array(
+        restored["params"]["w"])[0, 0]), "then": meta2["step"], "w2": float(train.host_array(again["params"]["w"])[0, 0]),
+        "warnings": warnings}))
+ckpt.close()
+"""
+
+
+def _flip_largest_data_file(fs, step_key):
+    """64 bytes flipped in the middle of the largest `d/` file of a checkpoint step (as the break-in did)."""
+    fs.invalidate_cache()
+    key = max((k for k in fs.find(step_key) if "/d/" in k), key=fs.size)
+    data = bytearray(fs.cat(key))
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    fs.pipe(key, bytes(data))
+
+
+def test_two_processes_set_a_corrupt_gs_checkpoint_aside_and_save_that_step_again(gcs, tmp_path):
+    env = {**os.environ, **gcs, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "PYTHONPATH": str(ROOT)}
+    directory = f"gs://{BUCKET}/mp/checkpoints"
+
+    def both(phase):
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_GS_CHECKPOINT, str(port), str(i), directory,
+                                   str(tmp_path), phase], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for i in (0, 1)]
+        try:
+            outs = [p.communicate(timeout=300)[0] for p in procs]   # (the old code hung in the save, then aborted)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        for i, o in enumerate(outs):
+            (tmp_path / f"{phase}_{i}.log").write_text(o)
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+
+    fs = _bucket(gcs)
+    both("save")
+    assert _committed(fs, f"{BUCKET}/mp/checkpoints") == [1, 2]
+    _flip_largest_data_file(fs, f"{BUCKET}/mp/checkpoints/2/state")
+    both("resume")
+    got = [json.loads((tmp_path / f"{i}.json").read_text()) for i in (0, 1)]
+    assert [(g["restored"], g["w"], g["then"], g["w2"]) for g in got] == [(1, 1.0, 2, 20.0)] * 2
+    assert "step 2 is corrupt" in got[0]["warnings"][0]
+    assert _committed(fs, f"{BUCKET}/mp/checkpoints") == [1, 2]
+    assert [p.rsplit("/", 1)[1].split("-")[0] for p in fs.ls(f"{BUCKET}/mp/corrupt")] == ["2"]
 
 
 # Runs `chmr-jax pretrain` and SIGKILLs itself at the final save (step 6), once checkpoint 4 is committed:
@@ -273,13 +355,19 @@ def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir,
     assert not fs.exists(f"{BUCKET}/run/summary.json")
     assert [p for p in fs.find(f"{BUCKET}/cache") if p.endswith("/manifest.json") and "/corpus-synthetic-" in p]
     env[paths.MIRROR_ENV] = str(tmp_path_factory.mktemp("pretrain_host2"))
+    # The newest checkpoint is damaged (64 bytes flipped): the resumed run sets it aside, resumes from step 2,
+    # saves step 4 again (through Orbax's own file system, which must not still list the old step 4) and finishes.
+    _flip_largest_data_file(fs, f"{BUCKET}/run/checkpoints/4/state")
 
     # (the resumed run also traces step 5: jax.profiler writes locally, the trace is copied into the bucket)
     resumed = subprocess.run([sys.executable, "-m", "chmr_jax.cli", *args, "--config.train.profile_steps=5:6"],
                              env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-3000:]
-    assert f"resumed from {workdir}/checkpoints/4 (step 4 of 6)" in resumed.stdout
+    assert "checkpoint step 4 is corrupt" in resumed.stdout + resumed.stderr
+    assert f"resumed from {workdir}/checkpoints/2 (step 2 of 6)" in resumed.stdout
+    fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[1].split("-")[0] for p in fs.ls(f"{BUCKET}/run/corrupt")] == ["4"]
     assert "corpus: cached " in resumed.stdout and "corpus: building" not in resumed.stdout   # from the bucket
     assert _rows(fs, f"{BUCKET}/run/metrics.jsonl") == uninterrupted   # bit-identical after the restore
     assert _committed(fs, f"{BUCKET}/run/checkpoints") == [2, 4, 6]
