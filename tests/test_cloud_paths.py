@@ -564,7 +564,7 @@ def test_unreachable_bucket_fails_in_one_line_without_a_local_folder(tmp_path):
                            "gs://no-such-bucket/run"], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     elapsed = time.perf_counter() - t0
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.returncode == 3, proc.stdout + proc.stderr   # (an environment fault: retrying may help)
     assert elapsed < 60
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("chmr-jax pretrain: --workdir gs://no-such-bucket/run: bucket "
@@ -572,3 +572,38 @@ def test_unreachable_bucket_fails_in_one_line_without_a_local_folder(tmp_path):
     # (gcsfs keeps retrying a refused connection here; should it give up first, its error is the line)
     assert "did not answer within 20s" in lines[0] or "cannot be reached" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_exit_codes_tell_what_the_user_gave_from_storage_faults(gcs, tmp_path, monkeypatch, capsys):
+    """2: an error in what the user gave; 3: storage or the environment failed (an orchestrator retries it).
+    The FileNotFoundError that gcsfs raises for an object gone from under a listing (as Orbax's rmtree of a
+    stale step did) is a storage fault, not a missing input file."""
+    import fsspec
+    fs = fsspec.core.url_to_fs(f"gs://{BUCKET}/x")[0]
+    args = ["pretrain", "--config", TEST_CONFIG, "--workdir", f"gs://{BUCKET}/exit_codes"]
+
+    def code_and_line(raise_it):
+        monkeypatch.setattr(pretrain, "run", lambda config, workdir, data_dir=None: raise_it())
+        code = cli.main(args)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return code, lines[0]
+
+    code, line = code_and_line(lambda: fs.rm(f"{BUCKET}/exit_codes/checkpoints/4", recursive=True))
+    assert code == 3 and line.startswith("chmr-jax pretrain: storage or environment fault (FileNotFoundError") \
+        and "run it again" in line
+    assert code_and_line(lambda: open(tmp_path / "my_molecules.csv"))[0] == 2          # a file the user named
+    assert code_and_line(lambda: paths.check_reachable("gs://no-such-bucket/run", "--workdir")) == (
+        2, "chmr-jax pretrain: --workdir gs://no-such-bucket/run: bucket gs://no-such-bucket does not exist or these "
+           "credentials cannot see it; create it (gcloud storage buckets create gs://no-such-bucket) or fix the name")
+
+    def io_error():
+        raise checkpoint_lib.CheckpointIOError("gs://b/run/checkpoints/4: reading failed 3 times")
+    assert code_and_line(io_error) == (3, "chmr-jax pretrain: gs://b/run/checkpoints/4: reading failed 3 times")
+    assert code_and_line(lambda: int("x"))[0] == 2                                      # a bad value (ValueError)
+
+    def bug():
+        raise KeyError("a bug")
+    monkeypatch.setattr(pretrain, "run", lambda config, workdir, data_dir=None: bug())
+    with pytest.raises(KeyError):   # a bug keeps its traceback (exit 1)
+        cli.main(args)

@@ -36,7 +36,11 @@ _URL = re.compile(r"^(gs|s3|az|hf):/+(.*)$")
 
 
 class StorageUnreachable(OSError):
-    """A bucket that does not exist, cannot be read with these credentials, or does not answer."""
+    """A bucket that cannot be reached or does not answer (the network, the credentials): an environment fault."""
+
+
+class BucketNotFound(StorageUnreachable):
+    """A bucket that does not exist or these credentials cannot see: most often a typo in what the user gave."""
 
 
 def is_remote(path) -> bool:
@@ -88,7 +92,7 @@ def check_reachable(path, what: str = "path", timeout_s: float | None = None) ->
                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); check the name, the network "
                                  "and the credentials, or use a local path")
     if not result.get("exists"):
-        raise StorageUnreachable(f"{what} {url}: bucket {where} does not exist or these credentials cannot see it; "
+        raise BucketNotFound(f"{what} {url}: bucket {where} does not exist or these credentials cannot see it; "
                                  f"create it (gcloud storage buckets create {where}) or fix the name")
 
 
