@@ -160,13 +160,16 @@ def test_a_bucket_folder_is_mirrored_both_ways_and_only_what_differs_moves(tmp_p
     # A damaged download (here: the object changes between the listing and the copy) is an error, not a file.
     import fsspec
     ours = fsspec.core.url_to_fs(f"gs://{BUCKET}/m")[0]   # the file system paths.pull / push use (cached by fsspec)
-    get_file = ours.get_file
-    monkeypatch.setattr(ours, "get_file", lambda rpath, lpath, **k: (get_file(rpath, lpath, **k),
-                                                                     Path(lpath).write_bytes(b"X"))[0])
+    get_file = ours._get_file   # (pull fetches its list in one batch: gcsfs's async per-file coroutine)
+
+    async def damaging_get_file(rpath, lpath, **k):
+        await get_file(rpath, lpath, **k)
+        Path(lpath).write_bytes(b"X")
+    monkeypatch.setattr(ours, "_get_file", damaging_get_file)
     fs.pipe(f"{BUCKET}/m/a.csv", b"a,b\n3,4\n")
     with pytest.raises(OSError, match="a.csv: the downloaded copy differs from the object"):
         paths.pull(f"gs://{BUCKET}/m")
-    monkeypatch.setattr(ours, "get_file", get_file)
+    monkeypatch.setattr(ours, "_get_file", get_file)
     assert (local / "a.csv").read_bytes() == b"a,b\n1,2\n" and not list(local.glob("a.csv.tmp*"))
     # push: new and changed files go up (oldest first), identical ones and temporaries do not.
     cache = paths.resolve_cache_dir(f"gs://{BUCKET}/cache")
@@ -197,8 +200,9 @@ def test_a_bucket_folder_is_mirrored_both_ways_and_only_what_differs_moves(tmp_p
     # Outputs are staged in a fresh folder per job: a copy of the bucket folder, uploaded with push(to=), deleted
     # after; a killed job's folder (its process gone) is removed by the next job.
     gone = subprocess.Popen(["true"])
+    owner = paths._owner(gone.pid)
     gone.wait()
-    stale = tmp_path / "mirror" / ".staged" / f"{gone.pid}-abc"
+    stale = tmp_path / "mirror" / ".staged" / ("+".join(owner) + "-abc")
     stale.mkdir(parents=True)
     with paths.staged(f"gs://{BUCKET}/cache", "--out") as out:
         assert out.parent == tmp_path / "mirror" / ".staged" and not stale.exists()
@@ -206,6 +210,128 @@ def test_a_bucket_folder_is_mirrored_both_ways_and_only_what_differs_moves(tmp_p
         (out / "new.json").write_text("[]")
         assert paths.push(out, "--out", to=f"gs://{BUCKET}/cache") == 1
     assert not out.exists() and fs.cat(f"{BUCKET}/cache/new.json") == b"[]"
+
+
+def _build_entry(cache: Path, entry: str, host: str) -> Path:
+    """One host's build of a content-keyed cache entry: the same arrays everywhere, a manifest that says when
+    and where it was built (as the corpus manifest's created_unix and local source paths do)."""
+    d = cache / entry
+    d.mkdir(parents=True)
+    (d / "values.npy").write_bytes(b"\x93NUMPY same arrays" * 500)
+    (d / "keys.npy").write_bytes(b"\x93NUMPY same keys" * 50)
+    (d / "manifest.json").write_text(json.dumps({"created_unix": time.time_ns(), "sources": [str(cache / host)]}))
+    return d
+
+
+def test_two_mirrors_push_the_same_cache_entry_and_both_succeed_with_one_object(gcs, tmp_path, monkeypatch):
+    fs = _bucket(gcs)
+    url = f"gs://{BUCKET}/race"
+    caches = {}
+    for host in ("a", "b"):
+        monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path / host))
+        caches[host] = paths.resolve_cache_dir(url)
+        _build_entry(caches[host], "corpus-x", host)
+    # Both hosts listed the bucket before either uploaded (the race): b's creates find a's objects.
+    monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path / "a"))
+    assert paths.push(caches["a"]) == 3
+    real_listing = paths._listing
+    monkeypatch.setattr(paths, "_listing", lambda fs, key: {})
+    monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path / "b"))
+    assert paths.push(caches["b"]) == 0    # nothing of b's replaced a's, and no error
+    monkeypatch.setattr(paths, "_listing", real_listing)
+    fs.invalidate_cache()
+    assert sorted(fs.ls(f"{BUCKET}/race/corpus-x")) == [f"{BUCKET}/race/corpus-x/{n}"
+                                                        for n in ("keys.npy", "manifest.json", "values.npy")]
+    for host in ("a", "b"):   # one entry: a's, which b's mirror now holds too
+        for f in (caches[host] / "corpus-x").iterdir():
+            assert fs.cat(f"{BUCKET}/race/corpus-x/{f.name}") == (caches["a"] / "corpus-x" / f.name).read_bytes() \
+                == f.read_bytes()
+
+    # The same, for real: two processes with their own mirrors push the same entry at once (3 trials; the
+    # break-in's push failed in 3 of 4). (A host that lists after the other's upload replaces a manifest that
+    # differs, as for any changed file: still one object, one host's.)
+    env = {**os.environ, **gcs, "PYTHONPATH": str(ROOT)}
+    script = ("import sys, os, time; from pathlib import Path; from chmr_jax.data import paths\n"
+              "cache = paths.resolve_cache_dir(sys.argv[1])\n"
+              "while not Path(sys.argv[2]).exists(): time.sleep(0.01)\n"
+              "print('sent', paths.push(cache))")
+    for trial in range(3):
+        procs = []
+        for host in ("a", "b"):
+            mirror = tmp_path / f"t{trial}{host}"
+            _build_entry(mirror / "gs" / BUCKET / f"race{trial}", "corpus-x", host)
+            procs.append(subprocess.Popen([sys.executable, "-c", script, f"{url}{trial}", str(tmp_path / f"go{trial}")],
+                                          env={**env, paths.MIRROR_ENV: str(mirror)}, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        time.sleep(2)   # (both started and waiting: then both push at once)
+        (tmp_path / f"go{trial}").touch()
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        assert sorted(int(o.strip().splitlines()[-1].split()[1]) for o in outs)[-1] >= 1, outs
+        fs.invalidate_cache()
+        assert len(fs.ls(f"{BUCKET}/race{trial}/corpus-x")) == 3
+        manifest = fs.cat(f"{BUCKET}/race{trial}/corpus-x/manifest.json")
+        built = [tmp_path / f"t{trial}{host}" / "gs" / BUCKET / f"race{trial}" / "corpus-x" for host in ("a", "b")]
+        assert manifest in [(d / "manifest.json").read_bytes() for d in built]   # one host's, whole
+        for d in built:
+            for name in ("values.npy", "keys.npy"):
+                assert (d / name).read_bytes() == fs.cat(f"{BUCKET}/race{trial}/corpus-x/{name}")
+
+
+def test_a_staging_folder_is_removed_only_when_its_owner_is_provably_gone(gcs, tmp_path, monkeypatch):
+    """The mirror root may be shared by hosts (an NFS home) or containers: a bare pid says nothing there."""
+    monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path / "mirror"))
+    base = tmp_path / "mirror" / ".staged"
+    base.mkdir(parents=True)
+    me = paths._owner()
+    dead = subprocess.Popen(["true"])
+    gone = paths._owner(dead.pid)
+    dead.wait()
+    live = subprocess.Popen(["sleep", "600"])
+    owners = {"other_host": gone[:4] + ("otherhost",), "other_namespace": gone[:2] + ("4026500000",) + me[3:],
+              "other_boot": gone[:3] + ("0" * 16,) + me[4:], "live_here": paths._owner(live.pid),
+              "dead_here": gone, "pid_reused": (me[0], "1") + me[2:]}
+    folders = {name: base / ("+".join(o) + "-x" + name.replace("_", "")) for name, o in owners.items()}
+    folders["before_owners"] = base / f"{dead.pid}-abc"   # (a name of the earlier format)
+    for f in folders.values():
+        f.mkdir()
+        (f / "plan.json").write_text("{}")
+    try:
+        with paths.staged(f"gs://{BUCKET}/staged_owner", "--out") as mine:
+            assert mine.name.startswith("+".join(me) + "-")
+            assert sorted(n for n, f in folders.items() if f.exists()) == [
+                "before_owners", "live_here", "other_boot", "other_host", "other_namespace"]
+            assert all((f / "plan.json").exists() for f in folders.values() if f.exists())
+    finally:
+        live.kill()
+        live.wait()
+    assert not mine.exists()
+    # An owner this host cannot check is given up only when nothing in its folder changed for a week.
+    week_ago = time.time() - paths.STAGED_STALE_S - 60
+    for f in (folders["other_host"], folders["other_host"] / "plan.json"):
+        os.utime(f, (week_ago, week_ago))
+    with paths.staged(f"gs://{BUCKET}/staged_owner", "--out"):
+        assert sorted(n for n, f in folders.items() if f.exists()) == ["before_owners", "other_boot", "other_namespace"]
+
+    # A real second PID namespace (as a container sharing this mirror): its live job's folder is kept.
+    if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --pid needs privileges here")
+    script = ("import sys, time; from pathlib import Path; from chmr_jax.data import paths\n"
+              "with paths.staged(sys.argv[1], '--out') as d:\n"
+              "    (d / 'plan.json').write_text('{}'); print(d, flush=True)\n"
+              "    while not Path(sys.argv[2]).exists(): time.sleep(0.05)\n")
+    other = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script,
+                              f"gs://{BUCKET}/staged_owner", str(tmp_path / "done")],
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = Path(other.stdout.readline().strip())
+        assert theirs.parent == base and theirs.name.split("+")[2] != me[2]   # (another namespace)
+        with paths.staged(f"gs://{BUCKET}/staged_owner", "--out"):
+            assert (theirs / "plan.json").exists()
+    finally:
+        (tmp_path / "done").touch()
+        other.wait(timeout=60)
+    assert other.returncode == 0 and not theirs.exists()
 
 
 def test_a_corrupt_gs_checkpoint_is_copied_aside_and_the_older_one_restored(gcs):
