@@ -334,6 +334,41 @@ def test_a_staging_folder_is_removed_only_when_its_owner_is_provably_gone(gcs, t
     assert other.returncode == 0 and not theirs.exists()
 
 
+# Process 0's metric writers on a gs:// workdir, then a SIGKILL: rows 1..3 written and synced, the job killed.
+KILLED_WRITERS = """
+import os, signal, sys
+from chmr_jax.training import metric_writers
+w = metric_writers.MetricWriters(sys.argv[1])
+for step in (1, 2, 3):
+    w.write(step, {"loss": 1.0 / step})
+w.sync()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_gs_metric_writers_leave_no_local_staging_even_when_killed(gcs, tmp_path):
+    """TensorBoard events of a gs:// workdir are written in memory and uploaded whole: a SIGKILLed job leaves
+    no /tmp/chmr_tb_* (nor anything else) behind, and the events it synced decode."""
+    from helpers import event_class, read_event_records
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, **gcs, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT), paths.MIRROR_ENV: str(tmp_path / "m")}
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITERS, f"gs://{BUCKET}/tb_run"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert list(tmp.iterdir()) == [] and not (tmp_path / "gs:").exists()
+    fs = _bucket(gcs)
+    fs.invalidate_cache()
+    (event_file,) = fs.ls(f"{BUCKET}/tb_run/tensorboard")
+    assert event_file.rsplit("/", 1)[1].startswith("events.out.tfevents.")
+    fs.get(event_file, str(tmp_path / "events"))
+    Event = event_class()
+    scalars = [(e.step, v.tag, round(v.simple_value, 4)) for e in map(Event.FromString, read_event_records(
+        tmp_path / "events")) for v in e.summary.value]
+    assert scalars == [(1, "loss", 1.0), (2, "loss", 0.5), (3, "loss", 0.3333)]
+    assert [r["step"] for r in metric_writers.read_jsonl(f"gs://{BUCKET}/tb_run/metrics.jsonl")] == [1, 2, 3]
+
+
 def test_a_corrupt_gs_checkpoint_is_copied_aside_and_the_older_one_restored(gcs):
     import jax.numpy as jnp
     fs = _bucket(gcs)

@@ -317,17 +317,23 @@ def staged(url, what: str = "path", only: Callable[[str], bool] | None = None) -
     (<root>/.staged/<owner>-...), which may be shared by hosts (an NFS home) or containers: a folder is
     removed here only when its owner is provably gone (`_abandoned`), never for a process this host cannot
     see. (pull asks the bucket first: an unreachable one raises and the folder is removed.)"""
+    folder = staging_folder()
+    try:
+        yield pull(url, what, only=only, into=folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def staging_folder() -> Path:
+    """A new empty folder <mirror root>/.staged/<owner>-<random> for local files on their way to a bucket
+    (the caller deletes it); the folders of owners that are provably gone (a killed job) are removed first."""
     base = mirror_root() / ".staged"
     base.mkdir(parents=True, exist_ok=True)
     me, now = _owner(), time.time()
     for old in base.iterdir():
         if _abandoned(old, me, now):
             shutil.rmtree(old, ignore_errors=True)
-    folder = Path(tempfile.mkdtemp(prefix="+".join(me) + "-", dir=base))
-    try:
-        yield pull(url, what, only=only, into=folder)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix="+".join(me) + "-", dir=base))
 
 
 # A staging folder whose owner this host cannot check (another host, PID namespace or boot, or a name from
