@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,3 +155,25 @@ def test_no_subcommand_and_no_arguments_is_a_usage_error(tmp_path):
     out = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "TPU_NAME": "x", "ZONE": "z"},
                          capture_output=True, text=True)
     assert out.returncode == 2 and "usage" in out.stderr
+
+
+def test_two_process_with_a_gs_workdir_keeps_its_logs_out_of_a_local_gs_folder(tmp_path):
+    """launch/two_process.sh with a gs:// workdir (the processes write it directly): the logs and pids go to a
+    local runs/logs/<bucket>/<path>, never a `gs:` folder that `tpu_pod.sh start` would then ship. A stub
+    Python stands in for the processes and records their arguments."""
+    tree = tmp_path / "repo"
+    (tree / "launch").mkdir(parents=True)
+    shutil.copy(ROOT / "launch" / "two_process.sh", tree / "launch")
+    stub = tmp_path / "python"
+    stub.write_text("#!/usr/bin/env bash\necho \"$@\"\n")
+    stub.chmod(0o755)
+    out = subprocess.run(["bash", str(tree / "launch" / "two_process.sh"), "gs://bucket/runs/mp", "--config", "c.py"],
+                         env={**os.environ, "PYTHON": str(stub), "PORT": "1234"}, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    logs = tree / "runs" / "logs" / "bucket" / "runs" / "mp"
+    assert sorted(p.name for p in logs.iterdir()) == ["process_0.log", "process_0.pid", "process_1.log",
+                                                       "process_1.pid"]
+    assert "pretrain --workdir gs://bucket/runs/mp --config c.py" in (logs / "process_1.log").read_text()
+    assert "--config.train.process_id=1" in (logs / "process_1.log").read_text()
+    assert not [p for p in tree.rglob("*") if p.name.startswith("gs:")]
