@@ -94,7 +94,7 @@ def check_reachable(path, what: str = "path", timeout_s: float | None = None) ->
                                  "and the credentials, or use a local path")
     if not result.get("exists"):
         raise BucketNotFound(f"{what} {url}: bucket {where} does not exist or these credentials cannot see it; "
-                                 f"create it (gcloud storage buckets create {where}) or fix the name")
+                             f"create it (gcloud storage buckets create {where}) or fix the name")
 
 
 def gcsfuse_mount(path) -> str | None:
@@ -176,7 +176,8 @@ def _local(path, what: str, prune: bool) -> Path:
 # those the bucket lacks or holds differently), markers (manifests, plan.json, shard records) after
 # everything else: a reader that finds one finds what it lists. Outputs are written in a per-job
 # `staged` folder instead. Every transfer is checked: uploads by gcsfs (MD5), downloads against the listing
-# (size, and MD5, else CRC32C, where the store reports one). The mirror's path alone names its URL (`remote_of`), so no state is kept between calls.
+# (size, and MD5, else CRC32C, where the store reports one). The mirror's path alone names its URL
+# (`remote_of`), so no state is kept between calls.
 
 MIRROR_ENV = "CHMR_MIRROR_DIR"
 _PULLED = ".chmr_pulled.json"   # in a pruned mirror: the names the last pull saw in the bucket
