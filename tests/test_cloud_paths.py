@@ -475,6 +475,37 @@ def test_two_processes_set_a_corrupt_gs_checkpoint_aside_and_save_that_step_agai
     assert [p.rsplit("/", 1)[1].split("-")[0] for p in fs.ls(f"{BUCKET}/mp/corrupt")] == ["2"]
 
 
+def test_two_process_pretraining_resumes_past_a_corrupt_gs_checkpoint_and_finishes(gcs, cache_dir, tmp_path):
+    """launch/two_process.sh with a gs:// workdir: 4 steps (checkpoints 2, 4), step 4 damaged, then 6 steps: both
+    processes set step 4 aside, resume from 2, save 4 again and finish (the break-in's process 0 crashed and
+    process 1 hung in that save). No local `gs:` folder and no /tmp/chmr_tb_* either."""
+    logs, tmp = tmp_path / "logs", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, **gcs, "PYTHON": sys.executable, "LOG_DIR": str(logs), "TMPDIR": str(tmp),
+           paths.MIRROR_ENV: str(tmp_path / "host%i"), "PYTHONPATH": str(ROOT)}
+
+    def run(steps):
+        out = subprocess.run(["bash", str(ROOT / "launch" / "two_process.sh"), f"gs://{BUCKET}/mp_run", "--config",
+                              TEST_CONFIG, f"--config.cache_dir={cache_dir}", f"--config.train.steps={steps}",
+                              "--config.train.checkpoint_every_steps=2", "--config.train.progress=log"],
+                             env=env, capture_output=True, text=True, timeout=900)
+        text = [(logs / f"process_{i}.log").read_text() for i in (0, 1)]
+        assert out.returncode == 0, out.stderr + "\n".join(t[-3000:] for t in text)
+        return text
+
+    fs = _bucket(gcs)
+    run(4)
+    assert _committed(fs, f"{BUCKET}/mp_run/checkpoints") == [2, 4]
+    _flip_largest_data_file(fs, f"{BUCKET}/mp_run/checkpoints/4/state")
+    text = run(6)
+    assert "checkpoint step 4 is corrupt" in text[0] and f"resumed from gs://{BUCKET}/mp_run/checkpoints/2" in text[0]
+    assert _committed(fs, f"{BUCKET}/mp_run/checkpoints") == [2, 4, 6]
+    assert json.loads(fs.cat(f"{BUCKET}/mp_run/summary.json"))["steps"] == 6
+    assert [r["step"] for r in map(json.loads, fs.cat(f"{BUCKET}/mp_run/metrics.jsonl").decode().splitlines())] \
+        == [1, 2, 3, 4, 5, 6]
+    assert list(tmp.iterdir()) == [] and not (ROOT / "gs:").exists() and not (ROOT / "runs" / "logs" / BUCKET).exists()
+
+
 # Runs `chmr-jax pretrain` and SIGKILLs itself at the final save (step 6), once checkpoint 4 is committed:
 # every row 1..6 of this uninterrupted computation is in the bucket (uploaded before each save), the
 # final checkpoint is not.
@@ -720,13 +751,12 @@ def test_unreachable_bucket_fails_in_one_line_without_a_local_folder(tmp_path):
     env = {**os.environ, **_storage_env(f"http://127.0.0.1:{_free_port()}"), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(ROOT)}
     env.pop(paths.TIMEOUT_ENV, None)
-    t0 = time.perf_counter()
+    # The bounded wait is proven by the message naming it, not by a wall time (issue 35: wall times on a
+    # busy machine vary); the subprocess timeout only guards against a hang.
     proc = subprocess.run([sys.executable, "-m", "chmr_jax.cli", "pretrain", "--config", TEST_CONFIG, "--workdir",
                            "gs://no-such-bucket/run"], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
-    elapsed = time.perf_counter() - t0
+                          timeout=300)
     assert proc.returncode == 3, proc.stdout + proc.stderr   # (an environment fault: retrying may help)
-    assert elapsed < 60
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("chmr-jax pretrain: --workdir gs://no-such-bucket/run: bucket "
                                                    "gs://no-such-bucket "), proc.stderr
