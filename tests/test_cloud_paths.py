@@ -334,14 +334,16 @@ def test_a_staging_folder_is_removed_only_when_its_owner_is_provably_gone(gcs, t
     assert other.returncode == 0 and not theirs.exists()
 
 
-# Process 0's metric writers on a gs:// workdir, then a SIGKILL: rows 1..3 written and synced, the job killed.
+# Process 0's metric writers on a gs:// workdir, then a SIGKILL: rows 1..3 written, each flushed as the loop does
+# (uploaded at once: no upload interval here), the job killed.
 KILLED_WRITERS = """
 import os, signal, sys
 from chmr_jax.training import metric_writers
+metric_writers.UPLOAD_EVERY_S = 0
 w = metric_writers.MetricWriters(sys.argv[1])
 for step in (1, 2, 3):
     w.write(step, {"loss": 1.0 / step})
-w.sync()
+    w.flush()
 os.kill(os.getpid(), signal.SIGKILL)
 """
 

@@ -108,7 +108,7 @@ class TensorBoardWriter:
 
     def flush(self) -> None:
         self._writer.flush()
-        if self._staging is not None and time.monotonic() - self._uploaded >= UPLOAD_EVERY_S:
+        if self._memory is not None and time.monotonic() - self._uploaded >= UPLOAD_EVERY_S:
             self.sync()
 
     def sync(self) -> None:
