@@ -17,7 +17,8 @@ aside to `<directory>/../corrupt/<step>-<time>` with a warning; it never moves t
 Storage without directory renames (gs://, and a bucket mounted with gcsfuse, found in /proc/mounts;
 `dir_renames`): Orbax writes each step in place and marks it finished with a commit_success.txt file
 (its commit-file mode; a step without it is not listed), and a corrupt step is moved aside by copying
-it to corrupt/ and then deleting it, so the same agreed steps are moved either way.
+it to corrupt/ and then deleting it (on gs:// through Orbax's own file system instance, so Orbax's next
+save of that step number does not meet a stale listing), so the same agreed steps are moved either way.
 Rotation: each save is read back and its digests checked before the keep-N rotation may delete
 older steps, so it always keeps at least one verified step; a save that fails the check is moved
 aside instead. `save` refuses a state with non-finite parameters, optimiser moments or statistics.
