@@ -285,23 +285,58 @@ def _config_flags(argv: list[str], command: str, default_config: str, usage: str
     return fv
 
 
-# Errors in what the user gave (a file, a row, a flag, a config value), as opposed to bugs: `main` reports
-# them in one line and exits 2 (CHMR_TRACEBACK=1 shows the traceback instead).
+# Exit codes (README "Exit codes"): 0 done; 1 a diverged run, or a bug (its traceback); 2 an error in what
+# the user gave (a file, a row, a flag, a config value, a workdir to decide about), reported in one line: the
+# same command fails again; 3 a storage or environment fault (a bucket that does not answer, an I/O error,
+# a storage library's error), one line: the same command may succeed later, so an orchestrator retries it.
+# CHMR_TRACEBACK=1 shows the traceback instead of the line.
 USER_ERRORS = ("FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "ValueError", "CorpusError",
-               "DataNotFoundError", "ConfigError", "CorruptCheckpoint", "StorageUnreachable")
+               "DataNotFoundError", "ConfigError", "CorruptCheckpoint", "BucketNotFound")
+ENVIRONMENT_ERRORS = ("StorageUnreachable", "CheckpointIOError")
+# An OSError raised inside these (the files of a gs:// workdir or cache, not a path the user named) is a
+# storage fault, e.g. gcsfs's FileNotFoundError for an object that vanished under a listing.
+STORAGE_MODULES = ("gcsfs", "fsspec", "etils", "orbax", "tensorstore", "google", "aiohttp", "requests", "urllib3")
 
 
 def is_user_error(e: BaseException) -> bool:
-    return any(cls.__name__ in USER_ERRORS for cls in type(e).__mro__)
+    return exit_code_of(e) == 2
+
+
+def exit_code_of(e: BaseException) -> int | None:
+    """2 for an error in what the user gave, 3 for a storage / environment fault, None for anything else
+    (a bug: raised with its traceback)."""
+    names = {cls.__name__ for cls in type(e).__mro__}
+    if "BucketNotFound" in names:
+        return 2
+    if names & set(ENVIRONMENT_ERRORS):
+        return 3
+    if isinstance(e, OSError) and _raised_in(e, STORAGE_MODULES):
+        return 3
+    if names & set(USER_ERRORS):
+        return 2
+    return 3 if isinstance(e, OSError) else None   # (a full disk, a refused connection, a permission)
+
+
+def _raised_in(e: BaseException, modules) -> bool:
+    """Whether the innermost frame of e's traceback is in one of `modules` (top-level package names)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0] in modules
 
 
 def _user_error(command: str, e: BaseException) -> int:
-    """Reports a user error in one line on stderr naming the command; exit code 2 (or re-raises it
-    with CHMR_TRACEBACK set, from inside the caller's `except`)."""
+    """Reports an expected error in one line on stderr naming the command; exit code 2 (what the user gave)
+    or 3 (storage / environment; exit_code_of). With CHMR_TRACEBACK set it is re-raised (from inside the
+    caller's `except`)."""
     if os.environ.get("CHMR_TRACEBACK"):
         raise e
+    code = exit_code_of(e) or 2
+    if code == 3 and not {c.__name__ for c in type(e).__mro__} & set(ENVIRONMENT_ERRORS):   # (those say it)
+        e = f"storage or environment fault ({type(e).__name__}: {e}); nothing in the command is wrong: run it " \
+            "again (a pretraining run resumes from its last checkpoint)"
     print(f"chmr-jax {command}: {e}", file=sys.stderr)
-    return 2
+    return code
 
 
 def _report_errors(command: str, call, errors=(FileNotFoundError, ValueError)) -> int:
@@ -635,8 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     if command in handlers:
         try:
             return handlers[command](rest)
-        except Exception as e:   # an expected user error: one line naming the file / row / flag, exit 2
-            if not is_user_error(e):
+        except Exception as e:   # expected: one line naming the file / row / flag (exit 2) or the fault (3)
+            if exit_code_of(e) is None:
                 raise
             return _user_error(command, e)
     print(f"chmr-jax: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)

@@ -9,7 +9,9 @@
 # CHMR_COMMAND=embed runs `chmr-jax embed [flags] --coordinator_address ... --num_processes N --process_id i`
 # instead (WORKDIR then only holds the logs):
 #   CHMR_COMMAND=embed bash launch/two_process.sh runs/emb_logs --pretrained runs/a --input x.csv --out runs/emb
-# Each process' log goes to WORKDIR/process_<i>.log (its pid to process_<i>.pid); the script exits non-zero if any process does.
+# Each process' log goes to LOG_DIR/process_<i>.log (its pid to process_<i>.pid); the script exits non-zero if any
+# process does. LOG_DIR defaults to WORKDIR, or for a gs:// WORKDIR (which the processes write directly) to the
+# local folder runs/logs/<bucket>/<path>: never a local `gs:` folder.
 # CHMR_MIRROR_DIR containing %i (e.g. /tmp/host%i) gives each process its own local mirror of gs:// folders,
 # as separate hosts have (%i becomes the process index).
 set -euo pipefail
@@ -19,7 +21,12 @@ shift
 N=${NUM_PROCESSES:-2}
 PY=${PYTHON:-.venv/bin/python}
 PORT=${PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-mkdir -p "$WORKDIR"
+if [[ "$WORKDIR" =~ ^(gs|s3|az|hf):// ]]; then
+  LOG_DIR=${LOG_DIR:-runs/logs/${WORKDIR#*://}}
+else
+  LOG_DIR=${LOG_DIR:-$WORKDIR}
+fi
+mkdir -p "$LOG_DIR"
 pids=()
 for ((i = 0; i < N; i++)); do
   if [[ "${CHMR_COMMAND:-pretrain}" == pretrain ]]; then
@@ -30,14 +37,14 @@ for ((i = 0; i < N; i++)); do
   fi
   mirror=${CHMR_MIRROR_DIR:-}
   CHMR_MIRROR_DIR=${mirror//%i/$i} JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}" \
-    "$PY" -m chmr_jax.cli "${args[@]}" > "$WORKDIR/process_$i.log" 2>&1 &
+    "$PY" -m chmr_jax.cli "${args[@]}" > "$LOG_DIR/process_$i.log" 2>&1 &
   pids+=($!)
-  echo $! > "$WORKDIR/process_$i.pid"
+  echo $! > "$LOG_DIR/process_$i.pid"
 done
 status=0
 for i in "${!pids[@]}"; do
   if ! wait "${pids[$i]}"; then
-    echo "process $i failed; see $WORKDIR/process_$i.log" >&2
+    echo "process $i failed; see $LOG_DIR/process_$i.log" >&2
     status=1
   fi
 done

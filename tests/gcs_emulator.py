@@ -2,11 +2,15 @@
 pure-Python gcp-storage-emulator with two behaviours of real GCS that tensorstore (Orbax's array
 writer) relies on and the emulator lacks: media downloads carry `x-goog-generation`, and
 `ifGenerationMatch` / `ifGenerationNotMatch` are honoured (412 / 304). Without them tensorstore's
-revalidating read of an OCDBT manifest fails with "Malformed StorageGeneration"."""
+revalidating read of an OCDBT manifest fails with "Malformed StorageGeneration". Uploads honour
+`ifGenerationMatch=0` (create only if absent, atomically: 412 when the object exists), which gcsfs sends
+for `mode="create"`."""
 import sys
+import threading
 from http import HTTPStatus
 
 from gcp_storage_emulator import __main__ as emulator_main
+from gcp_storage_emulator import server
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
@@ -32,6 +36,32 @@ def download(request, response, storage, *args, **kwargs):
 
 
 objects.download = download   # objects.get (GET .../o/NAME?alt=media) calls it by its module name
+
+_insert = objects.insert
+_insert_lock = threading.Lock()   # (the server is threaded: the existence check and the write are one step)
+
+
+def insert(request, response, storage, *args, **kwargs):
+    if request.query.get("ifGenerationMatch", [None])[0] != "0":
+        return _insert(request, response, storage, *args, **kwargs)
+    name = request.query.get("name", [None])[0]
+    if name is None and isinstance(request.data, dict):
+        name = (request.data.get("meta") or request.data).get("name")
+    with _insert_lock:
+        try:
+            storage.get_file_obj(request.params["bucket_name"], name)
+        except NotFound:
+            return _insert(request, response, storage, *args, **kwargs)
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        response.json({"error": {"code": 412, "message": "At least one of the pre-conditions you specified did "
+                                                         "not hold."}})
+
+
+objects.insert = insert
+for _, methods in server.HANDLERS:   # (the routing table holds the function objects themselves)
+    for method, handler in list(methods.items()):
+        if handler is _insert:
+            methods[method] = insert
 
 if __name__ == "__main__":
     sys.exit(emulator_main.main(sys.argv[1:]))

@@ -160,13 +160,16 @@ def test_a_bucket_folder_is_mirrored_both_ways_and_only_what_differs_moves(tmp_p
     # A damaged download (here: the object changes between the listing and the copy) is an error, not a file.
     import fsspec
     ours = fsspec.core.url_to_fs(f"gs://{BUCKET}/m")[0]   # the file system paths.pull / push use (cached by fsspec)
-    get_file = ours.get_file
-    monkeypatch.setattr(ours, "get_file", lambda rpath, lpath, **k: (get_file(rpath, lpath, **k),
-                                                                     Path(lpath).write_bytes(b"X"))[0])
+    get_file = ours._get_file   # (pull fetches its list in one batch: gcsfs's async per-file coroutine)
+
+    async def damaging_get_file(rpath, lpath, **k):
+        await get_file(rpath, lpath, **k)
+        Path(lpath).write_bytes(b"X")
+    monkeypatch.setattr(ours, "_get_file", damaging_get_file)
     fs.pipe(f"{BUCKET}/m/a.csv", b"a,b\n3,4\n")
     with pytest.raises(OSError, match="a.csv: the downloaded copy differs from the object"):
         paths.pull(f"gs://{BUCKET}/m")
-    monkeypatch.setattr(ours, "get_file", get_file)
+    monkeypatch.setattr(ours, "_get_file", get_file)
     assert (local / "a.csv").read_bytes() == b"a,b\n1,2\n" and not list(local.glob("a.csv.tmp*"))
     # push: new and changed files go up (oldest first), identical ones and temporaries do not.
     cache = paths.resolve_cache_dir(f"gs://{BUCKET}/cache")
@@ -197,8 +200,9 @@ def test_a_bucket_folder_is_mirrored_both_ways_and_only_what_differs_moves(tmp_p
     # Outputs are staged in a fresh folder per job: a copy of the bucket folder, uploaded with push(to=), deleted
     # after; a killed job's folder (its process gone) is removed by the next job.
     gone = subprocess.Popen(["true"])
+    owner = paths._owner(gone.pid)
     gone.wait()
-    stale = tmp_path / "mirror" / ".staged" / f"{gone.pid}-abc"
+    stale = tmp_path / "mirror" / ".staged" / ("+".join(owner) + "-abc")
     stale.mkdir(parents=True)
     with paths.staged(f"gs://{BUCKET}/cache", "--out") as out:
         assert out.parent == tmp_path / "mirror" / ".staged" and not stale.exists()
@@ -206,6 +210,165 @@ def test_a_bucket_folder_is_mirrored_both_ways_and_only_what_differs_moves(tmp_p
         (out / "new.json").write_text("[]")
         assert paths.push(out, "--out", to=f"gs://{BUCKET}/cache") == 1
     assert not out.exists() and fs.cat(f"{BUCKET}/cache/new.json") == b"[]"
+
+
+def _build_entry(cache: Path, entry: str, host: str) -> Path:
+    """One host's build of a content-keyed cache entry: the same arrays everywhere, a manifest that says when
+    and where it was built (as the corpus manifest's created_unix and local source paths do)."""
+    d = cache / entry
+    d.mkdir(parents=True)
+    (d / "values.npy").write_bytes(b"\x93NUMPY same arrays" * 500)
+    (d / "keys.npy").write_bytes(b"\x93NUMPY same keys" * 50)
+    (d / "manifest.json").write_text(json.dumps({"created_unix": time.time_ns(), "sources": [str(cache / host)]}))
+    return d
+
+
+def test_two_mirrors_push_the_same_cache_entry_and_both_succeed_with_one_object(gcs, tmp_path, monkeypatch):
+    fs = _bucket(gcs)
+    url = f"gs://{BUCKET}/race"
+    caches = {}
+    for host in ("a", "b"):
+        monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path / host))
+        caches[host] = paths.resolve_cache_dir(url)
+        _build_entry(caches[host], "corpus-x", host)
+    # Both hosts listed the bucket before either uploaded (the race): b's creates find a's objects.
+    monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path / "a"))
+    assert paths.push(caches["a"]) == 3
+    real_listing = paths._listing
+    monkeypatch.setattr(paths, "_listing", lambda fs, key: {})
+    monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path / "b"))
+    assert paths.push(caches["b"]) == 0    # nothing of b's replaced a's, and no error
+    monkeypatch.setattr(paths, "_listing", real_listing)
+    fs.invalidate_cache()
+    assert sorted(fs.ls(f"{BUCKET}/race/corpus-x")) == [f"{BUCKET}/race/corpus-x/{n}"
+                                                        for n in ("keys.npy", "manifest.json", "values.npy")]
+    for host in ("a", "b"):   # one entry: a's, which b's mirror now holds too
+        for f in (caches[host] / "corpus-x").iterdir():
+            assert fs.cat(f"{BUCKET}/race/corpus-x/{f.name}") == (caches["a"] / "corpus-x" / f.name).read_bytes() \
+                == f.read_bytes()
+
+    # The same, for real: two processes with their own mirrors push the same entry at once (3 trials; the
+    # break-in's push failed in 3 of 4). (A host that lists after the other's upload replaces a manifest that
+    # differs, as for any changed file: still one object, one host's.)
+    env = {**os.environ, **gcs, "PYTHONPATH": str(ROOT)}
+    script = ("import sys, os, time; from pathlib import Path; from chmr_jax.data import paths\n"
+              "cache = paths.resolve_cache_dir(sys.argv[1])\n"
+              "while not Path(sys.argv[2]).exists(): time.sleep(0.01)\n"
+              "print('sent', paths.push(cache))")
+    for trial in range(3):
+        procs = []
+        for host in ("a", "b"):
+            mirror = tmp_path / f"t{trial}{host}"
+            _build_entry(mirror / "gs" / BUCKET / f"race{trial}", "corpus-x", host)
+            procs.append(subprocess.Popen([sys.executable, "-c", script, f"{url}{trial}", str(tmp_path / f"go{trial}")],
+                                          env={**env, paths.MIRROR_ENV: str(mirror)}, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        time.sleep(2)   # (both started and waiting: then both push at once)
+        (tmp_path / f"go{trial}").touch()
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        assert sorted(int(o.strip().splitlines()[-1].split()[1]) for o in outs)[-1] >= 1, outs
+        fs.invalidate_cache()
+        assert len(fs.ls(f"{BUCKET}/race{trial}/corpus-x")) == 3
+        manifest = fs.cat(f"{BUCKET}/race{trial}/corpus-x/manifest.json")
+        built = [tmp_path / f"t{trial}{host}" / "gs" / BUCKET / f"race{trial}" / "corpus-x" for host in ("a", "b")]
+        assert manifest in [(d / "manifest.json").read_bytes() for d in built]   # one host's, whole
+        for d in built:
+            for name in ("values.npy", "keys.npy"):
+                assert (d / name).read_bytes() == fs.cat(f"{BUCKET}/race{trial}/corpus-x/{name}")
+
+
+def test_a_staging_folder_is_removed_only_when_its_owner_is_provably_gone(gcs, tmp_path, monkeypatch):
+    """The mirror root may be shared by hosts (an NFS home) or containers: a bare pid says nothing there."""
+    monkeypatch.setenv(paths.MIRROR_ENV, str(tmp_path / "mirror"))
+    base = tmp_path / "mirror" / ".staged"
+    base.mkdir(parents=True)
+    me = paths._owner()
+    dead = subprocess.Popen(["true"])
+    gone = paths._owner(dead.pid)
+    dead.wait()
+    live = subprocess.Popen(["sleep", "600"])
+    owners = {"other_host": gone[:4] + ("otherhost",), "other_namespace": gone[:2] + ("4026500000",) + me[3:],
+              "other_boot": gone[:3] + ("0" * 16,) + me[4:], "live_here": paths._owner(live.pid),
+              "dead_here": gone, "pid_reused": (me[0], "1") + me[2:]}
+    folders = {name: base / ("+".join(o) + "-x" + name.replace("_", "")) for name, o in owners.items()}
+    folders["before_owners"] = base / f"{dead.pid}-abc"   # (a name of the earlier format)
+    for f in folders.values():
+        f.mkdir()
+        (f / "plan.json").write_text("{}")
+    try:
+        with paths.staged(f"gs://{BUCKET}/staged_owner", "--out") as mine:
+            assert mine.name.startswith("+".join(me) + "-")
+            assert sorted(n for n, f in folders.items() if f.exists()) == [
+                "before_owners", "live_here", "other_boot", "other_host", "other_namespace"]
+            assert all((f / "plan.json").exists() for f in folders.values() if f.exists())
+    finally:
+        live.kill()
+        live.wait()
+    assert not mine.exists()
+    # An owner this host cannot check is given up only when nothing in its folder changed for a week.
+    week_ago = time.time() - paths.STAGED_STALE_S - 60
+    for f in (folders["other_host"], folders["other_host"] / "plan.json"):
+        os.utime(f, (week_ago, week_ago))
+    with paths.staged(f"gs://{BUCKET}/staged_owner", "--out"):
+        assert sorted(n for n, f in folders.items() if f.exists()) == ["before_owners", "other_boot", "other_namespace"]
+
+    # A real second PID namespace (as a container sharing this mirror): its live job's folder is kept.
+    if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --pid needs privileges here")
+    script = ("import sys, time; from pathlib import Path; from chmr_jax.data import paths\n"
+              "with paths.staged(sys.argv[1], '--out') as d:\n"
+              "    (d / 'plan.json').write_text('{}'); print(d, flush=True)\n"
+              "    while not Path(sys.argv[2]).exists(): time.sleep(0.05)\n")
+    other = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script,
+                              f"gs://{BUCKET}/staged_owner", str(tmp_path / "done")],
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = Path(other.stdout.readline().strip())
+        assert theirs.parent == base and theirs.name.split("+")[2] != me[2]   # (another namespace)
+        with paths.staged(f"gs://{BUCKET}/staged_owner", "--out"):
+            assert (theirs / "plan.json").exists()
+    finally:
+        (tmp_path / "done").touch()
+        other.wait(timeout=60)
+    assert other.returncode == 0 and not theirs.exists()
+
+
+# Process 0's metric writers on a gs:// workdir, then a SIGKILL: rows 1..3 written, each flushed as the loop does
+# (uploaded at once: no upload interval here), the job killed.
+KILLED_WRITERS = """
+import os, signal, sys
+from chmr_jax.training import metric_writers
+metric_writers.UPLOAD_EVERY_S = 0
+w = metric_writers.MetricWriters(sys.argv[1])
+for step in (1, 2, 3):
+    w.write(step, {"loss": 1.0 / step})
+    w.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_gs_metric_writers_leave_no_local_staging_even_when_killed(gcs, tmp_path):
+    """TensorBoard events of a gs:// workdir are written in memory and uploaded whole: a SIGKILLed job leaves
+    no /tmp/chmr_tb_* (nor anything else) behind, and the events it synced decode."""
+    from helpers import event_class, read_event_records
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, **gcs, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT), paths.MIRROR_ENV: str(tmp_path / "m")}
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITERS, f"gs://{BUCKET}/tb_run"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert list(tmp.iterdir()) == [] and not (tmp_path / "gs:").exists()
+    fs = _bucket(gcs)
+    fs.invalidate_cache()
+    (event_file,) = fs.ls(f"{BUCKET}/tb_run/tensorboard")
+    assert event_file.rsplit("/", 1)[1].startswith("events.out.tfevents.")
+    fs.get(event_file, str(tmp_path / "events"))
+    Event = event_class()
+    scalars = [(e.step, v.tag, round(v.simple_value, 4)) for e in map(Event.FromString, read_event_records(
+        tmp_path / "events")) for v in e.summary.value]
+    assert scalars == [(1, "loss", 1.0), (2, "loss", 0.5), (3, "loss", 0.3333)]
+    assert [r["step"] for r in metric_writers.read_jsonl(f"gs://{BUCKET}/tb_run/metrics.jsonl")] == [1, 2, 3]
 
 
 def test_a_corrupt_gs_checkpoint_is_copied_aside_and_the_older_one_restored(gcs):
@@ -229,7 +392,120 @@ def test_a_corrupt_gs_checkpoint_is_copied_aside_and_the_older_one_restored(gcs)
     aside = fs.ls(f"{BUCKET}/q/corrupt")
     assert len(aside) == 1 and aside[0].rsplit("/", 1)[1].startswith("2-")
     assert fs.exists(f"{aside[0]}/commit_success.txt") and not fs.exists(f"{BUCKET}/q/checkpoints/2/commit_success.txt")
+    # The run goes on and saves step 2 again: Orbax's file system (etils' gcsfs) must not still list the old
+    # step 2 (its rm of the stale listing raised FileNotFoundError and ended the run).
+    ckpt.save(2, jax.tree.map(lambda x: x + 20, state), {"step": 2})
     ckpt.close()
+    assert _committed(fs, f"{BUCKET}/q/checkpoints") == [1, 2]
+    again, meta = checkpoint_lib.Checkpointer(f"gs://{BUCKET}/q/checkpoints", max_to_keep=None).restore_newest_good(state)
+    assert meta["step"] == 2
+    np.testing.assert_array_equal(np.asarray(again["params"]["w"]), np.arange(12.0).reshape(3, 4) + 20)
+
+
+# One of 2 JAX processes (CPU, gloo, one device each) checkpointing a small replicated state into a gs://
+# folder: phase "save" writes steps 1 and 2; phase "resume" restores the newest good step, saves step 2
+# again and closes (its read-back check included), then writes what it restored to OUT/<process>.json.
+TWO_PROCESS_GS_CHECKPOINT = """
+import json, sys
+port, pid, directory, out, phase = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid)
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from chmr_jax.training import checkpoint, train
+replicated = NamedSharding(train.data_mesh(jax.devices()), PartitionSpec())
+def state(scale):
+    g = lambda a: jax.make_array_from_callback(a.shape, replicated, lambda index: a[index])
+    return {"params": {"w": g(np.full((64, 16), scale, np.float32))}, "rest": {"mean": g(np.ones(3, np.float32))}}
+warnings = []
+ckpt = checkpoint.Checkpointer(directory, max_to_keep=None, log=warnings.append)
+if phase == "save":
+    for step in (1, 2):
+        ckpt.save(step, state(float(step)), {"step": step})
+else:
+    restored, meta = ckpt.restore_newest_good(state(0.0))
+    ckpt.save(2, state(20.0), {"step": 2})
+    ckpt.close()
+    again, meta2 = checkpoint.Checkpointer(directory, max_to_keep=None).restore_newest_good(state(0.0))
+    open(f"{out}/{pid}.json", "w").write(json.dumps({"restored": meta["step"], "w": float(train.host_array(
+        restored["params"]["w"])[0, 0]), "then": meta2["step"], "w2": float(train.host_array(again["params"]["w"])[0, 0]),
+        "warnings": warnings}))
+ckpt.close()
+"""
+
+
+def _flip_largest_data_file(fs, step_key):
+    """64 bytes flipped in the middle of the largest `d/` file of a checkpoint step (as the break-in did)."""
+    fs.invalidate_cache()
+    key = max((k for k in fs.find(step_key) if "/d/" in k), key=fs.size)
+    data = bytearray(fs.cat(key))
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    fs.pipe(key, bytes(data))
+
+
+def test_two_processes_set_a_corrupt_gs_checkpoint_aside_and_save_that_step_again(gcs, tmp_path):
+    env = {**os.environ, **gcs, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "PYTHONPATH": str(ROOT)}
+    directory = f"gs://{BUCKET}/mp/checkpoints"
+
+    def both(phase):
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_GS_CHECKPOINT, str(port), str(i), directory,
+                                   str(tmp_path), phase], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for i in (0, 1)]
+        try:
+            outs = [p.communicate(timeout=300)[0] for p in procs]   # (the old code hung in the save, then aborted)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        for i, o in enumerate(outs):
+            (tmp_path / f"{phase}_{i}.log").write_text(o)
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+
+    fs = _bucket(gcs)
+    both("save")
+    assert _committed(fs, f"{BUCKET}/mp/checkpoints") == [1, 2]
+    _flip_largest_data_file(fs, f"{BUCKET}/mp/checkpoints/2/state")
+    both("resume")
+    got = [json.loads((tmp_path / f"{i}.json").read_text()) for i in (0, 1)]
+    assert [(g["restored"], g["w"], g["then"], g["w2"]) for g in got] == [(1, 1.0, 2, 20.0)] * 2
+    assert "step 2 is corrupt" in got[0]["warnings"][0]
+    assert _committed(fs, f"{BUCKET}/mp/checkpoints") == [1, 2]
+    assert [p.rsplit("/", 1)[1].split("-")[0] for p in fs.ls(f"{BUCKET}/mp/corrupt")] == ["2"]
+
+
+def test_two_process_pretraining_resumes_past_a_corrupt_gs_checkpoint_and_finishes(gcs, cache_dir, tmp_path):
+    """launch/two_process.sh with a gs:// workdir: 4 steps (checkpoints 2, 4), step 4 damaged, then 6 steps: both
+    processes set step 4 aside, resume from 2, save 4 again and finish (the break-in's process 0 crashed and
+    process 1 hung in that save). No local `gs:` folder and no /tmp/chmr_tb_* either."""
+    logs, tmp = tmp_path / "logs", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, **gcs, "PYTHON": sys.executable, "LOG_DIR": str(logs), "TMPDIR": str(tmp),
+           paths.MIRROR_ENV: str(tmp_path / "host%i"), "PYTHONPATH": str(ROOT)}
+
+    def run(steps):
+        out = subprocess.run(["bash", str(ROOT / "launch" / "two_process.sh"), f"gs://{BUCKET}/mp_run", "--config",
+                              TEST_CONFIG, f"--config.cache_dir={cache_dir}", f"--config.train.steps={steps}",
+                              "--config.train.checkpoint_every_steps=2", "--config.train.progress=log"],
+                             env=env, capture_output=True, text=True, timeout=900)
+        text = [(logs / f"process_{i}.log").read_text() for i in (0, 1)]
+        assert out.returncode == 0, out.stderr + "\n".join(t[-3000:] for t in text)
+        return text
+
+    fs = _bucket(gcs)
+    run(4)
+    assert _committed(fs, f"{BUCKET}/mp_run/checkpoints") == [2, 4]
+    _flip_largest_data_file(fs, f"{BUCKET}/mp_run/checkpoints/4/state")
+    text = run(6)
+    assert "checkpoint step 4 is corrupt" in text[0] and f"resumed from gs://{BUCKET}/mp_run/checkpoints/2" in text[0]
+    assert _committed(fs, f"{BUCKET}/mp_run/checkpoints") == [2, 4, 6]
+    assert json.loads(fs.cat(f"{BUCKET}/mp_run/summary.json"))["steps"] == 6
+    assert [r["step"] for r in map(json.loads, fs.cat(f"{BUCKET}/mp_run/metrics.jsonl").decode().splitlines())] \
+        == [1, 2, 3, 4, 5, 6]
+    assert list(tmp.iterdir()) == [] and not (ROOT / "gs:").exists() and not (ROOT / "runs" / "logs" / BUCKET).exists()
 
 
 # Runs `chmr-jax pretrain` and SIGKILLs itself at the final save (step 6), once checkpoint 4 is committed:
@@ -273,13 +549,19 @@ def test_gs_workdir_killed_run_resumes_the_same_curve_and_embeds(gcs, cache_dir,
     assert not fs.exists(f"{BUCKET}/run/summary.json")
     assert [p for p in fs.find(f"{BUCKET}/cache") if p.endswith("/manifest.json") and "/corpus-synthetic-" in p]
     env[paths.MIRROR_ENV] = str(tmp_path_factory.mktemp("pretrain_host2"))
+    # The newest checkpoint is damaged (64 bytes flipped): the resumed run sets it aside, resumes from step 2,
+    # saves step 4 again (through Orbax's own file system, which must not still list the old step 4) and finishes.
+    _flip_largest_data_file(fs, f"{BUCKET}/run/checkpoints/4/state")
 
     # (the resumed run also traces step 5: jax.profiler writes locally, the trace is copied into the bucket)
     resumed = subprocess.run([sys.executable, "-m", "chmr_jax.cli", *args, "--config.train.profile_steps=5:6"],
                              env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-3000:]
-    assert f"resumed from {workdir}/checkpoints/4 (step 4 of 6)" in resumed.stdout
+    assert "checkpoint step 4 is corrupt" in resumed.stdout + resumed.stderr
+    assert f"resumed from {workdir}/checkpoints/2 (step 2 of 6)" in resumed.stdout
+    fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[1].split("-")[0] for p in fs.ls(f"{BUCKET}/run/corrupt")] == ["4"]
     assert "corpus: cached " in resumed.stdout and "corpus: building" not in resumed.stdout   # from the bucket
     assert _rows(fs, f"{BUCKET}/run/metrics.jsonl") == uninterrupted   # bit-identical after the restore
     assert _committed(fs, f"{BUCKET}/run/checkpoints") == [2, 4, 6]
@@ -476,10 +758,45 @@ def test_unreachable_bucket_fails_in_one_line_without_a_local_folder(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "chmr_jax.cli", "pretrain", "--config", TEST_CONFIG, "--workdir",
                            "gs://no-such-bucket/run"], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.returncode == 3, proc.stdout + proc.stderr   # (an environment fault: retrying may help)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("chmr-jax pretrain: --workdir gs://no-such-bucket/run: bucket "
                                                    "gs://no-such-bucket "), proc.stderr
     # (gcsfs keeps retrying a refused connection here; should it give up first, its error is the line)
     assert "did not answer within 20s" in lines[0] or "cannot be reached" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_exit_codes_tell_what_the_user_gave_from_storage_faults(gcs, tmp_path, monkeypatch, capsys):
+    """2: an error in what the user gave; 3: storage or the environment failed (an orchestrator retries it).
+    The FileNotFoundError that gcsfs raises for an object gone from under a listing (as Orbax's rmtree of a
+    stale step did) is a storage fault, not a missing input file."""
+    import fsspec
+    fs = fsspec.core.url_to_fs(f"gs://{BUCKET}/x")[0]
+    args = ["pretrain", "--config", TEST_CONFIG, "--workdir", f"gs://{BUCKET}/exit_codes"]
+
+    def code_and_line(raise_it):
+        monkeypatch.setattr(pretrain, "run", lambda config, workdir, data_dir=None: raise_it())
+        code = cli.main(args)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return code, lines[0]
+
+    code, line = code_and_line(lambda: fs.rm(f"{BUCKET}/exit_codes/checkpoints/4", recursive=True))
+    assert code == 3 and line.startswith("chmr-jax pretrain: storage or environment fault (FileNotFoundError") \
+        and "run it again" in line
+    assert code_and_line(lambda: open(tmp_path / "my_molecules.csv"))[0] == 2          # a file the user named
+    assert code_and_line(lambda: paths.check_reachable("gs://no-such-bucket/run", "--workdir")) == (
+        2, "chmr-jax pretrain: --workdir gs://no-such-bucket/run: bucket gs://no-such-bucket does not exist or these "
+           "credentials cannot see it; create it (gcloud storage buckets create gs://no-such-bucket) or fix the name")
+
+    def io_error():
+        raise checkpoint_lib.CheckpointIOError("gs://b/run/checkpoints/4: reading failed 3 times")
+    assert code_and_line(io_error) == (3, "chmr-jax pretrain: gs://b/run/checkpoints/4: reading failed 3 times")
+    assert code_and_line(lambda: int("x"))[0] == 2                                      # a bad value (ValueError)
+
+    def bug():
+        raise KeyError("a bug")
+    monkeypatch.setattr(pretrain, "run", lambda config, workdir, data_dir=None: bug())
+    with pytest.raises(KeyError):   # a bug keeps its traceback (exit 1)
+        cli.main(args)

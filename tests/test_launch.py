@@ -1,12 +1,17 @@
 """launch/tpu_pod.sh against a `gcloud` stub on PATH that records its arguments (no cloud needed):
-the TPU is created with autocheckpoint, jax[tpu] is pinned to setup.py's JAX_PIN, stale processes are
-killed before the start, the job starts detached with the compilation cache set, and the `stop` /
-`status` commands it sends really find (and only find) the job when run here in a shell."""
+the TPU is created with autocheckpoint (once: a re-run finds it), every worker provisions Python 3.11 with
+uv and installs with constraints/pod.txt (which pins what the tests ran with, jax[tpu] at setup.py's
+JAX_PIN), stale processes are killed before the start, the job starts detached with the compilation and
+feature caches in the workdir's bucket, its log is copied there, `resume` starts it again as recorded, and
+the commands it sends really work when run here in a shell (the install with stub uv / python3; start,
+stop and status find, and only find, the job)."""
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +25,8 @@ STUB = """#!/usr/bin/env python3
 import json, os, sys
 with open(os.environ["GCLOUD_LOG"], "a") as fh:
     fh.write(json.dumps(sys.argv[1:]) + "\\n")
+# `describe` of a TPU that does not exist fails, as gcloud's does (GCLOUD_TPU_EXISTS=1: it exists).
+sys.exit(1 if "describe" in sys.argv and not os.environ.get("GCLOUD_TPU_EXISTS") else 0)
 """
 
 
@@ -31,7 +38,7 @@ def run_launcher(tmp_path, *args, **env):
     log = tmp_path / "gcloud.jsonl"
     log.unlink(missing_ok=True)
     full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "GCLOUD_LOG": str(log),
-                "TPU_NAME": "chmr-pod", "ZONE": "us-central2-b", **env}
+                "TPU_NAME": "chmr-pod", "ZONE": "us-central2-b", "STATE_DIR": str(tmp_path / "state"), **env}
     out = subprocess.run(["bash", str(SCRIPT), *args], env=full_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in log.read_text().splitlines()]
@@ -58,6 +65,7 @@ def test_create_asks_for_autocheckpoint_and_the_accelerator(start_calls):
     c = create[0]
     assert c[:5] == ["alpha", "compute", "tpus", "tpu-vm", "create"] and "chmr-pod" in c
     assert "--autocheckpoint-enabled" in c
+    assert c[c.index("--version") + 1] == "tpu-ubuntu2204-base"   # (its Python is 3.10: the install brings 3.11)
     assert c[c.index("--accelerator-type") + 1] == "v5litepod-16"
     assert c[c.index("--zone") + 1] == "us-central2-b"
 
@@ -100,10 +108,14 @@ def test_start_stop_status_really_work_in_a_shell(tmp_path):
     venv_bin = home / "chmr_jax" / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
     stub = venv_bin / "chmr-jax"
-    stub.write_text("#!/usr/bin/env bash\ntrap 'echo TERM >> \"$HOME/job.log\"; exit 0' TERM\n"
-                    "echo \"$@\" > \"$HOME/job.args\"\nwhile true; do sleep 0.1; done\n")
+    stub.write_text("#!/usr/bin/env bash\ntrap 'echo TERM >> \"$HOME/job.log\"; echo stopped; exit 0' TERM\n"
+                    "echo \"$@\" > \"$HOME/job.args\"\necho training\nwhile true; do sleep 0.1; done\n")
     stub.chmod(0o755)
-    calls = commands(run_launcher(tmp_path, "start", str(tmp_path / "run")))
+    (home / "chmr_jax" / "launch").mkdir()
+    shutil.copy(ROOT / "launch" / "_copy_log.sh", home / "chmr_jax" / "launch")
+    (venv_bin / "python").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")   # (the log copier's fsspec)
+    (venv_bin / "python").chmod(0o755)
+    calls = commands(run_launcher(tmp_path, "start", str(tmp_path / "run"), LOG_COPY_EVERY_S="1"))
     running_check, start = calls[0], calls[-1]
     assert len(calls) == 4   # the running-job check, install, cleanup, start
     env = {**os.environ, "HOME": str(home)}
@@ -141,6 +153,19 @@ def test_start_stop_status_really_work_in_a_shell(tmp_path):
             time.sleep(0.1)
     out = subprocess.run(["bash", "-c", status], cwd=home, env=env, capture_output=True, text=True, timeout=30)
     assert "not running" in out.stdout
+    # The worker's log reached the workdir (here a local folder; gs:// on a pod), its end included.
+    copied = tmp_path / "run" / "logs" / f"pretrain-{socket.gethostname()}.log"
+    for _ in range(200):   # (the copier's last copy follows the job's end)
+        if copied.exists() and "stopped" in copied.read_text():
+            break
+        time.sleep(0.1)
+    assert copied.read_text() == (home / "chmr_jax" / "logs" / f"pretrain-{socket.gethostname()}.log").read_text()
+    assert copied.read_text().split() == ["training", "stopped"]
+    copier = int((home / "chmr_jax" / "logs" / "copy_log.pid").read_text())
+    try:   # (it ends by itself once no `chmr-jax pretrain` runs on this machine: other jobs may)
+        os.kill(copier, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
     assert subprocess.run(["bash", "-c", running_check], cwd=home, env=env, timeout=30).returncode == 0
 
 
@@ -154,3 +179,98 @@ def test_no_subcommand_and_no_arguments_is_a_usage_error(tmp_path):
     out = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "TPU_NAME": "x", "ZONE": "z"},
                          capture_output=True, text=True)
     assert out.returncode == 2 and "usage" in out.stderr
+
+
+def test_two_process_with_a_gs_workdir_keeps_its_logs_out_of_a_local_gs_folder(tmp_path):
+    """launch/two_process.sh with a gs:// workdir (the processes write it directly): the logs and pids go to a
+    local runs/logs/<bucket>/<path>, never a `gs:` folder that `tpu_pod.sh start` would then ship. A stub
+    Python stands in for the processes and records their arguments."""
+    tree = tmp_path / "repo"
+    (tree / "launch").mkdir(parents=True)
+    shutil.copy(ROOT / "launch" / "two_process.sh", tree / "launch")
+    stub = tmp_path / "python"
+    stub.write_text("#!/usr/bin/env bash\necho \"$@\"\n")
+    stub.chmod(0o755)
+    out = subprocess.run(["bash", str(tree / "launch" / "two_process.sh"), "gs://bucket/runs/mp", "--config", "c.py"],
+                         env={**os.environ, "PYTHON": str(stub), "PORT": "1234"}, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    logs = tree / "runs" / "logs" / "bucket" / "runs" / "mp"
+    assert sorted(p.name for p in logs.iterdir()) == ["process_0.log", "process_0.pid", "process_1.log",
+                                                       "process_1.pid"]
+    assert "pretrain --workdir gs://bucket/runs/mp --config c.py" in (logs / "process_1.log").read_text()
+    assert "--config.train.process_id=1" in (logs / "process_1.log").read_text()
+    assert not [p for p in tree.rglob("*") if p.name.startswith("gs:")]
+
+
+# Packages whose version decides the numerics or the checkpoint format: the pod must run the tested ones.
+DECIDING = ("jax", "jaxlib", "libtpu", "flax", "optax", "chex", "numpy", "ml_dtypes", "orbax-checkpoint", "tensorstore",
+            "etils", "gcsfs", "fsspec", "protobuf", "msgpack", "rdkit", "scipy", "scikit-learn")
+
+
+def test_constraints_pin_what_the_tests_run_with():
+    from importlib import metadata
+    pins = dict(line.split("==") for line in (ROOT / "constraints" / "pod.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    pins = {name.lower().replace("_", "-"): v for name, v in pins.items()}
+    assert pins["jax"] == jax_pin()
+    for name in DECIDING:
+        key = name.lower().replace("_", "-")
+        assert key in pins, f"constraints/pod.txt does not pin {name}"
+        assert pins[key] == metadata.version(name), (name, pins[key], metadata.version(name))
+
+
+def test_the_install_provisions_python_311_with_uv_and_the_constraints_and_can_run_again(start_calls, tmp_path):
+    """The install command, run here in a fake worker home with stub `python3` (the image's 3.10, which can
+    pip-install uv) and stub `uv` (records its arguments; `uv venv` makes a .venv with python3.11)."""
+    install = commands(start_calls)[0]
+    assert f"jax[tpu]=={jax_pin()}" in install and "-c constraints/pod.txt" in install
+    home, stubs = tmp_path / "home", tmp_path / "stubs"
+    home.mkdir()
+    stubs.mkdir()
+    uv = ("#!/usr/bin/env bash\necho \"$@\" >> \"$HOME/uv.log\"\n"
+          "if [ \"$1\" = venv ]; then mkdir -p \"${@: -1}/bin\"; touch \"${@: -1}/bin/python3.11\"; "
+          "chmod +x \"${@: -1}/bin/python3.11\"; fi\n")
+    (stubs / "python3").write_text(
+        "#!/usr/bin/env bash\necho \"$@\" >> \"$HOME/python3.log\"\nmkdir -p \"$HOME/.local/bin\"\n"
+        f"cat > \"$HOME/.local/bin/uv\" <<'UV'\n{uv}UV\nchmod +x \"$HOME/.local/bin/uv\"\n")
+    (stubs / "python3").chmod(0o755)
+    env = {**os.environ, "HOME": str(home), "PATH": f"{stubs}:/usr/bin:/bin"}
+    for _ in range(2):   # a second run (after a maintenance event) keeps uv and the venv
+        out = subprocess.run(["bash", "-c", install], cwd=home, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    assert (home / "python3.log").read_text().splitlines() == ["-m pip install -q --user uv==0.13.9"]
+    uv_calls = (home / "uv.log").read_text().splitlines()
+    assert uv_calls[0] == "venv -q --python 3.11 .venv"
+    install_call = f"pip install -q --python .venv/bin/python -c constraints/pod.txt -e . jax[tpu]=={jax_pin()}"
+    assert uv_calls[1:] == [install_call, install_call]
+    assert (home / "chmr_jax" / "constraints" / "pod.txt").exists() and (home / "chmr_jax" / "setup.py").exists()
+    # A venv of another Python (made by the earlier launcher with the image's 3.10) is made again.
+    shutil.rmtree(home / "chmr_jax" / ".venv")
+    (home / "chmr_jax" / ".venv" / "bin").mkdir(parents=True)
+    (home / "chmr_jax" / ".venv" / "bin" / "python3.10").touch()
+    assert subprocess.run(["bash", "-c", install], cwd=home, env=env, timeout=120).returncode == 0
+    assert (home / "uv.log").read_text().splitlines()[3] == "venv -q --python 3.11 .venv"
+    assert not (home / "chmr_jax" / ".venv" / "bin" / "python3.10").exists()
+
+
+def test_caches_and_logs_are_shared_through_the_workdirs_bucket(start_calls):
+    start = commands(start_calls)[-1]
+    assert "CHMR_CACHE_DIR='gs://bucket/chmr_jax_cache'" in start
+    assert re.search(r"bash launch/_copy_log\.sh \$log 'gs://bucket/runs/paper/logs/'pretrain-\$\(hostname\)\.log 60 "
+                     r"'chmr-jax\[ \]pretrain'", start)
+
+
+def test_resume_starts_the_recorded_job_again_without_creating_the_tpu(tmp_path):
+    first = run_launcher(tmp_path, "start", "gs://bucket/runs/paper", "--config.train.steps=10", "--note=a b",
+                         CREATE="1", CONFIG="configs/paper.py:tpu_pod,big", CHMR_DATA_DIR="gs://bucket/data")
+    assert [c for c in first if "create" in c]
+    again = run_launcher(tmp_path, "resume", CREATE="1", GCLOUD_TPU_EXISTS="1")   # (it exists now)
+    assert not [c for c in again if "create" in c] and ["compute", "tpus", "tpu-vm", "describe"] == again[0][:4]
+    # the same install and start as the first time, after the running-job check that a re-run needs
+    assert commands(again)[0].startswith("if pgrep -f 'chmr-jax[ ]pretrain'")
+    assert commands(again)[1:] == commands(first)
+    assert "--note=a\\ b" in commands(again)[-1] and "CHMR_DATA_DIR='gs://bucket/data'" in commands(again)[-1]
+    out = subprocess.run(["bash", str(SCRIPT), "resume"], capture_output=True, text=True,
+                         env={**os.environ, "TPU_NAME": "other-pod", "ZONE": "z", "STATE_DIR": str(tmp_path / "s")})
+    assert out.returncode == 2 and "no recorded start for TPU other-pod" in out.stderr

@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -36,7 +37,11 @@ _URL = re.compile(r"^(gs|s3|az|hf):/+(.*)$")
 
 
 class StorageUnreachable(OSError):
-    """A bucket that does not exist, cannot be read with these credentials, or does not answer."""
+    """A bucket that cannot be reached or does not answer (the network, the credentials): an environment fault."""
+
+
+class BucketNotFound(StorageUnreachable):
+    """A bucket that does not exist or these credentials cannot see: most often a typo in what the user gave."""
 
 
 def is_remote(path) -> bool:
@@ -88,8 +93,8 @@ def check_reachable(path, what: str = "path", timeout_s: float | None = None) ->
                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); check the name, the network "
                                  "and the credentials, or use a local path")
     if not result.get("exists"):
-        raise StorageUnreachable(f"{what} {url}: bucket {where} does not exist or these credentials cannot see it; "
-                                 f"create it (gcloud storage buckets create {where}) or fix the name")
+        raise BucketNotFound(f"{what} {url}: bucket {where} does not exist or these credentials cannot see it; "
+                             f"create it (gcloud storage buckets create {where}) or fix the name")
 
 
 def gcsfuse_mount(path) -> str | None:
@@ -170,8 +175,9 @@ def _local(path, what: str, prune: bool) -> Path:
 # `pull` brings the bucket's objects down (only those that differ), `push` sends local files up (only
 # those the bucket lacks or holds differently), markers (manifests, plan.json, shard records) after
 # everything else: a reader that finds one finds what it lists. Outputs are written in a per-job
-# `staged` folder instead. Every transfer is checked (size, and MD5, else CRC32C, where the store reports
-# one). The mirror's path alone names its URL (`remote_of`), so no state is kept between calls.
+# `staged` folder instead. Every transfer is checked: uploads by gcsfs (MD5), downloads against the listing
+# (size, and MD5, else CRC32C, where the store reports one). The mirror's path alone names its URL
+# (`remote_of`), so no state is kept between calls.
 
 MIRROR_ENV = "CHMR_MIRROR_DIR"
 _PULLED = ".chmr_pulled.json"   # in a pruned mirror: the names the last pull saw in the bucket
@@ -283,10 +289,9 @@ def pull(url, what: str = "path", only: Callable[[str], bool] | None = None, int
     fs, key = fsspec.core.url_to_fs(os.fspath(as_path(url)))
     local.mkdir(parents=True, exist_ok=True)
     listing = _listing(fs, key)
-    for rel, info in sorted(listing.items()):
-        if (only is not None and not only(rel)) or _same(local / rel, info):
-            continue
-        _download(fs, f"{key.rstrip('/')}/{rel}", info, local / rel, f"{what} {os.fspath(as_path(url))}/{rel}")
+    _download(fs, [(f"{key.rstrip('/')}/{rel}", info, local / rel, f"{what} {os.fspath(as_path(url))}/{rel}")
+                   for rel, info in sorted(listing.items())
+                   if (only is None or only(rel)) and not _same(local / rel, info)])
     if prune:
         # Only what an earlier pull brought down and the bucket no longer holds: files this host added
         # itself (a public file downloaded into a gs:// data dir, a cache nested in it) are kept.
@@ -310,29 +315,70 @@ def staged(url, what: str = "path", only: Callable[[str], bool] | None = None) -
     copy of what the bucket holds (the objects `only` passes), the job writes into it and uploads with
     push(folder, to=url), and it is deleted on exit. Fresh per job, so nothing stale from an earlier run
     (or another process on this host) is mixed in or uploaded again. It lives under the mirror root
-    (<root>/.staged/<pid>-...); folders of processes that no longer run (a killed job) are removed here.
-    (pull asks the bucket first: an unreachable one raises and the folder is removed.)"""
-    base = mirror_root() / ".staged"
-    base.mkdir(parents=True, exist_ok=True)
-    for old in base.iterdir():
-        pid = old.name.split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
+    (<root>/.staged/<owner>-...), which may be shared by hosts (an NFS home) or containers: a folder is
+    removed here only when its owner is provably gone (`_abandoned`), never for a process this host cannot
+    see. (pull asks the bucket first: an unreachable one raises and the folder is removed.)"""
+    folder = staging_folder()
     try:
         yield pull(url, what, only=only, into=folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _running(pid: int) -> bool:
+def staging_folder() -> Path:
+    """A new empty folder <mirror root>/.staged/<owner>-<random> for local files on their way to a bucket
+    (the caller deletes it); the folders of owners that are provably gone (a killed job) are removed first."""
+    base = mirror_root() / ".staged"
+    base.mkdir(parents=True, exist_ok=True)
+    me, now = _owner(), time.time()
+    for old in base.iterdir():
+        if _abandoned(old, me, now):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix="+".join(me) + "-", dir=base))
+
+
+# A staging folder whose owner this host cannot check (another host, PID namespace or boot, or a name from
+# before owners were recorded) is removed only when nothing in it changed for this long.
+STAGED_STALE_S = 7 * 24 * 3600
+
+
+def _owner(pid: int | None = None) -> tuple[str, str, str, str, str]:
+    """(pid, its start time, PID namespace, boot id, hostname) of a process (default: this one): a pid alone
+    names a process only within one PID namespace of one boot of one host, and only until it is reused."""
+    import socket
+    pid = os.getpid() if pid is None else pid
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        namespace = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:16]
+    except OSError:   # (no /proc: not Linux)
+        namespace = boot = ""
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    return str(pid), _start_time(pid) or "", namespace, boot, host
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22); None: no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _abandoned(folder: Path, me: tuple, now: float) -> bool:
+    """Whether staging folder `folder` may be removed: its owner ran in this PID namespace of this boot of
+    this host and that process (pid and start time) no longer runs; or, for an owner this host cannot check,
+    nothing in it changed for STAGED_STALE_S."""
+    owner = folder.name.rsplit("-", 1)[0].split("+")
+    if len(owner) == 5 and owner[0].isdigit() and owner[2:] == list(me[2:]) and me[2]:
+        if owner[:2] == list(me[:2]):
+            return False   # (this very process)
+        return _start_time(int(owner[0])) != owner[1]   # gone, or the pid now belongs to another process
+    try:
+        newest = max([folder.stat().st_mtime] + [p.stat().st_mtime for p in folder.rglob("*")])
+    except OSError:   # (removed meanwhile)
         return False
-    except PermissionError:   # someone else's process
-        return True
-    return True
+    return now - newest > STAGED_STALE_S
 
 
 def local_file(path, what: str = "path") -> Path:
@@ -353,19 +399,28 @@ def local_file(path, what: str = "path") -> Path:
         raise IsADirectoryError(f"{what} {url} is a folder; name a file")
     dst = mirror_of(url)
     if not _same(dst, info):
-        _download(fs, key, info, dst, f"{what} {url}")
+        _download(fs, [(key, info, dst, f"{what} {url}")])
     return dst
 
 
-def _download(fs, key: str, info: dict, dst: Path, name: str) -> None:
-    """One object to `dst`: a temporary name, size and MD5 checked, then renamed."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-    fs.get_file(key, str(tmp))
-    if _compare(tmp, info) is False:   # (no digest to compare: the size was checked)
-        tmp.unlink()
-        raise OSError(f"{name}: the downloaded copy differs from the object (size or MD5); run again")
-    os.replace(tmp, dst)
+def _download(fs, items: list) -> None:
+    """Objects [(key, info, dst, name)] to local files, in one batch (gcsfs fetches a list concurrently):
+    each to a temporary name, checked against the listing (size, and MD5 or CRC32C: gcsfs's own check needs
+    an MD5, which composite objects lack, and crcmod), then renamed into place."""
+    if not items:
+        return
+    tmps = [dst.with_name(dst.name + f".tmp{os.getpid()}") for _, _, dst, _ in items]
+    for tmp in tmps:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fs.get([key for key, _, _, _ in items], [str(t) for t in tmps])
+        for (_, info, dst, name), tmp in zip(items, tmps):
+            if _compare(tmp, info) is False:   # (no digest to compare: the size was checked)
+                raise OSError(f"{name}: the downloaded copy differs from the object (size or MD5); run again")
+            os.replace(tmp, dst)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
 
 
 def _is_marker(rel: str) -> bool:
@@ -378,8 +433,12 @@ def push(local, what: str = "path", only: Callable[[str], bool] | None = None, t
     """Uploads the files under folder `local` (a mirror folder or one inside it; or any folder with `to`,
     the URL it stands for) that the bucket lacks or holds differently: markers (_is_marker) after all
     others, each group oldest first (file times can tie: the explicit group is what guarantees a
-    manifest goes up after what it lists); each upload is checked (size, MD5). Returns how many were
-    sent; 0 for a plain local folder (nothing to do)."""
+    manifest goes up after what it lists). gcsfs checks each upload (consistency="md5": the MD5 that GCS
+    computed of what it stored). An object the bucket lacked when listed is created only if it is still
+    absent (gcsfs mode="create", a generation precondition): when another host created it meanwhile (two
+    hosts pushing the same content-keyed cache entry: the same arrays, manifests that differ only in when
+    and where they were built), that object is kept and copied over the local file, so both pushes succeed
+    and the bucket holds one object. Returns how many were sent; 0 for a plain local folder."""
     url = os.fspath(as_path(to)) if to is not None else remote_of(local)
     if url is None:
         return 0
@@ -394,11 +453,19 @@ def push(local, what: str = "path", only: Callable[[str], bool] | None = None, t
         if (only is not None and not only(rel)) or (rel in listing and _same(path, listing[rel])):
             continue
         target = f"{key.rstrip('/')}/{rel}"
-        fs.put_file(str(path), target)
-        info = fs.info(target)
-        if _compare(path, info) is False:
-            raise OSError(f"{what} {url}/{rel}: the uploaded object differs from the local file (size or MD5); "
-                          "run again")
+        try:
+            fs.put_file(str(path), target, consistency="md5", mode="overwrite" if rel in listing else "create")
+        except FileExistsError:   # created by another host since the listing: theirs is kept
+            fs.invalidate_cache(target)
+            info = fs.info(target)
+            if not _same(path, info):
+                _download(fs, [(target, info, path, f"{what} {url}/{rel}")])
+            continue
+        except Exception as e:
+            if type(e).__name__ == "ChecksumError":   # (gcsfs.retry.ChecksumError is no OSError)
+                raise OSError(f"{what} {url}/{rel}: the uploaded object differs from the local file (MD5); "
+                              "run again") from e
+            raise
         sent += 1
     return sent
 

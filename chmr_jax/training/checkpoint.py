@@ -17,7 +17,8 @@ aside to `<directory>/../corrupt/<step>-<time>` with a warning; it never moves t
 Storage without directory renames (gs://, and a bucket mounted with gcsfuse, found in /proc/mounts;
 `dir_renames`): Orbax writes each step in place and marks it finished with a commit_success.txt file
 (its commit-file mode; a step without it is not listed), and a corrupt step is moved aside by copying
-it to corrupt/ and then deleting it, so the same agreed steps are moved either way.
+it to corrupt/ and then deleting it (on gs:// through Orbax's own file system instance, so Orbax's next
+save of that step number does not meet a stale listing), so the same agreed steps are moved either way.
 Rotation: each save is read back and its digests checked before the keep-N rotation may delete
 older steps, so it always keeps at least one verified step; a save that fails the check is moved
 aside instead. `save` refuses a state with non-finite parameters, optimiser moments or statistics.
@@ -58,6 +59,10 @@ RETRY_DELAYS_S = (1.0, 4.0)
 # tensorstore reports errors as ValueError("<STATUS>: ..."): these say the bytes are missing or malformed
 # (a truncated / emptied / deleted file), the others may pass (network file systems, overload).
 _CORRUPT_STATUS = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
+# tensorstore's words for bytes that do not decode, where its message has no status prefix (damaged OCDBT
+# b-tree nodes: 'Error opening "zarr" driver: ... Error decoding b-tree node: ZSTD_decompressStream() failed:
+# Data corruption detected').
+_CORRUPT_MESSAGES = ("Data corruption detected", "Error decoding b-tree node")
 _TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED", "CANCELLED", "INTERNAL",
                      "UNKNOWN")
 
@@ -81,7 +86,7 @@ def _own_failure_kind(e: BaseException) -> str:
     if isinstance(e, OSError):
         return "transient"
     status = str(e).split(":", 1)[0].strip()
-    if isinstance(e, ValueError) and status in _CORRUPT_STATUS:
+    if isinstance(e, ValueError) and (status in _CORRUPT_STATUS or any(m in str(e) for m in _CORRUPT_MESSAGES)):
         return "corrupt"
     return "transient" if status in _TRANSIENT_STATUS else "other"
 
@@ -219,6 +224,12 @@ def dir_renames_of(setting: str, directory) -> bool:
     return default_dir_renames(directory) if setting == "auto" else setting == "rename"
 
 
+def _orbax_fs(path):
+    """The fsspec file system through which Orbax (etils.epath) reads and writes a gs:// path."""
+    from etils.epath import backend
+    return backend.fsspec_backend.fs(os.fspath(path))
+
+
 class Checkpointer:
     """Periodic / final checkpoints in `directory`, keeping the newest `max_to_keep` (None: all).
 
@@ -333,11 +344,16 @@ class Checkpointer:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(src), str(dst))
         elif paths.is_remote(src):
+            # Through the file system instance Orbax itself uses (etils', keyed by the scheme): a separate
+            # gcsfs instance would leave etils' cached listing holding the deleted step, and Orbax's next save
+            # of that step number would try to delete its stale files (FileNotFoundError). Both caches are
+            # dropped after, as another instance (paths, a second Checkpointer) may have listed the step too.
+            fs = _orbax_fs(src)
+            fs.copy(os.fspath(src), os.fspath(dst), recursive=True)
+            fs.rm(os.fspath(src), recursive=True)
+            fs.invalidate_cache()
             import fsspec
-            fs, src_key = fsspec.core.url_to_fs(os.fspath(src))
-            dst_key = fsspec.core.url_to_fs(os.fspath(dst))[1]
-            fs.copy(src_key, dst_key, recursive=True)
-            fs.rm(src_key, recursive=True)
+            fsspec.core.url_to_fs(os.fspath(src))[0].invalidate_cache()
         else:
             shutil.copytree(src, dst)
             shutil.rmtree(src)

@@ -7,10 +7,8 @@ resumed run's summary covers the whole run and not only its last process, a prof
 from __future__ import annotations
 
 import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import jax
 
@@ -155,8 +153,9 @@ class Profiler:
         self.window = window if enabled else None
         self.logdir, self.log = logdir, log
         self.active = False
-        # jax.profiler writes local files: a gs:// workdir's trace is staged locally, copied up in stop().
-        self.staging = Path(tempfile.mkdtemp(prefix="chmr_profile_")) if paths.is_remote(logdir) and self.window else None
+        # jax.profiler writes local files: a gs:// workdir's trace is staged locally, copied up in stop(), in
+        # an owner-keyed folder under the mirror root (not /tmp), so a killed job's is removed by the next job.
+        self.staging = paths.staging_folder() if paths.is_remote(logdir) and self.window else None
 
     def before_step(self, step: int) -> None:
         """Before optimiser step `step` (1-based) is dispatched."""

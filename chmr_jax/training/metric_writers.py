@@ -3,17 +3,17 @@ TensorBoard event files through tensorboardX (a maintained event writer that nee
 clu's writers import TensorFlow).
 
 A gs:// workdir has no append: metrics.jsonl is kept in memory and the whole object rewritten, and
-the event files are written to a local staging folder and copied up, at most every UPLOAD_EVERY_S at
-`flush` and always at `sync` (the loop calls it before each checkpoint, so the rows a resumed run
-keeps are in the bucket) and `close`.
+so are the event files (tensorboardX writes them into memory through a writer factory of ours, never to
+a local staging folder that a SIGKILL would leave behind), at most every UPLOAD_EVERY_S at `flush` and
+always at `sync` (the loop calls it before each checkpoint, so the rows a resumed run keeps are in the
+bucket) and `close`.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import os
-import shutil
-import tempfile
+import threading
 import time
 
 import numpy as np
@@ -36,6 +36,47 @@ def scalars_of(metrics: dict) -> dict:
     return out
 
 
+class _MemoryFile:
+    """An event file tensorboardX writes into memory (its record writer: write / flush / close, no fileno)."""
+
+    def __init__(self):
+        self._data, self._lock = bytearray(), threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            self._data += data
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def getvalue(self) -> bytes:
+        with self._lock:
+            return bytes(self._data)
+
+
+class _MemoryFiles:
+    """tensorboardX's writer factory for `chmrmem://<n>/...` paths: {path: _MemoryFile} (a gs:// logdir's
+    event files, uploaded whole by TensorBoardWriter.sync)."""
+    PREFIX = "chmrmem"
+
+    def __init__(self):
+        self.files: dict[str, _MemoryFile] = {}
+        self.folders = itertools.count()
+
+    def open(self, path: str) -> _MemoryFile:
+        self.files[path] = _MemoryFile()
+        return self.files[path]
+
+    def directory_check(self, path: str) -> None:
+        pass
+
+
+_MEMORY = _MemoryFiles()
+
+
 class TensorBoardWriter:
     """Scalars under `logdir` as TensorBoard events (tensorboardX.SummaryWriter).
 
@@ -47,12 +88,16 @@ class TensorBoardWriter:
 
     def __init__(self, logdir, resume_step: int | None = None):
         from tensorboardX import SummaryWriter   # imported here: only the writing process needs it
+        from tensorboardX import record_writer
         self.logdir = paths.as_path(logdir)
-        # On gs://: written to a local folder, uploaded by sync() (tensorboardX appends to its file).
-        self._staging = tempfile.mkdtemp(prefix="chmr_tb_") if paths.is_remote(self.logdir) else None
-        if self._staging is None:
+        # On gs://: written into memory, uploaded by sync() (tensorboardX appends to its file).
+        self._memory = None
+        if paths.is_remote(self.logdir):
+            record_writer.register_writer_factory(_MemoryFiles.PREFIX, _MEMORY)
+            self._memory = f"{_MemoryFiles.PREFIX}://{next(_MEMORY.folders)}"
+        else:
             self.logdir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(self._staging or str(self.logdir),
+        self._writer = SummaryWriter(self._memory or str(self.logdir),
                                      purge_step=None if resume_step is None else resume_step + 1)
         self._uploaded = time.monotonic()
 
@@ -63,24 +108,25 @@ class TensorBoardWriter:
 
     def flush(self) -> None:
         self._writer.flush()
-        if self._staging is not None and time.monotonic() - self._uploaded >= UPLOAD_EVERY_S:
+        if self._memory is not None and time.monotonic() - self._uploaded >= UPLOAD_EVERY_S:
             self.sync()
 
     def sync(self) -> None:
-        """Copies the staged event files up (gs://); nothing to do locally."""
+        """Uploads the event files written so far (gs://: each object rewritten whole); nothing to do locally."""
         self._writer.flush()
-        if self._staging is None:
+        if self._memory is None:
             return
-        for name in sorted(os.listdir(self._staging)):
-            with open(f"{self._staging}/{name}", "rb") as fh:
-                files.atomic_write_bytes(self.logdir / name, fh.read())
+        for path, f in sorted(_MEMORY.files.items()):
+            if path.startswith(self._memory + "/"):
+                files.atomic_write_bytes(self.logdir / path.rsplit("/", 1)[1], f.getvalue())
         self._uploaded = time.monotonic()
 
     def close(self) -> None:
         self._writer.close()
-        if self._staging is not None:
+        if self._memory is not None:
             self.sync()
-            shutil.rmtree(self._staging, ignore_errors=True)
+            for path in [p for p in _MEMORY.files if p.startswith(self._memory + "/")]:
+                del _MEMORY.files[path]
 
 
 class JsonlWriter:
