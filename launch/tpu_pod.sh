@@ -55,8 +55,11 @@ if ! grep -qx "jax==$JAX_VERSION" "$CONSTRAINTS"; then
   exit 2
 fi
 # What identifies our job in the process table (the stop / status / cleanup patterns).
-# The bracket keeps the pattern from matching the remote shell that runs pkill / pgrep with it.
-JOB_PATTERN='chmr-jax[ ]pretrain'
+# The bracket keeps the pattern from matching the remote shell that runs pkill / pgrep with it. Anchored on
+# this install's own path (expanded on the worker, where the job is started by it): a bare 'chmr-jax pretrain'
+# would also stop any other user's or checkout's pretraining on the machine (the test suite runs these
+# commands on the developer's machine).
+JOB_PATTERN="\$HOME/$REMOTE_DIR/[.]venv/bin/chmr-jax pretrain"
 
 tpu() { gcloud compute tpus tpu-vm "$@" --zone "$ZONE"; }
 on_all() { tpu ssh "$TPU_NAME" --worker=all --command "$1"; }
@@ -69,7 +72,7 @@ esac
 
 case "$cmd" in
 status)
-  on_all "if pgrep -f '$JOB_PATTERN' >/dev/null; then echo \"\$(hostname): running\"; else echo \"\$(hostname): not running\"; fi; tail -n 3 $LOG_DIR/pretrain-\$(hostname).log 2>/dev/null || true"
+  on_all "if pgrep -f \"$JOB_PATTERN\" >/dev/null; then echo \"\$(hostname): running\"; else echo \"\$(hostname): not running\"; fi; tail -n 3 $LOG_DIR/pretrain-\$(hostname).log 2>/dev/null || true"
   exit 0 ;;
 logs)
   lines=${1:-50}
@@ -78,7 +81,7 @@ logs)
   exit 0 ;;
 stop)
   # SIGTERM, not SIGKILL: the processes agree on a stop step, checkpoint it and exit 0.
-  on_all "pkill -TERM -f '$JOB_PATTERN' || true; for i in \$(seq 120); do pgrep -f '$JOB_PATTERN' >/dev/null || exit 0; sleep 1; done; echo \"\$(hostname): still running after 120 s\" >&2; exit 1"
+  on_all "pkill -TERM -f \"$JOB_PATTERN\" || true; for i in \$(seq 120); do pgrep -f \"$JOB_PATTERN\" >/dev/null || exit 0; sleep 1; done; echo \"\$(hostname): still running after 120 s\" >&2; exit 1"
   exit 0 ;;
 resume)
   recorded="$STATE_DIR/$TPU_NAME.sh"
@@ -119,7 +122,7 @@ if [ "${CREATE:-0}" = 1 ] && ! tpu describe "$TPU_NAME" > /dev/null 2>&1; then
 fi
 if [ "$exists" = 1 ] && [ "${FORCE:-0}" != 1 ]; then
   # A running job would be SIGKILLed by the cleanup below, losing the work since its last checkpoint.
-  on_all "if pgrep -f '$JOB_PATTERN' >/dev/null; then echo \"\$(hostname): the job is still running; run 'bash launch/tpu_pod.sh stop' first (or FORCE=1)\" >&2; exit 1; fi"
+  on_all "if pgrep -f \"$JOB_PATTERN\" >/dev/null; then echo \"\$(hostname): the job is still running; run 'bash launch/tpu_pod.sh stop' first (or FORCE=1)\" >&2; exit 1; fi"
 fi
 # Ship the working tree (no venv, caches, runs or stray local `gs:` folders) to every worker.
 tar czf /tmp/chmr_jax_src.tgz --exclude=.venv --exclude=runs --exclude=.git --exclude='./gs:' .
@@ -132,17 +135,17 @@ on_all "set -e; mkdir -p $REMOTE_DIR && tar xzf /tmp/chmr_jax_src.tgz -C $REMOTE
   uv pip install -q --python .venv/bin/python -c $CONSTRAINTS -e . 'jax[tpu]==$JAX_VERSION'"
 # A previous (crashed or orphaned) job still holding the TPU makes the new one fail to open it: stop ours,
 # then whatever holds the accelerator device files, and the lockfile libtpu leaves behind.
-on_all "pkill -KILL -f '$JOB_PATTERN' || true; sudo fuser -k -KILL /dev/accel* /dev/vfio/* 2>/dev/null || true; sudo rm -f /tmp/libtpu_lockfile; sleep 2"
+on_all "pkill -KILL -f \"$JOB_PATTERN\" || true; sudo fuser -k -KILL /dev/accel* /dev/vfio/* 2>/dev/null || true; sudo rm -f /tmp/libtpu_lockfile; sleep 2"
 # The same command on every worker, detached (setsid + nohup, stdin closed): it outlives this ssh session.
 # Beside it, detached too, launch/_copy_log.sh copies the worker's log to WORKDIR/logs/ until the job ends.
 ARGS=""
 [ $# -gt 0 ] && ARGS=$(printf " %q" "$@")
 on_all "set -e; cd $REMOTE_DIR; mkdir -p $LOG_DIR; log=$LOG_DIR/pretrain-\$(hostname).log
-  CHMR_DATA_DIR='$DATA' CHMR_CACHE_DIR='$CACHE_DIR' setsid nohup .venv/bin/chmr-jax pretrain \
+  CHMR_DATA_DIR='$DATA' CHMR_CACHE_DIR='$CACHE_DIR' setsid nohup \$HOME/$REMOTE_DIR/.venv/bin/chmr-jax pretrain \
   --config '$CONFIG' --workdir '$WORKDIR' --config.train.distributed=True \
   --config.train.compilation_cache_dir='$COMPILATION_CACHE' $ARGS \
   > \$log 2>&1 < /dev/null & echo \$! > $LOG_DIR/pretrain.pid
-  setsid nohup bash launch/_copy_log.sh \$log '${WORKDIR%/}/logs/'pretrain-\$(hostname).log $LOG_COPY_EVERY_S '$JOB_PATTERN' \
+  setsid nohup bash launch/_copy_log.sh \$log '${WORKDIR%/}/logs/'pretrain-\$(hostname).log $LOG_COPY_EVERY_S \"$JOB_PATTERN\" \
   > $LOG_DIR/copy_log.err 2>&1 < /dev/null & echo \$! > $LOG_DIR/copy_log.pid
   echo \"\$(hostname): started \$(cat $LOG_DIR/pretrain.pid)\""
 echo "Started on every worker of $TPU_NAME. Results in $WORKDIR (checkpoints/, metrics.jsonl, summary.json, logs/)."

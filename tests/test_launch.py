@@ -143,10 +143,18 @@ def test_start_stop_status_really_work_in_a_shell(tmp_path):
     out = subprocess.run(["bash", "-c", running_check], cwd=home, env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "still running" in out.stderr and "stop" in out.stderr
 
-    stop = commands(run_launcher(tmp_path, "stop"))[-1]
-    out = subprocess.run(["bash", "-c", stop], cwd=home, env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert (home / "job.log").read_text().strip() == "TERM"
+    # Another checkout's (or user's) pretraining on the same machine: `stop` and `status` must leave it alone
+    # (the pattern is anchored on this install's path; a bare 'chmr-jax pretrain' stopped every one here).
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                              str(tmp_path / "elsewhere" / ".venv" / "bin" / "chmr-jax"), "pretrain"])
+    try:
+        stop = commands(run_launcher(tmp_path, "stop"))[-1]
+        out = subprocess.run(["bash", "-c", stop], cwd=home, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert (home / "job.log").read_text().strip() == "TERM"
+        assert other.poll() is None                       # still running
+    finally:
+        other.kill()
     with pytest.raises(ProcessLookupError):
         for _ in range(50):
             os.kill(pid, 0)
@@ -258,7 +266,7 @@ def test_caches_and_logs_are_shared_through_the_workdirs_bucket(start_calls):
     start = commands(start_calls)[-1]
     assert "CHMR_CACHE_DIR='gs://bucket/chmr_jax_cache'" in start
     assert re.search(r"bash launch/_copy_log\.sh \$log 'gs://bucket/runs/paper/logs/'pretrain-\$\(hostname\)\.log 60 "
-                     r"'chmr-jax\[ \]pretrain'", start)
+                     r'"\$HOME/chmr_jax/\[\.\]venv/bin/chmr-jax pretrain"', start)
 
 
 def test_resume_starts_the_recorded_job_again_without_creating_the_tpu(tmp_path):
@@ -268,7 +276,7 @@ def test_resume_starts_the_recorded_job_again_without_creating_the_tpu(tmp_path)
     again = run_launcher(tmp_path, "resume", CREATE="1", GCLOUD_TPU_EXISTS="1")   # (it exists now)
     assert not [c for c in again if "create" in c] and ["compute", "tpus", "tpu-vm", "describe"] == again[0][:4]
     # the same install and start as the first time, after the running-job check that a re-run needs
-    assert commands(again)[0].startswith("if pgrep -f 'chmr-jax[ ]pretrain'")
+    assert commands(again)[0].startswith('if pgrep -f "$HOME/chmr_jax/[.]venv/bin/chmr-jax pretrain"')
     assert commands(again)[1:] == commands(first)
     assert "--note=a\\ b" in commands(again)[-1] and "CHMR_DATA_DIR='gs://bucket/data'" in commands(again)[-1]
     out = subprocess.run(["bash", str(SCRIPT), "resume"], capture_output=True, text=True,
