@@ -41,9 +41,10 @@ case "${1:-}" in
   pretrain) pretrain "$2" "$3" "$4" ;;
   finetune) finetune "$2" "$3" "$4" ;;
   all)
+    # Arms outer, seeds inner: the pretrained-vs-own-init comparison over every seed comes first.
     epochs=$2; seeds=${3:-0,1,2}
-    for seed in ${seeds//,/ }; do
-      for arm in cellular structure_only; do
+    for arm in ${ARMS:-cellular structure_only}; do
+      for seed in ${seeds//,/ }; do
         pretrain "$arm" "$seed" "$epochs"
         finetune "$arm" "$seed" "$epochs"
       done
