@@ -181,3 +181,37 @@ def test_sharded_graph_layout_keeps_every_row(mesh8):
     ref = sp.csr_matrix((np.asarray(graph.weights), np.asarray(graph.cols), np.asarray(graph.indptr)), shape=(50, 50))
     np.testing.assert_array_equal(dense[:50, :50], ref.toarray())
     assert dense[50:].sum() == 0 and dense[:, 50:].sum() == 0
+
+
+def test_two_processes_compute_on_every_device_of_both(tmp_path):
+    """2 JAX processes (CPU, gloo) with 2 devices each: kNN and propagation over the 4-device mesh give
+    every process the whole result, equal to the 1-device one (kNN exactly, propagation within the
+    float32 bound)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import two_process_propagation as script
+    root = Path(__file__).resolve().parents[1]
+    import socket
+    with socket.socket() as sock:             # a free port for the coordinator
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(root / "tests" / "two_process_propagation.py"), str(port), str(i),
+                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    packed, x, observed = script.inputs()
+    ref_idx, ref_sim = PR.tanimoto_knn(packed, k=5, n_bits=48, mesh=one_device_mesh())
+    graph = PR.build_graph(ref_idx, ref_sim)
+    ref = PR.propagate(graph, x, observed, steps=5, width_chunk=4)
+    atol = propagation_atol(graph, x, observed, 5)
+    for i in (0, 1):
+        got = np.load(tmp_path / f"process_{i}.npz")
+        assert got["devices"].tolist() == [4, 2]
+        for database in ("replicated", "sharded"):
+            np.testing.assert_array_equal(got[f"idx_{database}"], ref_idx)
+            np.testing.assert_array_equal(got[f"sim_{database}"], ref_sim)
+        np.testing.assert_allclose(got["x"], ref.x, rtol=0, atol=atol)
+        np.testing.assert_array_equal(got["reached"], ref.reached)
