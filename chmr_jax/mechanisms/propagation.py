@@ -449,9 +449,10 @@ def propagation_program(mesh, steps: int, fmt: str = DEFAULT_FORMAT, fallback: s
     [n_pad, c], observed bool [n_pad]) -> (x_T f32 [n_pad, c] with the fallback filled in, reached bool
     [n_pad], energy f32 [steps + 1]), rows over every device of `mesh`.
 
-    Per step each device all-gathers the chunk (and the reached indicator as one more column: one
-    collective and one sparse product for both) into [n_pad, c + 1] and multiplies its own rows of W by
-    it. The energy and the observed mean are sums over rows: psum of each device's part."""
+    Per step each device all-gathers the chunk into [n_pad, c] (and the reached indicator [n_pad]) and
+    multiplies its own rows of W by them. The indicator is not appended to the chunk as one more column:
+    on CPU a 2049-column product took 5-10% longer than a 2048-column one, before the extra copies. The energy and the observed mean
+    are sums over rows: psum of each device's part."""
     axes = tuple(mesh.axis_names)
     rows = P(axes)
 
@@ -460,10 +461,11 @@ def propagation_program(mesh, steps: int, fmt: str = DEFAULT_FORMAT, fallback: s
         obs = observed[:, None]
         x0 = jnp.where(obs, x, 0.0)
 
+        def gather(a):             # every device's rows of a, in row order
+            return jax.lax.all_gather(a, axes, tiled=True)
+
         def step(xt, rt):          # (W x_t, W r_t) for this device's rows, from every device's rows
-            full = jax.lax.all_gather(jnp.concatenate([xt, rt[:, None]], axis=1), axes, tiled=True)
-            wx = spmm(graph, full, fmt)
-            return wx[:, :c], wx[:, c]
+            return spmm(graph, gather(xt), fmt), spmm(graph, gather(rt)[:, None], fmt)[:, 0]
 
         def body(carry, _):
             xt, rt = carry
