@@ -122,7 +122,8 @@ def energy_atol(graph, x, steps, chunks):
     diag_i ||x_i||^2 - 2 d_i x_i . (W x)_i; each term's magnitude is at most (diag_i + 2 d_i) c max|x|^2
     (iterates stay within max|x|), and a sum of n terms of total magnitude S is within (n + c) eps S."""
     n, d = x.shape
-    scale = float(np.sum(np.asarray(graph.energy_diag)) + 2 * np.sum(np.asarray(graph.degree))) * d * np.max(np.abs(x)) ** 2
+    weights = float(np.sum(np.asarray(graph.energy_diag)) + 2 * np.sum(np.asarray(graph.degree)))
+    scale = weights * d * np.max(np.abs(x)) ** 2
     return 2 * chunks * (n + d + steps) * EPS32 * scale
 
 

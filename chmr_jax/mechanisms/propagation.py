@@ -208,7 +208,8 @@ def knn_program(mesh, layout: KnnLayout, approx_recall: float | None = None):
     def local(qp, qc, qi, dp, dc, di, n_real):
         nq = qp.shape[0] // qb
         queries = (qp.reshape(nq, qb, -1), qc.reshape(nq, qb), qi.reshape(nq, qb))
-        best = (jnp.full((nq, qb, k), -jnp.inf, jnp.float32), jnp.full((nq, qb, k), jnp.iinfo(jnp.int32).max, jnp.int32))
+        best = (jnp.full((nq, qb, k), -jnp.inf, jnp.float32),                 # empty slots sort last
+                jnp.full((nq, qb, k), jnp.iinfo(jnp.int32).max, jnp.int32))
         best = jax.tree.map(lambda a: jax.lax.pcast(a, axes, to="varying"), best)   # per-device carries
 
         def visit(best, db):            # every query block against every block of one database shard
@@ -388,7 +389,8 @@ def shard_graph(graph: PropagationGraph, mesh=None) -> ShardedGraph:
     sharded = PropagationGraph(
         indptr=l_indptr.reshape(-1), rows=l_rows.reshape(-1), cols=l_cols.reshape(-1), weights=l_w.reshape(-1),
         ell_cols=row_pad(ell_cols.astype(np.int32)), ell_weights=row_pad(ell_w.astype(np.float32)),
-        degree=row_pad(np.asarray(graph.degree, np.float32)), energy_diag=row_pad(np.asarray(graph.energy_diag, np.float32)))
+        degree=row_pad(np.asarray(graph.degree, np.float32)),
+        energy_diag=row_pad(np.asarray(graph.energy_diag, np.float32)))
     return ShardedGraph(graph=jax.tree.map(lambda x: _put(x, mesh), sharded), n=n, n_pad=n_pad, mesh=mesh)
 
 
@@ -451,8 +453,8 @@ def propagation_program(mesh, steps: int, fmt: str = DEFAULT_FORMAT, fallback: s
 
     Per step each device all-gathers the chunk into [n_pad, c] (and the reached indicator [n_pad]) and
     multiplies its own rows of W by them. The indicator is not appended to the chunk as one more column:
-    on CPU a 2049-column product took 5-10% longer than a 2048-column one, before the extra copies. The energy and the observed mean
-    are sums over rows: psum of each device's part."""
+    on CPU a 2049-column product took 5-10% longer than a 2048-column one, before the extra copies.
+    The energy and the observed mean are sums over rows: psum of each device's part."""
     axes = tuple(mesh.axis_names)
     rows = P(axes)
 

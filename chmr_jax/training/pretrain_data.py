@@ -134,9 +134,9 @@ def prepare(corpus: Corpus, cfg: DataConfig = DataConfig(), mesh=None) -> Pretra
     aug, view1_fill, held_out, sca_mask, vicreg_mask, reached, energy = {}, {}, {}, {}, {}, {}, {}
     if corpus.modalities and n > 1:
         mesh = mesh if mesh is not None else input_mesh()
-        knn = propagation.tanimoto_knn(feats.morgan, k=cfg.knn_k, block=cfg.knn_block, n_bits=feats.settings.morgan_size,
-                                       mesh=mesh, db_block=cfg.knn_db_block, database=cfg.knn_database,
-                                       approx_recall=cfg.knn_approx_recall or None)
+        knn = propagation.tanimoto_knn(feats.morgan, k=cfg.knn_k, block=cfg.knn_block,
+                                       n_bits=feats.settings.morgan_size, mesh=mesh, db_block=cfg.knn_db_block,
+                                       database=cfg.knn_database, approx_recall=cfg.knn_approx_recall or None)
         graph = propagation.shard_graph(propagation.build_graph(*knn), mesh)
         chunk = cfg.propagation_chunk or propagation.default_width_chunk(mesh)
     for name, m in corpus.modalities.items():
