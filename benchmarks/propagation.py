@@ -7,7 +7,16 @@ summed), processed in column chunks. Throughput counts the minimum traffic of on
 matrix's indices and weights once, read X once, write W X once) and is compared with this
 machine's measured copy bandwidth.
 
+The graph is laid out once per N over `--devices` devices (propagation.shard_graph; 1 = the 1-device
+mesh the CPU pipeline runs on); on CPU, --devices > 1 asks for that many fake CPU devices.
+
+--knn_sizes: the sharded exact Tanimoto kNN (random fingerprints with Morgan-like 3% density) and the
+jax.lax.approx_max_k option at --knn_recall, with the approximate lists' recall against exact (tie-aware:
+a returned neighbour counts when it is at least as similar as the exact k-th). approx_max_k is approximate
+on TPU only; XLA lowers it to an exact top-k on CPU and GPU, where the recall is 1 by construction.
+
 Usage: python benchmarks/propagation.py [--sizes 10000,50000,129592] [--width 6700] [--steps 5]
+       [--devices 1] [--knn_sizes 20000] [--knn_recall 0.95]
 Prints a table and writes benchmarks/propagation.json.
 """
 import argparse
@@ -57,6 +66,25 @@ def run_scipy(w, x, observed, steps, chunk):
     return out
 
 
+def knn_rows(n, k, recall_target, mesh, rng):
+    """Exact and approx_max_k kNN over random fingerprints (2048 bits, 3% set): seconds after a warm-up
+    and the approximate lists' tie-aware recall against exact."""
+    packed = np.packbits(rng.random((n, 2048)) < 0.03, axis=1)
+    out = []
+    exact = None
+    for impl, recall in (("knn_exact", None), ("knn_approx", recall_target)):
+        PR.tanimoto_knn(packed, k, mesh=mesh, approx_recall=recall)          # warm-up: compiles
+        t = time.perf_counter()
+        idx, sim = PR.tanimoto_knn(packed, k, mesh=mesh, approx_recall=recall)
+        seconds = time.perf_counter() - t
+        exact = sim if exact is None else exact
+        row = {"N": n, "impl": impl, "k": k, "recall_target": recall, "seconds": round(seconds, 3),
+               "recall": float(np.mean(sim >= exact[:, -1:]))}
+        out.append(row)
+        print(row, flush=True)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="10000,50000,129592")
@@ -66,14 +94,22 @@ def main():
     parser.add_argument("--formats", default="bcsr,segment_sum,bcoo,ell,scipy")
     parser.add_argument("--max_seconds", type=float, default=240.0,
                         help="skip an implementation at larger N once one run took longer than this")
+    parser.add_argument("--devices", type=int, default=1, help="shard rows over this many devices")
+    parser.add_argument("--knn_sizes", default="", help="also time the kNN at these N (comma list)")
+    parser.add_argument("--knn_recall", type=float, default=0.95, help="approx_max_k's recall target")
     parser.add_argument("--out", default="benchmarks/propagation.json")
     args = parser.parse_args()
+    if args.devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.devices)   # before the backend starts; CPU only
+    mesh = (PR.local_mesh() if args.devices == 1 else
+            jax.sharding.Mesh(np.array(jax.devices()[:args.devices]), ("data",),
+                              axis_types=(jax.sharding.AxisType.Auto,)))
 
     rng = np.random.default_rng(0)
     bandwidth = copy_bandwidth_gbs()
     device = jax.devices()[0]
     machine = (f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on "
-               f"{device.platform}:{device.device_kind}; copy bandwidth {bandwidth:.1f} GB/s")
+               f"{args.devices} x {device.platform}:{device.device_kind}; copy bandwidth {bandwidth:.1f} GB/s")
     print(machine, flush=True)
     rows, too_slow = [], set()
     for n in [int(s) for s in args.sizes.split(",")]:
@@ -81,6 +117,7 @@ def main():
         nnz = int(graph.indptr[-1])
         w = sp.csr_matrix((np.asarray(graph.weights), np.asarray(graph.cols), np.asarray(graph.indptr)),
                           shape=(n, n))
+        graph = PR.shard_graph(graph, mesh)      # once per N, as the pipeline does
         x = rng.standard_normal((n, args.width), dtype=np.float32)
         observed = rng.random(n) < 0.1
         step_bytes = nnz * 8 + 2 * n * args.width * 4
@@ -95,7 +132,7 @@ def main():
                     return run_scipy(w, x, observed, args.steps, chunk)
             else:
                 def run(graph=graph, x=x, fmt=fmt, chunk=chunk):
-                    return np.asarray(PR.propagate(graph, x, observed, args.steps, fmt=fmt, width_chunk=chunk).x)
+                    return PR.propagate(graph, x, observed, args.steps, fmt=fmt, width_chunk=chunk).x
             out = run()                                   # warm-up: compiles every chunk shape
             t = time.perf_counter()
             out = run()
@@ -118,10 +155,14 @@ def main():
         del x, w, graph, reference
         gc.collect()
 
+    for n in [int(s) for s in args.knn_sizes.split(",") if s]:
+        rows += knn_rows(n, args.k, args.knn_recall, mesh, rng)
     print(f"\npropagation, K={args.k}, T={args.steps}, width={args.width} ({machine})")
     print(f"{'N':>8s} {'impl':>12s} {'nnz':>9s} {'seconds':>9s} {'GB/s':>7s} {'of copy bw':>10s}")
     for r in rows:
-        if r["seconds"] is None:
+        if r["impl"].startswith("knn"):
+            print(f"{r['N']:8d} {r['impl']:>12s} {'':9s} {r['seconds']:9.2f}   recall {r['recall']:.4f}")
+        elif r["seconds"] is None:
             print(f"{r['N']:8d} {r['impl']:>12s} {r['nnz']:9d} {'skipped':>9s}")
         else:
             print(f"{r['N']:8d} {r['impl']:>12s} {r['nnz']:9d} {r['seconds']:9.2f} {r['GB_per_s']:7.2f} "

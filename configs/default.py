@@ -87,7 +87,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         gene_modality="expression", gene_quantile=0.99, gene_network="",
         # Which cellular modalities pretraining uses: 'all', 'none' (structure only: no SCA, no profile
         # nodes) or a comma list.
-        modalities="all"))
+        modalities="all",
+        # The kNN and propagations run sharded over every device (propagation.py). Layout only (results
+        # do not depend on it): query / database rows per tile, the database 'replicated' | 'sharded' (a
+        # ring over the devices) | 'auto' (sharded once its packed bits pass a quarter of a device's
+        # memory), feature columns per propagation call (0: 2048 on CPU, 256 on accelerators).
+        knn_block=1024, knn_db_block=16384, knn_database="auto", propagation_chunk=0,
+        # > 0: per-tile top-k by jax.lax.approx_max_k at this recall target (TPU: approximate, its recall
+        # in benchmarks/RESULTS.md; CPU / GPU lower it exactly); 0: exact top-k (spec §2).
+        knn_approx_recall=0.0))
 
     # Model (spec §1, §3, §5, §6). molecular: the always-present modalities; 'geometry' needs
     # config.geometry != 'none'.

@@ -156,3 +156,52 @@ def test_walk_reconstruction_loss_equals_the_repeated_logits_form(kind):
     np.testing.assert_allclose(fused(logits), repeated(logits), rtol=1e-5)
     np.testing.assert_allclose(jax.grad(fused)(logits), jax.grad(repeated)(logits), rtol=1e-4, atol=1e-7)
     assert C.walk_reconstruction_loss(logits, targets, jnp.zeros_like(mask), beta, kind) == 0.0
+
+
+def pca_score_atol(x, block, m):
+    """Bound on |pca - exact| per score, from the arithmetic (x float64 [n, d], the data pca saw).
+
+    pca accumulates the covariance (n >= d) or Gram (n < d) matrix of the centred rows from float32 dot
+    products of L terms (L = block rows, or d for the Gram), each centred value within eps (|x| + |mean|)
+    of exact; so |E_jk| <= (L + 3) eps sum (|x| + |mean|)_j (|x| + |mean|)_k and ||E||_2 <= ||that||_F.
+    Davis-Kahan: each top eigenvector moves by sin(theta) <= ||E||_2 / gap (gap: its eigenvalue's
+    distance to the others), i.e. by at most sqrt(2) sin(theta) in norm. Scores then move by
+      covariance: |c_i . dv_j| + the float32 projection (d eps ||c_i||) <= (sqrt(2) sin + d eps) max_i ||c_i||
+      Gram:       |du_ij| s_j + |ds_j| <= sqrt(2) sin s_1 + ||E||_2 / (2 s_m) (Weyl), + eps s_1 (float32 cast)."""
+    eps = float(np.finfo(np.float32).eps)
+    n, d = x.shape
+    c = x - x.mean(0)
+    a = np.abs(x) + np.abs(x.mean(0))
+    e_norm = ((min(block, n) if n >= d else d) + 3) * eps * np.linalg.norm((a.T @ a) if n >= d else (a @ a.T))
+    s = np.linalg.svd(c, compute_uv=False)
+    lam = s ** 2
+    gap = min(min(abs(lam[j] - lam[j + 1]), abs(lam[j - 1] - lam[j]) if j else np.inf) for j in range(m))
+    sin_theta = e_norm / gap
+    assert sin_theta < 1e-3                           # the bound is tight enough to test something
+    if n >= d:
+        return (np.sqrt(2) * sin_theta + d * eps) * np.linalg.norm(c, axis=1).max()
+    return np.sqrt(2) * sin_theta * s[0] + e_norm / (2 * s[m - 1]) + eps * s[0]
+
+
+@pytest.mark.parametrize("n,d,block", [(3000, 40, 256), (3000, 40, 1024), (300, 500, 64)])
+def test_pca_matches_sklearn_within_the_float32_bound(n, d, block):
+    """context.pca (float32 blocks, float64 d x d or n x n accumulation) against sklearn's float64 SVD PCA:
+    tall (covariance, 12 or 3 row blocks) and wide (Gram) inputs with planted components of distinct
+    variance. Scores agree up to each component's sign within pca_score_atol."""
+    from sklearn.decomposition import PCA
+    rng = np.random.default_rng(n + d)
+    m = 3
+    loadings = np.linalg.qr(rng.normal(size=(d, m)))[0].T * np.array([[40.0], [30.0], [20.0]])
+    x = (rng.normal(size=(n, m)) @ loadings + rng.normal(size=(n, d)) + 1.0).astype(np.float32)
+    got = C.pca(x, m, block=block)
+    assert got.dtype == np.float32 and got.shape == (n, m)
+    ref = PCA(m, svd_solver="full").fit_transform(x.astype(np.float64))
+    ref *= np.sign(np.sum(ref * got, axis=0))         # components are defined up to sign
+    atol = pca_score_atol(x.astype(np.float64), block, m)
+    assert atol < 0.05 * np.abs(ref).max(axis=0).min()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=atol)
+    # The sign convention: each component's largest-magnitude score is positive.
+    assert (got[np.argmax(np.abs(got), axis=0), np.arange(m)] > 0).all()
+    # NaN entries count as 0 (as before the float32 version).
+    x[::7, 0] = np.nan
+    np.testing.assert_array_equal(C.pca(x, m, block=block), C.pca(np.nan_to_num(x), m, block=block))

@@ -195,3 +195,39 @@ def test_objective_runs_on_pipeline_batches(corpus):
     batch = jax.tree_util.tree_map(jnp.asarray, next(PD.batches(data, np.arange(len(data)))))
     total, metrics = objective.objective(model, batch, ctx, jax.random.key(0), objective.ObjectiveConfig(infonce_block=8))
     assert np.isfinite(float(total)) and float(metrics["sca/cell/rows"]) > 0
+
+
+def test_prepare_computes_knn_and_propagation_sharded_over_every_device(corpus, monkeypatch):
+    """With 8 devices the pipeline's kNN and every propagation (main and held-out folds) run on all 8:
+    each device result fetched to the host is a global array over the 8 devices, row-sharded (kNN
+    lists, propagated columns, reached) or replicated (the energy, a psum). The inputs equal those of the
+    1-device mesh: the kNN exactly (the same context graph and propagation graph), the propagated values
+    within the float32 bound of tests/test_propagation_sharded.py."""
+    assert jax.device_count() == 8
+    fetched, knn_meshes = [], []
+    fetch, knn = PD.propagation._fetch, PD.propagation.tanimoto_knn
+    monkeypatch.setattr(PD.propagation, "_fetch", lambda x: (fetched.append(x.sharding), fetch(x))[1])
+    monkeypatch.setattr(PD.propagation, "tanimoto_knn",
+                        lambda *a, **kw: (knn_meshes.append(kw["mesh"]), knn(*a, **kw))[1])
+    cfg = small_cfg()
+    data = PD.prepare(corpus, cfg)
+    monkeypatch.undo()
+    assert [m.size for m in knn_meshes] == [8]
+    assert fetched and all(len(s.device_set) == 8 for s in fetched)
+    # kNN: indices and similarities; per modality 1 + holdout_folds propagations of one column chunk,
+    # each fetching x and reached (row-sharded) and the energy (replicated).
+    runs = sum(1 + min(cfg.holdout_folds, int(m.available.sum())) for m in corpus.modalities.values())
+    assert sum(not s.is_fully_replicated for s in fetched) == 2 + 2 * runs
+    assert sum(s.is_fully_replicated for s in fetched) == runs
+
+    single = PD.prepare(corpus, cfg, mesh=PD.propagation.local_mesh())
+    np.testing.assert_array_equal(data.context.indices, single.context.indices)
+    graph = PD.propagation.build_graph(*knn(corpus.features.morgan, k=cfg.knn_k,
+                                            n_bits=corpus.features.settings.morgan_size))
+    k_max = int(np.max(np.diff(np.asarray(graph.indptr))))
+    eps = np.finfo(np.float32).eps
+    for name, m in corpus.modalities.items():
+        atol = 2 * max(cfg.propagation_steps * (k_max + 1), int(m.available.sum())) * eps * np.abs(m.values).max()
+        np.testing.assert_allclose(data.aug[name], single.aug[name], rtol=0, atol=atol)
+        np.testing.assert_allclose(data.held_out[name], single.held_out[name], rtol=0, atol=atol)
+        np.testing.assert_array_equal(data.reached[name], single.reached[name])

@@ -135,11 +135,48 @@ def kmeans(x: np.ndarray, n_clusters: int, seed: int = 0, iters: int = 25) -> np
     return labels
 
 
-def pca(x: np.ndarray, n_components: int) -> np.ndarray:
-    x = np.nan_to_num(x.astype(np.float64))
-    x = x - x.mean(0)
-    u, s, _ = np.linalg.svd(x, full_matrices=False)
-    return u[:, :n_components] * s[:n_components]
+def _row_blocks(x: np.ndarray, mean: np.ndarray | None, block: int):
+    """(start, float32 [b, d] slice of x with NaN -> 0, centred by `mean` if given): one slice's copy
+    at a time, never the whole matrix."""
+    for start in range(0, len(x), block):
+        b = np.nan_to_num(np.asarray(x[start:start + block], np.float32))
+        yield start, (b - mean if mean is not None else b)
+
+
+def pca(x: np.ndarray, n_components: int, block: int = 1024) -> np.ndarray:
+    """float32 [n, m] scores of x [n, d] (NaN = 0) on its top m = n_components principal components
+    (the SVD's u * s of the centred x).
+
+    No float64 copy of x: the column means, then the smaller of the covariance [d, d] (n >= d) or Gram
+    [n, n] (n < d) matrix of the centred rows, accumulate in float64 from float32 products of `block`
+    rows at a time; the top eigenvectors of that matrix (float64 eigh) give the components, and the
+    scores are the centred rows times them (covariance) or u * sqrt(eigenvalue) (Gram). At paper scale
+    (20k x 2,749) that is a 60 MB d x d matrix instead of a float64 SVD of a 440 MB copy. Each
+    component's sign is fixed by its largest-magnitude score (positive), as an SVD's is not. `block`
+    bounds the float32 sums' length (their rounding error grows with it; tests/test_context.py)."""
+    n, d = x.shape
+    m = min(n_components, n, d)
+    total = np.zeros(d)
+    for _, b in _row_blocks(x, None, block):
+        total += b.sum(axis=0, dtype=np.float64)
+    mean = (total / max(n, 1)).astype(np.float32)
+    if n >= d:
+        cov = np.zeros((d, d))
+        for _, b in _row_blocks(x, mean, block):
+            cov += b.T @ b
+        vecs = np.linalg.eigh(cov)[1][:, ::-1][:, :m].astype(np.float32)
+        scores = np.concatenate([b @ vecs for _, b in _row_blocks(x, mean, block)] or [np.zeros((0, m), np.float32)])
+    else:
+        gram = np.zeros((n, n))
+        for i, bi in _row_blocks(x, mean, block):
+            for j, bj in _row_blocks(x, mean, block):
+                gram[i:i + len(bi), j:j + len(bj)] = bi @ bj.T
+        vals, vecs = np.linalg.eigh(gram)
+        vals, vecs = vals[::-1][:m], vecs[:, ::-1][:, :m]
+        scores = (vecs * np.sqrt(np.clip(vals, 0.0, None))).astype(np.float32)
+    if len(scores):
+        scores *= np.where(scores[np.argmax(np.abs(scores), axis=0), np.arange(m)] < 0, -1, 1).astype(np.float32)
+    return scores
 
 
 def minmax_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -44,7 +44,10 @@ MOLECULAR = ("fingerprint", "graph", "geometry")
 # Sections whose change makes a checkpoint unusable (shapes, data order): a restart must match them.
 RUN_DEFINING = ("featurize", "geometry", "corpus", "batch", "pretrain_data", "model", "objective", "optim")
 # Fields of those sections that do not define the run: diagnostics only.
-NOT_RUN_DEFINING = (("objective", "collapse_every"), ("objective", "collapse_stats"))
+NOT_RUN_DEFINING = (("objective", "collapse_every"), ("objective", "collapse_stats"),
+                    # the kNN / propagation layout: the same inputs whatever its value (propagation.py)
+                    ("pretrain_data", "knn_block"), ("pretrain_data", "knn_db_block"),
+                    ("pretrain_data", "knn_database"), ("pretrain_data", "propagation_chunk"))
 
 
 class ConfigError(ValueError):
@@ -352,7 +355,7 @@ def _finished_summary(workdir: Path, tcfg) -> dict | None:
 ADDED_FIELDS = {("model", "dtype"): "float32", ("model", "remat"): False,
                 ("pretrain_data", "vicreg_second_view"): "propagated", ("pretrain_data", "holdout_folds"): 5,
                 ("batch", "device_blocks"): False, ("objective", "collapse_every"): 1,
-                ("objective", "collapse_stats"): True}
+                ("objective", "collapse_stats"): True, ("pretrain_data", "knn_approx_recall"): 0.0}
 
 
 # What each model dim is built from, for the message when one changed under a workdir's checkpoints.

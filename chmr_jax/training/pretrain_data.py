@@ -1,8 +1,10 @@
 """Pretraining inputs built from a Corpus: propagated views, SCA masks, the context graph, batches.
 
-  prepare(corpus, cfg)   once per run (host, numpy):
+  prepare(corpus, cfg)   once per run (host, numpy; the kNN and propagations on the devices):
       - the structure kNN graph over the corpus (exact Tanimoto on Morgan bits) and, per cellular
-        modality, Eq. 1 propagation -> the propagated copy and `reached`
+        modality, Eq. 1 propagation -> the propagated copy and `reached`; both run with their rows
+        sharded over every device of the pipeline's mesh (train.data_mesh: all devices of all
+        processes), the 1-device mesh being the same program (propagation.py)
       - the main input of each cellular modality by `imputation`: 'propagate' (the propagated copy,
         default), 'mean' (observed rows, column mean elsewhere) or 'zero'
       - VICReg's two views of p_c (spec §4: VICReg(p_c, p_c_aug)), which must differ on every row VICReg
@@ -69,6 +71,15 @@ class DataConfig:
     gene_network: str = ""              # optional gene-gene edges (Hetionet sif or source_id,target_id table)
     modalities: str = "all"             # cellular modalities used: 'all', 'none' or a comma list (applied to
                                         # the corpus before `prepare`: Corpus.with_modalities)
+    # Layout of the sharded kNN / propagation (results do not depend on them, except knn_approx_recall):
+    knn_block: int = 1024               # query rows per tile on each device
+    knn_db_block: int = 16384           # database rows per tile: a [knn_block, knn_db_block] float32 tile
+    knn_database: str = "auto"          # 'replicated' | 'sharded' (ring over the devices) | 'auto' (sharded
+                                        # once the packed bits pass a quarter of a device's memory)
+    knn_approx_recall: float = 0.0      # > 0: per-tile top-k by jax.lax.approx_max_k at this recall target
+                                        # (approximate on TPU; CPU/GPU lower it exactly); 0: exact
+    propagation_chunk: int = 0          # feature columns per propagation call; 0: 2048 on CPU (host memory,
+                                        # fastest there), 256 on accelerators ([nnz / devices, chunk] temporaries)
 
 
 @dataclasses.dataclass
@@ -92,7 +103,16 @@ class PretrainData:
         return len(self.corpus)
 
 
-def prepare(corpus: Corpus, cfg: DataConfig = DataConfig()) -> PretrainData:
+def input_mesh():
+    """The mesh the inputs are computed on: the training step's (every device of every process)."""
+    from chmr_jax.training import train
+    return train.data_mesh()
+
+
+def prepare(corpus: Corpus, cfg: DataConfig = DataConfig(), mesh=None) -> PretrainData:
+    """The pretraining inputs of `corpus` (module docstring); the kNN and propagations run sharded over
+    `mesh` (default: input_mesh()). Every process of a multi-process run calls it alike and receives
+    the whole result."""
     if cfg.imputation not in IMPUTATIONS:
         raise ValueError(f"imputation must be one of {IMPUTATIONS}, got {cfg.imputation!r}")
     if cfg.sca_mask not in SCA_MASKS:
@@ -113,16 +133,20 @@ def prepare(corpus: Corpus, cfg: DataConfig = DataConfig()) -> PretrainData:
     inputs = {"fingerprint": feats.fingerprints()}
     aug, view1_fill, held_out, sca_mask, vicreg_mask, reached, energy = {}, {}, {}, {}, {}, {}, {}
     if corpus.modalities and n > 1:
-        knn = propagation.tanimoto_knn(feats.morgan, k=cfg.knn_k, n_bits=feats.settings.morgan_size)
-        graph = propagation.build_graph(*knn)
+        mesh = mesh if mesh is not None else input_mesh()
+        knn = propagation.tanimoto_knn(feats.morgan, k=cfg.knn_k, block=cfg.knn_block,
+                                       n_bits=feats.settings.morgan_size, mesh=mesh, db_block=cfg.knn_db_block,
+                                       database=cfg.knn_database, approx_recall=cfg.knn_approx_recall or None)
+        graph = propagation.shard_graph(propagation.build_graph(*knn), mesh)
+        chunk = cfg.propagation_chunk or propagation.default_width_chunk(mesh)
     for name, m in corpus.modalities.items():
         if n > 1:
-            result = propagation.propagate(graph, m.values, m.available, steps=cfg.propagation_steps)
-            aug[name] = np.asarray(result.x, np.float32)
-            reached[name] = np.asarray(result.reached)
-            energy[name] = np.asarray(result.energy, np.float32)
+            result = propagation.propagate(graph, m.values, m.available, steps=cfg.propagation_steps, width_chunk=chunk)
+            aug[name] = result.x
+            reached[name] = result.reached
+            energy[name] = result.energy
             held_out[name] = (held_out_propagation(graph, m.values, m.available, cfg.propagation_steps,
-                                                   cfg.holdout_folds)
+                                                   cfg.holdout_folds, width_chunk=chunk)
                               if cfg.vicreg_second_view == "held_out" else None)
         else:
             aug[name], reached[name], energy[name] = m.values.copy(), m.available.copy(), np.zeros(1, np.float32)
@@ -159,15 +183,17 @@ def prepare(corpus: Corpus, cfg: DataConfig = DataConfig()) -> PretrainData:
                         budget=budget)
 
 
-def held_out_propagation(graph: propagation.PropagationGraph, values: np.ndarray, available: np.ndarray,
-                         steps: int, folds: int, seed: int = 0) -> np.ndarray:
+def held_out_propagation(graph: propagation.PropagationGraph | propagation.ShardedGraph, values: np.ndarray,
+                         available: np.ndarray, steps: int, folds: int, seed: int = 0,
+                         width_chunk: int | None = 2048) -> np.ndarray:
     """float32 [n_measured, d]: Eq. 1's estimate of each measured row from the other measured rows.
 
     The measured rows are dealt into `folds` folds (a fixed permutation: the same corpus gives the same
     folds); for each fold, propagation runs with that fold's rows treated as unmeasured, and their
     propagated values are kept. A measured row that no other measured row reaches in `steps` steps
     gets propagation's fallback (the mean of the measured rows left in). With folds = the number of
-    measured rows this is exact leave-one-out."""
+    measured rows this is exact leave-one-out. Each fold is one propagation on the graph's mesh
+    (a ShardedGraph: rows over its devices; a PropagationGraph: one device)."""
     obs = np.nonzero(available)[0]
     out = np.zeros((len(obs), values.shape[1]), np.float32)
     fold = np.random.default_rng(seed).permutation(len(obs)) % max(min(folds, len(obs)), 1)
@@ -175,7 +201,7 @@ def held_out_propagation(graph: propagation.PropagationGraph, values: np.ndarray
         held = obs[fold == f]
         keep = available.copy()
         keep[held] = False
-        x = np.asarray(propagation.propagate(graph, values, keep, steps=steps).x)
+        x = propagation.propagate(graph, values, keep, steps=steps, width_chunk=width_chunk).x
         out[fold == f] = x[held]
     return out
 
