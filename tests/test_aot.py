@@ -144,10 +144,12 @@ def test_a_loop_whose_bound_cannot_be_read_is_reported():
     assert r["cycles"] == 100                                 # once, and said so
 
 
-def test_fit_search_closes_a_bracket_on_a_linear_footprint(tmp_path):
+@pytest.mark.parametrize("start", [1024, 1000, 16])
+def test_fit_search_closes_a_bracket_on_a_linear_footprint(start):
     """A footprint of 1 GiB + 1 MiB per molecule against a 15.75 GiB limit: the largest fitting batch is
-    the largest multiple of the unit under (15.75 - 1) GiB / 1 MiB = 15,104, found within the probes;
-    each probe's step grows at most 4x; the bracket closes on a refusal."""
+    the largest multiple of the unit under (15.75 - 1) GiB / 1 MiB = 15,104, found within the probes,
+    also from a config batch that is not a multiple of the unit (16 < the unit once stopped the search
+    at once); each probe's step grows at most 4x; the bracket closes on a refusal."""
     unit, limit = 32, int(15.75 * 2 ** 30)
     size = lambda b: 2 ** 30 + b * 2 ** 20
     calls = []
@@ -156,11 +158,11 @@ def test_fit_search_closes_a_bracket_on_a_linear_footprint(tmp_path):
         calls.append(b)
         return {"global_batch": b, "fits": size(b) <= limit, "peak_bytes_per_chip": size(b)}
 
-    first = [{"global_batch": 1024, "fits": True, "peak_bytes_per_chip": size(1024)}]
+    first = [{"global_batch": start, "fits": True, "peak_bytes_per_chip": size(start)}]
     out = fit.search(probe, first, unit, limit, max_probes=12)
     assert out["largest_fitting_batch"] == 15104 // unit * unit and out["bracket_closed"]
     assert out["smallest_refused_batch"] - out["largest_fitting_batch"] <= max(unit, 0.02 * 15104)
-    assert all(b <= 4 * max([1024] + [c for c in calls[:k] if size(c) <= limit]) for k, b in enumerate(calls))
+    assert all(b <= 4 * max([start] + [c for c in calls[:k] if size(c) <= limit]) for k, b in enumerate(calls))
     assert "refused at" in fit.bracket_text(out, "16 GB")
 
 

@@ -180,14 +180,16 @@ def next_batch(probes: list[dict], unit: int, limit: int, growth: float = 4.0) -
     if guess is None:
         guess = (lo["global_batch"] + hi["global_batch"]) / 2 if lo and hi else \
             (hi["global_batch"] / 2 if hi else 2 * lo["global_batch"] if lo else unit)
-    low = lo["global_batch"] + unit if lo else unit
-    high = hi["global_batch"] - unit if hi else float("inf")
+    low = (lo["global_batch"] // unit + 1) * unit if lo else unit     # multiples of the unit above lo
+    high = hi["global_batch"] - 1 if hi else float("inf")
     if lo:
         high = min(high, growth * lo["global_batch"])
     if cap is not None:      # the host could not compile `cap`: halve the way there
         high = min(high, ((lo["global_batch"] if lo else 0) + cap) / 2)
+    if high < low:
+        return None
     guess = int(min(max(guess, low), high) // unit * unit)
-    if guess < low or guess > high or any(p["global_batch"] == guess for p in probes):
+    if guess < low or any(p["global_batch"] == guess for p in probes):
         return None
     return guess
 

@@ -78,8 +78,8 @@ def find_corpus(config, cache_dir):
     guard, then without one. Never the newest of whatever is cached (issue 36)."""
     from chmr_jax.training import pretrain
     cfg = config.corpus
-    if cfg.saved:
-        return Path(cfg.saved), "config.corpus.saved", True
+    if cfg.saved:   # (a gs:// folder: load_corpus reads it through its local mirror)
+        return cfg.saved, "config.corpus.saved", True
     cached = pretrain.corpus_cache_path(config, cache_dir)
     if (cached / "manifest.json").exists():
         return cached, "the corpus cache of this config", True
