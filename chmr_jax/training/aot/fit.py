@@ -225,7 +225,8 @@ def bracket_text(fit: dict, hbm_text: str) -> str:
     why = (f"the compiler refused {hi:,}: rerun with more --max_probes to narrow it" if hi else
            f"no batch refused yet; {cap:,} passed this machine's probe limits" if cap else
            "no batch refused yet: rerun (resumes) or raise --max_probes")
-    return f"largest global batch that fits {limit}: at least {lo:,}, bracket [{lo:,}, {hi or cap or '?'}) ({why})"
+    upper = f"{hi or cap:,}" if (hi or cap) else "?"
+    return f"largest global batch that fits {limit}: at least {lo:,}, bracket [{lo:,}, {upper}) ({why})"
 
 
 def largest_batch(config, spec, sample, devices, first_row: dict, max_probes: int, log_path, memory_limit: int =
