@@ -1,19 +1,20 @@
 """The paper's configuration compiled for real TPU pod sizes on this CPU machine (issue 22 §3): per-chip
 memory, the largest global batch that fits, ESTIMATED step time, molecules/s and MFU (nothing runs on a
-TPU; see chmr_jax/training/aot.py for how each figure is derived), and the corpus-side kernels (the
+TPU; see chmr_jax/training/aot/compile.py for how each figure is derived), and the corpus-side kernels (the
 kNN's block product, one propagation step) sharded over the same chips.
 
   python benchmarks/tpu_compile.py                                  # the RESULTS.md table (about an hour on 2 cores)
   python benchmarks/tpu_compile.py --topologies v5e-8 --variants bf16_remat --no_fit   # one row, minutes
   python benchmarks/tpu_compile.py --kernels_only                    # kNN / propagation rows only
   python benchmarks/tpu_compile.py --table_only                     # reprint from the JSON
-  python benchmarks/tpu_compile.py --analyse a.hlo,b.hlo --molecules 384   # dumps of `chmr-jax compile --hlo_dump`
+  python benchmarks/tpu_compile.py --analyse a.hlo.pb,b.hlo.pb --molecules 384   # `chmr-jax compile --hlo_dump a.hlo`
 
 Step rows: `chmr-jax compile --config configs/paper.py:tpu_pod` (ring InfoNCE, bf16) with remat
 (variant bf16_remat) and as float32 without remat (f32), each at the paper's global batch 3072 and,
-for --fit_variants (default bf16_remat), at the largest batch that fits HBM (`chmr-jax compile --fit`:
-two probes and --max_probes more compiles narrowing the bracket, so "largest" is within that bracket:
-see each row's smallest refused batch), one subprocess per topology and variant.
+for --fit_variants (default bf16_remat), the largest batch that fits HBM (`chmr-jax compile --fit`:
+--max_probes compiles after the config's batch, each in a memory-capped subprocess; "largest" is a
+bracket, closed only where the compiler refused a batch), one subprocess per topology and variant.
+Step times: XLA:TPU's own estimate (the headline), the HBM-only and all-memory rooflines, ICI.
 
 Kernel rows, per topology and corpus size N (129,592 = the paper's corpus, 1,000,000):
   knn          tanimoto_knn's block product (propagation._knn_block: a [block, 2048] x [2048, N] Tanimoto
@@ -64,7 +65,8 @@ def step_row(topology: str, variant: str, fit: bool, batch: int, max_probes: int
 
 def kernel_worker(topology: str, kernel: str, n: int) -> dict:
     """Compiles one kernel for the topology (in this process: the caller runs it as a subprocess)."""
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    from chmr_jax.training import aot
+    aot.quiet_libtpu(aot.parse_topology(topology))
     import jax
     jax.config.update("jax_platforms", "cpu")
     import jax.numpy as jnp
@@ -72,7 +74,8 @@ def kernel_worker(topology: str, kernel: str, n: int) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from chmr_jax.mechanisms import propagation
-    from chmr_jax.training import aot, train
+    from chmr_jax.training import train, utilisation
+    from chmr_jax.training.aot import cost as cost_lib, hlo
 
     spec = aot.parse_topology(topology)
     devices = aot.tpu_devices(spec)
@@ -88,7 +91,6 @@ def kernel_worker(topology: str, kernel: str, n: int) -> dict:
         f = jax.jit(block, in_shardings=(shard, shard, rep, rep, rep), out_shardings=shard)
         args = (sds((rows, 2048), jnp.float32, shard), sds((rows,), jnp.int32, shard),
                 sds((n_pad, 2048), jnp.float32, rep), sds((n_pad,), jnp.float32, rep), sds((), jnp.int32, rep))
-        lowered = f.lower(*args)
         calls = math.ceil(n_pad / rows)
     else:
         # ELL layout (K' = 2K padded neighbours per row), rows sharded over the chips, the feature chunk
@@ -104,23 +106,27 @@ def kernel_worker(topology: str, kernel: str, n: int) -> dict:
             energy_diag=sds((n,), jnp.float32, shard))
         x = sds((n, PROP_CHUNK), jnp.float32, rep)
         f = jax.jit(lambda g, x: propagation.spmm(g, x, "ell"), out_shardings=rep)
-        lowered = f.lower(graph, x)
+        args = (graph, x)
         calls = 5 * math.ceil((2749 + 1973 + 978) / PROP_CHUNK)
     t0 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = f.lower(*args).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    cost = aot.hlo_cost(compiled.as_text())
-    per_chip = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                   - mem.alias_size_in_bytes)
+    cost = cost_lib.program_cost(hlo.module_proto(compiled), chips)
+    flops = (utilisation.program_flops(f, *args) or 0) / chips
+    peak = int(mem.peak_memory_in_bytes)
     chip = spec.chip
-    step_s = max(cost["flops"] / chip.peak_flops, cost["bytes"] / chip.hbm_bytes_per_s)
+    step_s = cost["cycles"] / chip.clock_hz
+    roof = max(flops / chip.peak_flops, cost["hbm_bytes"] / chip.hbm_bytes_per_s)
     return {"kernel": kernel, "topology": spec.topology_name, "name": topology, "chips": chips, "molecules": molecules,
-            "per_chip_bytes": per_chip, "fits": per_chip <= chip.hbm_bytes, "flops_per_chip": cost["flops"],
-            "bytes_accessed_per_chip": cost["bytes"], "estimated_call_s": step_s, "calls": calls,
-            "estimated_total_s": step_s * calls, "compile_s": round(seconds, 1),
-            "note": "estimate from a deviceless compile (roofline); knn: all query blocks; propagation: 5 steps "
-                    "x ceil(5700 / 256) column chunks"}
+            "peak_bytes_per_chip": peak, "hbm_limit_bytes": aot.hbm_limit(devices),
+            "fits": peak <= aot.hbm_limit(devices), "flops_per_chip": flops,
+            "bytes_accessed_per_chip": cost["bytes"], "hbm_bytes_accessed_per_chip": cost["hbm_bytes"],
+            "ici_bytes_per_chip": cost["ici_bytes"], "estimated_call_s": step_s, "hbm_roofline_call_s": roof,
+            "calls": calls, "estimated_total_s": step_s * calls, "compile_s": round(seconds, 1),
+            "unknown_trip_loops": len(cost["unknown_trip_loops"]),
+            "note": "estimate from a deviceless compile (XLA:TPU's estimated cycles; the HBM roofline beside it); "
+                    "knn: all query blocks; propagation: 5 steps x ceil(5700 / 256) column chunks"}
 
 
 def kernel_row(topology: str, kernel: str, n: int) -> dict:
@@ -132,41 +138,45 @@ def kernel_row(topology: str, kernel: str, n: int) -> dict:
 
 
 def step_table(rows: list[dict]) -> str:
-    cols = ["topology", "variant", "chips", "batch 3072: per-chip GiB", "fits", "est. step ms", "est. molecules/s",
-            "est. MFU", "MB/molecule", "largest batch", "its per-chip GiB", "its est. molecules/s", "compile s"]
+    cols = ["topology", "variant", "chips", "batch", "peak GiB/chip", "fits", "est. step ms (XLA)",
+            "HBM..all-memory roofline ms", "ICI MB/chip (ms)", "est. molecules/s", "est. MFU", "largest batch that fits",
+            "compile s"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    ms = lambda x: f"{x * 1e3:.2f}" if x is not None else "-"
     for r in rows:
         if "error" in r:
             lines.append(f"{r['name']} | {r['variant']} | error: {r['error'][:150]}" + " |" * (len(cols) - 3))
             continue
         fit = r.get("fit") or {}
+        lo, hi = fit.get("largest_fitting_batch"), fit.get("smallest_refused_batch")
+        largest = ("-" if not fit else f"{lo:,} (refused {hi:,})" if fit.get("bracket_closed") else
+                   f">= {lo:,}" + (f" (refused {hi:,})" if hi else "") if lo else "none")
+        peak = r.get("peak_bytes_per_chip") or r.get("per_chip_bytes")
         lines.append(" | ".join(str(v) for v in [
-            f"{r['name']} ({r['topology']})", r["variant"], r["chips"],
-            (f"{r['per_chip_bytes'] / 2**30:.2f}" if r["fits"] else f">= {r['per_chip_bytes'] / 2**30:.2f}")
-            if r.get("per_chip_bytes") else "-",
-            "yes" if r["fits"] else "NO", f"{r['estimated_step_s'] * 1e3:.1f}" if r.get("estimated_step_s") else "-",
+            f"{r['name']} ({r['topology']})", r["variant"], r["chips"], f"{r['global_batch']:,}",
+            (f"{peak / 2**30:.2f}" if r["fits"] else f">= {peak / 2**30:.2f}") if peak else "-",
+            "yes" if r["fits"] else "NO", ms(r.get("step_s_xla")),
+            f"{ms(r.get('step_s_hbm_roofline'))}..{ms(r.get('step_s_all_memory_roofline'))}",
+            f"{r['ici_bytes_per_chip'] / 1e6:.1f} ({ms(r.get('step_s_ici'))})" if r.get("ici_bytes_per_chip") is not None else "-",
             f"{r['estimated_molecules_per_s']:,.0f}" if r.get("estimated_molecules_per_s") else "-",
-            f"{r['estimated_mfu']:.1%}" if r.get("estimated_mfu") is not None else "-",
-            f"{r['bytes_per_molecule'] / 1e6:.1f}" if r.get("bytes_per_molecule") else "-",
-            f"{fit['largest_batch']:,}" if fit.get("largest_batch") else "-",
-            f"{fit['per_chip_bytes'] / 2**30:.2f}" if fit.get("per_chip_bytes") else "-",
-            f"{fit['estimated_molecules_per_s']:,.0f}" if fit.get("estimated_molecules_per_s") else "-",
-            r["compile_s"]]))
+            f"{r['estimated_mfu']:.1%}" if r.get("estimated_mfu") is not None else "-", largest, r["compile_s"]]))
     return "\n".join(lines)
 
 
 def kernel_table(rows: list[dict]) -> str:
-    cols = ["kernel", "topology", "molecules", "per-chip GiB", "fits", "est. s per call", "calls", "est. total s",
-            "compile s"]
+    cols = ["kernel", "topology", "molecules", "peak GiB/chip", "fits", "est. s per call (XLA)", "HBM roofline s",
+            "calls", "est. total s", "compile s"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['kernel']} | {r['name']} | {r['molecules']:,} | error: {r['error'][:150]}" + " |" * 5)
+            lines.append(f"{r['kernel']} | {r['name']} | {r['molecules']:,} | error: {r['error'][:150]}" + " |" * 6)
             continue
         lines.append(" | ".join(str(v) for v in [
-            r["kernel"], f"{r['name']} ({r['topology']})", f"{r['molecules']:,}", f"{r['per_chip_bytes'] / 2**30:.2f}",
-            "yes" if r["fits"] else "NO", f"{r['estimated_call_s']:.4f}", r["calls"], f"{r['estimated_total_s']:.1f}",
-            r["compile_s"]]))
+            r["kernel"], f"{r['name']} ({r['topology']})", f"{r['molecules']:,}",
+            f"{(r.get('peak_bytes_per_chip') or r.get('per_chip_bytes')) / 2**30:.2f}",
+            "yes" if r["fits"] else "NO", f"{r['estimated_call_s']:.4f}",
+            f"{r['hbm_roofline_call_s']:.4f}" if r.get("hbm_roofline_call_s") is not None else "-", r["calls"],
+            f"{r['estimated_total_s']:.1f}", r["compile_s"]]))
     return "\n".join(lines)
 
 
@@ -177,7 +187,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=3072)
     parser.add_argument("--no_fit", action="store_true", help="skip the largest-batch search")
     parser.add_argument("--fit_variants", default="bf16_remat", help="variants whose largest batch is searched")
-    parser.add_argument("--max_probes", type=int, default=2, help="compiles of the search after its first two")
+    parser.add_argument("--max_probes", type=int, default=4, help="compiles of the search after the config's batch")
     parser.add_argument("--kernel_topologies", default="v5e-8,v5p-128")
     parser.add_argument("--molecules", default="129592,1000000")
     parser.add_argument("--kernels_only", action="store_true")
@@ -186,20 +196,23 @@ def main() -> int:
     parser.add_argument("--table_only", action="store_true")
     parser.add_argument("--merge", default="", help="comma list of JSON files (of runs split over processes) "
                         "whose rows are merged into --out")
-    parser.add_argument("--analyse", default="", help="comma list of compiled-HLO dumps (chmr-jax compile "
-                        "--hlo_dump): bytes, HBM bytes and FLOPs per chip with this checkout's cost walk, the "
-                        "largest byte movers by source line; --molecules: molecules per chip")
+    parser.add_argument("--analyse", default="", help="comma list of compiled-HLO protos (chmr-jax compile "
+                        "--hlo_dump X writes X.pb beside the text): bytes, HBM bytes, ICI bytes and XLA's cycle "
+                        "estimate per chip with this checkout's cost walk, the largest byte movers by source line; "
+                        "--molecules: molecules per chip, --chips: the program's chip count")
+    parser.add_argument("--chips", default="8", help="--analyse: chips the dumped program ran on")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.analyse:
         from chmr_jax.training import aot
         per_chip = int(args.molecules.split(",")[0])
+        chip = aot.CHIPS["v5e"]
         for path in args.analyse.split(","):
-            c = aot.hlo_cost(Path(path).read_text())
-            est = max(c["flops"] / aot.CHIPS["v5e"].peak_flops, c["bytes"] / aot.CHIPS["v5e"].hbm_bytes_per_s)
+            c = aot.program_cost(Path(path).read_bytes(), int(args.chips))
             print(f"{path}: {c['bytes'] / 1e9:.2f} GB moved per chip ({c['bytes'] / per_chip / 1e6:.1f} MB per "
                   f"molecule), HBM only {c['hbm_bytes'] / 1e9:.2f} GB ({c['hbm_bytes'] / per_chip / 1e6:.1f} MB), "
-                  f"{c['flops'] / 1e9:.1f} GFLOP; v5e roofline {est * 1e3:.1f} ms")
+                  f"ICI {c['ici_bytes'] / 1e6:.1f} MB; v5e: XLA's estimate {c['cycles'] / chip.clock_hz * 1e3:.2f} ms, "
+                  f"{len(c['unknown_trip_loops'])} loop(s) of unknown trip count")
             for where, b in sorted(c["by_source"].items(), key=lambda kv: -kv[1])[:8]:
                 print(f"    {b / 1e9:7.3f} GB HBM  {where}")
         return 0

@@ -225,7 +225,7 @@ def _flags_help(fv, usage: str, default_config: str) -> str:
 
 
 def _config_flags(argv: list[str], command: str, default_config: str, usage: str, define_more=None,
-                  required=("workdir",)):
+                  required=("workdir",), workdir: bool = True):
     """Parses `--config file.py[:arg] --config.a.b=v ... --other` with absl on a private registry.
 
     Returns the FlagValues, or an exit code (help printed, or a user error explained in one line:
@@ -241,7 +241,8 @@ def _config_flags(argv: list[str], command: str, default_config: str, usage: str
     config_flags.DEFINE_config_file("config", default_spec,
                                     "config file[:variant]", flag_values=fv, lock_config=True,
                                     sys_argv=[f"chmr-jax {command}"] + argv)  # overrides are found from argv
-    flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)
+    if workdir:   # (compile writes no workdir)
+        flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)
     flags.DEFINE_string("data_dir", None, "data directory (default: config.data_dir > $CHMR_DATA_DIR > "
                         "~/.cache/chmr_jax)", flag_values=fv)
     flags.DEFINE_string("cache_dir", None, "feature cache (default: config.cache_dir > $CHMR_CACHE_DIR > "
@@ -578,65 +579,91 @@ COMPILE_USAGE = """chmr-jax compile --config configs/pretrain.py[:variant] --top
 
 Compiles the pretraining step as `chmr-jax pretrain` would run it on a TPU topology (same mesh, padding
 budget for that chip count, the config's dtype / remat / InfoNCE), on this machine, without a TPU
-(needs libtpu: pip install 'jax[tpu]'). Prints one row and writes JSON: per-chip memory against the
-chip's HBM, FLOPs and bytes accessed per chip, and an ESTIMATED step time (XLA's, else a roofline from
-the chip's published FLOP/s and HBM bandwidth), molecules/s and MFU. Nothing runs on a TPU.
+(needs libtpu: pip install 'jax[tpu]'). The first line says which molecules the shapes come from (the
+config's corpus, or a STAND-IN). Prints one row and writes JSON: the compiler's peak memory per chip
+against the HBM it allows, FLOPs, bytes and chip-to-chip (ICI) bytes per chip, and ESTIMATED step
+times: XLA:TPU's own cycle estimate (the headline) beside the HBM-only and all-memory rooflines and the
+ICI time, molecules/s and MFU. Nothing runs on a TPU.
 NAME: v5e-16 / v5litepod-16, v6e-64 (chips), v4-32, v5p-128 (TensorCores, two per chip), or libtpu's
-v5e:4x4, v4:2x2x4. --fit searches the largest global batch that fits HBM."""
+v5e:4x4, v4:2x2x4. --fit searches the largest global batch that fits HBM: each probe compiles in a
+subprocess capped at --probe_memory_gib of this machine's memory, is logged as it finishes (--fit_log)
+and is reused when the command runs again; the answer is a bracket until the compiler refuses a batch."""
 
 
 def _compile(argv: list[str]) -> int:
     def more(flags, fv):
         flags.DEFINE_string("topology", None, "TPU topology: v5e-16, v5litepod-16, v4-32, v5p-128, v6e-64, v5e:4x4",
                             flag_values=fv)
-        flags.DEFINE_string("out", None, "write the row(s) as JSON here", flag_values=fv)
+        flags.DEFINE_string("out", None, "write the row(s) as JSON here (rewritten after each --fit probe)",
+                            flag_values=fv)
         flags.DEFINE_boolean("fit", False, "also search the largest global batch that fits the chip's HBM",
                              flag_values=fv)
-        flags.DEFINE_integer("max_probes", 8, "--fit: compiles after the first two (each narrows the bracket)",
-                             flag_values=fv)
+        flags.DEFINE_integer("max_probes", 8, "--fit: compiles after the config's batch", flag_values=fv)
+        flags.DEFINE_float("probe_memory_gib", 5.0, "--fit: stop a probe's compile past this much host memory",
+                           flag_values=fv)
+        flags.DEFINE_float("probe_timeout_s", 1800, "--fit: stop a probe's compile after this long", flag_values=fv)
+        flags.DEFINE_string("fit_log", None, "--fit: JSONL of the probes, appended as each finishes and resumed "
+                            "(default: OUT.fit.jsonl, else ./chmr-fit-TOPOLOGY.jsonl)", flag_values=fv)
         flags.DEFINE_integer("molecules", 0, "corpus size the replicated context arrays are scaled to "
                              "(default: the config's corpus, or 129,592 for a stand-in)", flag_values=fv)
         flags.DEFINE_integer("sample", 1024, "molecules the shapes are taken from", flag_values=fv)
-        flags.DEFINE_string("hlo_dump", None, "write the compiled TPU program's HLO text here", flag_values=fv)
+        flags.DEFINE_string("hlo_dump", None, "write the compiled TPU program's HLO text here (and its proto to HLO_DUMP.pb)",
+                             flag_values=fv)
 
-    fv = _config_flags(argv, "compile", "pretrain.py", COMPILE_USAGE, more, required=("topology",))
+    fv = _config_flags(argv, "compile", "pretrain.py", COMPILE_USAGE, more, required=("topology",), workdir=False)
     if isinstance(fv, int):
         return fv
+    from chmr_jax.training import aot
+    spec = aot.parse_topology(fv.topology)
     # Before any JAX backend starts: JAX itself runs on this machine's CPU, libtpu only describes the
     # topology and compiles for it (no TPU is claimed; no metadata server is asked for one).
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    aot.quiet_libtpu(spec)
     import jax
     jax.config.update("jax_platforms", "cpu")
     import json
 
     from chmr_jax.data import files, paths
-    from chmr_jax.training import aot
     config = fv.config
     if fv.data_dir:
         config.data_dir = fv.data_dir
+    out = {}
+
+    def write():
+        if fv.out:
+            files.atomic_write_text(fv.out, json.dumps(out, indent=1, default=str))   # (local or gs://)
+
     try:
         if fv.hlo_dump:   # checked before the long compile: a text file written locally
             paths.local_only(fv.hlo_dump, "--hlo_dump", "the HLO text is written as a local file")
         if fv.out:        # (a gs:// --out is written as an object; its bucket is asked now, not after compiling)
             paths.check_reachable(fv.out, "--out")
-        spec = aot.parse_topology(fv.topology)
         # The sample first: a featurization pool's workers must not start while libtpu holds its lock.
         sample = aot.load_sample(config, spec.chips, fv.sample, fv.molecules or None)
+        print(f"shapes from: {sample.shapes_from}; context arrays for {sample.molecules:,} molecules", flush=True)
         devices = aot.tpu_devices(spec)
         print(f"compiling for {spec.topology_name}: {spec.chips} x {devices[0].device_kind} chips, {spec.hosts} "
               f"host(s); everything below is an estimate from the compiled program, nothing runs on a TPU",
               flush=True)
-        print(f"shapes from: {sample.shapes_from}; context arrays for {sample.molecules:,} molecules", flush=True)
         row = aot.compile_step(config, spec, None, sample, devices, hlo_dump=fv.hlo_dump)
-        rows = [row]
-        print(aot.format_rows(rows), flush=True)
-        fit = None
-        if fv.fit:
-            fit = aot.largest_batch(config, spec, sample, devices, first=row, max_probes=fv.max_probes)
-            print(f"largest global batch that fits {spec.chip.hbm_bytes / aot.GiB:.0f} GiB per chip: "
-                  f"{fit['largest_batch']:,} (estimate)")
-            if fit.get("per_chip_bytes"):
-                print(aot.format_rows([fit]))
+        print(aot.format_rows([row]), flush=True)
+        for line in aot.warnings(row):
+            print(line, flush=True)
+        out.update(row, fit=None)
+        write()
+        if fv.fit and not row.get("host_calls"):
+            log_path = fv.fit_log or (f"{fv.out}.fit.jsonl" if fv.out and not paths.is_remote(fv.out)
+                                      else f"chmr-fit-{spec.topology_name.replace(':', '-')}.jsonl")
+            print(f"--fit: each probe compiles in a subprocess capped at {fv.probe_memory_gib:g} GiB; probes are "
+                  f"logged to {log_path} as they finish (rerun to resume)", flush=True)
+            fit = aot.largest_batch(config, spec, sample, devices, row, fv.max_probes, log_path,
+                                    int(fv.probe_memory_gib * aot.GiB), fv.probe_timeout_s,
+                                    on_probe=lambda rec: (out.update(fit_probes_so_far=out.get("fit_probes_so_far", [])
+                                                                     + [{k: v for k, v in rec.items() if k != "row"}]),
+                                                          write()))
+            out.pop("fit_probes_so_far", None)
+            out["fit"] = fit
+            write()
+            print(aot.bracket_text(fit, spec.chip.hbm_text()), flush=True)
     except aot.CompileError as e:
         print(f"chmr-jax compile: {e}", file=sys.stderr)
         return 2
@@ -645,8 +672,6 @@ def _compile(argv: list[str]) -> int:
               "it would stall every step on a TPU", file=sys.stderr)
         return 2
     if fv.out:
-        out = {**row, "fit": fit}
-        files.atomic_write_text(fv.out, json.dumps(out, indent=1, default=str))   # (local or gs://)
         print(f"written to {fv.out}")
     return 0
 
