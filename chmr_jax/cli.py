@@ -291,12 +291,15 @@ def _config_flags(argv: list[str], command: str, default_config: str, usage: str
 # same command fails again; 3 a storage or environment fault (a bucket that does not answer, an I/O error,
 # a storage library's error), one line: the same command may succeed later, so an orchestrator retries it.
 # CHMR_TRACEBACK=1 shows the traceback instead of the line.
-USER_ERRORS = ("FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "ValueError", "CorpusError",
-               "DataNotFoundError", "ConfigError", "CorruptCheckpoint", "BucketNotFound")
+USER_ERRORS = ("FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "FileExistsError", "PermissionError",
+               "ValueError", "CorpusError", "DataNotFoundError", "ConfigError", "CorruptCheckpoint", "BucketNotFound")
 ENVIRONMENT_ERRORS = ("StorageUnreachable", "CheckpointIOError")
 # An OSError raised inside these (the files of a gs:// workdir or cache, not a path the user named) is a
 # storage fault, e.g. gcsfs's FileNotFoundError for an object that vanished under a listing.
 STORAGE_MODULES = ("gcsfs", "fsspec", "etils", "orbax", "tensorstore", "google", "aiohttp", "requests", "urllib3")
+# Errors of the storage and credential libraries' own classes (not OSError): gcsfs's HttpError after its
+# retries (a 5xx), google.auth's RefreshError / TransportError (an expired or unreachable credential).
+STORAGE_ERROR_PACKAGES = ("gcsfs", "google", "aiohttp", "requests", "urllib3")
 
 
 def is_user_error(e: BaseException) -> bool:
@@ -312,6 +315,8 @@ def exit_code_of(e: BaseException) -> int | None:
     if names & set(ENVIRONMENT_ERRORS):
         return 3
     if isinstance(e, OSError) and _raised_in(e, STORAGE_MODULES):
+        return 3
+    if type(e).__module__.split(".")[0] in STORAGE_ERROR_PACKAGES:
         return 3
     if names & set(USER_ERRORS):
         return 2

@@ -794,6 +794,20 @@ def test_exit_codes_tell_what_the_user_gave_from_storage_faults(gcs, tmp_path, m
         raise checkpoint_lib.CheckpointIOError("gs://b/run/checkpoints/4: reading failed 3 times")
     assert code_and_line(io_error) == (3, "chmr-jax pretrain: gs://b/run/checkpoints/4: reading failed 3 times")
     assert code_and_line(lambda: int("x"))[0] == 2                                      # a bad value (ValueError)
+    # An output path that is an existing file, or one the user may not write: what the user gave (not retried).
+    (tmp_path / "afile").write_text("hi")
+    assert code_and_line(lambda: (tmp_path / "afile").mkdir())[0] == 2                  # FileExistsError
+    # The storage and credential libraries' own error classes (not OSError): a 5xx after gcsfs's retries, an
+    # expired credential. Retrying may succeed: 3.
+    import gcsfs.retry
+    import google.auth.exceptions
+
+    def http_503():
+        raise gcsfs.retry.HttpError({"code": 503, "message": "backend error"})
+
+    def refresh():
+        raise google.auth.exceptions.RefreshError("the token expired")
+    assert code_and_line(http_503)[0] == 3 and code_and_line(refresh)[0] == 3
 
     def bug():
         raise KeyError("a bug")
