@@ -522,23 +522,44 @@ def _embed(argv: list[str]) -> int:
     parser.add_argument("--num_processes", type=int, default=0, help="multi-process: number of processes")
     parser.add_argument("--process_id", type=int, default=-1, help="multi-process: this process's index")
     args = parser.parse_args(argv)
-    if args.coordinator_address:
-        import jax
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes; no-op elsewhere
-        jax.distributed.initialize(args.coordinator_address, args.num_processes or None,
-                                   None if args.process_id < 0 else args.process_id)
-    from chmr_jax import config_util
-    from chmr_jax.downstream import export
-    try:
-        return _report_errors("embed", lambda: export.export(
-            export.load_encoder(args.pretrained, args.step), args.input, args.out,
-            config_util.parse_list(args.formats), args.smiles_column, args.id_column,
-            args.batch_size, None, shard_size=args.shard_size, n_workers=args.workers,
-            show_progress=not args.no_progress))
-    except KeyboardInterrupt:   # finished shards are on disk with their records: the same command resumes
+    # Ctrl-C: a SIGINT that lands while Python runs a callback (e.g. jax's gc hook during its import) is
+    # swallowed there ("Exception ignored in ..."), so it is also recorded and the export stops before its
+    # next shard; either way one line, exit 130, and the rerun resumes.
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    def interrupted_line() -> int:
         print(f"chmr-jax embed: interrupted; finished shards are kept in {args.out}: run the same command "
               "again to resume (only the missing shards are embedded)", file=sys.stderr)
         return 130
+
+    import signal
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        if args.coordinator_address:
+            import jax
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes; no-op elsewhere
+            jax.distributed.initialize(args.coordinator_address, args.num_processes or None,
+                                       None if args.process_id < 0 else args.process_id)
+        from chmr_jax import config_util
+        from chmr_jax.downstream import export, finetune
+
+        def run():
+            finetune.check_pretrained_step(args.pretrained, args.step, flag="--step")
+            return export.export(
+                export.load_encoder(args.pretrained, args.step), args.input, args.out,
+                config_util.parse_list(args.formats), args.smiles_column, args.id_column,
+                args.batch_size, None, shard_size=args.shard_size, n_workers=args.workers,
+                show_progress=not args.no_progress, stop=lambda: bool(interrupted))
+        code = _report_errors("embed", run)
+    except KeyboardInterrupt:   # finished shards are on disk with their records: the same command resumes
+        return interrupted_line()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return interrupted_line() if interrupted else code
 
 
 def _convert(argv: list[str]) -> int:

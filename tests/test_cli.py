@@ -339,6 +339,41 @@ def test_ctrl_c_in_embed_is_one_line_and_the_rerun_resumes(tiny_run, tmp_path, c
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
 
 
+def test_a_ctrl_c_swallowed_by_a_callback_still_stops_embed(tiny_run, tmp_path, capsys, monkeypatch):
+    """A SIGINT that lands while Python runs a callback (jax's gc hook during its import, a __del__) has its
+    KeyboardInterrupt swallowed there ("Exception ignored in ..."); embed still stops before its next shard
+    with the one line and exit 130 (before: the export ran to the end and exited 0)."""
+    import signal
+
+    from chmr_jax.downstream import export
+    path, _ = _with_rejects(tmp_path)
+    out = tmp_path / "out"
+    real = export.export
+
+    class InterruptedInACallback:
+        def __del__(self):   # the installed SIGINT handler, called where Python ignores what it raises
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+
+    def export_after_a_swallowed_interrupt(*a, **k):
+        InterruptedInACallback()
+        return real(*a, **k)
+    monkeypatch.setattr(export, "export", export_after_a_swallowed_interrupt)
+    assert cli.main(["embed", "--pretrained", str(tiny_run), "--input", str(path), "--out", str(out), "--shard_size",
+                     "8", "--batch_size", "4", "--workers", "1", "--no_progress"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("chmr-jax embed: interrupted; finished shards")
+    assert not list((out / "shards").glob("*.json"))          # stopped before its first shard
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the handler is put back
+
+
+def test_embed_step_that_the_run_lacks_is_one_line_listing_its_steps(tiny_run, tmp_path, capsys):
+    path, _ = _with_rejects(tmp_path)
+    rc = cli.main(["embed", "--pretrained", str(tiny_run), "--input", str(path), "--out", str(tmp_path / "o"),
+                   "--step", "123"])
+    assert rc == 2 and capsys.readouterr().err.strip() == (
+        f"chmr-jax embed: --step=123: {tiny_run} has no checkpoint of step 123; its checkpoints are steps 4, 8, 10 "
+        "(leave the flag out for the newest)")
+
+
 def test_finetune_messages_name_flags_and_steps(tiny_run, tmp_path, capsys):
     from chmr_jax import config_util
     from chmr_jax.downstream import finetune

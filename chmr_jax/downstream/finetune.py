@@ -114,15 +114,15 @@ def run_settings(config, pretrained, data_dir=None) -> dict:
     return settings
 
 
-def check_pretrained_step(pretrained, step: int | None) -> None:
-    """A --config.pretrained_step the workdir does not hold is a one-line error listing the steps it does."""
+def check_pretrained_step(pretrained, step: int | None, flag: str = "--config.pretrained_step") -> None:
+    """A step (`flag`) the workdir does not hold is a one-line error listing the steps it does."""
     if not step:
         return
     workdir = paths.as_path(pretrained)
     steps = sorted({int(p.name) for sub in ("checkpoints", "snapshots") if (workdir / sub).is_dir()
                     for p in (workdir / sub).iterdir() if p.name.isdigit()})
     if steps and step not in steps:
-        raise ValueError(f"--config.pretrained_step={step}: {workdir} has no checkpoint of step {step}; its "
+        raise ValueError(f"{flag}={step}: {workdir} has no checkpoint of step {step}; its "
                          f"checkpoints are steps {', '.join(map(str, steps))} (leave the flag out for the newest)")
 
 

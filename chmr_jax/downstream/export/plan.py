@@ -74,14 +74,16 @@ def _check_plan(out: Path, plan: dict, name=None) -> None:
 
 def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: str = "smiles",
            id_column: str | None = None, batch_size: int = 256, cache_dir=None, log=print,
-           shard_size: int = 10_000, n_workers: int | None = None, show_progress: bool = True) -> dict:
+           shard_size: int = 10_000, n_workers: int | None = None, show_progress: bool = True,
+           stop=None) -> dict:
     """The streaming export (module docstring): embeds `input_path` into OUT's shards (this process's
     share; skipping finished ones), then process 0 writes the TFDS metadata and OUT/manifest.json.
     Returns the manifest (on process 0; the plan elsewhere). cache_dir is unused (streamed input is not
     cached; kept for the call signature). A gs:// OUT is written in a fresh local folder that starts as
-    a copy of the bucket folder (paths.staged), each finished shard uploaded at once."""
+    a copy of the bucket folder (paths.staged), each finished shard uploaded at once. stop: a callable
+    asked before each shard; True raises KeyboardInterrupt there (finished shards stay: a rerun resumes)."""
     kw = dict(formats=formats, smiles_column=smiles_column, id_column=id_column, batch_size=batch_size, log=log,
-              shard_size=shard_size, n_workers=n_workers, show_progress=show_progress)
+              shard_size=shard_size, n_workers=n_workers, show_progress=show_progress, stop=stop)
     if paths.is_remote(out):
         url = os.fspath(paths.as_path(out))
         # (the plan and the shard records; each process then fetches the files of its own finished shards)
@@ -91,7 +93,7 @@ def export(encoder: Encoder, input_path, out, formats=FORMATS, smiles_column: st
 
 
 def _export(encoder: Encoder, input_path, out: Path, out_url: str | None, formats, smiles_column, id_column,
-            batch_size, log, shard_size, n_workers, show_progress) -> dict:
+            batch_size, log, shard_size, n_workers, show_progress, stop=None) -> dict:
     formats = [ALIASES.get(f, f) for f in formats]
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -162,6 +164,8 @@ def _export(encoder: Encoder, input_path, out: Path, out_url: str | None, format
             nxt = next(shards, None)
             pending = (nxt, featurizer.submit(nxt[1])) if nxt else None
             while pending is not None:
+                if stop is not None and stop():
+                    raise KeyboardInterrupt(f"stopped before shard {pending[0][0]}")
                 (shard, smiles, ids), get = pending
                 feats = get()
                 nxt = next(shards, None)           # the next shard featurizes while this one is on the devices
