@@ -8,8 +8,10 @@
 #                          job. Returns at once. Refused while a job runs there (stop it first; FORCE=1
 #                          kills it). Records its settings for `resume`.
 #   resume                 `start` again with the settings the last `start` recorded for $TPU_NAME (after a
-#                          maintenance event, a preemption or `stop`): reinstalls what a recreated worker
-#                          lacks, and the job resumes from the workdir's newest good checkpoint.
+#                          maintenance event or `stop`): reinstalls what a recreated worker lacks, and the
+#                          job resumes from the workdir's newest good checkpoint. A PREEMPTED (or TERMINATED)
+#                          TPU is deleted and created again when the recorded start had CREATE=1 (same
+#                          ACCELERATOR and RUNTIME); otherwise resume says so and stops (exit 2).
 #   status                 on every worker: is the job running, the last lines of its log
 #   logs [N]               the last N (default 50) lines of worker ${WORKER:-0}'s log (FOLLOW=1: tail -f)
 #   stop                   SIGTERM on every worker: the processes agree on one step, checkpoint it and
@@ -33,7 +35,9 @@
 # CHMR_CACHE_DIR; default gs://BUCKET/chmr_jax_cache for a gs:// WORKDIR, else WORKDIR/cache) the corpus cache,
 # both shared by every worker and every restart: a resumed job neither rebuilds nor recompiles. Each worker
 # logs to LOG_DIR/pretrain-<host>.log (default ~/chmr_jax/logs; its pid in LOG_DIR/pretrain.pid), copied to
-# WORKDIR/logs/pretrain-<host>.log every LOG_COPY_EVERY_S (60) seconds and when the job ends.
+# WORKDIR/logs/pretrain-<host>-<start time>.log every LOG_COPY_EVERY_S (60) seconds and when the job ends: one
+# log per start or resume, so a resume never overwrites the log of the run that a maintenance event ended
+# (LOG_DIR/pretrain-<host>.log links to the newest, for `status` and `logs`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
@@ -109,11 +113,24 @@ mkdir -p "$STATE_DIR"
 {
   printf 'CONFIG=%q\nCHMR_DATA_DIR=%q\nCACHE_DIR=%q\nCOMPILATION_CACHE=%q\n' "$CONFIG" "$DATA" "$CACHE_DIR" \
     "$COMPILATION_CACHE"
+  printf 'CREATE=%q\nACCELERATOR=%q\nRUNTIME=%q\n' "${CREATE:-0}" "$ACCELERATOR" "$RUNTIME"
   printf 'set --'; printf ' %q' "$WORKDIR" "$@"; printf '\n'
 } > "$STATE_DIR/$TPU_NAME.sh"
 
 exists=1
-if [ "${CREATE:-0}" = 1 ] && ! tpu describe "$TPU_NAME" > /dev/null 2>&1; then
+# A preempted (or terminated) TPU still exists, so `describe` succeeds, but its workers cannot be reached:
+# it has to be created again (its disks are gone; the workdir and the cache are in the bucket).
+state=$(tpu describe "$TPU_NAME" --format='value(state)' 2>/dev/null || true)
+if [ "$state" = PREEMPTED ] || [ "$state" = TERMINATED ]; then
+  if [ "${CREATE:-0}" != 1 ]; then
+    echo "TPU $TPU_NAME is $state: create it again (CREATE=1 ACCELERATOR=... bash launch/tpu_pod.sh resume deletes" \
+         "and recreates it), then the job resumes from $WORKDIR" >&2
+    exit 2
+  fi
+  tpu delete "$TPU_NAME" --quiet
+  deleted=1
+fi
+if [ "${CREATE:-0}" = 1 ] && { [ "${deleted:-0}" = 1 ] || ! tpu describe "$TPU_NAME" > /dev/null 2>&1; }; then
   # --autocheckpoint-enabled: on a maintenance event the TPU runtime sends SIGTERM first, which our
   # job turns into one agreed checkpoint (alpha track: the flag is not in the GA command yet).
   gcloud alpha compute tpus tpu-vm create "$TPU_NAME" --zone "$ZONE" --accelerator-type "$ACCELERATOR" \
@@ -135,17 +152,19 @@ on_all "set -e; mkdir -p $REMOTE_DIR && tar xzf /tmp/chmr_jax_src.tgz -C $REMOTE
   uv pip install -q --python .venv/bin/python -c $CONSTRAINTS -e . 'jax[tpu]==$JAX_VERSION'"
 # A previous (crashed or orphaned) job still holding the TPU makes the new one fail to open it: stop ours,
 # then whatever holds the accelerator device files, and the lockfile libtpu leaves behind.
-on_all "pkill -KILL -f \"$JOB_PATTERN\" || true; sudo fuser -k -KILL /dev/accel* /dev/vfio/* 2>/dev/null || true; sudo rm -f /tmp/libtpu_lockfile; sleep 2"
+on_all "pkill -KILL -f \"$JOB_PATTERN\" || true; kill \$(cat $LOG_DIR/copy_log.pid 2>/dev/null) 2>/dev/null || true; sudo fuser -k -KILL /dev/accel* /dev/vfio/* 2>/dev/null || true; sudo rm -f /tmp/libtpu_lockfile; sleep 2"
 # The same command on every worker, detached (setsid + nohup, stdin closed): it outlives this ssh session.
 # Beside it, detached too, launch/_copy_log.sh copies the worker's log to WORKDIR/logs/ until the job ends.
 ARGS=""
 [ $# -gt 0 ] && ARGS=$(printf " %q" "$@")
-on_all "set -e; cd $REMOTE_DIR; mkdir -p $LOG_DIR; log=$LOG_DIR/pretrain-\$(hostname).log
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)   # one log per start / resume (the same name on every worker)
+on_all "set -e; cd $REMOTE_DIR; mkdir -p $LOG_DIR; log=$LOG_DIR/pretrain-\$(hostname)-$STAMP.log
+  ln -sfn \$log $LOG_DIR/pretrain-\$(hostname).log
   CHMR_DATA_DIR='$DATA' CHMR_CACHE_DIR='$CACHE_DIR' setsid nohup \$HOME/$REMOTE_DIR/.venv/bin/chmr-jax pretrain \
   --config '$CONFIG' --workdir '$WORKDIR' --config.train.distributed=True \
   --config.train.compilation_cache_dir='$COMPILATION_CACHE' $ARGS \
   > \$log 2>&1 < /dev/null & echo \$! > $LOG_DIR/pretrain.pid
-  setsid nohup bash launch/_copy_log.sh \$log '${WORKDIR%/}/logs/'pretrain-\$(hostname).log $LOG_COPY_EVERY_S \"$JOB_PATTERN\" \
+  setsid nohup bash launch/_copy_log.sh \$log '${WORKDIR%/}/logs/'pretrain-\$(hostname)-$STAMP.log $LOG_COPY_EVERY_S \"$JOB_PATTERN\" \
   > $LOG_DIR/copy_log.err 2>&1 < /dev/null & echo \$! > $LOG_DIR/copy_log.pid
   echo \"\$(hostname): started \$(cat $LOG_DIR/pretrain.pid)\""
 echo "Started on every worker of $TPU_NAME. Results in $WORKDIR (checkpoints/, metrics.jsonl, summary.json, logs/)."
