@@ -152,8 +152,8 @@ def _prepare_corpus(args) -> int:
     cfg.kind = args.corpus
     if args.exclude_test:   # named by its flag here (corpus.exclude is the config's name for it)
         unknown = [n for n in config_util.parse_list(args.exclude_test) if n not in datasets.ALL_BENCHMARKS
-                   and not n.lower().endswith((".csv", ".csv.gz"))]   # (a CSV file of SMILES: not a benchmark name)
-        if unknown and args.exclude_test.strip() != "all":
+                   and n != "all" and not n.lower().endswith((".csv", ".csv.gz"))]   # (a CSV of SMILES: not a name)
+        if unknown:
             close = difflib.get_close_matches(unknown[0], datasets.ALL_BENCHMARKS, n=1)
             print(f"chmr-jax prepare: --exclude_test {args.exclude_test}: unknown benchmark(s) {unknown}"
                   f"{f'; did you mean {close[0]}?' if close else ''} (choose from {', '.join(datasets.ALL_BENCHMARKS)} "
@@ -266,7 +266,11 @@ def _config_flags(argv: list[str], command: str, default_config: str, usage: str
                 print(f"chmr-jax {command}: {problem}", file=sys.stderr)
                 return 2
     try:
-        fv([f"chmr-jax {command}"] + argv)
+        leftover = fv([f"chmr-jax {command}"] + argv)[1:]
+        if leftover:   # absl keeps stray words: `finetune ... bbbp` would silently train the config's dataset
+            print(f"chmr-jax {command}: unexpected argument(s) {' '.join(leftover)} (every value is a --flag or "
+                  f"--config.field=value; chmr-jax {command} --help lists the flags)", file=sys.stderr)
+            return 2
     except flags.Error as e:
         print(f"chmr-jax {command}: {e} (chmr-jax {command} --help lists the flags)", file=sys.stderr)
         return 2

@@ -406,3 +406,13 @@ def test_one_seed_says_it_has_no_std():
                      "bace mlp test roc_auc: 0.7000 +- 0.1414 over 2 seeds",
                      "bace lift over the untrained encoder (positive = pretrained better): +0.0500 (1 seed: no std) "
                      "(paired over seeds)"]
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "benchmark", "stress", "compile"])
+def test_a_stray_word_on_a_config_command_is_one_line(command, capsys):
+    """absl keeps positional words instead of refusing them: `finetune --pretrained RUN bbbp` trained the
+    config's default dataset without a word. Now one line naming the word, exit 2, before any work."""
+    assert cli.main([command, "bbbp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"chmr-jax {command}: unexpected argument(s) bbbp (every value is a --flag or --config.field=value; "
+                   f"chmr-jax {command} --help lists the flags)"]

@@ -49,7 +49,7 @@ def emulator(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), "start", "--host", "127.0.0.1",
                              "--port", str(port), "--in-memory", "--default-bucket", BUCKET],
                             stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 30
+    deadline = time.time() + 180   # a hang guard: a loaded machine starts the emulator slowly
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()

@@ -179,7 +179,7 @@ def test_start_stop_status_really_work_in_a_shell(tmp_path):
     assert copied.read_text() == newest.read_text()
     assert copied.read_text().split() == ["training", "stopped"]
     copier = int((home / "chmr_jax" / "logs" / "copy_log.pid").read_text())
-    try:   # (it ends by itself once no `chmr-jax pretrain` runs on this machine: other jobs may)
+    try:   # (it ends by itself once this install's job has ended; stopped here in case it has not yet)
         os.kill(copier, signal.SIGTERM)
     except ProcessLookupError:
         pass

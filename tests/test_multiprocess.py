@@ -128,7 +128,7 @@ def test_a_killed_peer_ends_the_other_process_with_an_error(tmp_path, cache_dir,
     proc = launch(workdir, cache_dir, "--config.train.steps=400", "--config.train.log_every_steps=1",
                   "--config.train.heartbeat_timeout_s=10", wait=False)
     try:
-        deadline = time.time() + 600
+        deadline = time.time() + 1800   # a hang guard, not a timing
         while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip():
             assert time.time() < deadline and proc.poll() is None, "the 2-process run did not start"
             time.sleep(1)
@@ -208,11 +208,11 @@ PREEMPT = ["--config.train.steps=2000", "--config.train.checkpoint_every_steps=1
 
 def _preempt(workdir, cache_dir, xla_cache, targets, after_rows):
     """Launches PREEMPT; once `after_rows` metrics rows are written, sends SIGTERM to process `targets[0]`,
-    0.3 s later to the next one, ...; checks that both processes exit 0 within 60 s, stopped at one step
+    0.3 s later to the next one, ...; checks that both processes exit 0, stopped at one step
     with one checkpoint, and returns that step."""
     proc = launch(workdir, cache_dir, *PREEMPT, f"--config.train.compilation_cache_dir={xla_cache}", wait=False)
     try:
-        deadline = time.time() + 600
+        deadline = time.time() + 1800   # a hang guard, not a timing
         rows = workdir / "metrics.jsonl"
         while not rows.exists() or len(metric_writers.read_jsonl(rows)) < after_rows:
             assert time.time() < deadline and proc.poll() is None, "the 2-process run did not start"

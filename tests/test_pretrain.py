@@ -169,7 +169,7 @@ def _env(cache_dir):
     return env
 
 
-def _wait_for_rows(workdir, n, proc, timeout=240):
+def _wait_for_rows(workdir, n, proc, timeout=1200):   # a hang guard (a loaded machine compiles slowly)
     path = workdir / "metrics.jsonl"
     deadline = time.time() + timeout
     while time.time() < deadline:

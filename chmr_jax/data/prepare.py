@@ -213,7 +213,7 @@ def csv_keys(path, column: str, join: str, n_workers=None) -> set:
     evaluation set to keep out of the corpus. Unparsable SMILES have no key and are skipped."""
     local = paths.local_file(path, "corpus.exclude") if paths.is_remote(path) else Path(path)
     if not local.is_file():
-        raise FileNotFoundError(f"corpus.exclude: {path}: no such file")
+        raise FileNotFoundError(f"corpus.exclude (--exclude_test): {path}: no such file")
     with datasets.open_csv(local) as (header, reader):
         if column not in header:
             raise ValueError(f"corpus.exclude: {path} has no column {column!r} (columns: {header}); "

@@ -56,6 +56,9 @@ class Chores:
         # The interval since the previous metrics row (the first row's: since the loop started, so it
         # includes compilation).
         self._row_t, self._row_steps, self._row_molecules = time.perf_counter(), 0, 0
+        # The rows' unix "time" is this anchor plus the monotonic clock: row times differ by exactly the
+        # intervals step_s is computed from (no wall-clock slew or step between them).
+        self._wall_anchor = time.time() - self._row_t
 
     def step_done(self, step: int, n_molecules: int, ready=None, metrics: dict | None = None) -> None:
         """After optimiser step `step` on `n_molecules` molecules: `metrics` (when it is time to log) go
@@ -78,7 +81,8 @@ class Chores:
             # host between steps) and dispatch. The loop fetches each row's metrics from the device
             # before writing it, so the interval ends when its last step has finished, not when it was
             # dispatched.
-            now, walltime = time.perf_counter(), time.time()   # the row's "time" is this same instant
+            now = time.perf_counter()
+            walltime = self._wall_anchor + now   # the row's "time": this same instant, on the monotonic clock
             interval = now - self._row_t
             metrics = {**metrics, "step_s": interval / self._row_steps,
                        "molecules_per_s": self._row_molecules / interval if interval > 0 else float("nan")}
