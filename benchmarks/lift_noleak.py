@@ -81,11 +81,17 @@ def collect(runs: Path, epochs: int, seeds: list[int], datasets: list[str]) -> d
 
 
 def _cell(s, scale=100.0):
+    """mean +- sample std over pretraining seeds; with one pretraining seed there is none: the head seeds'
+    sample std of that seed is shown instead, labelled (it does not cover the pretraining run's variance)."""
     if s is None or s.get("mean") is None:
         return "-"
     std = s.get("std")
-    return f"{s['mean'] * scale:+.1f} +- {std * scale:.1f}" if std is not None else \
-        f"{s['mean'] * scale:+.1f} (1 seed: no std)"
+    if std is not None:
+        return f"{s['mean'] * scale:+.1f} +- {std * scale:.1f}"
+    heads = s["per_seed"][0] if len(s.get("per_seed", [])) == 1 else []
+    if len(heads) > 1:
+        return f"{s['mean'] * scale:+.1f} (1 pretraining seed; head seeds +- {statistics.stdev(heads) * scale:.1f})"
+    return f"{s['mean'] * scale:+.1f} (1 seed: no std)"
 
 
 def _score(s):
@@ -111,9 +117,17 @@ def table(report: dict) -> str:
              and d["lift"]["mean"] > d["lift"]["std"]]
     below = [name for name, d in report["datasets"].items() if d["lift"]["std"] is not None
              and d["lift"]["mean"] < -d["lift"]["std"]]
-    if lifts:
+    if lifts and n > 1:
         lines += ["", f"Test lift above its sample std over pretraining seeds: {len(above)} of {len(lifts)} "
                       f"({', '.join(above) or 'none'}); below minus its std: {len(below)} ({', '.join(below) or 'none'})."]
+    elif lifts:   # one pretraining seed: no std over pretraining seeds, so no verdict; the head seeds' std, labelled
+        head = lambda d: statistics.stdev(d["lift"]["per_seed"][0]) if len(d["lift"]["per_seed"][0]) > 1 else None
+        up = [k for k, d in report["datasets"].items() if head(d) is not None and d["lift"]["mean"] > head(d)]
+        down = [k for k, d in report["datasets"].items() if head(d) is not None and d["lift"]["mean"] < -head(d)]
+        lines += ["", f"One pretraining seed: no std over pretraining seeds, so no verdict. Against the head seeds' "
+                      f"paired std of that one run (which leaves out the pretraining run's own variance), the test "
+                      f"lift is above it on {len(up)} of {len(lifts)} ({', '.join(up) or 'none'}) and below minus it on "
+                      f"{len(down)} ({', '.join(down) or 'none'})."]
     return "\n".join(lines)
 
 
