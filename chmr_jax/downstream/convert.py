@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chmr_jax.data import paths
 from chmr_jax.mechanisms import tree_vq
 
 RELEASE_MOLECULAR = ("fingerprint", "graph", "geometry")     # modal_projectors 0..2
@@ -119,6 +120,8 @@ def read_torch_state_dict(path) -> dict:
     A checkpoint dict holding the state_dict under 'model', 'state_dict' or 'model_state_dict' is
     unwrapped. The legacy (pre-zip) format needs torch: install it (`pip install torch`) and it is used.
     """
+    if paths.is_remote(path):   # a gs:// checkpoint: its verified local copy (named by its URL in errors)
+        path = paths.local_file(path, "--torch")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
@@ -319,7 +322,8 @@ def convert(torch_path, out, base_config=None, drop_geometry: bool = False, morg
     files.atomic_write_text(out / "model_dims.json", json.dumps(dims, indent=1))
     ckpt = checkpoint_lib.Checkpointer(out / "checkpoints", async_save=False)
     try:
-        ckpt.save(0, state, {"step": 0, "converted_from": str(Path(torch_path).resolve())}, force=True)
+        ckpt.save(0, state, {"step": 0, "converted_from": str(torch_path) if paths.is_remote(torch_path)
+                                      else str(Path(torch_path).resolve())}, force=True)
     finally:
         ckpt.close()
     n = sum(int(np.prod(v.shape)) for v in sd.values())
