@@ -92,17 +92,6 @@ def check_labelled_parts(ds: datasets.MoleculeDataset, split: dict, kind: str, n
                                  f"split ({len(split[part])} molecules){f' (and {len(empty) - 1} more column(s): {empty[1:4]})' if len(empty) > 1 else ''}; "
                                  "label more molecules, leave the column out (--task_columns / --config.task_columns) "
                                  "or use another split (--split / --config.split)")
-        if ds.task_type == "classification":
-            # ROC-AUC needs both classes: a part where no task has both would be scored NaN over 0 tasks.
-            for part in ("valid", "test"):
-                y = ds.labels[split[part]]
-                both = [j for j in range(y.shape[1]) if len(np.unique(y[np.isfinite(y[:, j]), j])) > 1]
-                if not both:
-                    classes = sorted({float(v) for v in np.unique(y[np.isfinite(y)])})
-                    raise ValueError(f"{ds.source}: the {part} part of the {kind} split holds one class only "
-                                     f"({classes} in {len(split[part])} molecules) in every task, so ROC-AUC cannot be "
-                                     "scored; label more molecules of the other class or use another split "
-                                     "(--split / --config.split)")
 
 
 def geometry_features(smiles, keys, geometry: str, settings: geometry_lib.GeometrySettings, cache_dir,
