@@ -173,6 +173,11 @@ def excluded_benchmarks(spec: str) -> list[str]:
     return exclusion_items(spec)[0]
 
 
+def exclude_spec(cfg) -> str:
+    """config.corpus's exclusion list: `exclude` and the older `exclude_test_of`, read the same way."""
+    return ",".join(s for s in (cfg.get("exclude", ""), cfg.get("exclude_test_of", "")) if s)
+
+
 def exclusion_items(spec: str) -> tuple[list[str], list[str]]:
     """(benchmarks, CSV files) named by corpus.exclude: 'all' (the nine benchmarks), benchmark names and
     CSV files of SMILES (any user's evaluation set), comma separated. A name that is neither a benchmark
@@ -211,7 +216,7 @@ def test_split_keys(benchmark: str, join: str, data_dir, cache_dir, n_workers=No
 def csv_keys(path, column: str, join: str, n_workers=None) -> set:
     """Join keys of every molecule of a CSV (its SMILES column `column`, matched exactly): a user's
     evaluation set to keep out of the corpus. Unparsable SMILES have no key and are skipped."""
-    local = paths.local_file(path, "corpus.exclude") if paths.is_remote(path) else Path(path)
+    local = paths.local_file(path, "corpus.exclude")
     if not local.is_file():
         raise FileNotFoundError(f"corpus.exclude (--exclude_test): {path}: no such file")
     with datasets.open_csv(local) as (header, reader):
@@ -228,8 +233,7 @@ def exclusion_keys(cfg, join: str, data_dir, cache_dir, n_workers=None) -> tuple
     the older `exclude_test_of`, read the same way). Benchmarks contribute their test split under
     `exclude_split` (the split the benchmarks will be evaluated with: '' = each one's default
     protocol, or e.g. 'key_scaffold'); CSV files every molecule."""
-    spec = ",".join(s for s in (cfg.get("exclude", ""), cfg.get("exclude_test_of", "")) if s)
-    benchmarks, csvs = exclusion_items(spec)
+    benchmarks, csvs = exclusion_items(exclude_spec(cfg))
     split_kind = cfg.get("exclude_split", "") or None
     keys, report = set(), {"benchmarks": benchmarks, "split": split_kind or "default", "csv": {}}
     for benchmark in benchmarks:

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from chmr_jax import config_util
-from chmr_jax.data import corpus as corpus_lib, featurize, files, geometry as geometry_lib, paths, prepare
+from chmr_jax.data import corpus as corpus_lib, featurize, files, geometry as geometry_lib, paths, prepare, registry
 from chmr_jax.mechanisms import model as model_lib, objective as objective_lib
 from chmr_jax.training import checkpoint as checkpoint_lib, chores as chores_lib, pretrain_data, train, utilisation
 
@@ -120,10 +120,9 @@ def corpus_cache_path(config, cache_dir) -> Path:
     spec = {"corpus": {k: v for k, v in cfg.to_dict().items() if k not in ("dims", "saved")},
             "featurize": dataclasses.asdict(settings)}
     # An evaluation set named by file is edited in place under the same name: its content keys the corpus.
-    csvs = prepare.exclusion_items(",".join(s for s in (cfg.get("exclude", ""), cfg.get("exclude_test_of", "")) if s))[1]
+    csvs = prepare.exclusion_items(prepare.exclude_spec(cfg))[1]
     if csvs:
-        spec["exclude_csv_sha256"] = [hashlib.sha256(paths.local_file(c, "corpus.exclude").read_bytes() if paths.is_remote(c)
-                                                     else Path(c).read_bytes()).hexdigest() for c in csvs]
+        spec["exclude_csv_sha256"] = [registry.sha256_of(paths.local_file(c, "corpus.exclude")) for c in csvs]
     return Path(cache_dir) / f"corpus-{cfg.kind}-{_digest(spec)}"
 
 
