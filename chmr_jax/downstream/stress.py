@@ -51,7 +51,7 @@ def run(config, finetune_config, levels, imputations=IMPUTATIONS, workdir="runs/
     data_dir = paths.resolve_data_dir(data_dir or config.data_dir or None)
     cache_dir = paths.resolve_cache_dir(config.cache_dir or None)
     corpus = None
-    rows = []
+    rows, row_runs = [], []   # row_runs[i]: rows[i]'s fine-tuning runs (per seed), for the structure-only pairing
     for level in levels:
         hidden_dir = workdir / f"corpus-missing{level:g}"
         if not (hidden_dir / "manifest.json").exists():
@@ -68,6 +68,7 @@ def run(config, finetune_config, levels, imputations=IMPUTATIONS, workdir="runs/
             cfg.pretrain_data.imputation = imputation
             log(f"== missing {level:g}, imputation {imputation}: pretrain -> {run_dir / 'pretrain'}")
             result = _pretrain_and_finetune(cfg, finetune_config, run_dir, data_dir, log)
+            row_runs.append(result["runs"])
             control = result.get("methods", {}).get("untrained")   # the same encoder untrained, same seeds
             rows.append({"missing": level, "imputation": imputation, "dataset": result["dataset"],
                          "metric": result["metric"], "test_mean": result["test_mean"],
@@ -87,10 +88,8 @@ def run(config, finetune_config, levels, imputations=IMPUTATIONS, workdir="runs/
         result = _pretrain_and_finetune(cfg, finetune_config, workdir / "structure_only", data_dir, log)
         by_seed = {r["seed"]: r["test"][result["metric"]] for r in result["runs"]}
         sign = 1.0 if finetune.higher_is_better(result["metric"]) else -1.0
-        for row in rows:
+        for row, runs in zip(rows, row_runs):
             row.update(structure_only_mean=result["test_mean"], structure_only_std=result["test_std"])
-            ft = workdir / f"{row['imputation']}-missing{row['missing']:g}" / "finetune" / "results.json"
-            runs = json.loads(ft.read_text())["runs"] if ft.exists() else []
             diffs = [sign * (r["test"][row["metric"]] - by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
             if diffs:
                 row["lift_over_structure"] = {"mean": sum(diffs) / len(diffs), "std": finetune.sample_std(diffs)}
