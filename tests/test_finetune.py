@@ -381,3 +381,33 @@ def test_reuse_is_keyed_on_the_split_version_and_the_data_files_content(tiny_run
         fh.write(b"\n")
     finetune.run_or_reuse(config, tiny_run, out, local_data)
     assert len(calls) == 3
+
+
+def test_a_csv_part_with_one_class_is_one_line_not_a_nan_score(tiny_run, cache_dir, tmp_path, capsys):
+    """A user's classification CSV whose valid part has one class everywhere could only score NaN:
+    `chmr-jax finetune` says which file and part, exit 2, before any training; a part where one task
+    has both classes is scored (the one-class tasks are skipped and counted, as for the benchmarks)."""
+    from chmr_jax import cli
+    from chmr_jax.downstream import finetune
+    path = tmp_path / "actives.csv"
+    path.write_text("smiles,active\n" + "".join(f"{'C' * k}O,1\n" for k in range(1, 21)))
+    argv = ["finetune", "--config", f"{CONFIGS / 'finetune.py'}:seeds=0", "--pretrained", str(tiny_run),
+            "--workdir", str(tmp_path / "ft"), f"--config.cache_dir={cache_dir}", f"--config.csv={path}",
+            "--config.task_type=classification", "--config.split=random", "--config.optim.epochs=1"]
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("chmr-jax")]   # (not the progress bar)
+    assert len(err) == 1 and str(path) in err[0] and "valid part" in err[0] and "labels [1] only" in err[0], err
+    assert not (tmp_path / "ft").exists()
+
+    # The check itself, against the definition: a part passes when some task has both classes.
+    class Dataset:
+        task_type, split_over_accepted, source = "classification", True, "x.csv"
+    split = {"train": np.arange(4), "valid": np.arange(4, 8), "test": np.arange(8, 12)}
+    y = np.ones((12, 2))
+    y[5, 1], y[9, 0] = 0.0, 0.0                      # task 1 has both classes in valid, task 0 in test
+    finetune.check_scorable(Dataset, y, split)
+    y[9, 0] = np.nan                                  # test: one class in each task (NaN is unlabelled)
+    with pytest.raises(ValueError, match="test part"):
+        finetune.check_scorable(Dataset, y, split)
+    Dataset.split_over_accepted = False               # a benchmark keeps its protocol
+    finetune.check_scorable(Dataset, y, split)

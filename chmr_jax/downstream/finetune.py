@@ -225,6 +225,23 @@ def load_task(config, pre_config, mol_names, data_dir=None, log=print):
     return ds, prepared, extra
 
 
+def check_scorable(ds, y, split: dict) -> None:
+    """A classification part whose every task has one class cannot be scored (ROC-AUC needs both): a
+    one-line error naming the file and the part instead of a NaN score and exit 0. Benchmarks keep
+    their protocol (a benchmark task without both classes in a part is skipped, as the paper does, and
+    counted in `tasks_evaluated`); a user's CSV is checked. y: labels [n, tasks] (NaN = unlabelled)."""
+    if ds.task_type != "classification" or not getattr(ds, "split_over_accepted", False):
+        return
+    for part in ("valid", "test"):
+        labels = y[split[part]]
+        columns = [c[np.isfinite(c)] > 0.5 for c in labels.T]
+        if not any(c.any() and not c.all() for c in columns):
+            classes = sorted({int(v > 0.5) for v in labels[np.isfinite(labels)]})
+            raise ValueError(f"{ds.source}: no task has both classes in the {part} part ({len(split[part])} "
+                             f"molecules, labels {classes} only), so ROC-AUC cannot score it; label more "
+                             "molecules of the other class, or choose another split (--config.split)")
+
+
 def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | None = None) -> dict:
     """Fine-tunes on a pretrained encoder for config.dataset (or config.csv) over config.seeds.
 
@@ -275,6 +292,7 @@ def run(config, pretrained, workdir, data_dir=None, log=print, reuse: dict | Non
         f"{pretrained} step {meta['step']} ({config.encoder}); baselines: {', '.join(baselines) or 'none'}")
     y = ds.labels[prepared.features.rows]
     split = {part: prepared.split_indices(part) for part in ("train", "valid", "test")}
+    check_scorable(ds, y, split)
     fp = prepared.features.fingerprints()
     x = x_control = None
 
