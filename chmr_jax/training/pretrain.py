@@ -28,6 +28,7 @@ import math
 import resource
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -326,104 +327,143 @@ def enable_compilation_cache(cache_dir: str) -> None:
     compilation_cache.reset_cache()
 
 
-def run(config, workdir, data_dir=None, log=print) -> dict:
-    """Pretrains as `config` says, in `workdir` (resuming from its newest checkpoint). Returns the summary."""
-    t_start = time.perf_counter()
+# ---- the run: its steps, then `run`, which conducts them ---------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every step of a run reads: the config, the workdir, the devices and their 'data' mesh, and
+    the two logs (`log` speaks on process 0 only, `log_every_process` on each; process 0 alone writes
+    the run's files)."""
+    config: Any
+    workdir: Path
+    devices: list
+    mesh: jax.sharding.Mesh
+    is_main: bool
+    log: Callable
+    log_every_process: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stores:
+    """The run's checkpoints: the keep-N rotation in checkpoints/ and, when config.train.snapshot_epochs
+    names epochs, the snapshots/ kept after them (the rotation never deletes those)."""
+    ckpt: checkpoint_lib.Checkpointer
+    snapshots: checkpoint_lib.Checkpointer | None
+    snapshot_epochs: set
+
+    def close(self) -> None:
+        self.ckpt.close()
+        if self.snapshots is not None:
+            self.snapshots.close()
+
+
+def _open_workdir(workdir, tcfg) -> tuple[Path, bool]:
+    """(the workdir, reachable and made; whether its checkpoints commit by directory renames)."""
     workdir = paths.as_path(workdir)   # gs://... stays a URL (etils.epath), a local path is resolved
     paths.check_reachable(workdir, "--workdir")   # a missing bucket fails here, in seconds
     workdir.mkdir(parents=True, exist_ok=True)
-    tcfg = config.train
     # No directory renames on gs:// or a gcsfuse mount: Orbax's commit files instead (checkpoint.py).
-    dir_renames = checkpoint_lib.dir_renames_of(tcfg.get("checkpoint_atomicity", "auto"), workdir)
-    is_main = jax.process_index() == 0
-    log_every_process, log = log, (log if is_main else (lambda *a, **k: None))
-    workdir_lib.check_shared_workdir(workdir)
-    profile_window = chores_lib.parse_profile_steps(tcfg.get("profile_steps", ""))
-    enable_compilation_cache(tcfg.get("compilation_cache_dir", ""))
-    compile_time = chores_lib.CompileTime().start()
-    workdir_lib.check_same_run(workdir, config)
-    done = workdir_lib.finished_summary(workdir, tcfg)
-    if done is not None:
-        log(workdir_lib.already_finished(workdir, done))
-        return done
+    return workdir, checkpoint_lib.dir_renames_of(tcfg.get("checkpoint_atomicity", "auto"), workdir)
 
+
+def _devices(config, log) -> list:
+    """The devices the run trains on: the first config.train.devices visible ones (0: all)."""
     devices = jax.devices()
-    if tcfg.devices:
-        if tcfg.devices > len(devices):
-            raise ConfigError(f"config.train.devices={tcfg.devices} but only {len(devices)} devices are visible")
-        devices = devices[:tcfg.devices]
-    mesh = train.data_mesh(devices)
-    n_dev = len(devices)
-    if config.objective.infonce_impl == "ring" and n_dev == 1:
-        log("note: infonce_impl='ring' on one device is the chunked computation")
+    if config.train.devices:
+        if config.train.devices > len(devices):
+            raise ConfigError(f"config.train.devices={config.train.devices} but only {len(devices)} devices are visible")
+        devices = devices[:config.train.devices]
+    return devices
 
-    names = molecular_names(config)
-    corpus, data = build_inputs(config, n_dev, data_dir, log)
-    dims = model_dims(config, data, names)
-    workdir_lib.check_same_run(workdir, config, dims, n_dev)     # before model_dims.json is (re)written
-    if is_main:
-        workdir_lib.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
-        workdir_lib.write_json(workdir / "corpus_manifest.json", corpus.manifest)
-        workdir_lib.write_json(workdir / "model_dims.json", dims)
 
-    plan = pretrain_data.BatchPlan(data, tcfg.seed)
-    total = tcfg.steps if tcfg.steps > 0 else plan.total_steps(tcfg.epochs)
-    schedule = train.lr_schedule(config.optim.lr, total, config.optim.schedule)
-    tx = train.make_optimizer(**config.optim, total_steps=total)
-    model = build_model(config, dims)
+def _inputs_and_run_files(r: _Run, data_dir) -> tuple[corpus_lib.Corpus, pretrain_data.PretrainData, dict]:
+    """(corpus, data, model dims) of the run, the dims checked against the workdir's checkpoints, then
+    config.json, corpus_manifest.json and model_dims.json written."""
+    names = molecular_names(r.config)
+    corpus, data = build_inputs(r.config, len(r.devices), data_dir, r.log)
+    dims = model_dims(r.config, data, names)
+    workdir_lib.check_same_run(r.workdir, r.config, dims, len(r.devices))     # before model_dims.json is (re)written
+    if r.is_main:
+        workdir_lib.write_json(r.workdir / "config.json", json.loads(r.config.to_json_best_effort()))
+        workdir_lib.write_json(r.workdir / "corpus_manifest.json", corpus.manifest)
+        workdir_lib.write_json(r.workdir / "model_dims.json", dims)
+    return corpus, data, dims
+
+
+def _initial_state(r: _Run, dims: dict, tx) -> tuple[nnx.GraphDef, train.TrainState, str]:
+    """(graphdef, train state replicated over the mesh, init_digest of the model), the digest written to
+    init_digest.json."""
+    model = build_model(r.config, dims)
     start_digest = init_digest(model)   # this run's own initialisation: the untrained control must equal it
-    if is_main:
-        workdir_lib.write_json(workdir / "init_digest.json", {"init_digest": start_digest, "seed": int(tcfg.seed)})
+    if r.is_main:
+        workdir_lib.write_json(r.workdir / "init_digest.json", {"init_digest": start_digest, "seed": int(r.config.train.seed)})
     graphdef, state = train.init_state(model, tx)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = train.place(state, replicated)
-    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints, log=log,
+    replicated = jax.sharding.NamedSharding(r.mesh, jax.sharding.PartitionSpec())
+    return graphdef, train.place(state, replicated), start_digest
+
+
+def _checkpoint_stores(r: _Run, dir_renames: bool) -> _Stores:
+    tcfg = r.config.train
+    ckpt = checkpoint_lib.Checkpointer(r.workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints, log=r.log,
                                        dir_renames=dir_renames)
     # Epoch-end snapshots that the keep-N rotation never deletes (pretraining-length experiments
     # fine-tune them: `--config.pretrained_step`).
     snapshot_epochs = set(config_util.parse_list(tcfg.get("snapshot_epochs", ""), int, "config.train.snapshot_epochs"))
-    snapshots = checkpoint_lib.Checkpointer(workdir / "snapshots", max_to_keep=None, log=log,
+    snapshots = checkpoint_lib.Checkpointer(r.workdir / "snapshots", max_to_keep=None, log=r.log,
                                             dir_renames=dir_renames) if snapshot_epochs else None
-    start, saved_totals = 0, None
+    return _Stores(ckpt, snapshots, snapshot_epochs)
+
+
+def _restore_or_start(r: _Run, stores: _Stores, state, total: int):
+    """(state, first step, the running totals saved with it, None): the newest good checkpoint's, or
+    (state, 0, None, None) for a fresh start. The fourth is the saved summary when the checkpoint is
+    already the last step and the run summarised (the stores then closed: nothing to train)."""
+    workdir, ckpt = r.workdir, stores.ckpt
     if ckpt.latest_step() is not None:
         # The newest checkpoint that passes the integrity checks (digests, finite values); corrupt newer
         # ones are moved aside with a warning, so the rotation cannot delete a good one for them. When none
         # is good, or on an I/O error or a state that does not fit, it raises and moves nothing.
-        restored, meta = ckpt.restore_newest_good(state, log)
-        state = restored
+        state, meta = ckpt.restore_newest_good(state, r.log)
         start, saved_totals = int(meta["step"]), meta.get("totals")
         if start >= total and (workdir / "summary.json").exists():
             # Nothing to train: no step would run, so no rate to report and no wall time to add.
-            ckpt.close()
-            if snapshots is not None:
-                snapshots.close()
+            stores.close()
             done = json.loads((workdir / "summary.json").read_text())
-            log(workdir_lib.already_finished(workdir, done))
-            return done
-        log(f"resumed from {ckpt.directory}/{start} (step {start} of {total})")
-    elif quarantined := sorted(p.name for p in (workdir / "corrupt").glob("*") if p.is_dir()):
+            r.log(workdir_lib.already_finished(workdir, done))
+            return state, start, saved_totals, done
+        r.log(f"resumed from {ckpt.directory}/{start} (step {start} of {total})")
+        return state, start, saved_totals, None
+    if quarantined := sorted(p.name for p in (workdir / "corrupt").glob("*") if p.is_dir()):
         # Starting from step 0 would overwrite metrics.jsonl of a run whose checkpoints were only moved aside.
         raise checkpoint_lib.CorruptCheckpoint(
             f"{ckpt.directory} holds no checkpoint but {workdir / 'corrupt'} holds quarantined ones {quarantined[:5]}; "
             "not starting again from step 0 over this run: move a step you trust back into checkpoints/, "
             "or use a new --workdir")
-    ctx = objective_lib.context_arrays(data.context)
-    step_fn = train.make_train_step(graphdef, tx, objective_config(config), ctx, mesh, schedule=schedule)
-    ctx_device = train.context_on_devices(ctx, mesh)
+    return state, 0, None, None
+
+
+def _matmul_rate(r: _Run) -> float:
+    """Utilisation (issue 14 §2, issue 21 §2): the dense matmul rate (FLOP/s) in the model's dtype of a
+    device this process owns (devices[0] is process 0's: another host's device cannot be timed from
+    here), measured now (~0.1 s on CPU), against one device's share of the step's FLOPs, counted when the
+    first batch is lowered (_train). Every process says which device it timed."""
+    dtype = r.config.model.dtype
+    rate_device = utilisation.own_device(r.devices)
+    matmul_rate = utilisation.matmul_rate(dtype, device=rate_device)
+    r.log_every_process(f"matmul rate: {matmul_rate / 1e9:.1f} GFLOP/s ({dtype}) on device "
+                        f"{rate_device.id} of process {rate_device.process_index} (this is process {jax.process_index()})")
+    return matmul_rate
+
+
+def _train(r: _Run, data, plan, dims: dict, tx, step_fn, ctx: dict, ctx_device, state, start: int, total: int,
+           stores: _Stores, chores, profiler, meta_common: dict) -> tuple[int, dict, str | None]:
+    """Steps start..total (or to a SIGTERM/SIGINT): logging, periodic and epoch checkpoints, then the final
+    one. Returns (the last step, the last logged metrics, the signal that stopped it or None); closes
+    the profiler, chores and stores whatever happens."""
+    config, workdir, tcfg = r.config, r.workdir, r.config.train
+    ckpt, snapshots, snapshot_epochs = stores.ckpt, stores.snapshots, stores.snapshot_epochs
     base_key = train.step_base_key(tcfg.seed)   # a stream apart from the parameters' and dropout's
     every_collapse = collapse_every(config)
-    meta_common = {"total_steps": total, "devices": n_dev, "corpus": corpus.manifest.get("name", ""),
-                   "budget": data.budget.__dict__}
-    # Utilisation (issue 14 §2, issue 21 §2): the dense matmul rate in the model's dtype of a device this
-    # process owns (devices[0] is process 0's: another host's device cannot be timed from here), measured
-    # now (~0.1 s on CPU), against one device's share of the step's FLOPs, counted when the first batch is
-    # lowered below. Every process says which device it timed.
-    rate_device = utilisation.own_device(devices)
-    matmul_rate = utilisation.matmul_rate(config.model.dtype, device=rate_device)
-    log_every_process(f"matmul rate: {matmul_rate / 1e9:.1f} GFLOP/s ({config.model.dtype}) on device "
-                      f"{rate_device.id} of process {rate_device.process_index} (this is process {jax.process_index()})")
-    chores = chores_lib.Chores(workdir, total, start, saved_totals, is_main=is_main, progress=tcfg.progress,
-                               t_start=t_start, matmul_rate=matmul_rate)
 
     def save(step, store=None, force=False):
         epoch, _ = plan.locate(max(step - 1, 0))
@@ -433,13 +473,12 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
         chores.sync()   # the metrics up to this step are in the workdir with it (gs:// uploads in batches)
         (store or ckpt).save(step, state, meta, force=force)
 
-    profiler = chores_lib.Profiler(profile_window, workdir / "profile", enabled=is_main, log=log_every_process)
     last, stop_reason, step = {}, None, start
-    with workdir_lib.StopFlag(start, log) as stop:
+    with workdir_lib.StopFlag(start, r.log) as stop:
         try:
-            for step, epoch, n_mol, batch in pretrain_data.global_batches(data, plan, start, total, mesh):
+            for step, epoch, n_mol, batch in pretrain_data.global_batches(data, plan, start, total, r.mesh):
                 if step == start:   # tracing only (no compilation)
-                    chores.step_flops = step_flops(config, dims, tx, ctx, mesh, step_fn, state, batch, base_key, ctx_device)
+                    chores.step_flops = step_flops(config, dims, tx, ctx, r.mesh, step_fn, state, batch, base_key, ctx_device)
                 profiler.before_step(step + 1)
                 state, metrics = step_fn(state, batch, base_key, ctx_device)   # key: fold_in(base_key, state.step)
                 step += 1
@@ -476,38 +515,94 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
         finally:
             profiler.stop()
             chores.close()
-            ckpt.close()
-            if snapshots is not None:
-                snapshots.close()
+            stores.close()
+    return step, last, stop_reason
+
+
+def _check_final_checkpoint(r: _Run, ckpt: checkpoint_lib.Checkpointer, start: int, step: int) -> None:
+    """The run's last checkpoint passed its read-back check (else CorruptCheckpoint: not finished)."""
     if step > start and not (ckpt.directory / str(step)).is_dir():
         # The final save did not verify when read back (moved to corrupt/ by close()): the run is not
         # finished, and a summary naming that checkpoint would send fine-tuning to an older step.
         kept = ckpt.all_steps()
         raise checkpoint_lib.CorruptCheckpoint(
             f"the final checkpoint of step {step} failed its read-back check and was moved to "
-            f"{workdir / 'corrupt'}; the newest good checkpoint is step {max(kept) if kept else 'none'}: run the "
+            f"{r.workdir / 'corrupt'}; the newest good checkpoint is step {max(kept) if kept else 'none'}: run the "
             "same command again to redo the steps after it")
 
+
+def _summarise(r: _Run, corpus, ckpt, chores, compile_time, start_digest: str, start: int, step: int, total: int,
+               last: dict, stop_reason: str | None) -> dict:
+    """summary.json (see the module docstring) written, and the 'done:' lines logged. Returns the summary."""
+    workdir, manifest = r.workdir, corpus.manifest
     summary = {
         "steps": step, "total_steps": total, "resumed_from": start, "stopped_by": stop_reason,
-        "devices": n_dev, "platform": devices[0].platform, **chores.summary(),
+        "devices": len(r.devices), "platform": r.devices[0].platform, **chores.summary(),
         "init_digest": start_digest,
         # The leakage guard (config.corpus.exclude): molecules left out and their profile rows lost.
-        "corpus_excluded": int(corpus.manifest.get("counts", {}).get("excluded_leakage", 0)),
-        "corpus_excluded_profile_rows": corpus.manifest.get("counts", {}).get("excluded_profile_rows", {}),
+        "corpus_excluded": int(manifest.get("counts", {}).get("excluded_leakage", 0)),
+        "corpus_excluded_profile_rows": manifest.get("counts", {}).get("excluded_profile_rows", {}),
         **peak_memory(), **compile_time.read(),
         "final_metrics": {k: float(np.asarray(v).mean()) for k, v in last.items()},
         "checkpoint": str(ckpt.directory / str(step)), "workdir": str(workdir)}
-    if is_main:
+    if r.is_main:
         workdir_lib.write_json(workdir / "summary.json", summary)
     mem = summary.get("device_peak_bytes", summary["host_peak_rss_bytes"])
     rate = summary["molecules_per_s"]
     util = summary["utilisation"]
-    log(f"done: step {step}/{total}, {summary['wall_s']:.1f}s wall over the whole run; "
-        f"{rate if rate is not None else 'n/a'} molecules/s after compilation"
-        + (f" ({summary['achieved_gflop_per_s']} GFLOP/s, {util:.1%} of this device's matmul rate)" if util is not None else "")
-        + f"; peak memory {mem / 2**30:.2f} GiB "
-        f"({'device' if 'device_peak_bytes' in summary else 'host RSS'})"
-        + (f"; stopped by {stop_reason}" if stop_reason else ""))
-    log(f"checkpoints: {ckpt.directory}  metrics: {workdir / 'metrics.jsonl'}  tensorboard: {workdir / 'tensorboard'}")
+    r.log(f"done: step {step}/{total}, {summary['wall_s']:.1f}s wall over the whole run; "
+          f"{rate if rate is not None else 'n/a'} molecules/s after compilation"
+          + (f" ({summary['achieved_gflop_per_s']} GFLOP/s, {util:.1%} of this device's matmul rate)" if util is not None else "")
+          + f"; peak memory {mem / 2**30:.2f} GiB "
+          f"({'device' if 'device_peak_bytes' in summary else 'host RSS'})"
+          + (f"; stopped by {stop_reason}" if stop_reason else ""))
+    r.log(f"checkpoints: {ckpt.directory}  metrics: {workdir / 'metrics.jsonl'}  tensorboard: {workdir / 'tensorboard'}")
     return summary
+
+
+def run(config, workdir, data_dir=None, log=print) -> dict:
+    """Pretrains as `config` says, in `workdir` (resuming from its newest checkpoint). Returns the summary.
+
+    Every process of a multi-process run runs every step (the checks and the loop are collective)."""
+    t_start = time.perf_counter()
+    tcfg = config.train
+    workdir, dir_renames = _open_workdir(workdir, tcfg)
+    is_main = jax.process_index() == 0
+    log_every_process, log = log, (log if is_main else (lambda *a, **k: None))
+    workdir_lib.check_shared_workdir(workdir)
+    profile_window = chores_lib.parse_profile_steps(tcfg.get("profile_steps", ""))
+    enable_compilation_cache(tcfg.get("compilation_cache_dir", ""))
+    compile_time = chores_lib.CompileTime().start()
+    workdir_lib.check_same_run(workdir, config)
+    if (done := workdir_lib.finished_summary(workdir, tcfg)) is not None:
+        log(workdir_lib.already_finished(workdir, done))
+        return done
+
+    devices = _devices(config, log)
+    r = _Run(config, workdir, devices, train.data_mesh(devices), is_main, log, log_every_process)
+    if config.objective.infonce_impl == "ring" and len(devices) == 1:
+        log("note: infonce_impl='ring' on one device is the chunked computation")
+    corpus, data, dims = _inputs_and_run_files(r, data_dir)
+
+    plan = pretrain_data.BatchPlan(data, tcfg.seed)
+    total = tcfg.steps if tcfg.steps > 0 else plan.total_steps(tcfg.epochs)
+    schedule = train.lr_schedule(config.optim.lr, total, config.optim.schedule)
+    tx = train.make_optimizer(**config.optim, total_steps=total)
+    graphdef, state, start_digest = _initial_state(r, dims, tx)
+    stores = _checkpoint_stores(r, dir_renames)
+    state, start, saved_totals, done = _restore_or_start(r, stores, state, total)
+    if done is not None:
+        return done
+
+    ctx = objective_lib.context_arrays(data.context)
+    step_fn = train.make_train_step(graphdef, tx, objective_config(config), ctx, r.mesh, schedule=schedule)
+    ctx_device = train.context_on_devices(ctx, r.mesh)
+    chores = chores_lib.Chores(workdir, total, start, saved_totals, is_main=is_main, progress=tcfg.progress,
+                               t_start=t_start, matmul_rate=_matmul_rate(r))
+    profiler = chores_lib.Profiler(profile_window, workdir / "profile", enabled=is_main, log=log_every_process)
+    meta_common = {"total_steps": total, "devices": len(devices), "corpus": corpus.manifest.get("name", ""),
+                   "budget": data.budget.__dict__}
+    step, last, stop_reason = _train(r, data, plan, dims, tx, step_fn, ctx, ctx_device, state, start, total,
+                                     stores, chores, profiler, meta_common)
+    _check_final_checkpoint(r, stores.ckpt, start, step)
+    return _summarise(r, corpus, stores.ckpt, chores, compile_time, start_digest, start, step, total, last, stop_reason)
