@@ -18,17 +18,19 @@ Workdir layout:
                          checkpoint), molecules/s after compilation, peak memory, this process' XLA
                          compile seconds and compilation-cache hits, final metrics
   profile/               the jax.profiler trace of config.train.profile_steps (process 0)
+
+`run` conducts the steps defined above it; the workdir guards and the SIGTERM/SIGINT flag are in
+workdir.py, the loop, the final checkpoint's check and summary.json in pretrain_loop.py.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
-import resource
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -38,14 +40,12 @@ from chmr_jax import config_util
 from chmr_jax.config_util import ConfigError   # (here too: callers catch pretrain.ConfigError)
 from chmr_jax.data import corpus as corpus_lib, featurize, geometry as geometry_lib, paths, prepare, registry
 from chmr_jax.mechanisms import model as model_lib, objective as objective_lib
-from chmr_jax.training import checkpoint as checkpoint_lib, chores as chores_lib, pretrain_data, train, utilisation, \
-    workdir as workdir_lib
+from chmr_jax.training import checkpoint as checkpoint_lib, chores as chores_lib, pretrain_data, pretrain_loop, train, \
+    utilisation, workdir as workdir_lib
+# (TrainingDiverged here too: callers of run catch pretrain.TrainingDiverged)
+from chmr_jax.training.pretrain_loop import Run, Stores, TrainingDiverged
 
 MOLECULAR = ("fingerprint", "graph", "geometry")
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 # ---- config -> components --------------------------------------------------------------------------
@@ -300,16 +300,7 @@ def build_inputs(config, n_devices: int, data_dir=None, log=print):
     return corpus, data
 
 
-# ---- the step -> batch map ---------------------------------------------------------------------------
-
-def peak_memory() -> dict:
-    out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    stats = [d.memory_stats() for d in jax.local_devices() if d.platform != "cpu"]
-    peaks = [s.get("peak_bytes_in_use", 0) for s in stats if s]
-    if peaks:
-        out["device_peak_bytes"] = int(max(peaks))
-    return out
-
+# ---- the process: the compilation cache ------------------------------------------------------------
 
 def enable_compilation_cache(cache_dir: str) -> None:
     """JAX's persistent compilation cache in `cache_dir` (config.train.compilation_cache_dir): a restarted
@@ -327,35 +318,7 @@ def enable_compilation_cache(cache_dir: str) -> None:
     compilation_cache.reset_cache()
 
 
-# ---- the run: its steps, then `run`, which conducts them ---------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Run:
-    """What every step of a run reads: the config, the workdir, the devices and their 'data' mesh, and
-    the two logs (`log` speaks on process 0 only, `log_every_process` on each; process 0 alone writes
-    the run's files)."""
-    config: Any
-    workdir: Path
-    devices: list
-    mesh: jax.sharding.Mesh
-    is_main: bool
-    log: Callable
-    log_every_process: Callable
-
-
-@dataclasses.dataclass(frozen=True)
-class _Stores:
-    """The run's checkpoints: the keep-N rotation in checkpoints/ and, when config.train.snapshot_epochs
-    names epochs, the snapshots/ kept after them (the rotation never deletes those)."""
-    ckpt: checkpoint_lib.Checkpointer
-    snapshots: checkpoint_lib.Checkpointer | None
-    snapshot_epochs: set
-
-    def close(self) -> None:
-        self.ckpt.close()
-        if self.snapshots is not None:
-            self.snapshots.close()
-
+# ---- the run: its steps, then `run`, which conducts them -------------------------------------------
 
 def _open_workdir(workdir, tcfg) -> tuple[Path, bool]:
     """(the workdir, reachable and made; whether its checkpoints commit by directory renames)."""
@@ -366,17 +329,18 @@ def _open_workdir(workdir, tcfg) -> tuple[Path, bool]:
     return workdir, checkpoint_lib.dir_renames_of(tcfg.get("checkpoint_atomicity", "auto"), workdir)
 
 
-def _devices(config, log) -> list:
+def _devices(config) -> list:
     """The devices the run trains on: the first config.train.devices visible ones (0: all)."""
     devices = jax.devices()
     if config.train.devices:
         if config.train.devices > len(devices):
-            raise ConfigError(f"config.train.devices={config.train.devices} but only {len(devices)} devices are visible")
+            raise ConfigError(f"config.train.devices={config.train.devices} but only {len(devices)} devices are "
+                              "visible")
         devices = devices[:config.train.devices]
     return devices
 
 
-def _inputs_and_run_files(r: _Run, data_dir) -> tuple[corpus_lib.Corpus, pretrain_data.PretrainData, dict]:
+def _inputs_and_run_files(r: Run, data_dir) -> tuple[corpus_lib.Corpus, pretrain_data.PretrainData, dict]:
     """(corpus, data, model dims) of the run, the dims checked against the workdir's checkpoints, then
     config.json, corpus_manifest.json and model_dims.json written."""
     names = molecular_names(r.config)
@@ -390,19 +354,21 @@ def _inputs_and_run_files(r: _Run, data_dir) -> tuple[corpus_lib.Corpus, pretrai
     return corpus, data, dims
 
 
-def _initial_state(r: _Run, dims: dict, tx) -> tuple[nnx.GraphDef, train.TrainState, str]:
+def _initial_state(r: Run, dims: dict, tx) -> tuple[nnx.GraphDef, train.TrainState, str]:
     """(graphdef, train state replicated over the mesh, init_digest of the model), the digest written to
     init_digest.json."""
     model = build_model(r.config, dims)
     start_digest = init_digest(model)   # this run's own initialisation: the untrained control must equal it
     if r.is_main:
-        workdir_lib.write_json(r.workdir / "init_digest.json", {"init_digest": start_digest, "seed": int(r.config.train.seed)})
+        workdir_lib.write_json(r.workdir / "init_digest.json",
+                               {"init_digest": start_digest, "seed": int(r.config.train.seed)})
     graphdef, state = train.init_state(model, tx)
     replicated = jax.sharding.NamedSharding(r.mesh, jax.sharding.PartitionSpec())
     return graphdef, train.place(state, replicated), start_digest
 
 
-def _checkpoint_stores(r: _Run, dir_renames: bool) -> _Stores:
+def _checkpoint_stores(r: Run, dir_renames: bool) -> Stores:
+    """checkpoints/ (the newest config.train.keep_checkpoints) and, if asked for, snapshots/."""
     tcfg = r.config.train
     ckpt = checkpoint_lib.Checkpointer(r.workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints, log=r.log,
                                        dir_renames=dir_renames)
@@ -411,10 +377,10 @@ def _checkpoint_stores(r: _Run, dir_renames: bool) -> _Stores:
     snapshot_epochs = set(config_util.parse_list(tcfg.get("snapshot_epochs", ""), int, "config.train.snapshot_epochs"))
     snapshots = checkpoint_lib.Checkpointer(r.workdir / "snapshots", max_to_keep=None, log=r.log,
                                             dir_renames=dir_renames) if snapshot_epochs else None
-    return _Stores(ckpt, snapshots, snapshot_epochs)
+    return Stores(ckpt, snapshots, snapshot_epochs)
 
 
-def _restore_or_start(r: _Run, stores: _Stores, state, total: int):
+def _restore_or_start(r: Run, stores: Stores, state, total: int):
     """(state, first step, the running totals saved with it, None): the newest good checkpoint's, or
     (state, 0, None, None) for a fresh start. The fourth is the saved summary when the checkpoint is
     already the last step and the run summarised (the stores then closed: nothing to train)."""
@@ -442,122 +408,17 @@ def _restore_or_start(r: _Run, stores: _Stores, state, total: int):
     return state, 0, None, None
 
 
-def _matmul_rate(r: _Run) -> float:
+def _matmul_rate(r: Run) -> float:
     """Utilisation (issue 14 §2, issue 21 §2): the dense matmul rate (FLOP/s) in the model's dtype of a
     device this process owns (devices[0] is process 0's: another host's device cannot be timed from
     here), measured now (~0.1 s on CPU), against one device's share of the step's FLOPs, counted when the
-    first batch is lowered (_train). Every process says which device it timed."""
+    first batch is lowered (pretrain_loop.run_steps). Every process says which device it timed."""
     dtype = r.config.model.dtype
     rate_device = utilisation.own_device(r.devices)
     matmul_rate = utilisation.matmul_rate(dtype, device=rate_device)
-    r.log_every_process(f"matmul rate: {matmul_rate / 1e9:.1f} GFLOP/s ({dtype}) on device "
-                        f"{rate_device.id} of process {rate_device.process_index} (this is process {jax.process_index()})")
+    r.log_every_process(f"matmul rate: {matmul_rate / 1e9:.1f} GFLOP/s ({dtype}) on device {rate_device.id} of "
+                        f"process {rate_device.process_index} (this is process {jax.process_index()})")
     return matmul_rate
-
-
-def _train(r: _Run, data, plan, dims: dict, tx, step_fn, ctx: dict, ctx_device, state, start: int, total: int,
-           stores: _Stores, chores, profiler, meta_common: dict) -> tuple[int, dict, str | None]:
-    """Steps start..total (or to a SIGTERM/SIGINT): logging, periodic and epoch checkpoints, then the final
-    one. Returns (the last step, the last logged metrics, the signal that stopped it or None); closes
-    the profiler, chores and stores whatever happens."""
-    config, workdir, tcfg = r.config, r.workdir, r.config.train
-    ckpt, snapshots, snapshot_epochs = stores.ckpt, stores.snapshots, stores.snapshot_epochs
-    base_key = train.step_base_key(tcfg.seed)   # a stream apart from the parameters' and dropout's
-    every_collapse = collapse_every(config)
-
-    def save(step, store=None, force=False):
-        epoch, _ = plan.locate(max(step - 1, 0))
-        meta = {"step": step, "epoch": epoch, **meta_common, "totals": chores.totals()}
-        if store is snapshots:
-            meta["epochs_done"] = epoch + 1
-        chores.sync()   # the metrics up to this step are in the workdir with it (gs:// uploads in batches)
-        (store or ckpt).save(step, state, meta, force=force)
-
-    last, stop_reason, step = {}, None, start
-    with workdir_lib.StopFlag(start, r.log) as stop:
-        try:
-            for step, epoch, n_mol, batch in pretrain_data.global_batches(data, plan, start, total, r.mesh):
-                if step == start:   # tracing only (no compilation)
-                    chores.step_flops = step_flops(config, dims, tx, ctx, r.mesh, step_fn, state, batch, base_key, ctx_device)
-                profiler.before_step(step + 1)
-                state, metrics = step_fn(state, batch, base_key, ctx_device)   # key: fold_in(base_key, state.step)
-                step += 1
-                stopping = stop.reached(step)   # (every process calls it at every step)
-                profiler.after_step(step, state.step, last=stopping or step == total)
-                logged = None
-                if chores_lib.itstime(step, tcfg.log_every_steps, total):
-                    # Diagnostics not computed on this step (objective.collapse_every; NaN placeholders) are
-                    # left out; a NaN computed on a diagnostic step (a non-finite projection) is kept.
-                    skipped_diag = step % every_collapse != 0
-                    last = {k: v for k, v in train.host_values(metrics).items()
-                            if not (skipped_diag and k.startswith("collapse/"))}
-                    logged = {**last, "epoch": epoch}   # 'lr': the rate the update used (skips hold it back)
-                chores.step_done(step, n_mol, ready=state.step, metrics=logged)
-                if logged is not None:
-                    if int(last["skipped"]) >= tcfg.max_skipped:
-                        save(step, force=True)
-                        raise TrainingDiverged(
-                            f"{int(last['skipped'])} updates skipped for non-finite loss or gradients (limit "
-                            f"config.train.max_skipped={tcfg.max_skipped}); metrics in {workdir / 'metrics.jsonl'}. "
-                            "Lower config.optim.lr or check the inputs for NaN/inf")
-                if chores_lib.itstime(step, tcfg.checkpoint_every_steps) and step < total:
-                    save(step)
-                if snapshots is not None and (epoch + 1) in snapshot_epochs and \
-                        (step == total or plan.locate(step)[0] != epoch):
-                    save(step, snapshots, force=True)
-                if stopping:
-                    stop_reason = stop.reason
-                    break
-            # Finished or stopped by a signal: the final checkpoint. (After an exception the
-            # periodic checkpoints stand; the state may be mid-update.)
-            if step > start and (ckpt.latest_step() or 0) < step:
-                save(step, force=True)
-        finally:
-            profiler.stop()
-            chores.close()
-            stores.close()
-    return step, last, stop_reason
-
-
-def _check_final_checkpoint(r: _Run, ckpt: checkpoint_lib.Checkpointer, start: int, step: int) -> None:
-    """The run's last checkpoint passed its read-back check (else CorruptCheckpoint: not finished)."""
-    if step > start and not (ckpt.directory / str(step)).is_dir():
-        # The final save did not verify when read back (moved to corrupt/ by close()): the run is not
-        # finished, and a summary naming that checkpoint would send fine-tuning to an older step.
-        kept = ckpt.all_steps()
-        raise checkpoint_lib.CorruptCheckpoint(
-            f"the final checkpoint of step {step} failed its read-back check and was moved to "
-            f"{r.workdir / 'corrupt'}; the newest good checkpoint is step {max(kept) if kept else 'none'}: run the "
-            "same command again to redo the steps after it")
-
-
-def _summarise(r: _Run, corpus, ckpt, chores, compile_time, start_digest: str, start: int, step: int, total: int,
-               last: dict, stop_reason: str | None) -> dict:
-    """summary.json (see the module docstring) written, and the 'done:' lines logged. Returns the summary."""
-    workdir, manifest = r.workdir, corpus.manifest
-    summary = {
-        "steps": step, "total_steps": total, "resumed_from": start, "stopped_by": stop_reason,
-        "devices": len(r.devices), "platform": r.devices[0].platform, **chores.summary(),
-        "init_digest": start_digest,
-        # The leakage guard (config.corpus.exclude): molecules left out and their profile rows lost.
-        "corpus_excluded": int(manifest.get("counts", {}).get("excluded_leakage", 0)),
-        "corpus_excluded_profile_rows": manifest.get("counts", {}).get("excluded_profile_rows", {}),
-        **peak_memory(), **compile_time.read(),
-        "final_metrics": {k: float(np.asarray(v).mean()) for k, v in last.items()},
-        "checkpoint": str(ckpt.directory / str(step)), "workdir": str(workdir)}
-    if r.is_main:
-        workdir_lib.write_json(workdir / "summary.json", summary)
-    mem = summary.get("device_peak_bytes", summary["host_peak_rss_bytes"])
-    rate = summary["molecules_per_s"]
-    util = summary["utilisation"]
-    r.log(f"done: step {step}/{total}, {summary['wall_s']:.1f}s wall over the whole run; "
-          f"{rate if rate is not None else 'n/a'} molecules/s after compilation"
-          + (f" ({summary['achieved_gflop_per_s']} GFLOP/s, {util:.1%} of this device's matmul rate)" if util is not None else "")
-          + f"; peak memory {mem / 2**30:.2f} GiB "
-          f"({'device' if 'device_peak_bytes' in summary else 'host RSS'})"
-          + (f"; stopped by {stop_reason}" if stop_reason else ""))
-    r.log(f"checkpoints: {ckpt.directory}  metrics: {workdir / 'metrics.jsonl'}  tensorboard: {workdir / 'tensorboard'}")
-    return summary
 
 
 def run(config, workdir, data_dir=None, log=print) -> dict:
@@ -578,8 +439,8 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
         log(workdir_lib.already_finished(workdir, done))
         return done
 
-    devices = _devices(config, log)
-    r = _Run(config, workdir, devices, train.data_mesh(devices), is_main, log, log_every_process)
+    devices = _devices(config)
+    r = Run(config, workdir, devices, train.data_mesh(devices), is_main, log, log_every_process)
     if config.objective.infonce_impl == "ring" and len(devices) == 1:
         log("note: infonce_impl='ring' on one device is the chunked computation")
     corpus, data, dims = _inputs_and_run_files(r, data_dir)
@@ -602,7 +463,9 @@ def run(config, workdir, data_dir=None, log=print) -> dict:
     profiler = chores_lib.Profiler(profile_window, workdir / "profile", enabled=is_main, log=log_every_process)
     meta_common = {"total_steps": total, "devices": len(devices), "corpus": corpus.manifest.get("name", ""),
                    "budget": data.budget.__dict__}
-    step, last, stop_reason = _train(r, data, plan, dims, tx, step_fn, ctx, ctx_device, state, start, total,
-                                     stores, chores, profiler, meta_common)
-    _check_final_checkpoint(r, stores.ckpt, start, step)
-    return _summarise(r, corpus, stores.ckpt, chores, compile_time, start_digest, start, step, total, last, stop_reason)
+    flops_of = functools.partial(step_flops, config, dims, tx, ctx, r.mesh, step_fn)   # (state, batch, key, ctx)
+    step, last, stop_reason = pretrain_loop.run_steps(r, data, plan, step_fn, ctx_device, state, start, total, stores,
+                                                      chores, profiler, meta_common, collapse_every(config), flops_of)
+    pretrain_loop.check_final_checkpoint(r, stores.ckpt, start, step)
+    return pretrain_loop.summarise(r, corpus.manifest, stores.ckpt, chores, compile_time, start_digest, start, step,
+                                   total, last, stop_reason)
