@@ -52,7 +52,7 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
     from chmr_jax import config_util
     from chmr_jax.data import corpus as corpus_lib, paths
     from chmr_jax.mechanisms import objective
-    from chmr_jax.training import pretrain, pretrain_data, train, utilisation
+    from chmr_jax.training import pretrain, pretrain_data, pretrain_loop, train, utilisation
 
     synthetic, dtype, remat, compile_only = opts["synthetic"], opts["dtype"], opts["remat"], opts["compile_only"]
     config = config_util.load_config(str(config_util.CONFIG_DIR / "pretrain.py") + (":paper" if synthetic else ""))
@@ -118,7 +118,7 @@ def worker(batch_size: int, n_devices: int, steps: int, warmup: int, dump: str |
         state, metrics = step(state, batches[i % 2], key, ctx_device)
     jax.block_until_ready(metrics["loss"])
     seconds = time.perf_counter() - t0
-    mem = pretrain.peak_memory()
+    mem = pretrain_loop.peak_memory()
     # This device's dense matmul rate in the step's dtype, measured now (after the steps, so it does not
     # change their peak memory); on fake CPU devices sharing the cores the fraction means little.
     rate = utilisation.matmul_rate(dtype, device=utilisation.own_device(devices))

@@ -8,6 +8,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.py"
 
 
+class ConfigError(ValueError):
+    """A config that cannot run on this data; the message says which field and what to do."""
+
+
 def load_config(spec: str | None = None):
     """Returns get_config(variant) of the config file `spec` = 'path/to/file.py[:variant]'."""
     spec = spec or str(DEFAULT_CONFIG)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from chmr_jax import cli, config_util
-from chmr_jax.training import metric_writers, pretrain
+from chmr_jax.training import metric_writers, pretrain, workdir as workdir_lib
 from helpers import event_class, read_event_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -572,25 +572,25 @@ def test_config_sections_are_the_components_keyword_arguments():
 def test_a_workdir_saved_before_a_config_field_existed_still_resumes(tmp_path):
     config = config_util.load_config(TEST_CONFIG)
     saved = json.loads(config.to_json_best_effort())
-    for section, key in pretrain.ADDED_FIELDS:
+    for section, key in workdir_lib.ADDED_FIELDS:
         del saved[section][key]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     # VICReg's held-out second view changed the objective: an old run does not silently resume with it...
     with pytest.raises(pretrain.ConfigError, match="pretrain_data.vicreg_second_view: 'propagated' -> 'held_out'"):
-        pretrain._check_same_run(tmp_path, config)
+        workdir_lib.check_same_run(tmp_path, config)
     config.pretrain_data.vicreg_second_view = "propagated"
-    pretrain._check_same_run(tmp_path, config)          # ...but with what it did, it is accepted
-    pretrain._check_same_run(tmp_path, config, n_devices=1)     # one device: either batch layout is the same
+    workdir_lib.check_same_run(tmp_path, config)        # ...but with what it did, it is accepted
+    workdir_lib.check_same_run(tmp_path, config, n_devices=1)   # one device: either batch layout is the same
     # On several devices the per-device blocks are other batches than the run's global layout...
     with pytest.raises(pretrain.ConfigError, match="batch.device_blocks: False -> True.*did not exist"):
-        pretrain._check_same_run(tmp_path, config, n_devices=8)
+        workdir_lib.check_same_run(tmp_path, config, n_devices=8)
     config.batch.device_blocks = False
-    pretrain._check_same_run(tmp_path, config, n_devices=8)     # ...which the saved value restores
+    workdir_lib.check_same_run(tmp_path, config, n_devices=8)   # ...which the saved value restores
     config.objective.collapse_every = 2                 # diagnostics do not define the run
-    pretrain._check_same_run(tmp_path, config, n_devices=8)
+    workdir_lib.check_same_run(tmp_path, config, n_devices=8)
     config.model.dtype = "bfloat16"                     # a real change is still refused
     with pytest.raises(pretrain.ConfigError, match="model.dtype: 'float32' -> 'bfloat16'"):
-        pretrain._check_same_run(tmp_path, config)
+        workdir_lib.check_same_run(tmp_path, config)
 
 
 def _copy_of_finished_run(tiny_run, tmp_path):

@@ -18,16 +18,17 @@ Workdir layout:
                          checkpoint), molecules/s after compilation, peak memory, this process' XLA
                          compile seconds and compilation-cache hits, final metrics
   profile/               the jax.profiler trace of config.train.profile_steps (process 0)
+
+`run` conducts the steps defined above it; the workdir guards and the SIGTERM/SIGINT flag are in
+workdir.py, the loop, the final checkpoint's check and summary.json in pretrain_loop.py.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
-import resource
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -36,26 +37,15 @@ import numpy as np
 from flax import nnx
 
 from chmr_jax import config_util
-from chmr_jax.data import corpus as corpus_lib, featurize, files, geometry as geometry_lib, paths, prepare, registry
+from chmr_jax.config_util import ConfigError   # (here too: callers catch pretrain.ConfigError)
+from chmr_jax.data import corpus as corpus_lib, featurize, geometry as geometry_lib, paths, prepare, registry
 from chmr_jax.mechanisms import model as model_lib, objective as objective_lib
-from chmr_jax.training import checkpoint as checkpoint_lib, chores as chores_lib, pretrain_data, train, utilisation
+from chmr_jax.training import checkpoint as checkpoint_lib, chores as chores_lib, pretrain_data, pretrain_loop, train, \
+    utilisation, workdir as workdir_lib
+# (TrainingDiverged here too: callers of run catch pretrain.TrainingDiverged)
+from chmr_jax.training.pretrain_loop import Run, Stores, TrainingDiverged
 
 MOLECULAR = ("fingerprint", "graph", "geometry")
-# Sections whose change makes a checkpoint unusable (shapes, data order): a restart must match them.
-RUN_DEFINING = ("featurize", "geometry", "corpus", "batch", "pretrain_data", "model", "objective", "optim")
-# Fields of those sections that do not define the run: diagnostics only.
-NOT_RUN_DEFINING = (("objective", "collapse_every"), ("objective", "collapse_stats"),
-                    # the kNN / propagation layout: the same inputs whatever its value (propagation.py)
-                    ("pretrain_data", "knn_block"), ("pretrain_data", "knn_db_block"),
-                    ("pretrain_data", "knn_database"), ("pretrain_data", "propagation_chunk"))
-
-
-class ConfigError(ValueError):
-    """A config that cannot run on this data; the message says which field and what to do."""
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 # ---- config -> components --------------------------------------------------------------------------
@@ -310,224 +300,7 @@ def build_inputs(config, n_devices: int, data_dir=None, log=print):
     return corpus, data
 
 
-# ---- the step -> batch map ---------------------------------------------------------------------------
-
-def peak_memory() -> dict:
-    out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    stats = [d.memory_stats() for d in jax.local_devices() if d.platform != "cpu"]
-    peaks = [s.get("peak_bytes_in_use", 0) for s in stats if s]
-    if peaks:
-        out["device_peak_bytes"] = int(max(peaks))
-    return out
-
-
-def _write_json(path: Path, obj) -> None:
-    files.atomic_write_text(path, json.dumps(obj, indent=1, default=str))
-
-
-def _finished_summary(workdir: Path, tcfg) -> dict | None:
-    """The summary of a run in `workdir` that already reached its last step with its final checkpoint,
-    so a repeated command returns at once (no inputs rebuilt, no compilation, summary.json unchanged).
-    The last step is tcfg.steps or, with steps=0, the full schedule the saved run computed for the same
-    steps=0 and epochs (config.json)."""
-    path = workdir / "summary.json"
-    if not path.exists():
-        return None
-    summary = json.loads(path.read_text())
-    target = tcfg.steps
-    if target <= 0:
-        saved = workdir / "config.json"
-        saved_train = json.loads(saved.read_text()).get("train", {}) if saved.exists() else {}
-        if saved_train.get("steps") != 0 or saved_train.get("epochs") != tcfg.epochs:
-            return None
-        target = summary.get("total_steps", -1)
-    ckpts = workdir / "checkpoints"
-    if summary.get("steps") == target and ckpts.is_dir() and (ckpts / str(target)).is_dir():
-        return summary
-    return None
-
-
-# Config fields added after workdirs were made, with the value that reproduces those runs (what the code
-# assumes when the field is missing), so adding a field does not make old runs unresumable.
-# What a run saved before the field existed did (not always today's default: vicreg_second_view changed
-# the objective, so such a run resumes only with --config.pretrain_data.vicreg_second_view=propagated).
-ADDED_FIELDS = {("model", "dtype"): "float32", ("model", "remat"): False,
-                ("pretrain_data", "vicreg_second_view"): "propagated", ("pretrain_data", "holdout_folds"): 5,
-                ("batch", "device_blocks"): False, ("objective", "collapse_every"): 1,
-                ("objective", "collapse_stats"): True, ("pretrain_data", "knn_approx_recall"): 0.0}
-
-
-# What each model dim is built from, for the message when one changed under a workdir's checkpoints.
-_DIM_SOURCES = {"mol_dims": {"fingerprint": "config.featurize (the fingerprint settings)",
-                             "graph": "config.model.gnn_width",
-                             "geometry": "config.geometry (the geometry file or rdkit3d settings)"},
-                "cell_dims": "the corpus (config.corpus.saved or the corpus built from config.corpus; a rebuilt "
-                             "corpus can change it)",
-                "target_dims": "the corpus' context targets (config.corpus / config.pretrain_data)"}
-
-
-def _check_same_dims(workdir: Path, dims: dict) -> None:
-    """The model dims derived from this run's inputs equal the workdir's model_dims.json (its checkpoints'
-    shapes): a rebuilt corpus or geometry file can change them with an unchanged config."""
-    path = workdir / "model_dims.json"
-    held = [p for d in ("checkpoints", "corrupt") if (workdir / d).is_dir() for p in (workdir / d).iterdir()]
-    if not path.exists() or not held:      # nothing saved to mismatch (a run that crashed before its first save)
-        return
-    saved = json.loads(path.read_text())
-    changed = []
-    for group in sorted(set(saved) | set(dims)):
-        old, new = saved.get(group) or {}, dims.get(group) or {}
-        for name in sorted(set(old) | set(new)):
-            if old.get(name) != new.get(name):
-                src = _DIM_SOURCES.get(group, "")
-                src = src.get(name, "") if isinstance(src, dict) else src
-                changed.append(f"{group}.{name} {old.get(name, 'absent')} -> {new.get(name, 'absent')}"
-                               + (f" (from {src})" if src else ""))
-    if changed:
-        raise ConfigError(f"{workdir} holds a run whose model has other dims than this config and data build: "
-                          f"{'; '.join(changed)} (see {path}); its checkpoints would not fit, none was moved. "
-                          "Use a new --workdir, or restore the inputs the run was built from")
-
-
-def _check_same_run(workdir: Path, config, dims: dict | None = None, n_devices: int | None = None) -> None:
-    """`config` continues the run in `workdir` (its RUN_DEFINING sections but NOT_RUN_DEFINING) and, when
-    `dims` is given, builds a model of the same dims. batch.device_blocks is compared only once the
-    device count is known (n_devices) and above 1: on one device both layouts are the same batches."""
-    if dims is not None:
-        _check_same_dims(workdir, dims)
-    saved_path = workdir / "config.json"
-    if not saved_path.exists():
-        return
-    saved = json.loads(saved_path.read_text())
-    inserted = set()
-    for (section, key), value in ADDED_FIELDS.items():   # a run saved before the field existed had its default
-        if key not in saved.get(section, {}):
-            saved.setdefault(section, {})[key] = value
-            inserted.add(f"{section}.{key}")
-    now = json.loads(config.to_json_best_effort())
-    ignored = list(NOT_RUN_DEFINING) + ([("batch", "device_blocks")] if (n_devices or 1) <= 1 else [])
-    for section, key in ignored:
-        for d in (saved, now):
-            d.get(section, {}).pop(key, None)
-    changed = []
-    for section in RUN_DEFINING:
-        old, new = saved.get(section) or {}, now.get(section) or {}
-        if old != new:
-            keys = sorted(k for k in set(old) | set(new) if old.get(k, "absent") != new.get(k, "absent"))
-            changed += [f"{section}.{k}: {old.get(k, 'absent')!r} -> {new.get(k, 'absent')!r}" for k in keys]
-    if changed:
-        added = [name for name in sorted(inserted) if any(c.startswith(f"{name}:") for c in changed)]
-        raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(changed)}; saved -> now, see "
-                          f"{saved_path}); resuming it with this config would not continue the same run. Use a new "
-                          "--workdir, or pass the saved values as --config overrides"
-                          + (f" ({', '.join(added)} did not exist when the run was saved: the value shown is what "
-                             "it did then)" if added else ""))
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit (a preempted job loses nothing).
-
-    One process: a Python handler; `reached(step)` after each step says whether one came. Several
-    processes (a pod's hosts receive the notice at different steps, and a cooperative save at different
-    steps would hang): JAX's preemption service. jax.distributed.initialize installs its SIGTERM handler
-    (in C++, invisible to Python's `signal`), which is left in place; any process' notice starts JAX's
-    agreement on a step (the fastest process' next), and `reached(step)`
-    (multihost_utils.reached_preemption_sync_point: a local check under a lock, no communication, ~0.1 us
-    a call on this CPU) is True on that same step on every process. A SIGINT is forwarded to that
-    handler as a SIGTERM. A second SIGINT (in one process: a second SIGTERM too) stops at once without
-    a checkpoint.
-    """
-
-    def __init__(self, start: int, log=print):
-        from jax.experimental import multihost_utils
-        self.signal = None
-        self._old = {}
-        self._sync = None
-        if jax.process_count() > 1:
-            try:   # every process calls it at every step from the same step on: here the step resumed from
-                multihost_utils.reached_preemption_sync_point(start)
-                self._sync = multihost_utils.reached_preemption_sync_point
-            except RuntimeError:   # jax_enable_preemption_service=False
-                log("note: JAX's preemption service is off (jax_enable_preemption_service): a SIGTERM ends this "
-                    "process without a checkpoint and the others at the heartbeat timeout")
-
-    def __enter__(self):
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        if self._sync is not None:
-            self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward)
-        elif jax.process_count() == 1:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:       # second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def _forward(self, signum, frame):
-        self._handle(signum, frame)
-        signal.raise_signal(signal.SIGTERM)     # JAX's handler: a preemption notice for every process
-
-    def reached(self, step: int) -> bool:
-        """Whether to stop after optimiser step `step` (every process of a run gets the same answer)."""
-        if self._sync is not None:
-            return self._sync(step)
-        return self.signal is not None
-
-    @property
-    def reason(self) -> str:
-        # A SIGINT of a multi-process run reaches the others as JAX's preemption notice, a SIGTERM.
-        return signal.Signals(self.signal).name if self._sync is None else "SIGTERM"
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _check_shared_workdir(workdir: Path) -> None:
-    """Several processes: every one sees the workdir process 0 sees (a shared filesystem or bucket), else
-    ConfigError naming the processes and paths that do not, on every process, before anything is read or
-    trained (with separate workdirs process 0 would resume while another started afresh).
-
-    Process 0 writes a random nonce to workdir/.shared_check; after a collective that every process
-    enters (so after that write), each reads the file back; the verdicts are all-gathered."""
-    import secrets
-
-    from jax.experimental import multihost_utils
-    if jax.process_count() < 2:
-        return
-    path = workdir / ".shared_check"
-    nonce = secrets.token_hex(8)
-    if jax.process_index() == 0:
-        files.atomic_write_text(path, nonce)
-    # The nonce as 16 bytes from process 0 (a collective: every process waits for process 0's write).
-    sent = multihost_utils.broadcast_one_to_all(np.frombuffer(nonce.encode(), np.uint8))
-    want = bytes(np.asarray(sent, np.uint8)).decode()
-    for wait in (0.0, 0.5, 1.0, 2.0):    # a network filesystem may show a new file a moment late
-        time.sleep(wait)
-        try:
-            ok = path.read_text().strip() == want
-        except OSError:
-            ok = False
-        if ok:
-            break
-    # Each process' verdict and workdir, padded to a fixed size for the gather.
-    record = np.zeros(4097, np.uint8)
-    name = str(workdir).encode()[:4096]
-    record[0], record[1:1 + len(name)] = ok, np.frombuffer(name, np.uint8)
-    gathered = np.asarray(multihost_utils.process_allgather(record))
-    if jax.process_index() == 0:
-        path.unlink(missing_ok=True)   # every process has read it (they all sent their verdicts)
-    dirs = [bytes(r[1:]).rstrip(b"\0").decode() for r in gathered]
-    bad = [(i, d) for i, (r, d) in enumerate(zip(gathered, dirs)) if not r[0]]
-    if bad:
-        where = "; ".join(f"process {i} read its workdir {d}" for i, d in bad)
-        raise ConfigError(f"the processes do not share one workdir: process 0 wrote {dirs[0].rstrip('/')}/{path.name}, "
-                          f"but {where} and did not find it there. --workdir must be one directory every host "
-                          "sees (a shared filesystem or a gs:// bucket); nothing was trained")
-
+# ---- the process: the compilation cache ------------------------------------------------------------
 
 def enable_compilation_cache(cache_dir: str) -> None:
     """JAX's persistent compilation cache in `cache_dir` (config.train.compilation_cache_dir): a restarted
@@ -545,194 +318,154 @@ def enable_compilation_cache(cache_dir: str) -> None:
     compilation_cache.reset_cache()
 
 
-def _already_finished(workdir: Path, summary: dict) -> str:
-    """No step ran, so no rate is printed: the finished run's numbers stay as summary.json holds them."""
-    return (f"{workdir}: already finished at step {summary['steps']} of {summary.get('total_steps', summary['steps'])}; "
-            f"nothing to train (summary.json unchanged)")
+# ---- the run: its steps, then `run`, which conducts them -------------------------------------------
 
-
-def run(config, workdir, data_dir=None, log=print) -> dict:
-    """Pretrains as `config` says, in `workdir` (resuming from its newest checkpoint). Returns the summary."""
-    t_start = time.perf_counter()
+def _open_workdir(workdir, tcfg) -> tuple[Path, bool]:
+    """(the workdir, reachable and made; whether its checkpoints commit by directory renames)."""
     workdir = paths.as_path(workdir)   # gs://... stays a URL (etils.epath), a local path is resolved
     paths.check_reachable(workdir, "--workdir")   # a missing bucket fails here, in seconds
     workdir.mkdir(parents=True, exist_ok=True)
-    tcfg = config.train
     # No directory renames on gs:// or a gcsfuse mount: Orbax's commit files instead (checkpoint.py).
-    dir_renames = checkpoint_lib.dir_renames_of(tcfg.get("checkpoint_atomicity", "auto"), workdir)
-    is_main = jax.process_index() == 0
-    log_every_process, log = log, (log if is_main else (lambda *a, **k: None))
-    _check_shared_workdir(workdir)
-    profile_window = chores_lib.parse_profile_steps(tcfg.get("profile_steps", ""))
-    enable_compilation_cache(tcfg.get("compilation_cache_dir", ""))
-    compile_time = chores_lib.CompileTime().start()
-    _check_same_run(workdir, config)
-    done = _finished_summary(workdir, tcfg)
-    if done is not None:
-        log(_already_finished(workdir, done))
-        return done
+    return workdir, checkpoint_lib.dir_renames_of(tcfg.get("checkpoint_atomicity", "auto"), workdir)
 
+
+def _devices(config) -> list:
+    """The devices the run trains on: the first config.train.devices visible ones (0: all)."""
     devices = jax.devices()
-    if tcfg.devices:
-        if tcfg.devices > len(devices):
-            raise ConfigError(f"config.train.devices={tcfg.devices} but only {len(devices)} devices are visible")
-        devices = devices[:tcfg.devices]
-    mesh = train.data_mesh(devices)
-    n_dev = len(devices)
-    if config.objective.infonce_impl == "ring" and n_dev == 1:
-        log("note: infonce_impl='ring' on one device is the chunked computation")
+    if config.train.devices:
+        if config.train.devices > len(devices):
+            raise ConfigError(f"config.train.devices={config.train.devices} but only {len(devices)} devices are "
+                              "visible")
+        devices = devices[:config.train.devices]
+    return devices
 
-    names = molecular_names(config)
-    corpus, data = build_inputs(config, n_dev, data_dir, log)
-    dims = model_dims(config, data, names)
-    _check_same_run(workdir, config, dims, n_dev)     # before model_dims.json is (re)written
-    if is_main:
-        _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
-        _write_json(workdir / "corpus_manifest.json", corpus.manifest)
-        _write_json(workdir / "model_dims.json", dims)
 
-    plan = pretrain_data.BatchPlan(data, tcfg.seed)
-    total = tcfg.steps if tcfg.steps > 0 else plan.total_steps(tcfg.epochs)
-    schedule = train.lr_schedule(config.optim.lr, total, config.optim.schedule)
-    tx = train.make_optimizer(**config.optim, total_steps=total)
-    model = build_model(config, dims)
+def _inputs_and_run_files(r: Run, data_dir) -> tuple[corpus_lib.Corpus, pretrain_data.PretrainData, dict]:
+    """(corpus, data, model dims) of the run, the dims checked against the workdir's checkpoints, then
+    config.json, corpus_manifest.json and model_dims.json written."""
+    names = molecular_names(r.config)
+    corpus, data = build_inputs(r.config, len(r.devices), data_dir, r.log)
+    dims = model_dims(r.config, data, names)
+    workdir_lib.check_same_run(r.workdir, r.config, dims, len(r.devices))     # before model_dims.json is (re)written
+    if r.is_main:
+        workdir_lib.write_json(r.workdir / "config.json", json.loads(r.config.to_json_best_effort()))
+        workdir_lib.write_json(r.workdir / "corpus_manifest.json", corpus.manifest)
+        workdir_lib.write_json(r.workdir / "model_dims.json", dims)
+    return corpus, data, dims
+
+
+def _initial_state(r: Run, dims: dict, tx) -> tuple[nnx.GraphDef, train.TrainState, str]:
+    """(graphdef, train state replicated over the mesh, init_digest of the model), the digest written to
+    init_digest.json."""
+    model = build_model(r.config, dims)
     start_digest = init_digest(model)   # this run's own initialisation: the untrained control must equal it
-    if is_main:
-        _write_json(workdir / "init_digest.json", {"init_digest": start_digest, "seed": int(tcfg.seed)})
+    if r.is_main:
+        workdir_lib.write_json(r.workdir / "init_digest.json",
+                               {"init_digest": start_digest, "seed": int(r.config.train.seed)})
     graphdef, state = train.init_state(model, tx)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = train.place(state, replicated)
-    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints, log=log,
+    replicated = jax.sharding.NamedSharding(r.mesh, jax.sharding.PartitionSpec())
+    return graphdef, train.place(state, replicated), start_digest
+
+
+def _checkpoint_stores(r: Run, dir_renames: bool) -> Stores:
+    """checkpoints/ (the newest config.train.keep_checkpoints) and, if asked for, snapshots/."""
+    tcfg = r.config.train
+    ckpt = checkpoint_lib.Checkpointer(r.workdir / "checkpoints", max_to_keep=tcfg.keep_checkpoints, log=r.log,
                                        dir_renames=dir_renames)
     # Epoch-end snapshots that the keep-N rotation never deletes (pretraining-length experiments
     # fine-tune them: `--config.pretrained_step`).
     snapshot_epochs = set(config_util.parse_list(tcfg.get("snapshot_epochs", ""), int, "config.train.snapshot_epochs"))
-    snapshots = checkpoint_lib.Checkpointer(workdir / "snapshots", max_to_keep=None, log=log,
+    snapshots = checkpoint_lib.Checkpointer(r.workdir / "snapshots", max_to_keep=None, log=r.log,
                                             dir_renames=dir_renames) if snapshot_epochs else None
-    start, saved_totals = 0, None
+    return Stores(ckpt, snapshots, snapshot_epochs)
+
+
+def _restore_or_start(r: Run, stores: Stores, state, total: int):
+    """(state, first step, the running totals saved with it, None): the newest good checkpoint's, or
+    (state, 0, None, None) for a fresh start. The fourth is the saved summary when the checkpoint is
+    already the last step and the run summarised (the stores then closed: nothing to train)."""
+    workdir, ckpt = r.workdir, stores.ckpt
     if ckpt.latest_step() is not None:
         # The newest checkpoint that passes the integrity checks (digests, finite values); corrupt newer
         # ones are moved aside with a warning, so the rotation cannot delete a good one for them. When none
         # is good, or on an I/O error or a state that does not fit, it raises and moves nothing.
-        restored, meta = ckpt.restore_newest_good(state, log)
-        state = restored
+        state, meta = ckpt.restore_newest_good(state, r.log)
         start, saved_totals = int(meta["step"]), meta.get("totals")
         if start >= total and (workdir / "summary.json").exists():
             # Nothing to train: no step would run, so no rate to report and no wall time to add.
-            ckpt.close()
-            if snapshots is not None:
-                snapshots.close()
+            stores.close()
             done = json.loads((workdir / "summary.json").read_text())
-            log(_already_finished(workdir, done))
-            return done
-        log(f"resumed from {ckpt.directory}/{start} (step {start} of {total})")
-    elif quarantined := sorted(p.name for p in (workdir / "corrupt").glob("*") if p.is_dir()):
+            r.log(workdir_lib.already_finished(workdir, done))
+            return state, start, saved_totals, done
+        r.log(f"resumed from {ckpt.directory}/{start} (step {start} of {total})")
+        return state, start, saved_totals, None
+    if quarantined := sorted(p.name for p in (workdir / "corrupt").glob("*") if p.is_dir()):
         # Starting from step 0 would overwrite metrics.jsonl of a run whose checkpoints were only moved aside.
         raise checkpoint_lib.CorruptCheckpoint(
             f"{ckpt.directory} holds no checkpoint but {workdir / 'corrupt'} holds quarantined ones {quarantined[:5]}; "
             "not starting again from step 0 over this run: move a step you trust back into checkpoints/, "
             "or use a new --workdir")
+    return state, 0, None, None
+
+
+def _matmul_rate(r: Run) -> float:
+    """Utilisation (issue 14 §2, issue 21 §2): the dense matmul rate (FLOP/s) in the model's dtype of a
+    device this process owns (devices[0] is process 0's: another host's device cannot be timed from
+    here), measured now (~0.1 s on CPU), against one device's share of the step's FLOPs, counted when the
+    first batch is lowered (pretrain_loop.run_steps). Every process says which device it timed."""
+    dtype = r.config.model.dtype
+    rate_device = utilisation.own_device(r.devices)
+    matmul_rate = utilisation.matmul_rate(dtype, device=rate_device)
+    r.log_every_process(f"matmul rate: {matmul_rate / 1e9:.1f} GFLOP/s ({dtype}) on device {rate_device.id} of "
+                        f"process {rate_device.process_index} (this is process {jax.process_index()})")
+    return matmul_rate
+
+
+def run(config, workdir, data_dir=None, log=print) -> dict:
+    """Pretrains as `config` says, in `workdir` (resuming from its newest checkpoint). Returns the summary.
+
+    Every process of a multi-process run runs every step (the checks and the loop are collective)."""
+    t_start = time.perf_counter()
+    tcfg = config.train
+    workdir, dir_renames = _open_workdir(workdir, tcfg)
+    is_main = jax.process_index() == 0
+    log_every_process, log = log, (log if is_main else (lambda *a, **k: None))
+    workdir_lib.check_shared_workdir(workdir)
+    profile_window = chores_lib.parse_profile_steps(tcfg.get("profile_steps", ""))
+    enable_compilation_cache(tcfg.get("compilation_cache_dir", ""))
+    compile_time = chores_lib.CompileTime().start()
+    workdir_lib.check_same_run(workdir, config)
+    if (done := workdir_lib.finished_summary(workdir, tcfg)) is not None:
+        log(workdir_lib.already_finished(workdir, done))
+        return done
+
+    devices = _devices(config)
+    r = Run(config, workdir, devices, train.data_mesh(devices), is_main, log, log_every_process)
+    if config.objective.infonce_impl == "ring" and len(devices) == 1:
+        log("note: infonce_impl='ring' on one device is the chunked computation")
+    corpus, data, dims = _inputs_and_run_files(r, data_dir)
+
+    plan = pretrain_data.BatchPlan(data, tcfg.seed)
+    total = tcfg.steps if tcfg.steps > 0 else plan.total_steps(tcfg.epochs)
+    schedule = train.lr_schedule(config.optim.lr, total, config.optim.schedule)
+    tx = train.make_optimizer(**config.optim, total_steps=total)
+    graphdef, state, start_digest = _initial_state(r, dims, tx)
+    stores = _checkpoint_stores(r, dir_renames)
+    state, start, saved_totals, done = _restore_or_start(r, stores, state, total)
+    if done is not None:
+        return done
+
     ctx = objective_lib.context_arrays(data.context)
-    step_fn = train.make_train_step(graphdef, tx, objective_config(config), ctx, mesh, schedule=schedule)
-    ctx_device = train.context_on_devices(ctx, mesh)
-    base_key = train.step_base_key(tcfg.seed)   # a stream apart from the parameters' and dropout's
-    every_collapse = collapse_every(config)
-    meta_common = {"total_steps": total, "devices": n_dev, "corpus": corpus.manifest.get("name", ""),
-                   "budget": data.budget.__dict__}
-    # Utilisation (issue 14 §2, issue 21 §2): the dense matmul rate in the model's dtype of a device this
-    # process owns (devices[0] is process 0's: another host's device cannot be timed from here), measured
-    # now (~0.1 s on CPU), against one device's share of the step's FLOPs, counted when the first batch is
-    # lowered below. Every process says which device it timed.
-    rate_device = utilisation.own_device(devices)
-    matmul_rate = utilisation.matmul_rate(config.model.dtype, device=rate_device)
-    log_every_process(f"matmul rate: {matmul_rate / 1e9:.1f} GFLOP/s ({config.model.dtype}) on device "
-                      f"{rate_device.id} of process {rate_device.process_index} (this is process {jax.process_index()})")
+    step_fn = train.make_train_step(graphdef, tx, objective_config(config), ctx, r.mesh, schedule=schedule)
+    ctx_device = train.context_on_devices(ctx, r.mesh)
     chores = chores_lib.Chores(workdir, total, start, saved_totals, is_main=is_main, progress=tcfg.progress,
-                               t_start=t_start, matmul_rate=matmul_rate)
-
-    def save(step, store=None, force=False):
-        epoch, _ = plan.locate(max(step - 1, 0))
-        meta = {"step": step, "epoch": epoch, **meta_common, "totals": chores.totals()}
-        if store is snapshots:
-            meta["epochs_done"] = epoch + 1
-        chores.sync()   # the metrics up to this step are in the workdir with it (gs:// uploads in batches)
-        (store or ckpt).save(step, state, meta, force=force)
-
+                               t_start=t_start, matmul_rate=_matmul_rate(r))
     profiler = chores_lib.Profiler(profile_window, workdir / "profile", enabled=is_main, log=log_every_process)
-    last, stop_reason, step = {}, None, start
-    with _StopFlag(start, log) as stop:
-        try:
-            for step, epoch, n_mol, batch in pretrain_data.global_batches(data, plan, start, total, mesh):
-                if step == start:   # tracing only (no compilation)
-                    chores.step_flops = step_flops(config, dims, tx, ctx, mesh, step_fn, state, batch, base_key, ctx_device)
-                profiler.before_step(step + 1)
-                state, metrics = step_fn(state, batch, base_key, ctx_device)   # key: fold_in(base_key, state.step)
-                step += 1
-                stopping = stop.reached(step)   # (every process calls it at every step)
-                profiler.after_step(step, state.step, last=stopping or step == total)
-                logged = None
-                if chores_lib.itstime(step, tcfg.log_every_steps, total):
-                    # Diagnostics not computed on this step (objective.collapse_every; NaN placeholders) are
-                    # left out; a NaN computed on a diagnostic step (a non-finite projection) is kept.
-                    skipped_diag = step % every_collapse != 0
-                    last = {k: v for k, v in train.host_values(metrics).items()
-                            if not (skipped_diag and k.startswith("collapse/"))}
-                    logged = {**last, "epoch": epoch}   # 'lr': the rate the update used (skips hold it back)
-                chores.step_done(step, n_mol, ready=state.step, metrics=logged)
-                if logged is not None:
-                    if int(last["skipped"]) >= tcfg.max_skipped:
-                        save(step, force=True)
-                        raise TrainingDiverged(
-                            f"{int(last['skipped'])} updates skipped for non-finite loss or gradients (limit "
-                            f"config.train.max_skipped={tcfg.max_skipped}); metrics in {workdir / 'metrics.jsonl'}. "
-                            "Lower config.optim.lr or check the inputs for NaN/inf")
-                if chores_lib.itstime(step, tcfg.checkpoint_every_steps) and step < total:
-                    save(step)
-                if snapshots is not None and (epoch + 1) in snapshot_epochs and \
-                        (step == total or plan.locate(step)[0] != epoch):
-                    save(step, snapshots, force=True)
-                if stopping:
-                    stop_reason = stop.reason
-                    break
-            # Finished or stopped by a signal: the final checkpoint. (After an exception the
-            # periodic checkpoints stand; the state may be mid-update.)
-            if step > start and (ckpt.latest_step() or 0) < step:
-                save(step, force=True)
-        finally:
-            profiler.stop()
-            chores.close()
-            ckpt.close()
-            if snapshots is not None:
-                snapshots.close()
-    if step > start and not (ckpt.directory / str(step)).is_dir():
-        # The final save did not verify when read back (moved to corrupt/ by close()): the run is not
-        # finished, and a summary naming that checkpoint would send fine-tuning to an older step.
-        kept = ckpt.all_steps()
-        raise checkpoint_lib.CorruptCheckpoint(
-            f"the final checkpoint of step {step} failed its read-back check and was moved to "
-            f"{workdir / 'corrupt'}; the newest good checkpoint is step {max(kept) if kept else 'none'}: run the "
-            "same command again to redo the steps after it")
-
-    summary = {
-        "steps": step, "total_steps": total, "resumed_from": start, "stopped_by": stop_reason,
-        "devices": n_dev, "platform": devices[0].platform, **chores.summary(),
-        "init_digest": start_digest,
-        # The leakage guard (config.corpus.exclude): molecules left out and their profile rows lost.
-        "corpus_excluded": int(corpus.manifest.get("counts", {}).get("excluded_leakage", 0)),
-        "corpus_excluded_profile_rows": corpus.manifest.get("counts", {}).get("excluded_profile_rows", {}),
-        **peak_memory(), **compile_time.read(),
-        "final_metrics": {k: float(np.asarray(v).mean()) for k, v in last.items()},
-        "checkpoint": str(ckpt.directory / str(step)), "workdir": str(workdir)}
-    if is_main:
-        _write_json(workdir / "summary.json", summary)
-    mem = summary.get("device_peak_bytes", summary["host_peak_rss_bytes"])
-    rate = summary["molecules_per_s"]
-    util = summary["utilisation"]
-    log(f"done: step {step}/{total}, {summary['wall_s']:.1f}s wall over the whole run; "
-        f"{rate if rate is not None else 'n/a'} molecules/s after compilation"
-        + (f" ({summary['achieved_gflop_per_s']} GFLOP/s, {util:.1%} of this device's matmul rate)" if util is not None else "")
-        + f"; peak memory {mem / 2**30:.2f} GiB "
-        f"({'device' if 'device_peak_bytes' in summary else 'host RSS'})"
-        + (f"; stopped by {stop_reason}" if stop_reason else ""))
-    log(f"checkpoints: {ckpt.directory}  metrics: {workdir / 'metrics.jsonl'}  tensorboard: {workdir / 'tensorboard'}")
-    return summary
+    meta_common = {"total_steps": total, "devices": len(devices), "corpus": corpus.manifest.get("name", ""),
+                   "budget": data.budget.__dict__}
+    flops_of = functools.partial(step_flops, config, dims, tx, ctx, r.mesh, step_fn)   # (state, batch, key, ctx)
+    step, last, stop_reason = pretrain_loop.run_steps(r, data, plan, step_fn, ctx_device, state, start, total, stores,
+                                                      chores, profiler, meta_common, collapse_every(config), flops_of)
+    pretrain_loop.check_final_checkpoint(r, stores.ckpt, start, step)
+    return pretrain_loop.summarise(r, corpus.manifest, stores.ckpt, chores, compile_time, start_digest, start, step,
+                                   total, last, stop_reason)
