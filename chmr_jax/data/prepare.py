@@ -246,10 +246,36 @@ def exclusion_keys(cfg, join: str, data_dir, cache_dir, n_workers=None) -> tuple
     return keys, report
 
 
+def corpus_settings_digest(cfg, settings: featurize.FeaturizerSettings) -> str:
+    """16 hex digits of what defines the corpus `cfg` (config.corpus) describes: its settings and the
+    featurizer's (pretraining's cache key, and the records manifest's settings_digest)."""
+    import hashlib
+    import json
+
+    from chmr_jax.data import registry
+    # dims are expectations checked by pretrain.validate(), not inputs: they do not change the corpus.
+    spec = {"corpus": {k: v for k, v in cfg.to_dict().items() if k not in ("dims", "saved")},
+            "featurize": dataclasses.asdict(settings)}
+    # An evaluation set named by file is edited in place under the same name: its content keys the corpus.
+    csvs = exclusion_items(exclude_spec(cfg))[1]
+    if csvs:
+        spec["exclude_csv_sha256"] = [registry.sha256_of(paths.local_file(c, "corpus.exclude")) for c in csvs]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
                  data_dir=None, cache_dir=None, n_workers=None, verbose=True):
-    """Builds the pretraining corpus described by `cfg` (config.corpus; see configs/default.py)."""
-    from chmr_jax.data import corpus as corpus_lib, profiles, synthetic
+    """Builds the pretraining corpus described by `cfg` (config.corpus; see configs/default.py) in this
+    process (records.build builds it in shares, one per process)."""
+    from chmr_jax.data import corpus as corpus_lib
+    return corpus_lib.assemble(**corpus_inputs(cfg, settings, data_dir, cache_dir, n_workers), verbose=verbose)
+
+
+def corpus_inputs(cfg, settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
+                  data_dir=None, cache_dir=None, n_workers=None) -> dict:
+    """corpus.assemble's arguments for the corpus `cfg` describes (the profile tables read whole: reading
+    and aggregating them is cheap next to featurizing the molecules)."""
+    from chmr_jax.data import profiles, synthetic
 
     kind = cfg.kind
     if kind not in CORPUS_KINDS:
@@ -294,7 +320,7 @@ def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.Featuri
         modality_sources[modality] = blocks
     exclude, exclusion = exclusion_keys(cfg, join, data_dir, cache_dir, n_workers)
     expected = dict(cfg.dims) if "dims" in cfg and cfg.dims else None
-    return corpus_lib.assemble(structures, modality_sources, join, cfg.aggregate, cfg.max_nan_fraction,
-                               settings, cache_dir, exclude, n_workers, gene_edges,
-                               name=f"corpus-{kind}", expected_dims=expected, verbose=verbose,
-                               exclusion=exclusion if exclude else None)
+    return dict(structures=structures, modality_sources=modality_sources, join=join, aggregate=cfg.aggregate,
+                max_nan_fraction=cfg.max_nan_fraction, settings=settings, cache_dir=cache_dir, exclude_keys=exclude,
+                n_workers=n_workers, gene_edges=gene_edges, name=f"corpus-{kind}", expected_dims=expected,
+                exclusion=exclusion if exclude else None)

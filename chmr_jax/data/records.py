@@ -1,0 +1,260 @@
+"""The pretraining corpus as per-molecule records in ArrayRecord shards, built in shares (one per process).
+
+A directory of records holds:
+  records-p{p:05d}-of-{P:05d}.array_record   process p's molecules (P processes built it; P=1: one shard)
+  gene_edges.npy                             the corpus' gene-gene edges ([E, 2] str), when it has any
+  manifest.json                              written last, by process 0: the corpus manifest (corpus.assemble's,
+                                             unchanged) plus "records": {version, shards: [{name, records, sha256,
+                                             featurized, rejects}], settings_digest, n_input, rejects}
+
+One record per molecule the featurizer accepted, `flax.serialization.msgpack_serialize` of
+  index        int   its row in the corpus (the 1-process corpus order: ascending featurizer row)
+  row          int   its row in the featurizer's input list (MoleculePlan.smiles)
+  key          str   the corpus join key;  inchikey14  str  the featurizer's 14-character key
+  smiles       str
+  nodes        int16 [atoms, 9]   edge_index int32 [edges, 2]   edge_feats int8 [edges, 3]   (featurize.py)
+  morgan, maccs, target   uint8, packed bits (np.packbits) as featurize.MoleculeFeatures holds them
+  profiles     {modality: float32 [dim]}  only the modalities OBSERVED for this molecule (no row, not a row
+               of zeros, for a missing one)
+Why msgpack: it needs no TensorFlow (flax is already a dependency), stores numpy arrays exactly (dtype, shape,
+raw bytes) and strings natively, and is deterministic: the same molecule gives the same bytes whichever process
+wrote it, so a P-process build's records equal a 1-process build's byte for byte (np.savez is a zip with
+timestamps; pickle is unsafe to read).
+
+How the shares are split: the molecule list (corpus.plan_molecules: join keys, de-duplication, exclusions) is
+computed whole by every process (it is cheap, and a function of the inputs only), then process p featurizes the
+rows i with i % P == p. Strided rather than contiguous: the list is structures of one source after another
+(benchmarks, then profile-only molecules), whose sizes and parse costs differ, and a stride gives every process
+the same mix. Featurization rejects are the only global decision that featurization makes: the processes
+exchange their reject lists (`Share.exchange`, over JAX's collectives), so every one of them knows the corpus
+order, aggregates the profile tables whole (cheap, table-level) and writes the records of its own molecules.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from chmr_jax.data import corpus as corpus_lib, featurize, files
+
+RECORDS_VERSION = 1
+MANIFEST = "manifest.json"
+GENE_EDGES = "gene_edges.npy"
+_FEATURE_FIELDS = ("nodes", "edge_index", "edge_feats", "morgan", "maccs", "target")
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"records-p{index:05d}-of-{count:05d}.array_record"
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """This process' part of a build: process `index` of `count`, and how the processes talk (JAX's
+    multi-host collectives when count > 1)."""
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def of_jax(cls) -> "Share":
+        import jax
+        return cls(jax.process_index(), jax.process_count())
+
+    def rows(self, n: int) -> np.ndarray:
+        """The plan rows this process featurizes: i % count == index."""
+        return np.arange(self.index, n, self.count, dtype=np.int64)
+
+    def exchange(self, obj) -> list:
+        """Every process' `obj` (JSON-able), in process order (a sync point)."""
+        if self.count == 1:
+            return [obj]
+        from jax.experimental import multihost_utils
+        data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+        sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32))).reshape(-1)
+        padded = np.zeros(int(sizes.max()), np.uint8)
+        padded[:len(data)] = data
+        every = np.asarray(multihost_utils.process_allgather(padded)).reshape(self.count, -1)
+        return [json.loads(bytes(every[p, :sizes[p]]).decode()) for p in range(self.count)]
+
+    def barrier(self, name: str) -> None:
+        if self.count > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(name)
+
+
+def encode(record: dict) -> bytes:
+    from flax import serialization
+    return serialization.msgpack_serialize(record)
+
+
+def decode(data: bytes) -> dict:
+    from flax import serialization
+    return serialization.msgpack_restore(data)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", log: Callable = print,
+          publish: Callable[[], object] = lambda: None) -> dict:
+    """Builds this process' share of the corpus records into directory `out`.
+
+    inputs: corpus.assemble's arguments (prepare.corpus_inputs), the same on every process. Every process
+    of `share` must call this (it exchanges reject lists and shard digests). publish: called after this
+    process' shard is written and, on process 0, after the manifest (a gs:// mirror's push), before the
+    final barrier. Returns this process' counts (molecules featurized, records written)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name, cache_dir, settings = inputs["name"], inputs["cache_dir"], inputs["settings"]
+    plan = corpus_lib.plan_molecules(inputs["structures"], inputs["modality_sources"], inputs["join"],
+                                     inputs["exclude_keys"], inputs["n_workers"])
+    n = len(plan.smiles)
+    mine = share.rows(n)
+    t0 = time.perf_counter()
+    feats = featurize.featurize_smiles(
+        [plan.smiles[i] for i in mine], settings, cache_dir,
+        name if share.count == 1 else f"{name}-p{share.index:05d}-of-{share.count:05d}",
+        inputs["n_workers"], show_progress=False, verbose=False)
+    seconds = time.perf_counter() - t0
+    log(f"corpus: featurized {len(mine)} of {n} molecules (process {share.index} of {share.count}) "
+        f"in {seconds:.2f} s")
+    my_rejects = [(int(mine[r]), str(s), str(why)) for r, s, why in feats.rejects]
+    rejects = sorted(tuple(r) for part in share.exchange(my_rejects) for r in part)
+    rejected = np.array([r for r, _, _ in rejects], np.int64)
+    rows = np.setdiff1d(np.arange(n, dtype=np.int64), rejected)    # the corpus order: ascending plan row
+    keys, smiles, modalities, manifest = corpus_lib.finish(
+        plan, rows, len(rejects), inputs["modality_sources"], inputs["aggregate"], inputs["max_nan_fraction"],
+        settings, name, inputs["expected_dims"], inputs["exclusion"])
+
+    shard = out / shard_name(share.index, share.count)
+    tmp = shard.with_name(shard.name + f".tmp{os.getpid()}")
+    from array_record.python.array_record_module import ArrayRecordWriter
+    writer = ArrayRecordWriter(str(tmp), "group_size:1")   # group size 1: random access by record
+    for i in range(len(feats)):
+        row = int(mine[feats.rows[i]])
+        index = int(np.searchsorted(rows, row))
+        nodes, edge_index, edge_feats = feats.graph(i)
+        writer.write(encode({
+            "index": index, "row": row, "key": str(keys[index]), "inchikey14": str(feats.keys[i]),
+            "smiles": str(smiles[index]), "nodes": nodes, "edge_index": edge_index, "edge_feats": edge_feats,
+            "morgan": feats.morgan[i], "maccs": feats.maccs[i], "target": feats.target[i],
+            "profiles": {m: mod.values[index] for m, mod in modalities.items() if mod.available[index]}}))
+    writer.close()
+    os.replace(tmp, shard)
+    mine_info = {"name": shard.name, "records": len(feats), "sha256": _sha256(shard),
+                 "featurized": int(len(mine)), "rejects": len(my_rejects), "seconds": round(seconds, 3)}
+    publish()
+    shards = share.exchange(mine_info)       # (after every shard is written and published)
+    if share.index == 0:
+        gene_edges = inputs.get("gene_edges")
+        if gene_edges is not None:
+            with open(out / (GENE_EDGES + f".tmp{os.getpid()}"), "wb") as fh:
+                np.save(fh, np.asarray(gene_edges, dtype=str), allow_pickle=False)
+            os.replace(out / (GENE_EDGES + f".tmp{os.getpid()}"), out / GENE_EDGES)
+        manifest["records"] = {"version": RECORDS_VERSION, "shards": shards, "settings_digest": settings_digest,
+                               "n_input": n, "rejects": [list(r) for r in rejects], "processes": share.count}
+        # written last: its presence marks a complete set of records
+        files.atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+        publish()
+    share.barrier("chmr_corpus_records")
+    return mine_info
+
+
+def is_records(directory) -> bool:
+    path = Path(directory) / MANIFEST
+    return path.exists() and "records" in json.loads(path.read_text())
+
+
+def missing(directory) -> list[str]:
+    """What a reader of `directory` lacks locally: the manifest, or shards it lists ([] when complete; an
+    npz corpus with its manifest counts as complete)."""
+    directory = Path(directory)
+    if not (directory / MANIFEST).exists():
+        return [MANIFEST]
+    info = json.loads((directory / MANIFEST).read_text()).get("records")
+    if info is None:
+        return []
+    return [s["name"] for s in info["shards"] if not (directory / s["name"]).exists()]
+
+
+def read_records(directory, verify: bool = True) -> list[bytes]:
+    """Every record of the directory's shards (the manifest's), in corpus order; each shard checked against
+    the manifest's count and (verify) sha256."""
+    return _read(directory, verify)[0]
+
+
+def _read(directory, verify: bool = True) -> tuple[list[bytes], list[dict]]:
+    from array_record.python.array_record_module import ArrayRecordReader
+    directory = Path(directory)
+    info = json.loads((directory / MANIFEST).read_text())["records"]
+    raw = []
+    for shard in info["shards"]:
+        path = directory / shard["name"]
+        if verify and _sha256(path) != shard["sha256"]:
+            raise corpus_lib.CorpusError(f"{path}: its sha256 differs from the manifest's; the records are "
+                                         "corrupt or from another build: delete the directory and build again")
+        reader = ArrayRecordReader(str(path))
+        try:
+            got = reader.read_all() if reader.num_records() else []
+        finally:
+            reader.close()
+        if len(got) != shard["records"]:
+            raise corpus_lib.CorpusError(f"{path}: {len(got)} records but the manifest lists {shard['records']}")
+        raw += got
+    decoded = [decode(r) for r in raw]
+    index = np.array([d["index"] for d in decoded], np.int64)
+    order = np.argsort(index, kind="stable")
+    if not np.array_equal(index[order], np.arange(len(raw))):
+        raise corpus_lib.CorpusError(f"{directory}: the shards' record indices are not 0..{len(raw) - 1} once each")
+    return [raw[i] for i in order], [decoded[i] for i in order]
+
+
+def read_corpus(directory) -> corpus_lib.Corpus:
+    """The in-memory Corpus the records stand for (equal, array for array, to corpus.assemble's)."""
+    directory = Path(directory)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    info = manifest.pop("records")
+    if info.get("version") != RECORDS_VERSION:
+        raise corpus_lib.CorpusError(f"{directory}: records version {info.get('version')} but this chmr_jax "
+                                     f"reads version {RECORDS_VERSION}; rebuild the corpus")
+    records = _read(directory)[1]
+    n = len(records)
+    settings = featurize.FeaturizerSettings(**manifest["featurizer"])
+
+    def cat(field, width, dtype):
+        return np.concatenate([r[field] for r in records]) if records else np.zeros((0, width), dtype)
+
+    def stacked(field, width):
+        return np.stack([r[field] for r in records]) if records else np.zeros((0, width), np.uint8)
+
+    offsets = lambda field: np.concatenate([[0], np.cumsum([len(r[field]) for r in records])]).astype(np.int64)
+    feats = featurize.MoleculeFeatures(
+        smiles=np.array([r["smiles"] for r in records], dtype=str), rows=np.array([r["row"] for r in records], np.int64),
+        keys=np.array([r["inchikey14"] for r in records], dtype="<U14"), nodes=cat("nodes", 9, np.int16),
+        edge_index=cat("edge_index", 2, np.int32), edge_feats=cat("edge_feats", 3, np.int8),
+        node_offsets=offsets("nodes"), edge_offsets=offsets("edge_index"),
+        morgan=stacked("morgan", -(-settings.morgan_size // 8)), maccs=stacked("maccs", 21),
+        target=stacked("target", -(-settings.target_size // 8)), n_input=int(info["n_input"]),
+        rejects=[(int(r), s, why) for r, s, why in info["rejects"]], settings=settings)
+    modalities = {}
+    for name, m in manifest["modalities"].items():
+        values, available = np.zeros((n, int(m["dim"])), np.float32), np.zeros(n, bool)
+        for i, r in enumerate(records):
+            if name in r["profiles"]:
+                values[i], available[i] = r["profiles"][name], True
+        modalities[name] = corpus_lib.Modality(values=values, available=available, feature_names=m["feature_names"],
+                                               sources=m["sources"])
+    gene_edges = np.load(directory / GENE_EDGES, allow_pickle=False) if (directory / GENE_EDGES).exists() else None
+    return corpus_lib.Corpus(keys=np.array([r["key"] for r in records], dtype=str),
+                             smiles=np.array([r["smiles"] for r in records], dtype=str), features=feats,
+                             modalities=modalities, manifest=manifest, gene_edges=gene_edges)
