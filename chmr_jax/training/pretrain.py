@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from chmr_jax import config_util
-from chmr_jax.data import corpus as corpus_lib, featurize, files, geometry as geometry_lib, paths, prepare, registry
+from chmr_jax.data import corpus as corpus_lib, featurize, files, geometry as geometry_lib, paths, prepare, records
 from chmr_jax.mechanisms import model as model_lib, objective as objective_lib
 from chmr_jax.training import checkpoint as checkpoint_lib, chores as chores_lib, pretrain_data, train, utilisation
 
@@ -91,10 +91,6 @@ def objective_config(config) -> objective_lib.ObjectiveConfig:
     return objective_lib.ObjectiveConfig(**{**config.objective, "collapse_every": collapse_every(config)})
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def load_corpus(config, data_dir, cache_dir, n_workers=None, log=print) -> corpus_lib.Corpus:
     """config.corpus.saved if set, else the corpus the config describes, built once and cached in
     cache_dir under a digest of the corpus and featurizer settings."""
@@ -114,41 +110,35 @@ def load_corpus(config, data_dir, cache_dir, n_workers=None, log=print) -> corpu
 
 def corpus_cache_path(config, cache_dir) -> Path:
     """Where load_corpus caches the corpus config.corpus describes (keyed on it and the featurizer)."""
-    cfg = config.corpus
     settings = featurize.FeaturizerSettings.from_config(config.featurize)
-    # dims are expectations checked by validate(), not inputs: they do not change the corpus.
-    spec = {"corpus": {k: v for k, v in cfg.to_dict().items() if k not in ("dims", "saved")},
-            "featurize": dataclasses.asdict(settings)}
-    # An evaluation set named by file is edited in place under the same name: its content keys the corpus.
-    csvs = prepare.exclusion_items(prepare.exclude_spec(cfg))[1]
-    if csvs:
-        spec["exclude_csv_sha256"] = [registry.sha256_of(paths.local_file(c, "corpus.exclude")) for c in csvs]
-    return Path(cache_dir) / f"corpus-{cfg.kind}-{_digest(spec)}"
+    return Path(cache_dir) / f"corpus-{config.corpus.kind}-{prepare.corpus_settings_digest(config.corpus, settings)}"
 
 
 def _cached_corpus(config, data_dir, cache_dir, n_workers, log) -> corpus_lib.Corpus:
+    """The corpus config.corpus describes, from its cache directory, else built there as per-molecule records,
+    each process featurizing its share (records.py), then read whole by every process. A cache built before
+    the records (corpus.npz / features.npz) is still read as it is."""
     cfg = config.corpus
     settings = featurize.FeaturizerSettings.from_config(config.featurize)
     path = corpus_cache_path(config, cache_dir)
-    if jax.process_count() > 1:
-        # Several processes share the cache: process 0 builds it, the others wait, then all load it.
+    share = records.Share.of_jax()
+    built = (path / "manifest.json").exists()
+    if share.count > 1:   # one decision for all: process 0's (its cache is the one the others pull)
         from jax.experimental import multihost_utils
-        if jax.process_index() == 0 and not (path / "manifest.json").exists():
-            log(f"corpus: building kind={cfg.kind} (cached afterwards in {path})")
-            prepare.build_corpus(cfg, settings, data_dir, cache_dir, n_workers, verbose=False).save(path)
-        if jax.process_index() == 0:   # a gs:// cache: the other hosts read the corpus from there (also one
+        built = bool(multihost_utils.broadcast_one_to_all(np.int32(built)))
+    if not built:
+        log(f"corpus: building kind={cfg.kind} as records in {share.count} share(s) (cached in {path})")
+        inputs = prepare.corpus_inputs(cfg, settings, data_dir, cache_dir, n_workers)
+        records.build(inputs, path, share, path.name.rsplit("-", 1)[-1], log,
+                      publish=lambda: paths.push(cache_dir, "the feature cache"))   # (a gs:// cache: upload)
+    elif share.count > 1:
+        if share.index == 0:   # a gs:// cache: the other hosts read the corpus from there (also one
             paths.push(cache_dir, "the feature cache")   # built earlier on this host but not in the bucket)
-        multihost_utils.sync_global_devices("chmr_corpus_cache")
-        if jax.process_index() != 0 and paths.remote_of(path) and not (path / "manifest.json").exists():
-            paths.pull(paths.remote_of(path), "the feature cache")
-    if (path / "manifest.json").exists():
-        log(f"corpus: cached {path}")
-        return corpus_lib.Corpus.load(path)
-    log(f"corpus: building kind={cfg.kind} (cached afterwards in {path})")
-    corpus = prepare.build_corpus(cfg, settings, data_dir, cache_dir, n_workers, verbose=False)
-    corpus.save(path)
-    paths.push(cache_dir, "the feature cache")   # a gs:// cache (a mirror): upload what was built
-    return corpus
+        share.barrier("chmr_corpus_cache")
+    if records.missing(path) and paths.remote_of(path):   # shards other hosts wrote, or all of an earlier build
+        paths.pull(paths.remote_of(path), "the feature cache")
+    log(f"corpus: {'cached ' if built else ''}{path}")
+    return corpus_lib.Corpus.load(path)
 
 
 def validate(config, corpus: corpus_lib.Corpus, source: str) -> None:

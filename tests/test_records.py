@@ -1,0 +1,164 @@
+"""Corpus records (data/records.py): the records read back as the corpus corpus.assemble builds, array for
+array; two processes (CPU, gloo) build them in halves, each featurizing only its share, and their records
+equal a 1-process build's byte for byte; a cache of the older npz format is still read."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chmr_jax import config_util
+from chmr_jax.data import corpus as C, featurize, prepare, records
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_CONFIG = str(ROOT / "configs" / "test.py")
+
+def _script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("two_process_records", ROOT / "tests" / "two_process_records.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT = _script()
+TOO_BIG = SCRIPT.TOO_BIG   # two molecules the featurizer rejects, at plan rows 0 and 1
+
+
+def tiny_inputs(cache_dir, with_rejects=True):
+    config = config_util.load_config(TEST_CONFIG)
+    inputs = prepare.corpus_inputs(config.corpus, featurize.FeaturizerSettings.from_config(config.featurize),
+                                   None, cache_dir, 1)
+    if with_rejects:
+        inputs["structures"] = TOO_BIG + inputs["structures"]
+    return inputs
+
+
+def assert_same_corpus(a: C.Corpus, b: C.Corpus):
+    def same(x, y, what):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape, (what, x.dtype, y.dtype, x.shape, y.shape)
+        np.testing.assert_array_equal(x, y, err_msg=what)
+
+    same(a.keys, b.keys, "keys")
+    same(a.smiles, b.smiles, "smiles")
+    for name in a.features._ARRAYS:
+        same(getattr(a.features, name), getattr(b.features, name), f"features.{name}")
+    assert (a.features.n_input, a.features.rejects, a.features.settings) == \
+        (b.features.n_input, b.features.rejects, b.features.settings)
+    assert list(a.modalities) == list(b.modalities)
+    for name, m in a.modalities.items():
+        same(m.values, b.modalities[name].values, f"{name}.values")
+        same(m.available, b.modalities[name].available, f"{name}.available")
+        assert (m.feature_names, m.sources) == (b.modalities[name].feature_names, b.modalities[name].sources)
+    same(a.gene_edges, b.gene_edges, "gene_edges")
+    when = ("created_unix", "seconds")
+    assert {k: v for k, v in a.manifest.items() if k not in when} == {k: v for k, v in b.manifest.items() if k not in when}
+
+
+def test_records_read_back_as_the_assembled_corpus(tmp_path):
+    inputs = tiny_inputs(tmp_path / "cache")
+    want = C.assemble(**inputs, verbose=False)
+    assert len(want.features.rejects) == 2 and want.manifest["counts"]["featurize_rejects"] == 2
+    lines = []
+    info = records.build(inputs, tmp_path / "rec", records.Share(), "digest", log=lines.append)
+    n = len(want.features.rejects) + len(want)
+    assert lines[0].startswith(f"corpus: featurized {n} of {n} molecules (process 0 of 1)")
+    assert info["records"] == len(want) and sorted(p.name for p in (tmp_path / "rec").iterdir()) == \
+        ["gene_edges.npy", "manifest.json", "records-p00000-of-00001.array_record"]
+    got = C.Corpus.load(tmp_path / "rec")
+    assert_same_corpus(got, want)
+    manifest = json.loads((tmp_path / "rec" / "manifest.json").read_text())["records"]
+    assert manifest["settings_digest"] == "digest" and manifest["version"] == records.RECORDS_VERSION
+    assert [s["records"] for s in manifest["shards"]] == [len(want)]
+    # A record holds its molecule's observed profiles only: no row for a missing modality.
+    decoded = [records.decode(r) for r in records.read_records(tmp_path / "rec")]
+    assert [d["index"] for d in decoded] == list(range(len(want)))
+    for i, d in enumerate(decoded):
+        assert sorted(d["profiles"]) == sorted(m for m, mod in want.modalities.items() if mod.available[i])
+    assert any(not d["profiles"] for d in decoded) and any(len(d["profiles"]) > 1 for d in decoded)
+    # A shard that differs from the manifest is refused.
+    shard = tmp_path / "rec" / manifest["shards"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(C.CorpusError, match="sha256"):
+        C.Corpus.load(tmp_path / "rec")
+
+
+def test_pretraining_still_reads_a_corpus_cached_in_the_npz_format(tmp_path):
+    from chmr_jax.training import pretrain
+    config = config_util.load_config(TEST_CONFIG)
+    corpus = C.assemble(**tiny_inputs(tmp_path / "cache", with_rejects=False), verbose=False)
+    corpus.save(pretrain.corpus_cache_path(config, tmp_path / "cache"))     # as a cache written before the records
+    lines = []
+    got = pretrain.load_corpus(config, None, tmp_path / "cache", 1, log=lines.append)
+    assert not any("building" in line for line in lines) and any("corpus: cached" in line for line in lines)
+    assert_same_corpus(got, corpus)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_build_the_records_in_halves(tmp_path):
+    from chmr_jax.training import pretrain
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    cache = tmp_path / "cache2"   # empty: pretraining's first use builds the corpus
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_process_records.py"), str(port), str(i),
+                               str(cache), str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    got = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in (0, 1)]
+
+    # The same corpus built by one process (from the same cache: the generated layout's files, which the
+    # manifest names, are there; the feature cache of one process' list is not: it featurizes every molecule).
+    config = config_util.load_config(TEST_CONFIG)
+    one = tmp_path / "one"
+    inputs = prepare.corpus_inputs(config.corpus, featurize.FeaturizerSettings.from_config(config.featurize),
+                                   None, cache, 1)
+    records.build(inputs, one, records.Share(), log=lambda *a: None)
+    want = C.Corpus.load(one)
+    n = len(want) + len(want.features.rejects)
+
+    # Each process featurized its half (rows i % 2 == p), and says so.
+    for i, g in enumerate(got):
+        found = [line for line in g["log"] if line.startswith("corpus: featurized")]
+        assert len(found) == 1 and found[0].startswith(
+            f"corpus: featurized {len(range(i, n, 2))} of {n} molecules (process {i} of 2)"), g["log"]
+    two = Path(got[0]["path"])
+    assert got[1]["path"] == str(two) and two.parent == cache
+    manifest = json.loads((two / "manifest.json").read_text())["records"]
+    assert [s["name"] for s in manifest["shards"]] == [records.shard_name(i, 2) for i in (0, 1)]
+    assert [s["featurized"] for s in manifest["shards"]] == [len(range(i, n, 2)) for i in (0, 1)]
+    assert manifest["settings_digest"] == two.name.rsplit("-", 1)[-1] == \
+        pretrain.corpus_cache_path(config, cache).name.rsplit("-", 1)[-1]
+    # The union of the two processes' records is the 1-process build's, record for record, byte for byte.
+    assert records.read_records(two) == records.read_records(one)
+    # Both processes then read the 1-process corpus.
+    assert got[0]["digest"] == got[1]["digest"] == SCRIPT.corpus_digest(want)
+    assert_same_corpus(C.Corpus.load(two), want)
+
+    # With a reject in each share (plan rows 0 and 1): the same corpus order on both processes.
+    inputs["structures"] = TOO_BIG + inputs["structures"]
+    records.build(inputs, tmp_path / "one_rejects", records.Share(), log=lambda *a: None)
+    want = C.Corpus.load(tmp_path / "one_rejects")
+    assert [r[:1] for r in want.features.rejects] == [(0,), (1,)]
+    for i, g in enumerate(got):
+        assert g["log_rejects"][0].startswith(f"corpus: featurized {len(range(i, n + 2, 2))} of {n + 2} molecules "
+                                              f"(process {i} of 2)"), g["log_rejects"]
+    assert records.read_records(tmp_path / "with_rejects") == records.read_records(tmp_path / "one_rejects")
+    assert_same_corpus(C.Corpus.load(tmp_path / "with_rejects"), want)
