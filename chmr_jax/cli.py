@@ -174,11 +174,11 @@ def _prepare_corpus(args) -> int:
     # Per-molecule records (data/records.py), this one process featurizing every molecule (P=1).
     if paths.is_remote(out):   # written in a fresh local folder, then uploaded
         with paths.staged(out, "--out") as local:
-            records.build(inputs, local, records.Share(), digest, log=print)
+            records.build(inputs, local, records.Share(), digest, log=print, show_progress=True)
             corpus = corpus_lib.Corpus.load(local)
             paths.push(local, "--out", to=out)
     else:
-        records.build(inputs, out, records.Share(), digest, log=print)
+        records.build(inputs, out, records.Share(), digest, log=print, show_progress=True)
         corpus = corpus_lib.Corpus.load(out)
     paths.push(cache_dir, "--cache_dir")
     print(prepare.format_table(corpus_lib.summary_rows(corpus)))

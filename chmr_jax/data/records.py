@@ -106,7 +106,7 @@ def _sha256(path: Path) -> str:
 
 
 def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", log: Callable = print,
-          publish: Callable[[], object] = lambda: None) -> dict:
+          publish: Callable[[], object] = lambda: None, show_progress: bool = False) -> dict:
     """Builds this process' share of the corpus records into directory `out`.
 
     inputs: corpus.assemble's arguments (prepare.corpus_inputs), the same on every process. Every process
@@ -124,7 +124,7 @@ def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", 
     feats = featurize.featurize_smiles(
         [plan.smiles[i] for i in mine], settings, cache_dir,
         name if share.count == 1 else f"{name}-p{share.index:05d}-of-{share.count:05d}",
-        inputs["n_workers"], show_progress=False, verbose=False)
+        inputs["n_workers"], show_progress=show_progress, verbose=False)
     seconds = time.perf_counter() - t0
     log(f"corpus: featurized {len(mine)} of {n} molecules (process {share.index} of {share.count}) "
         f"in {seconds:.2f} s")

@@ -137,6 +137,10 @@ def _cached_corpus(config, data_dir, cache_dir, n_workers, log) -> corpus_lib.Co
         share.barrier("chmr_corpus_cache")
     if records.missing(path) and paths.remote_of(path):   # shards other hosts wrote, or all of an earlier build
         paths.pull(paths.remote_of(path), "the feature cache")
+    lacking = records.missing(path)
+    if lacking and share.count > 1:
+        raise ConfigError(f"process {share.index} does not see {lacking[:3]} in the corpus cache {path}, which the other "
+                          "processes wrote: give every process one cache (a shared folder or a gs:// --config.cache_dir)")
     log(f"corpus: {'cached ' if built else ''}{path}")
     return corpus_lib.Corpus.load(path)
 
