@@ -4,7 +4,7 @@ in shares; each writes its log and a digest of the corpus it then read.
 
 Then both build the same corpus with TOO_BIG's two rejects added into OUT_DIR/with_rejects (records.build).
 
-  python tests/two_process_records.py PORT PROCESS_ID CACHE_DIR OUT_DIR"""
+  python tests/two_process_records.py PORT PROCESS_ID CACHE_DIR OUT_DIR   (CACHE_DIR: a folder or gs:// URL)"""
 import hashlib
 import json
 import sys
@@ -39,8 +39,10 @@ def main():
     jax.distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
 
     from chmr_jax import config_util
+    from chmr_jax.data import paths
     from chmr_jax.training import pretrain
 
+    cache_dir = str(paths.resolve_cache_dir(cache_dir))   # (a gs:// cache: this process' local mirror of it)
     config = config_util.load_config(CONFIG)
     config.cache_dir = cache_dir
     lines = []
