@@ -162,3 +162,23 @@ def test_two_processes_build_the_records_in_halves(tmp_path):
                                               f"(process {i} of 2)"), g["log_rejects"]
     assert records.read_records(tmp_path / "with_rejects") == records.read_records(tmp_path / "one_rejects")
     assert_same_corpus(C.Corpus.load(tmp_path / "with_rejects"), want)
+
+    # 3D geometry, each process embedding its share: every process holds the 1-process result.
+    from chmr_jax.data import geometry
+    smiles = list(want.smiles[:SCRIPT.GEOMETRY_MOLECULES]) + ["not a smiles"]
+    one_geo = geometry.featurize_geometry(smiles, geometry.GeometrySettings(), None, show_progress=False)
+    assert one_geo.ok.sum() == len(smiles) - 1 and [r[0] for r in one_geo.reasons] == [len(smiles) - 1]
+    for i, g in enumerate(got):
+        assert g["log_geometry"][0].startswith(
+            f"geometry: embedded {len(range(i, len(smiles), 2))} of {len(smiles)} molecules (process {i} of 2)")
+        with np.load(tmp_path / f"geometry_{i}.npz") as two_geo:
+            np.testing.assert_array_equal(two_geo["values"], one_geo.values)
+            np.testing.assert_array_equal(two_geo["ok"], one_geo.ok)
+            assert [tuple(r) for r in json.loads(str(two_geo["reasons"]))] == one_geo.reasons
+    # Process 0 cached the whole under the 1-process name: a 1-process run loads it as its own.
+    import dataclasses
+    key = featurize.cache_key(smiles, dataclasses.asdict(geometry.GeometrySettings()), "geometry")
+    assert (tmp_path / "geometry_cache_0" / f"corpus-geometry-{key}.npz").exists()
+    assert not (tmp_path / "geometry_cache_1" / f"corpus-geometry-{key}.npz").exists()
+    cached = geometry.featurize_geometry(smiles, geometry.GeometrySettings(), tmp_path / "geometry_cache_0", "corpus")
+    np.testing.assert_array_equal(cached.values, one_geo.values)

@@ -2,7 +2,8 @@
 use of the tiny config's corpus (pretrain.load_corpus) with an empty cache, so the processes build the records
 in shares; each writes its log and a digest of the corpus it then read.
 
-Then both build the same corpus with TOO_BIG's two rejects added into OUT_DIR/with_rejects (records.build).
+Then both build the same corpus with TOO_BIG's two rejects added into OUT_DIR/with_rejects (records.build), and
+compute the 3D geometry of a few of its molecules in shares (records.geometry) into OUT_DIR/geometry_<i>.npz.
 
   python tests/two_process_records.py PORT PROCESS_ID CACHE_DIR OUT_DIR   (CACHE_DIR: a folder or gs:// URL)"""
 import hashlib
@@ -14,6 +15,7 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "test.py")
 # Two molecules the featurizer rejects (over configs/test.py's max_atoms=64), put at plan rows 0 and 1: one in
 # each process' share, so the processes must agree on the corpus order through their exchange of rejects.
 TOO_BIG = [("C" * 70, "big"), ("C" * 71, "big")]
+GEOMETRY_MOLECULES = 9
 
 
 def corpus_digest(corpus) -> str:
@@ -53,9 +55,18 @@ def main():
     inputs["structures"] = TOO_BIG + inputs["structures"]
     lines_rejects = []
     records.build(inputs, out / "with_rejects", records.Share.of_jax(), log=lines_rejects.append)
+    # 3D geometry of the first GEOMETRY_MOLECULES molecules (and an unparsable one), each process its share.
+    import numpy as np
+    from chmr_jax.data import geometry
+    lines_geometry = []
+    geo = records.geometry(list(corpus.smiles[:GEOMETRY_MOLECULES]) + ["not a smiles"], geometry.GeometrySettings(),
+                           out / f"geometry_cache_{process_id}", "corpus", 1, records.Share.of_jax(),
+                           lines_geometry.append)
+    np.savez(out / f"geometry_{process_id}.npz", values=geo.values, ok=geo.ok, reasons=np.array(json.dumps(geo.reasons)))
     (out / f"process_{process_id}.json").write_text(json.dumps(
         {"log": lines, "digest": corpus_digest(corpus), "molecules": len(corpus),
-         "path": str(pretrain.corpus_cache_path(config, cache_dir)), "log_rejects": lines_rejects}))
+         "path": str(pretrain.corpus_cache_path(config, cache_dir)), "log_rejects": lines_rejects,
+         "log_geometry": lines_geometry}))
 
 
 if __name__ == "__main__":

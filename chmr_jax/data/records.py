@@ -81,6 +81,20 @@ class Share:
         every = np.asarray(multihost_utils.process_allgather(padded)).reshape(self.count, -1)
         return [json.loads(bytes(every[p, :sizes[p]]).decode()) for p in range(self.count)]
 
+    def gather_rows(self, local: np.ndarray, n: int) -> np.ndarray:
+        """The whole [n, ...] array from every process' rows(n) part (a sync point)."""
+        if self.count == 1:
+            return local
+        from jax.experimental import multihost_utils
+        per = -(-n // self.count)
+        padded = np.zeros((per,) + local.shape[1:], local.dtype)
+        padded[:len(local)] = local
+        every = np.asarray(multihost_utils.process_allgather(padded)).reshape((self.count, per) + local.shape[1:])
+        out = np.empty((n,) + local.shape[1:], local.dtype)
+        for p in range(self.count):
+            out[p::self.count] = every[p, :len(range(p, n, self.count))]
+        return out
+
     def barrier(self, name: str) -> None:
         if self.count > 1:
             from jax.experimental import multihost_utils
@@ -258,3 +272,31 @@ def read_corpus(directory) -> corpus_lib.Corpus:
     return corpus_lib.Corpus(keys=np.array([r["key"] for r in records], dtype=str),
                              smiles=np.array([r["smiles"] for r in records], dtype=str), features=feats,
                              modalities=modalities, manifest=manifest, gene_edges=gene_edges)
+
+
+def geometry(smiles, settings, cache_dir, name: str, n_workers=None, share: Share = Share(), log: Callable = print):
+    """geometry.featurize_geometry of `smiles` (RDKit 3D descriptors) with each process embedding its share
+    (rows i % P == p), gathered so that every process holds all rows; the same GeometryFeatures as one process
+    computes (each molecule's embedding is seeded on its own). Process 0 caches the whole under the name one
+    process would use, so later runs of any size load it."""
+    from chmr_jax.data import geometry as geometry_lib
+    smiles = [str(s) for s in smiles]
+    whole = None if cache_dir is None else Path(cache_dir) / (
+        f"{name}-geometry-{featurize.cache_key(smiles, dataclasses.asdict(settings), 'geometry')}.npz")
+    cached = [bool(c) for c in share.exchange(whole is not None and whole.exists())]
+    if share.count == 1 or all(cached):    # (one decision for all processes)
+        return geometry_lib.featurize_geometry(smiles, settings, cache_dir, name, n_workers)
+    n, mine = len(smiles), share.rows(len(smiles))
+    t0 = time.perf_counter()
+    part = geometry_lib.featurize_geometry([smiles[i] for i in mine], settings, cache_dir,
+                                           f"{name}-p{share.index:05d}-of-{share.count:05d}", n_workers,
+                                           show_progress=False)
+    log(f"geometry: embedded {len(mine)} of {n} molecules (process {share.index} of {share.count}) "
+        f"in {time.perf_counter() - t0:.2f} s")
+    reasons = sorted((int(i), str(why)) for got in share.exchange([(int(mine[i]), why) for i, why in part.reasons])
+                     for i, why in got)
+    out = geometry_lib.GeometryFeatures(values=share.gather_rows(part.values, n), ok=share.gather_rows(part.ok, n),
+                                        reasons=reasons, names=part.names)
+    if share.index == 0 and whole is not None:   # (the file featurize_geometry writes and reads)
+        files.atomic_savez(whole, values=out.values, ok=out.ok, reasons=np.array(json.dumps(reasons)))
+    return out

@@ -290,9 +290,14 @@ def build_inputs(config, n_devices: int, data_dir=None, log=print):
     t0 = time.perf_counter()
     data = pretrain_data.prepare(corpus, data_config(config, n_devices))
     if "geometry" in molecular_names(config):
-        geo = prepare.geometry_features(list(corpus.smiles), list(corpus.keys), config.geometry,
-                                        geometry_lib.GeometrySettings(seed=config.geometry_seed), cache_dir,
-                                        f"corpus-{config.corpus.kind}", config.workers or None)
+        if config.geometry == "rdkit3d":   # (each process embeds its share of the molecules)
+            geo = records.geometry(list(corpus.smiles), geometry_lib.GeometrySettings(seed=config.geometry_seed),
+                                   cache_dir, f"corpus-{config.corpus.kind}", config.workers or None,
+                                   records.Share.of_jax(), log)
+        else:   # a matrix file's rows: read, not computed
+            geo = prepare.geometry_features(list(corpus.smiles), list(corpus.keys), config.geometry,
+                                            geometry_lib.GeometrySettings(seed=config.geometry_seed), cache_dir,
+                                            f"corpus-{config.corpus.kind}", config.workers or None)
         data.inputs["geometry"] = geo.standardized().astype(np.float32)
         if jax.process_index() == 0:
             paths.push(cache_dir, "the feature cache")
