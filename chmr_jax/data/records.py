@@ -5,7 +5,8 @@ A directory of records holds:
   gene_edges.npy                             the corpus' gene-gene edges ([E, 2] str), when it has any
   manifest.json                              written last, by process 0: the corpus manifest (corpus.assemble's,
                                              unchanged) plus "records": {version, shards: [{name, records, sha256,
-                                             featurized, rejects}], settings_digest, n_input, rejects}
+                                             featurized, rejects, seconds}], settings_digest (the pretraining
+                                             cache key's), n_input, rejects [[row, smiles, reason]], processes}
 
 One record per molecule the featurizer accepted, `flax.serialization.msgpack_serialize` of
   index        int   its row in the corpus (the 1-process corpus order: ascending featurizer row)
@@ -28,6 +29,8 @@ rows i with i % P == p. Strided rather than contiguous: the list is structures o
 the same mix. Featurization rejects are the only global decision that featurization makes: the processes
 exchange their reject lists (`Share.exchange`, over JAX's collectives), so every one of them knows the corpus
 order, aggregates the profile tables whole (cheap, table-level) and writes the records of its own molecules.
+Pretraining's RDKit 3D descriptors are split the same way (`geometry`), then gathered whole on every process
+(they are not in the records yet).
 """
 from __future__ import annotations
 
