@@ -134,8 +134,10 @@ def test_two_processes_build_the_records_in_halves(tmp_path):
     want = C.Corpus.load(one)
     n = len(want) + len(want.features.rejects)
 
-    # Each process featurized its half (rows i % 2 == p), and says so.
+    # Each process computed the join keys of its half of the structures and featurized its half of the
+    # molecules (rows i % 2 == p), and says so.
     for i, g in enumerate(got):
+        assert f"corpus: computed {len(range(i, 96, 2))} of 96 join keys (process {i} of 2)" in g["log"], g["log"]
         found = [line for line in g["log"] if line.startswith("corpus: featurized")]
         assert len(found) == 1 and found[0].startswith(
             f"corpus: featurized {len(range(i, n, 2))} of {n} molecules (process {i} of 2)"), g["log"]

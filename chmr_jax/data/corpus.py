@@ -219,7 +219,8 @@ def assemble(structures: Sequence[tuple], modality_sources: dict, join: str = "i
              settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
              cache_dir=None, exclude_keys: set | None = None, n_workers: int | None = None,
              gene_edges: np.ndarray | None = None, name: str = "corpus",
-             expected_dims: dict | None = None, verbose: bool = True, exclusion: dict | None = None) -> Corpus:
+             expected_dims: dict | None = None, verbose: bool = True, exclusion: dict | None = None,
+             keys_of=None) -> Corpus:
     """Builds a Corpus.
 
     structures: (smiles, origin) pairs of molecules to include even without profiles (e.g. the
@@ -229,8 +230,9 @@ def assemble(structures: Sequence[tuple], modality_sources: dict, join: str = "i
     exclude_keys: join keys never to include (the leakage guard: a benchmark's test molecules).
     expected_dims: {modality: dim} from the config; a mismatch is an error naming the sources.
     exclusion: what exclude_keys came from (prepare.exclusion_keys), kept in the manifest.
+    keys_of: what computes join keys of structures given without one (default featurize.keys_of_smiles).
     """
-    plan = plan_molecules(structures, modality_sources, join, exclude_keys, n_workers)
+    plan = plan_molecules(structures, modality_sources, join, exclude_keys, n_workers, keys_of)
 
     # 2. Featurize; molecules the featurizer rejects leave the corpus with their profiles.
     feats = featurize.featurize_smiles(plan.smiles, settings, cache_dir, name, n_workers,
@@ -255,7 +257,7 @@ class MoleculePlan:
 
 
 def plan_molecules(structures: Sequence[tuple], modality_sources: dict, join: str = "inchikey14",
-                   exclude_keys: set | None = None, n_workers: int | None = None) -> MoleculePlan:
+                   exclude_keys: set | None = None, n_workers: int | None = None, keys_of=None) -> MoleculePlan:
     """Step 1 of `assemble`: the molecule list (deterministic: a function of the inputs only)."""
     if join not in JOIN_KEYS:
         raise ValueError(f"join key must be one of {JOIN_KEYS}, got {join!r}")
@@ -270,7 +272,7 @@ def plan_molecules(structures: Sequence[tuple], modality_sources: dict, join: st
     keys_for_structures = [s[2] if len(s) > 2 else None for s in structures]
     todo = [i for i, k in enumerate(keys_for_structures) if k is None]
     if todo:
-        for i, key in zip(todo, featurize.keys_of_smiles([structures[i][0] for i in todo], join, n_workers)):
+        for i, key in zip(todo, (keys_of or featurize.keys_of_smiles)([structures[i][0] for i in todo], join, n_workers)):
             keys_for_structures[i] = key
     excluded = set()
     for (smiles, origin, *_), key in zip(structures, keys_for_structures):

@@ -272,9 +272,11 @@ def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.Featuri
 
 
 def corpus_inputs(cfg, settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
-                  data_dir=None, cache_dir=None, n_workers=None) -> dict:
+                  data_dir=None, cache_dir=None, n_workers=None, keys_of=None) -> dict:
     """corpus.assemble's arguments for the corpus `cfg` describes (the profile tables read whole: reading
-    and aggregating them is cheap next to featurizing the molecules)."""
+    and aggregating them is cheap next to featurizing the molecules). keys_of: what computes the join keys
+    of the paper layout's structures and of the benchmarks' (default featurize.keys_of_smiles; a
+    records.Share's keys_of_smiles has each process compute its share)."""
     from chmr_jax.data import profiles, synthetic
 
     kind = cfg.kind
@@ -299,7 +301,8 @@ def corpus_inputs(cfg, settings: featurize.FeaturizerSettings = featurize.Featur
             raise ValueError("corpus.kind='paper' needs corpus.path: the directory holding structure.csv.gz "
                              "and the <NAME>.csv.gz / <NAME>_feature.npz files (pretrain.zip's raw/)")
         names = sorted({s for spec in cfg.modalities.values() for block in parse_modality_spec(spec) for s in block})
-        structures, tables, gene_edges, _ = profiles.read_paper_layout(root, names, join, n_workers=n_workers)
+        structures, tables, gene_edges, _ = profiles.read_paper_layout(root, names, join, n_workers=n_workers,
+                                                                       keys_of=keys_of)
         available = {name: (lambda t=t: t) for name, t in tables.items()}
     if cfg.include_benchmarks:
         for name in datasets.ALL_BENCHMARKS:
@@ -323,4 +326,4 @@ def corpus_inputs(cfg, settings: featurize.FeaturizerSettings = featurize.Featur
     return dict(structures=structures, modality_sources=modality_sources, join=join, aggregate=cfg.aggregate,
                 max_nan_fraction=cfg.max_nan_fraction, settings=settings, cache_dir=cache_dir, exclude_keys=exclude,
                 n_workers=n_workers, gene_edges=gene_edges, name=f"corpus-{kind}", expected_dims=expected,
-                exclusion=exclusion if exclude else None)
+                exclusion=exclusion if exclude else None, keys_of=keys_of)

@@ -84,6 +84,20 @@ class Share:
         every = np.asarray(multihost_utils.process_allgather(padded)).reshape(self.count, -1)
         return [json.loads(bytes(every[p, :sizes[p]]).decode()) for p in range(self.count)]
 
+    def keys_of_smiles(self, smiles, join: str = "inchikey14", n_workers=None, log: Callable = print) -> list[str]:
+        """featurize.keys_of_smiles with each process computing the keys of its rows(n), exchanged: every
+        process gets all of them (the de-duplication by key is a global decision)."""
+        smiles = list(smiles)
+        mine = self.rows(len(smiles))
+        local = featurize.keys_of_smiles([smiles[i] for i in mine], join, n_workers)
+        if self.count == 1:
+            return local
+        log(f"corpus: computed {len(mine)} of {len(smiles)} join keys (process {self.index} of {self.count})")
+        out = [""] * len(smiles)
+        for p, keys in enumerate(self.exchange(local)):
+            out[p::self.count] = keys
+        return out
+
     def gather_rows(self, local: np.ndarray, n: int) -> np.ndarray:
         """The whole [n, ...] array from every process' rows(n) part (a sync point)."""
         if self.count == 1:
@@ -134,7 +148,7 @@ def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", 
     out.mkdir(parents=True, exist_ok=True)
     name, cache_dir, settings = inputs["name"], inputs["cache_dir"], inputs["settings"]
     plan = corpus_lib.plan_molecules(inputs["structures"], inputs["modality_sources"], inputs["join"],
-                                     inputs["exclude_keys"], inputs["n_workers"])
+                                     inputs["exclude_keys"], inputs["n_workers"], inputs.get("keys_of"))
     n = len(plan.smiles)
     mine = share.rows(n)
     t0 = time.perf_counter()

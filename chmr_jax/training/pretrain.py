@@ -128,7 +128,9 @@ def _cached_corpus(config, data_dir, cache_dir, n_workers, log) -> corpus_lib.Co
         built = bool(multihost_utils.broadcast_one_to_all(np.int32(built)))
     if not built:
         log(f"corpus: building kind={cfg.kind} as records in {share.count} share(s) (cached in {path})")
-        inputs = prepare.corpus_inputs(cfg, settings, data_dir, cache_dir, n_workers)
+        keys_of = None if share.count == 1 else \
+            (lambda smiles, join, workers: share.keys_of_smiles(smiles, join, workers, log))
+        inputs = prepare.corpus_inputs(cfg, settings, data_dir, cache_dir, n_workers, keys_of)
         records.build(inputs, path, share, path.name.rsplit("-", 1)[-1], log,
                       publish=lambda: paths.push(cache_dir, "the feature cache"))   # (a gs:// cache: upload)
     elif share.count > 1:
