@@ -49,7 +49,6 @@ from chmr_jax.data import corpus as corpus_lib, featurize, files
 RECORDS_VERSION = 1
 MANIFEST = "manifest.json"
 GENE_EDGES = "gene_edges.npy"
-_FEATURE_FIELDS = ("nodes", "edge_index", "edge_feats", "morgan", "maccs", "target")
 
 
 def shard_name(index: int, count: int) -> str:
@@ -102,6 +101,8 @@ class Share:
         """The whole [n, ...] array from every process' rows(n) part (a sync point)."""
         if self.count == 1:
             return local
+        if local.dtype == bool:   # (moved as bytes: not every backend's collectives take booleans)
+            return self.gather_rows(local.astype(np.uint8), n).astype(bool)
         from jax.experimental import multihost_utils
         per = -(-n // self.count)
         padded = np.zeros((per,) + local.shape[1:], local.dtype)
@@ -146,6 +147,8 @@ def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", 
     final barrier. Returns this process' counts (molecules featurized, records written)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if share.index == 0:   # (a rebuild into an earlier corpus' folder: no manifest lists half-written shards)
+        (out / MANIFEST).unlink(missing_ok=True)
     name, cache_dir, settings = inputs["name"], inputs["cache_dir"], inputs["settings"]
     plan = corpus_lib.plan_molecules(inputs["structures"], inputs["modality_sources"], inputs["join"],
                                      inputs["exclude_keys"], inputs["n_workers"], inputs.get("keys_of"))
@@ -199,11 +202,6 @@ def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", 
         publish()
     share.barrier("chmr_corpus_records")
     return mine_info
-
-
-def is_records(directory) -> bool:
-    path = Path(directory) / MANIFEST
-    return path.exists() and "records" in json.loads(path.read_text())
 
 
 def missing(directory) -> list[str]:
