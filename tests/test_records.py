@@ -1,11 +1,13 @@
 """Corpus records (data/records.py): the records read back as the corpus corpus.assemble builds, array for
 array; two processes (CPU, gloo) build them in halves, each featurizing only its share, and their records
 equal a 1-process build's byte for byte; a cache of the older npz format is still read."""
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -87,6 +89,50 @@ def test_records_read_back_as_the_assembled_corpus(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(C.CorpusError, match="sha256"):
         C.Corpus.load(tmp_path / "rec")
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer(records.Share):
+    """Process 0 of 2, whose process 1 is `answer`: it answers every exchange with answer(obj) (obj: this
+    process' part); barriers pass."""
+    answer: Callable = lambda obj: obj
+
+    def exchange(self, obj) -> list:
+        return [obj, self.answer(obj)]
+
+    def barrier(self, name: str) -> None:
+        pass
+
+
+def test_processes_that_plan_different_molecule_lists_stop_before_featurizing(tmp_path, monkeypatch):
+    inputs = tiny_inputs(tmp_path / "cache", with_rejects=False)
+    plan = C.plan_molecules(inputs["structures"], inputs["modality_sources"], inputs["join"], inputs["exclude_keys"])
+    featurized = []
+    real = featurize.featurize_smiles
+    monkeypatch.setattr(featurize, "featurize_smiles", lambda *a, **k: featurized.append(1) or real(*a, **k))
+    # Process 1 read another exclusion list: one molecule fewer (its list's digest differs too).
+    fewer = lambda obj: {**obj, "molecules": obj["molecules"] - 1, "sha256": "0" * 64} \
+        if isinstance(obj, dict) and "sha256" in obj and "molecules" in obj else obj
+    with pytest.raises(C.CorpusError, match=rf"different molecule lists \(process 0: {len(plan.order)} molecules, "
+                                            rf".*process 1: {len(plan.order) - 1} molecules"):
+        records.build(inputs, tmp_path / "rec", Peer(0, 2, fewer), log=lambda *a: None)
+    assert not featurized and not (tmp_path / "rec" / "manifest.json").exists()
+
+
+def test_the_synthetic_layout_is_written_beside_its_folder_then_renamed(tmp_path, monkeypatch):
+    from chmr_jax.data import synthetic
+    written = []
+    real = synthetic.write_synthetic_paper_layout
+    monkeypatch.setattr(synthetic, "write_synthetic_paper_layout", lambda root, *a, **k: written.append(Path(root))
+                        or real(root, *a, **k))
+    tiny_inputs(tmp_path / "cache", with_rejects=False)
+    layouts = sorted((tmp_path / "cache").glob("synthetic-layout-*"))
+    assert len(written) == 1 and written[0] not in layouts and len(layouts) == 1   # (no temporary folder left)
+    assert (layouts[0] / "L1k_idmaps.csv").exists()
+    # Another process' complete layout already there when this one's is done: it is kept.
+    prepare._write_layout_atomically(layouts[0], lambda where: (where / "L1k_idmaps.csv").write_text("other"))
+    assert (layouts[0] / "L1k_idmaps.csv").read_text() != "other"
+    assert sorted((tmp_path / "cache").glob("synthetic-layout-*")) == layouts
 
 
 def test_pretraining_still_reads_a_corpus_cached_in_the_npz_format(tmp_path):

@@ -271,6 +271,27 @@ def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.Featuri
     return corpus_lib.assemble(**corpus_inputs(cfg, settings, data_dir, cache_dir, n_workers), verbose=verbose)
 
 
+def _write_layout_atomically(root: Path, write) -> None:
+    """write(folder) into a fresh folder beside `root`, then renamed to it: the processes of a multi-host run
+    all generate the (deterministic) synthetic layout into one shared cache at once, and none may read files
+    that another is still writing. The first rename wins; the others' copies are dropped."""
+    import shutil
+    import tempfile
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=root.name + ".tmp"))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, root)       # (onto nothing or an empty folder)
+        except OSError:
+            if (root / "L1k_idmaps.csv").exists():   # another process' complete layout: keep it
+                return
+            shutil.rmtree(root, ignore_errors=True)   # an interrupted write of older code
+            os.rename(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def corpus_inputs(cfg, settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
                   data_dir=None, cache_dir=None, n_workers=None, keys_of=None) -> dict:
     """corpus.assemble's arguments for the corpus `cfg` describes (the profile tables read whole: reading
@@ -296,7 +317,8 @@ def corpus_inputs(cfg, settings: featurize.FeaturizerSettings = featurize.Featur
             root = Path(cache_dir) / f"synthetic-layout-n{cfg.synthetic_molecules}-s{cfg.synthetic_seed}{tag}"
             if not (root / "L1k_idmaps.csv").exists():
                 full = {**profiles.PAPER_MODALITIES, **dims} if dims else None
-                synthetic.write_synthetic_paper_layout(root, cfg.synthetic_molecules, cfg.synthetic_seed, dims=full)
+                _write_layout_atomically(root, lambda where: synthetic.write_synthetic_paper_layout(
+                    where, cfg.synthetic_molecules, cfg.synthetic_seed, dims=full))
         if not root:
             raise ValueError("corpus.kind='paper' needs corpus.path: the directory holding structure.csv.gz "
                              "and the <NAME>.csv.gz / <NAME>_feature.npz files (pretrain.zip's raw/)")

@@ -137,6 +137,24 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def plan_digest(plan: corpus_lib.MoleculePlan) -> str:
+    """sha256 of the molecule list (corpus order: join keys and structures)."""
+    return hashlib.sha256(json.dumps([plan.join, plan.order, plan.smiles]).encode()).hexdigest()
+
+
+def check_same_plan(plan: corpus_lib.MoleculePlan, share: Share) -> None:
+    """Stops every process (one error, the same on each) unless all of them planned the same molecule list:
+    a process whose inputs differ (another data mirror or exclusion CSV, a layout read while it was written)
+    would otherwise featurize its share of another list, a corpus with molecules twice or missing."""
+    mine = {"molecules": len(plan.order), "sha256": plan_digest(plan)}
+    every = share.exchange(mine)
+    if any(e != every[0] for e in every):
+        raise corpus_lib.CorpusError(
+            "corpus: the processes planned different molecule lists ("
+            + ", ".join(f"process {p}: {e['molecules']} molecules, sha256 {e['sha256'][:12]}" for p, e in enumerate(every))
+            + "); their inputs differ (data folder, corpus.exclude CSV, corpus.path): give every process the same")
+
+
 def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", log: Callable = print,
           publish: Callable[[], object] = lambda: None, show_progress: bool = False) -> dict:
     """Builds this process' share of the corpus records into directory `out`.
@@ -153,6 +171,7 @@ def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", 
     plan = corpus_lib.plan_molecules(inputs["structures"], inputs["modality_sources"], inputs["join"],
                                      inputs["exclude_keys"], inputs["n_workers"], inputs.get("keys_of"))
     n = len(plan.smiles)
+    check_same_plan(plan, share)
     mine = share.rows(n)
     t0 = time.perf_counter()
     feats = featurize.featurize_smiles(
