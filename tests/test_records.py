@@ -119,6 +119,47 @@ def test_processes_that_plan_different_molecule_lists_stop_before_featurizing(tm
     assert not featurized and not (tmp_path / "rec" / "manifest.json").exists()
 
 
+def test_no_manifest_lists_a_shard_that_process_0_cannot_see(tmp_path):
+    inputs = tiny_inputs(tmp_path / "cache", with_rejects=False)
+    # Process 1 wrote its shard into a folder of the same name on its own host.
+    elsewhere = lambda obj: {**obj, "name": records.shard_name(1, 2)} if isinstance(obj, dict) and "sha256" in obj \
+        and "name" in obj else obj
+    with pytest.raises(C.CorpusError, match=r"process 0 does not see the shards \['records-p00001-of-00002"):
+        records.build(inputs, tmp_path / "rec", Peer(0, 2, elsewhere), log=lambda *a: None)
+    assert not (tmp_path / "rec" / "manifest.json").exists()
+
+
+def test_two_processes_with_a_local_cache_each_build_the_whole_corpus_each(tmp_path):
+    """A cache folder of each host's own (unshared): found before featurizing, each process builds the whole
+    corpus into its own cache (one shard), as before the records."""
+    outs, codes = run_two(ROOT / "tests" / "two_process_local_caches.py", str(tmp_path))
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
+    got = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in (0, 1)]
+    for i, g in enumerate(got):
+        assert any("the processes do not share the cache" in line and "each process builds the whole corpus" in line
+                   for line in g["log"]), g["log"]
+        n = [line for line in g["log"] if line.startswith("corpus: featurized")]
+        assert len(n) == 1 and "(process 0 of 1)" in n[0], g["log"]
+        manifest = json.loads((Path(g["path"]) / "manifest.json").read_text())["records"]
+        assert [s["name"] for s in manifest["shards"]] == [records.shard_name(0, 1)]
+    assert got[0]["digest"] == got[1]["digest"]
+    assert not list(tmp_path.rglob(records.PROBE))
+
+
+def run_two(script, *args) -> tuple[list[str], list[int]]:
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outs, [p.returncode for p in procs]
+
+
 def test_the_synthetic_layout_is_written_beside_its_folder_then_renamed(tmp_path, monkeypatch):
     from chmr_jax.data import synthetic
     written = []

@@ -119,6 +119,33 @@ class Share:
             multihost_utils.sync_global_devices(name)
 
 
+PROBE = ".chmr-shared-probe"
+
+
+def one_folder(directory, share: Share) -> bool:
+    """Whether every process of `share` sees one folder at `directory` (a shared file system, not a folder of
+    the same name on each host): process 0 writes a fresh token there, every process reads it back, and all
+    get the same answer (a sync point; True for one process)."""
+    if share.count == 1:
+        return True
+    import secrets
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    token = ""
+    if share.index == 0:
+        token = secrets.token_hex(16)
+        files.atomic_write_text(directory / PROBE, token)
+    token = share.exchange(token)[0]       # (after process 0 wrote it)
+    try:
+        seen = (directory / PROBE).read_text() == token
+    except OSError:
+        seen = False
+    every = share.exchange(bool(seen))     # (after every process read it)
+    if share.index == 0:
+        (directory / PROBE).unlink(missing_ok=True)
+    return all(every)
+
+
 def encode(record: dict) -> bytes:
     from flax import serialization
     return serialization.msgpack_serialize(record)
@@ -156,13 +183,16 @@ def check_same_plan(plan: corpus_lib.MoleculePlan, share: Share) -> None:
 
 
 def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", log: Callable = print,
-          publish: Callable[[], object] = lambda: None, show_progress: bool = False) -> dict:
+          publish: Callable[[], object] = lambda: None, show_progress: bool = False,
+          shards_meet_here: bool = True) -> dict:
     """Builds this process' share of the corpus records into directory `out`.
 
     inputs: corpus.assemble's arguments (prepare.corpus_inputs), the same on every process. Every process
     of `share` must call this (it exchanges reject lists and shard digests). publish: called after this
     process' shard is written and, on process 0, after the manifest (a gs:// mirror's push), before the
-    final barrier. Returns this process' counts (molecules featurized, records written)."""
+    final barrier. shards_meet_here: every process writes its shard into one folder `out` (a shared file
+    system), which process 0 checks before it writes the manifest (False: they meet elsewhere, a gs:// cache's
+    bucket). Returns this process' counts (molecules featurized, records written)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if share.index == 0:   # (a rebuild into an earlier corpus' folder: no manifest lists half-written shards)
@@ -208,6 +238,12 @@ def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", 
                  "featurized": int(len(mine)), "rejects": len(my_rejects), "seconds": round(seconds, 3)}
     publish()
     shards = share.exchange(mine_info)       # (after every shard is written and published)
+    unseen = [s["name"] for s in shards if not (out / s["name"]).exists()] if shards_meet_here else []
+    unseen = share.exchange(unseen)[0]       # (process 0's view, for all: one decision)
+    if unseen:   # (no manifest that lists shards process 0 cannot read)
+        raise corpus_lib.CorpusError(
+            f"{out}: process 0 does not see the shards {unseen[:3]} that the other processes wrote there, so the "
+            "processes do not share this folder; give them one (a shared folder or a gs:// cache)")
     if share.index == 0:
         gene_edges = inputs.get("gene_edges")
         if gene_edges is not None:

@@ -122,6 +122,12 @@ def _cached_corpus(config, data_dir, cache_dir, n_workers, log) -> corpus_lib.Co
     settings = featurize.FeaturizerSettings.from_config(config.featurize)
     path = corpus_cache_path(config, cache_dir)
     share = records.Share.of_jax()
+    remote = paths.remote_of(path)
+    if share.count > 1 and not remote and not records.one_folder(path.parent, share):   # (checked first: before
+        log(f"corpus: the processes do not share the cache {path.parent} (each host has its own folder there): "  # featurizing)
+            "each process builds the whole corpus into its own; give them one cache (a shared folder or a gs:// "
+            "--config.cache_dir) to build it in shares")
+        share = records.Share()   # each process on its own, as one process (no collectives)
     built = (path / "manifest.json").exists()
     if share.count > 1:   # one decision for all: process 0's (its cache is the one the others pull)
         from jax.experimental import multihost_utils
@@ -132,13 +138,14 @@ def _cached_corpus(config, data_dir, cache_dir, n_workers, log) -> corpus_lib.Co
             (lambda smiles, join, workers: share.keys_of_smiles(smiles, join, workers, log))
         inputs = prepare.corpus_inputs(cfg, settings, data_dir, cache_dir, n_workers, keys_of)
         records.build(inputs, path, share, path.name.rsplit("-", 1)[-1], log,
-                      publish=lambda: paths.push(cache_dir, "the feature cache"))   # (a gs:// cache: upload)
+                      publish=lambda: paths.push(cache_dir, "the feature cache"),   # (a gs:// cache: upload)
+                      shards_meet_here=not remote)
     elif share.count > 1:
         if share.index == 0:   # a gs:// cache: the other hosts read the corpus from there (also one
             paths.push(cache_dir, "the feature cache")   # built earlier on this host but not in the bucket)
         share.barrier("chmr_corpus_cache")
-    if records.missing(path) and paths.remote_of(path):   # shards other hosts wrote, or all of an earlier build
-        paths.pull(paths.remote_of(path), "the feature cache")
+    if records.missing(path) and remote:   # shards other hosts wrote, or all of an earlier build
+        paths.pull(remote, "the feature cache")
     lacking = records.missing(path)
     if lacking and share.count > 1:
         raise ConfigError(f"process {share.index} does not see {lacking[:3]} in the corpus cache {path}, which the other "
