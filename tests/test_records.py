@@ -271,3 +271,25 @@ def test_two_processes_build_the_records_in_halves(tmp_path):
     assert not (tmp_path / "geometry_cache_1" / f"corpus-geometry-{key}.npz").exists()
     cached = geometry.featurize_geometry(smiles, geometry.GeometrySettings(), tmp_path / "geometry_cache_0", "corpus")
     np.testing.assert_array_equal(cached.values, one_geo.values)
+
+
+def test_the_benchmarks_keys_come_from_their_datasets_not_computed_again(tmp_path, monkeypatch):
+    """include_benchmarks: each benchmark's join keys (inchikey14) are its dataset's, computed and cached when
+    it loads; plan_molecules (whose keys_of shares the work between processes) computes none of them again."""
+    import types
+    from chmr_jax.data import datasets
+    smiles = ["CCO", "c1ccccc1", "not a smiles"]
+    keys = featurize.keys_of_smiles(smiles, "inchikey14", 1)
+    monkeypatch.setattr(datasets, "load_benchmark", lambda name, *a, **k: types.SimpleNamespace(
+        smiles=np.array(smiles), keys=np.array(keys, dtype="<U14")))
+    config = config_util.load_config(TEST_CONFIG)
+    config.corpus.include_benchmarks = True
+    computed = []
+    keys_of = lambda s, join, workers: computed.extend(s) or featurize.keys_of_smiles(s, join, workers)
+    inputs = prepare.corpus_inputs(config.corpus, featurize.FeaturizerSettings.from_config(config.featurize),
+                                   None, tmp_path / "cache", 1, keys_of)
+    assert inputs["structures"][-3:] == [(s, datasets.ALL_BENCHMARKS[-1], k) for s, k in zip(smiles, keys)]
+    computed.clear()
+    plan = C.plan_molecules(inputs["structures"], inputs["modality_sources"], inputs["join"], inputs["exclude_keys"],
+                            1, keys_of)
+    assert computed == [] and plan.counts["structures_unparsable"] == len(datasets.ALL_BENCHMARKS)

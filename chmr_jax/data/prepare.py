@@ -329,7 +329,10 @@ def corpus_inputs(cfg, settings: featurize.FeaturizerSettings = featurize.Featur
     if cfg.include_benchmarks:
         for name in datasets.ALL_BENCHMARKS:
             ds = datasets.load_benchmark(name, data_dir, cache_dir, n_workers)
-            structures += [(s, name) for s in ds.smiles]
+            if join == "inchikey14":   # (the dataset's keys, computed and cached with it: not again)
+                structures += [(s, name, str(k)) for s, k in zip(ds.smiles, ds.keys)]
+            else:
+                structures += [(s, name) for s in ds.smiles]
 
     loaded: dict = {}
     modality_sources = {}
