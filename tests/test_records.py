@@ -293,3 +293,24 @@ def test_the_benchmarks_keys_come_from_their_datasets_not_computed_again(tmp_pat
     plan = C.plan_molecules(inputs["structures"], inputs["modality_sources"], inputs["join"], inputs["exclude_keys"],
                             1, keys_of)
     assert computed == [] and plan.counts["structures_unparsable"] == len(datasets.ALL_BENCHMARKS)
+
+
+def test_a_rebuild_into_the_same_folder_drops_the_earlier_manifest_and_gene_edges_first(tmp_path, monkeypatch):
+    inputs = tiny_inputs(tmp_path / "cache", with_rejects=False)
+    assert inputs["gene_edges"] is not None
+    records.build(inputs, tmp_path / "rec", records.Share(), log=lambda *a: None)
+    assert (tmp_path / "rec" / "gene_edges.npy").exists()
+    # A rebuild that stops while featurizing leaves no manifest (of the earlier corpus, listing its shards)
+    # and none of the earlier corpus' files that the new one may not have.
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(featurize, "featurize_smiles", stop)
+    with pytest.raises(KeyboardInterrupt):
+        records.build(inputs, tmp_path / "rec", records.Share(), log=lambda *a: None)
+    assert not (tmp_path / "rec" / "manifest.json").exists() and not (tmp_path / "rec" / "gene_edges.npy").exists()
+    monkeypatch.undo()
+    # A corpus without gene edges built where one with them was: it has none.
+    records.build(inputs, tmp_path / "rec", records.Share(), log=lambda *a: None)
+    records.build({**inputs, "gene_edges": None}, tmp_path / "rec", records.Share(), log=lambda *a: None)
+    assert C.Corpus.load(tmp_path / "rec").gene_edges is None
+    assert C.assemble(**{**inputs, "gene_edges": None}, verbose=False).gene_edges is None

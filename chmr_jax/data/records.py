@@ -2,11 +2,13 @@
 
 A directory of records holds:
   records-p{p:05d}-of-{P:05d}.array_record   process p's molecules (P processes built it; P=1: one shard)
-  gene_edges.npy                             the corpus' gene-gene edges ([E, 2] str), when it has any
+  gene_edges.npy                             the corpus' gene-gene edges ([E, 2] str), when it has any (the
+                                             manifest's records.gene_edges says)
   manifest.json                              written last, by process 0: the corpus manifest (corpus.assemble's,
-                                             unchanged) plus "records": {version, shards: [{name, records, sha256,
-                                             featurized, rejects, seconds}], settings_digest (the pretraining
-                                             cache key's), n_input, rejects [[row, smiles, reason]], processes}
+                                             format_version aside) plus "records": {version, shards: [{name,
+                                             records, sha256, featurized, rejects, seconds}], settings_digest (the
+                                             pretraining cache key's), gene_edges (bool), n_input, rejects [[row,
+                                             smiles, reason]], processes}
 
 One record per molecule the featurizer accepted, `flax.serialization.msgpack_serialize` of
   index        int   its row in the corpus (the 1-process corpus order: ascending featurizer row)
@@ -195,8 +197,9 @@ def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", 
     bucket). Returns this process' counts (molecules featurized, records written)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if share.index == 0:   # (a rebuild into an earlier corpus' folder: no manifest lists half-written shards)
-        (out / MANIFEST).unlink(missing_ok=True)
+    if share.index == 0:   # (a rebuild into an earlier corpus' folder: no manifest lists half-written shards,
+        (out / MANIFEST).unlink(missing_ok=True)      # and no gene edges of the earlier corpus stay)
+        (out / GENE_EDGES).unlink(missing_ok=True)
     name, cache_dir, settings = inputs["name"], inputs["cache_dir"], inputs["settings"]
     plan = corpus_lib.plan_molecules(inputs["structures"], inputs["modality_sources"], inputs["join"],
                                      inputs["exclude_keys"], inputs["n_workers"], inputs.get("keys_of"))
@@ -251,6 +254,7 @@ def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", 
                 np.save(fh, np.asarray(gene_edges, dtype=str), allow_pickle=False)
             os.replace(out / (GENE_EDGES + f".tmp{os.getpid()}"), out / GENE_EDGES)
         manifest["records"] = {"version": RECORDS_VERSION, "shards": shards, "settings_digest": settings_digest,
+                               "gene_edges": gene_edges is not None,
                                "n_input": n, "rejects": [list(r) for r in rejects], "processes": share.count}
         # written last: its presence marks a complete set of records
         files.atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
@@ -338,7 +342,7 @@ def read_corpus(directory) -> corpus_lib.Corpus:
                 values[i], available[i] = r["profiles"][name], True
         modalities[name] = corpus_lib.Modality(values=values, available=available, feature_names=m["feature_names"],
                                                sources=m["sources"])
-    gene_edges = np.load(directory / GENE_EDGES, allow_pickle=False) if (directory / GENE_EDGES).exists() else None
+    gene_edges = np.load(directory / GENE_EDGES, allow_pickle=False) if info.get("gene_edges") else None
     return corpus_lib.Corpus(keys=np.array([r["key"] for r in records], dtype=str),
                              smiles=np.array([r["smiles"] for r in records], dtype=str), features=feats,
                              modalities=modalities, manifest=manifest, gene_edges=gene_edges)
