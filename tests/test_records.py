@@ -314,3 +314,24 @@ def test_a_rebuild_into_the_same_folder_drops_the_earlier_manifest_and_gene_edge
     records.build({**inputs, "gene_edges": None}, tmp_path / "rec", records.Share(), log=lambda *a: None)
     assert C.Corpus.load(tmp_path / "rec").gene_edges is None
     assert C.assemble(**{**inputs, "gene_edges": None}, verbose=False).gene_edges is None
+
+
+def test_a_missing_shard_or_a_truncated_manifest_is_named_with_what_to_do(tmp_path):
+    import shutil
+    inputs = tiny_inputs(tmp_path / "cache", with_rejects=False)
+    records.build(inputs, tmp_path / "rec", records.Share(), log=lambda *a: None)
+    manifest = json.loads((tmp_path / "rec" / "manifest.json").read_text())
+    # An older chmr_jax (which reads format_version, then corpus.npz) stops at the format, not at a missing file.
+    assert manifest["format_version"] == records.FORMAT_VERSION != C.FORMAT_VERSION
+    assert C.Corpus.load(tmp_path / "rec").manifest["format_version"] == C.FORMAT_VERSION   # (as assemble's)
+    shutil.copytree(tmp_path / "rec", tmp_path / "lacking")
+    (tmp_path / "lacking" / records.shard_name(0, 1)).unlink()
+    with pytest.raises(C.CorpusError, match=rf"lacking: the shard {records.shard_name(0, 1)} that its manifest lists "
+                                            r"is missing; .*delete the folder .*build it again") as e:
+        C.Corpus.load(tmp_path / "lacking")
+    assert "\n" not in str(e.value)
+    shutil.copytree(tmp_path / "rec", tmp_path / "truncated")
+    (tmp_path / "truncated" / "manifest.json").write_text((tmp_path / "rec" / "manifest.json").read_text()[:100])
+    for read in (C.Corpus.load, records.missing):
+        with pytest.raises(C.CorpusError, match=r"truncated/manifest.json: not a JSON manifest"):
+            read(tmp_path / "truncated")

@@ -81,6 +81,15 @@ class Modality:
         return self.values.shape[1]
 
 
+def read_manifest(path) -> dict:
+    """A corpus' manifest.json; a CorpusError naming the file if it is not JSON (a truncated copy)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{path}: not a JSON manifest ({e}): a truncated or interrupted copy; delete the corpus "
+                          "folder (and its copy in the bucket for a gs:// cache) and build it again") from None
+
+
 @dataclasses.dataclass
 class Corpus:
     keys: np.ndarray                    # str [n]
@@ -159,7 +168,7 @@ class Corpus:
         if not manifest_path.exists():
             raise CorpusError(f"{directory}: no manifest.json; not a chmr_jax corpus (or an interrupted "
                               "save). Build it with `chmr-jax prepare --corpus ...`")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(manifest_path)
         if "records" in manifest:   # per-molecule records (records.py); else the dense npz files below
             from chmr_jax.data import records
             return records.read_corpus(directory)

@@ -49,6 +49,9 @@ import numpy as np
 from chmr_jax.data import corpus as corpus_lib, featurize, files
 
 RECORDS_VERSION = 1
+# The manifest's format_version: not corpus.FORMAT_VERSION, so that a chmr_jax older than the records, given a
+# records folder, stops with "corpus format records-1 but this chmr_jax reads format 1" (not a missing corpus.npz).
+FORMAT_VERSION = f"records-{RECORDS_VERSION}"
 MANIFEST = "manifest.json"
 GENE_EDGES = "gene_edges.npy"
 
@@ -253,6 +256,7 @@ def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", 
             with open(out / (GENE_EDGES + f".tmp{os.getpid()}"), "wb") as fh:
                 np.save(fh, np.asarray(gene_edges, dtype=str), allow_pickle=False)
             os.replace(out / (GENE_EDGES + f".tmp{os.getpid()}"), out / GENE_EDGES)
+        manifest["format_version"] = FORMAT_VERSION
         manifest["records"] = {"version": RECORDS_VERSION, "shards": shards, "settings_digest": settings_digest,
                                "gene_edges": gene_edges is not None,
                                "n_input": n, "rejects": [list(r) for r in rejects], "processes": share.count}
@@ -269,7 +273,7 @@ def missing(directory) -> list[str]:
     directory = Path(directory)
     if not (directory / MANIFEST).exists():
         return [MANIFEST]
-    info = json.loads((directory / MANIFEST).read_text()).get("records")
+    info = corpus_lib.read_manifest(directory / MANIFEST).get("records")
     if info is None:
         return []
     return [s["name"] for s in info["shards"] if not (directory / s["name"]).exists()]
@@ -284,10 +288,14 @@ def read_records(directory, verify: bool = True) -> list[bytes]:
 def _read(directory, verify: bool = True) -> tuple[list[bytes], list[dict]]:
     from array_record.python.array_record_module import ArrayRecordReader
     directory = Path(directory)
-    info = json.loads((directory / MANIFEST).read_text())["records"]
+    info = corpus_lib.read_manifest(directory / MANIFEST)["records"]
     raw = []
     for shard in info["shards"]:
         path = directory / shard["name"]
+        if not path.exists():
+            raise corpus_lib.CorpusError(
+                f"{directory}: the shard {shard['name']} that its manifest lists is missing; the corpus is "
+                "incomplete: delete the folder (and its copy in the bucket for a gs:// cache) and build it again")
         if verify and _sha256(path) != shard["sha256"]:
             raise corpus_lib.CorpusError(f"{path}: its sha256 differs from the manifest's; the records are "
                                          "corrupt or from another build: delete the directory and build again")
@@ -310,8 +318,9 @@ def _read(directory, verify: bool = True) -> tuple[list[bytes], list[dict]]:
 def read_corpus(directory) -> corpus_lib.Corpus:
     """The in-memory Corpus the records stand for (equal, array for array, to corpus.assemble's)."""
     directory = Path(directory)
-    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest = corpus_lib.read_manifest(directory / MANIFEST)
     info = manifest.pop("records")
+    manifest["format_version"] = corpus_lib.FORMAT_VERSION    # (the in-memory corpus: as corpus.assemble's)
     if info.get("version") != RECORDS_VERSION:
         raise corpus_lib.CorpusError(f"{directory}: records version {info.get('version')} but this chmr_jax "
                                      f"reads version {RECORDS_VERSION}; rebuild the corpus")
