@@ -94,8 +94,6 @@ class Share:
         smiles = list(smiles)
         mine = self.rows(len(smiles))
         local = featurize.keys_of_smiles([smiles[i] for i in mine], join, n_workers)
-        if self.count == 1:
-            return local
         log(f"corpus: computed {len(mine)} of {len(smiles)} join keys (process {self.index} of {self.count})")
         out = [""] * len(smiles)
         for p, keys in enumerate(self.exchange(local)):
@@ -279,13 +277,13 @@ def missing(directory) -> list[str]:
     return [s["name"] for s in info["shards"] if not (directory / s["name"]).exists()]
 
 
-def read_records(directory, verify: bool = True) -> list[bytes]:
+def read_records(directory) -> list[bytes]:
     """Every record of the directory's shards (the manifest's), in corpus order; each shard checked against
-    the manifest's count and (verify) sha256."""
-    return _read(directory, verify)[0]
+    the manifest's count and sha256."""
+    return _read(directory)[0]
 
 
-def _read(directory, verify: bool = True) -> tuple[list[bytes], list[dict]]:
+def _read(directory) -> tuple[list[bytes], list[dict]]:
     from array_record.python.array_record_module import ArrayRecordReader
     directory = Path(directory)
     info = corpus_lib.read_manifest(directory / MANIFEST)["records"]
@@ -296,7 +294,7 @@ def _read(directory, verify: bool = True) -> tuple[list[bytes], list[dict]]:
             raise corpus_lib.CorpusError(
                 f"{directory}: the shard {shard['name']} that its manifest lists is missing; the corpus is "
                 "incomplete: delete the folder (and its copy in the bucket for a gs:// cache) and build it again")
-        if verify and _sha256(path) != shard["sha256"]:
+        if _sha256(path) != shard["sha256"]:
             raise corpus_lib.CorpusError(f"{path}: its sha256 differs from the manifest's; the records are "
                                          "corrupt or from another build: delete the directory and build again")
         reader = ArrayRecordReader(str(path))
