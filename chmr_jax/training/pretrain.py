@@ -123,8 +123,9 @@ def _cached_corpus(config, data_dir, cache_dir, n_workers, log) -> corpus_lib.Co
     path = corpus_cache_path(config, cache_dir)
     share = records.Share.of_jax()
     remote = paths.remote_of(path)
-    if share.count > 1 and not remote and not records.one_folder(path.parent, share):   # (checked first: before
-        log(f"corpus: the processes do not share the cache {path.parent} (each host has its own folder there): "  # featurizing)
+    # Checked before anything is featurized: a folder of each host's own cannot hold the shares of one build.
+    if share.count > 1 and not remote and not records.one_folder(path.parent, share):
+        log(f"corpus: the processes do not share the cache {path.parent} (each host has its own folder there): "
             "each process builds the whole corpus into its own; give them one cache (a shared folder or a gs:// "
             "--config.cache_dir) to build it in shares")
         share = records.Share()   # each process on its own, as one process (no collectives)
