@@ -142,7 +142,7 @@ def _exclude_tag(spec: str) -> str:
 
 def _prepare_corpus(args) -> int:
     from chmr_jax import config_util
-    from chmr_jax.data import datasets, featurize, paths, prepare
+    from chmr_jax.data import datasets, featurize, paths, prepare, records
     from chmr_jax.data import corpus as corpus_lib
 
     # The paper's layout (real or synthetic) uses the 'paper' variant: six modalities, no benchmarks.
@@ -168,14 +168,18 @@ def _prepare_corpus(args) -> int:
     cache_dir = paths.resolve_cache_dir(args.cache_dir)
     data_dir = paths.resolve_data_dir(args.data_dir)
     start = time.perf_counter()
-    corpus = prepare.build_corpus(cfg, settings, data_dir, cache_dir, args.workers)
+    inputs = prepare.corpus_inputs(cfg, settings, data_dir, cache_dir, args.workers)
+    digest = prepare.corpus_settings_digest(cfg, settings)
     out = args.out or cache_dir / (f"corpus-{cfg.kind}" + (f"-no-{_exclude_tag(cfg.exclude)}-test" if cfg.exclude else ""))
-    if paths.is_remote(out):   # saved in a fresh local folder, then uploaded
+    # Per-molecule records (data/records.py), this one process featurizing every molecule (P=1).
+    if paths.is_remote(out):   # written in a fresh local folder, then uploaded
         with paths.staged(out, "--out") as local:
-            corpus.save(local)
+            records.build(inputs, local, records.Share(), digest, log=print, show_progress=True)
+            corpus = corpus_lib.Corpus.load(local)
             paths.push(local, "--out", to=out)
     else:
-        corpus.save(out)
+        records.build(inputs, out, records.Share(), digest, log=print, show_progress=True)
+        corpus = corpus_lib.Corpus.load(out)
     paths.push(cache_dir, "--cache_dir")
     print(prepare.format_table(corpus_lib.summary_rows(corpus)))
     if cfg.include_benchmarks:

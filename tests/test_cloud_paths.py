@@ -508,6 +508,42 @@ def test_two_process_pretraining_resumes_past_a_corrupt_gs_checkpoint_and_finish
     assert list(tmp.iterdir()) == [] and not (ROOT / "gs:").exists() and not (ROOT / "runs" / "logs" / BUCKET).exists()
 
 
+def test_two_hosts_build_the_corpus_records_into_a_gs_cache_and_each_reads_all_of_them(gcs, tmp_path):
+    """Pretraining's first use with a gs:// feature cache and a local mirror per process (as separate hosts
+    have): each process featurizes its half and uploads its own shard, process 0 the manifest after them, and
+    each then reads the other's shard from the bucket: both hold the corpus a 1-process build makes."""
+    from chmr_jax.data import corpus as corpus_lib, records
+    import test_records
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "two_process_records.py"), str(port), str(i), f"gs://{BUCKET}/rec_cache",
+         str(tmp_path)], env={**os.environ, **gcs, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+                              "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                              paths.MIRROR_ENV: str(tmp_path / f"host{i}")},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    got = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in (0, 1)]
+    mirrors = [Path(g["path"]) for g in got]
+    assert mirrors[0] != mirrors[1] and mirrors[0].name == mirrors[1].name
+    fs = _bucket(gcs)
+    fs.invalidate_cache()
+    listed = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/rec_cache/{mirrors[0].name}"))
+    assert listed == ["gene_edges.npy", "manifest.json", records.shard_name(0, 2), records.shard_name(1, 2)]
+    for i, g in enumerate(got):
+        assert any(line.startswith(f"corpus: featurized 48 of 96 molecules (process {i} of 2)") for line in g["log"])
+        assert records.missing(mirrors[i]) == []     # the other process' shard came down from the bucket
+    inputs = test_records.tiny_inputs(tmp_path / "one_cache", with_rejects=False)
+    records.build(inputs, tmp_path / "one", records.Share(), log=lambda *a: None)
+    assert records.read_records(mirrors[0]) == records.read_records(mirrors[1]) == records.read_records(tmp_path / "one")
+    assert got[0]["digest"] == got[1]["digest"] == test_records.SCRIPT.corpus_digest(corpus_lib.Corpus.load(tmp_path / "one"))
+
+
 # Runs `chmr-jax pretrain` and SIGKILLs itself at the final save (step 6), once checkpoint 4 is committed:
 # every row 1..6 of this uninterrupted computation is in the bucket (uploaded before each save), the
 # final checkpoint is not.

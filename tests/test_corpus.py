@@ -280,6 +280,7 @@ def test_prepare_synthetic_corpus_command(tmp_path, capsys):
     assert re.search(r"gene\s+1973\s+\d+\s+\d+\.\d%", text)
     corpus = C.Corpus.load(out)
     assert set(corpus.modalities) == {"cell", "gene", "expression"} and corpus.gene_edges.shape[1] == 2
+    assert (out / "records-p00000-of-00001.array_record").exists()   # per-molecule records, one process' shard
 
 
 def test_subset_keeps_each_molecules_graph_profiles_and_fingerprints(tmp_path):

@@ -15,7 +15,8 @@ and imputation is counted in the manifest.
 
 Saved as a directory: `corpus.npz` (keys, smiles, per-modality values/availability), `features.npz`
 (featurize.MoleculeFeatures) and `manifest.json` (format version, sources, settings, counts,
-availability per modality, feature names).
+availability per modality, feature names). `chmr-jax prepare --corpus` and pretraining's cache write
+per-molecule records instead, built in shares by every process (records.py); `Corpus.load` reads both.
 """
 from __future__ import annotations
 
@@ -78,6 +79,15 @@ class Modality:
     @property
     def dim(self) -> int:
         return self.values.shape[1]
+
+
+def read_manifest(path) -> dict:
+    """A corpus' manifest.json; a CorpusError naming the file if it is not JSON (a truncated copy)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{path}: not a JSON manifest ({e}): a truncated or interrupted copy; delete the corpus "
+                          "folder (and its copy in the bucket for a gs:// cache) and build it again") from None
 
 
 @dataclasses.dataclass
@@ -158,7 +168,10 @@ class Corpus:
         if not manifest_path.exists():
             raise CorpusError(f"{directory}: no manifest.json; not a chmr_jax corpus (or an interrupted "
                               "save). Build it with `chmr-jax prepare --corpus ...`")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(manifest_path)
+        if "records" in manifest:   # per-molecule records (records.py); else the dense npz files below
+            from chmr_jax.data import records
+            return records.read_corpus(directory)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CorpusError(f"{directory}: corpus format {manifest.get('format_version')} but this chmr_jax "
                               f"reads format {FORMAT_VERSION}; rebuild the corpus")
@@ -215,7 +228,8 @@ def assemble(structures: Sequence[tuple], modality_sources: dict, join: str = "i
              settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
              cache_dir=None, exclude_keys: set | None = None, n_workers: int | None = None,
              gene_edges: np.ndarray | None = None, name: str = "corpus",
-             expected_dims: dict | None = None, verbose: bool = True, exclusion: dict | None = None) -> Corpus:
+             expected_dims: dict | None = None, verbose: bool = True, exclusion: dict | None = None,
+             keys_of=None) -> Corpus:
     """Builds a Corpus.
 
     structures: (smiles, origin) pairs of molecules to include even without profiles (e.g. the
@@ -225,7 +239,35 @@ def assemble(structures: Sequence[tuple], modality_sources: dict, join: str = "i
     exclude_keys: join keys never to include (the leakage guard: a benchmark's test molecules).
     expected_dims: {modality: dim} from the config; a mismatch is an error naming the sources.
     exclusion: what exclude_keys came from (prepare.exclusion_keys), kept in the manifest.
+    keys_of: what computes join keys of structures given without one (default featurize.keys_of_smiles).
     """
+    plan = plan_molecules(structures, modality_sources, join, exclude_keys, n_workers, keys_of)
+
+    # 2. Featurize; molecules the featurizer rejects leave the corpus with their profiles.
+    feats = featurize.featurize_smiles(plan.smiles, settings, cache_dir, name, n_workers,
+                                       show_progress=verbose, verbose=verbose)
+    keys, smiles, modalities, manifest = finish(plan, feats.rows, len(feats.rejects), modality_sources, aggregate,
+                                                max_nan_fraction, settings, name, expected_dims, exclusion)
+    return Corpus(keys=keys, smiles=smiles, features=feats, modalities=modalities, manifest=manifest,
+                  gene_edges=gene_edges)
+
+
+@dataclasses.dataclass
+class MoleculePlan:
+    """The corpus' candidate molecules before featurization, the same on every process that builds it:
+    join keys in corpus order (structures before profiles, first SMILES seen per key, excluded keys out)
+    and the structure of each (the featurizer's input list, row i for order[i])."""
+    join: str
+    order: list
+    smiles: list
+    counts: dict
+    origin_keys: dict
+    start: float
+
+
+def plan_molecules(structures: Sequence[tuple], modality_sources: dict, join: str = "inchikey14",
+                   exclude_keys: set | None = None, n_workers: int | None = None, keys_of=None) -> MoleculePlan:
+    """Step 1 of `assemble`: the molecule list (deterministic: a function of the inputs only)."""
     if join not in JOIN_KEYS:
         raise ValueError(f"join key must be one of {JOIN_KEYS}, got {join!r}")
     start = time.perf_counter()
@@ -239,7 +281,7 @@ def assemble(structures: Sequence[tuple], modality_sources: dict, join: str = "i
     keys_for_structures = [s[2] if len(s) > 2 else None for s in structures]
     todo = [i for i, k in enumerate(keys_for_structures) if k is None]
     if todo:
-        for i, key in zip(todo, featurize.keys_of_smiles([structures[i][0] for i in todo], join, n_workers)):
+        for i, key in zip(todo, (keys_of or featurize.keys_of_smiles)([structures[i][0] for i in todo], join, n_workers)):
             keys_for_structures[i] = key
     excluded = set()
     for (smiles, origin, *_), key in zip(structures, keys_for_structures):
@@ -266,13 +308,17 @@ def assemble(structures: Sequence[tuple], modality_sources: dict, join: str = "i
                     order.append(key)
     counts["excluded_leakage"] = len(excluded)
     counts["excluded_profile_rows"] = {m: lost_rows.get(m, 0) for m in modality_sources}
+    return MoleculePlan(join, order, [smiles_of[k] for k in order], counts, origin_keys, start)
 
-    # 2. Featurize; molecules the featurizer rejects leave the corpus with their profiles.
-    all_smiles = [smiles_of[k] for k in order]
-    feats = featurize.featurize_smiles(all_smiles, settings, cache_dir, name, n_workers,
-                                       show_progress=verbose, verbose=verbose)
-    keys = np.array([order[r] for r in feats.rows], dtype=str)
-    counts["featurize_rejects"] = len(feats.rejects)
+
+def finish(plan: MoleculePlan, rows, n_rejects: int, modality_sources: dict, aggregate: str = "median",
+           max_nan_fraction: float = 0.5, settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
+           name: str = "corpus", expected_dims: dict | None = None, exclusion: dict | None = None):
+    """Step 3 of `assemble`, given the plan's rows the featurizer accepted (ascending): (keys, smiles,
+    modalities, manifest) of the corpus, molecule i being plan row rows[i]."""
+    join, order, counts, origin_keys, start = plan.join, plan.order, dict(plan.counts), plan.origin_keys, plan.start
+    keys = np.array([order[r] for r in rows], dtype=str)
+    counts["featurize_rejects"] = int(n_rejects)
     index = {k: i for i, k in enumerate(keys)}
     corpus_keys = set(index)
     n = len(keys)
@@ -326,8 +372,7 @@ def assemble(structures: Sequence[tuple], modality_sources: dict, join: str = "i
         "exclusion": exclusion,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    return Corpus(keys=keys, smiles=np.array([smiles_of[k] for k in keys], dtype=str), features=feats,
-                  modalities=modalities, manifest=manifest, gene_edges=gene_edges)
+    return keys, np.array([plan.smiles[r] for r in rows], dtype=str), modalities, manifest
 
 
 def overlap_table(corpus: Corpus, groups: dict) -> list[dict]:

@@ -246,10 +246,59 @@ def exclusion_keys(cfg, join: str, data_dir, cache_dir, n_workers=None) -> tuple
     return keys, report
 
 
+def corpus_settings_digest(cfg, settings: featurize.FeaturizerSettings) -> str:
+    """16 hex digits of what defines the corpus `cfg` (config.corpus) describes: its settings and the
+    featurizer's (pretraining's cache key, and the records manifest's settings_digest)."""
+    import hashlib
+    import json
+
+    from chmr_jax.data import registry
+    # dims are expectations checked by pretrain.validate(), not inputs: they do not change the corpus.
+    spec = {"corpus": {k: v for k, v in cfg.to_dict().items() if k not in ("dims", "saved")},
+            "featurize": dataclasses.asdict(settings)}
+    # An evaluation set named by file is edited in place under the same name: its content keys the corpus.
+    csvs = exclusion_items(exclude_spec(cfg))[1]
+    if csvs:
+        spec["exclude_csv_sha256"] = [registry.sha256_of(paths.local_file(c, "corpus.exclude")) for c in csvs]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
                  data_dir=None, cache_dir=None, n_workers=None, verbose=True):
-    """Builds the pretraining corpus described by `cfg` (config.corpus; see configs/default.py)."""
-    from chmr_jax.data import corpus as corpus_lib, profiles, synthetic
+    """Builds the pretraining corpus described by `cfg` (config.corpus; see configs/default.py) in this
+    process (records.build builds it in shares, one per process)."""
+    from chmr_jax.data import corpus as corpus_lib
+    return corpus_lib.assemble(**corpus_inputs(cfg, settings, data_dir, cache_dir, n_workers), verbose=verbose)
+
+
+def _write_layout_atomically(root: Path, write) -> None:
+    """write(folder) into a fresh folder beside `root`, then renamed to it: the processes of a multi-host run
+    all generate the (deterministic) synthetic layout into one shared cache at once, and none may read files
+    that another is still writing. The first rename wins; the others' copies are dropped."""
+    import shutil
+    import tempfile
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=root.name + ".tmp"))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, root)       # (onto nothing or an empty folder)
+        except OSError:
+            if (root / "L1k_idmaps.csv").exists():   # another process' complete layout: keep it
+                return
+            shutil.rmtree(root, ignore_errors=True)   # an interrupted write of older code
+            os.rename(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def corpus_inputs(cfg, settings: featurize.FeaturizerSettings = featurize.FeaturizerSettings(),
+                  data_dir=None, cache_dir=None, n_workers=None, keys_of=None) -> dict:
+    """corpus.assemble's arguments for the corpus `cfg` describes (the profile tables read whole: reading
+    and aggregating them is cheap next to featurizing the molecules). keys_of: what computes the join keys
+    of the paper layout's structures and of the benchmarks' (default featurize.keys_of_smiles; a
+    records.Share's keys_of_smiles has each process compute its share)."""
+    from chmr_jax.data import profiles, synthetic
 
     kind = cfg.kind
     if kind not in CORPUS_KINDS:
@@ -268,17 +317,22 @@ def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.Featuri
             root = Path(cache_dir) / f"synthetic-layout-n{cfg.synthetic_molecules}-s{cfg.synthetic_seed}{tag}"
             if not (root / "L1k_idmaps.csv").exists():
                 full = {**profiles.PAPER_MODALITIES, **dims} if dims else None
-                synthetic.write_synthetic_paper_layout(root, cfg.synthetic_molecules, cfg.synthetic_seed, dims=full)
+                _write_layout_atomically(root, lambda where: synthetic.write_synthetic_paper_layout(
+                    where, cfg.synthetic_molecules, cfg.synthetic_seed, dims=full))
         if not root:
             raise ValueError("corpus.kind='paper' needs corpus.path: the directory holding structure.csv.gz "
                              "and the <NAME>.csv.gz / <NAME>_feature.npz files (pretrain.zip's raw/)")
         names = sorted({s for spec in cfg.modalities.values() for block in parse_modality_spec(spec) for s in block})
-        structures, tables, gene_edges, _ = profiles.read_paper_layout(root, names, join, n_workers=n_workers)
+        structures, tables, gene_edges, _ = profiles.read_paper_layout(root, names, join, n_workers=n_workers,
+                                                                       keys_of=keys_of)
         available = {name: (lambda t=t: t) for name, t in tables.items()}
     if cfg.include_benchmarks:
         for name in datasets.ALL_BENCHMARKS:
             ds = datasets.load_benchmark(name, data_dir, cache_dir, n_workers)
-            structures += [(s, name) for s in ds.smiles]
+            if join == "inchikey14":   # (the dataset's keys, computed and cached with it: not again)
+                structures += [(s, name, str(k)) for s, k in zip(ds.smiles, ds.keys)]
+            else:
+                structures += [(s, name) for s in ds.smiles]
 
     loaded: dict = {}
     modality_sources = {}
@@ -294,7 +348,7 @@ def build_corpus(cfg, settings: featurize.FeaturizerSettings = featurize.Featuri
         modality_sources[modality] = blocks
     exclude, exclusion = exclusion_keys(cfg, join, data_dir, cache_dir, n_workers)
     expected = dict(cfg.dims) if "dims" in cfg and cfg.dims else None
-    return corpus_lib.assemble(structures, modality_sources, join, cfg.aggregate, cfg.max_nan_fraction,
-                               settings, cache_dir, exclude, n_workers, gene_edges,
-                               name=f"corpus-{kind}", expected_dims=expected, verbose=verbose,
-                               exclusion=exclusion if exclude else None)
+    return dict(structures=structures, modality_sources=modality_sources, join=join, aggregate=cfg.aggregate,
+                max_nan_fraction=cfg.max_nan_fraction, settings=settings, cache_dir=cache_dir, exclude_keys=exclude,
+                n_workers=n_workers, gene_edges=gene_edges, name=f"corpus-{kind}", expected_dims=expected,
+                exclusion=exclusion if exclude else None, keys_of=keys_of)

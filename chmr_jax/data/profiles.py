@@ -300,13 +300,14 @@ def stack_tables(tables: Sequence[ProfileTable], source: str | None = None) -> P
 # ---- the paper's layout ------------------------------------------------------------------------------
 
 def read_paper_layout(root, modalities: Sequence[str] | None = None, join: str = "inchikey14",
-                      expected_dims: dict | None = None, n_workers: int | None = None):
+                      expected_dims: dict | None = None, n_workers: int | None = None, keys_of=None):
     """Reads InfoAlign/CHMR `raw_data/pretrain/raw` as-is.
 
     Returns (structures [(smiles, 'structure.csv.gz', join key)], {NAME: ProfileTable}, gene_edges [E, 2] str
     or None, l1k_gene_ids [978] str or None). Profile rows are joined to structures through mol_id
     (the first SMILES of each mol_id); rows whose mol_id is unknown or does not parse are skipped
-    and counted.
+    and counted. keys_of: what computes the join keys (default featurize.keys_of_smiles; records.Share's
+    splits the work between processes).
     """
     root = Path(root)
     names = list(modalities or PAPER_MODALITIES)
@@ -319,7 +320,7 @@ def read_paper_layout(root, modalities: Sequence[str] | None = None, join: str =
         for row in reader:
             mol_smiles.setdefault(row["mol_id"], row["smiles"])
     mol_ids = list(mol_smiles)
-    mol_key = dict(zip(mol_ids, featurize.keys_of_smiles([mol_smiles[m] for m in mol_ids], join, n_workers)))
+    mol_key = dict(zip(mol_ids, (keys_of or featurize.keys_of_smiles)([mol_smiles[m] for m in mol_ids], join, n_workers)))
     tables = {}
     for name in names:
         csv_path, npz_path = root / f"{name}.csv.gz", root / f"{name}_feature.npz"

@@ -38,7 +38,7 @@ from flax import nnx
 
 from chmr_jax import config_util
 from chmr_jax.config_util import ConfigError   # (here too: callers catch pretrain.ConfigError)
-from chmr_jax.data import corpus as corpus_lib, featurize, geometry as geometry_lib, paths, prepare, registry
+from chmr_jax.data import corpus as corpus_lib, featurize, geometry as geometry_lib, paths, prepare, records
 from chmr_jax.mechanisms import model as model_lib, objective as objective_lib
 from chmr_jax.training import checkpoint as checkpoint_lib, chores as chores_lib, pretrain_data, pretrain_loop, train, \
     utilisation, workdir as workdir_lib
@@ -81,10 +81,6 @@ def objective_config(config) -> objective_lib.ObjectiveConfig:
     return objective_lib.ObjectiveConfig(**{**config.objective, "collapse_every": collapse_every(config)})
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def load_corpus(config, data_dir, cache_dir, n_workers=None, log=print) -> corpus_lib.Corpus:
     """config.corpus.saved if set, else the corpus the config describes, built once and cached in
     cache_dir under a digest of the corpus and featurizer settings."""
@@ -104,41 +100,49 @@ def load_corpus(config, data_dir, cache_dir, n_workers=None, log=print) -> corpu
 
 def corpus_cache_path(config, cache_dir) -> Path:
     """Where load_corpus caches the corpus config.corpus describes (keyed on it and the featurizer)."""
-    cfg = config.corpus
     settings = featurize.FeaturizerSettings.from_config(config.featurize)
-    # dims are expectations checked by validate(), not inputs: they do not change the corpus.
-    spec = {"corpus": {k: v for k, v in cfg.to_dict().items() if k not in ("dims", "saved")},
-            "featurize": dataclasses.asdict(settings)}
-    # An evaluation set named by file is edited in place under the same name: its content keys the corpus.
-    csvs = prepare.exclusion_items(prepare.exclude_spec(cfg))[1]
-    if csvs:
-        spec["exclude_csv_sha256"] = [registry.sha256_of(paths.local_file(c, "corpus.exclude")) for c in csvs]
-    return Path(cache_dir) / f"corpus-{cfg.kind}-{_digest(spec)}"
+    return Path(cache_dir) / f"corpus-{config.corpus.kind}-{prepare.corpus_settings_digest(config.corpus, settings)}"
 
 
 def _cached_corpus(config, data_dir, cache_dir, n_workers, log) -> corpus_lib.Corpus:
+    """The corpus config.corpus describes, from its cache directory, else built there as per-molecule records,
+    each process featurizing its share (records.py), then read whole by every process. A cache built before
+    the records (corpus.npz / features.npz) is still read as it is."""
     cfg = config.corpus
     settings = featurize.FeaturizerSettings.from_config(config.featurize)
     path = corpus_cache_path(config, cache_dir)
-    if jax.process_count() > 1:
-        # Several processes share the cache: process 0 builds it, the others wait, then all load it.
+    share = records.Share.of_jax()
+    remote = paths.remote_of(path)
+    # Checked before anything is featurized: a folder of each host's own cannot hold the shares of one build.
+    if share.count > 1 and not remote and not records.one_folder(path.parent, share):
+        log(f"corpus: the processes do not share the cache {path.parent} (each host has its own folder there): "
+            "each process builds the whole corpus into its own; give them one cache (a shared folder or a gs:// "
+            "--config.cache_dir) to build it in shares")
+        share = records.Share()   # each process on its own, as one process (no collectives)
+    built = (path / "manifest.json").exists()
+    if share.count > 1:   # one decision for all: process 0's (its cache is the one the others pull)
         from jax.experimental import multihost_utils
-        if jax.process_index() == 0 and not (path / "manifest.json").exists():
-            log(f"corpus: building kind={cfg.kind} (cached afterwards in {path})")
-            prepare.build_corpus(cfg, settings, data_dir, cache_dir, n_workers, verbose=False).save(path)
-        if jax.process_index() == 0:   # a gs:// cache: the other hosts read the corpus from there (also one
+        built = bool(multihost_utils.broadcast_one_to_all(np.int32(built)))
+    if not built:
+        log(f"corpus: building kind={cfg.kind} as records in {share.count} share(s) (cached in {path})")
+        keys_of = None if share.count == 1 else \
+            (lambda smiles, join, workers: share.keys_of_smiles(smiles, join, workers, log))
+        inputs = prepare.corpus_inputs(cfg, settings, data_dir, cache_dir, n_workers, keys_of)
+        records.build(inputs, path, share, path.name.rsplit("-", 1)[-1], log,
+                      publish=lambda: paths.push(cache_dir, "the feature cache"),   # (a gs:// cache: upload)
+                      shards_meet_here=not remote)
+    elif share.count > 1:
+        if share.index == 0:   # a gs:// cache: the other hosts read the corpus from there (also one
             paths.push(cache_dir, "the feature cache")   # built earlier on this host but not in the bucket)
-        multihost_utils.sync_global_devices("chmr_corpus_cache")
-        if jax.process_index() != 0 and paths.remote_of(path) and not (path / "manifest.json").exists():
-            paths.pull(paths.remote_of(path), "the feature cache")
-    if (path / "manifest.json").exists():
-        log(f"corpus: cached {path}")
-        return corpus_lib.Corpus.load(path)
-    log(f"corpus: building kind={cfg.kind} (cached afterwards in {path})")
-    corpus = prepare.build_corpus(cfg, settings, data_dir, cache_dir, n_workers, verbose=False)
-    corpus.save(path)
-    paths.push(cache_dir, "the feature cache")   # a gs:// cache (a mirror): upload what was built
-    return corpus
+        share.barrier("chmr_corpus_cache")
+    if records.missing(path) and remote:   # shards other hosts wrote, or all of an earlier build
+        paths.pull(remote, "the feature cache")
+    lacking = records.missing(path)
+    if lacking and share.count > 1:
+        raise ConfigError(f"process {share.index} does not see {lacking[:3]} in the corpus cache {path}, which the other "
+                          "processes wrote: give every process one cache (a shared folder or a gs:// --config.cache_dir)")
+    log(f"corpus: {'cached ' if built else ''}{path}")
+    return corpus_lib.Corpus.load(path)
 
 
 def validate(config, corpus: corpus_lib.Corpus, source: str) -> None:
@@ -286,9 +290,14 @@ def build_inputs(config, n_devices: int, data_dir=None, log=print):
     t0 = time.perf_counter()
     data = pretrain_data.prepare(corpus, data_config(config, n_devices))
     if "geometry" in molecular_names(config):
-        geo = prepare.geometry_features(list(corpus.smiles), list(corpus.keys), config.geometry,
-                                        geometry_lib.GeometrySettings(seed=config.geometry_seed), cache_dir,
-                                        f"corpus-{config.corpus.kind}", config.workers or None)
+        if config.geometry == "rdkit3d":   # (each process embeds its share of the molecules)
+            geo = records.geometry(list(corpus.smiles), geometry_lib.GeometrySettings(seed=config.geometry_seed),
+                                   cache_dir, f"corpus-{config.corpus.kind}", config.workers or None,
+                                   records.Share.of_jax(), log)
+        else:   # a matrix file's rows: read, not computed
+            geo = prepare.geometry_features(list(corpus.smiles), list(corpus.keys), config.geometry,
+                                            geometry_lib.GeometrySettings(seed=config.geometry_seed), cache_dir,
+                                            f"corpus-{config.corpus.kind}", config.workers or None)
         data.inputs["geometry"] = geo.standardized().astype(np.float32)
         if jax.process_index() == 0:
             paths.push(cache_dir, "the feature cache")
