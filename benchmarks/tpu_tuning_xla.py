@@ -4,12 +4,12 @@
 
 Each row's program is compiled by THAT commit's code (a `git worktree` of it), one compile at a time:
 
-    cd <worktree of COMMIT> && CHMR_CACHE_DIR=<dir> WRAP_OUT=<dir>/COMMIT PYTHONPATH=$PWD \\
-        python <dir>/wrap.py compile --config configs/paper.py:tpu_pod --topology v5e-8 \\
+    cd <worktree of COMMIT> && CHMR_CACHE_DIR=<dir>/cache WRAP_OUT=<dir>/COMMIT PYTHONPATH=$PWD \\
+        python <this checkout>/benchmarks/tpu_compile_recorded.py compile --config configs/paper.py:tpu_pod --topology v5e-8 \\
         --hlo_dump <dir>/COMMIT.hlo --out <dir>/COMMIT.row.json [--config.objective.collapse_stats=False]
 
-where wrap.py is `chmr-jax` with `jax.stages.Compiled.memory_analysis` wrapped to also write the
-compiler's own serialized proto (<dir>/COMMIT.direct.pb) and its memory analysis with the peak
+where tpu_compile_recorded.py is `chmr-jax` with `jax.stages.Compiled.memory_analysis` wrapped to also write
+the compiler's own serialized proto (<dir>/COMMIT.direct.pb) and its memory analysis with the peak
 (<dir>/COMMIT.mem.json) — commits before issue 34 write neither. CHMR_CACHE_DIR holds only the reachable
 corpus (as `corpus-reachable-<hash>` for the old commits' glob and `corpus-reachable` for this checkout's
 lookup), so every row takes its molecule sizes from the same molecules. The HLO text of each dump is also
@@ -62,7 +62,8 @@ def row(d: Path, commit: str, change: str, extra: str, chips: int = 8) -> dict:
     rj = d / f"{commit}.row.json"
     if not rj.exists():
         tail = log.read_text().strip().splitlines()[-3:] if log.exists() else ["no log"]
-        return {**out, "error": " | ".join(tail)[-500:]}
+        return {**out, "error": "no row: the compile failed, was not run or had not finished; its log ends: "
+                                + " | ".join(tail)[-400:]}
     r = json.loads(rj.read_text())
     k = int(r.get("conditional_amortised_over_steps") or 1)
     first = next((ln for ln in log.read_text().splitlines() if ln.startswith("shapes from:")), "")
@@ -102,11 +103,10 @@ def row(d: Path, commit: str, change: str, extra: str, chips: int = 8) -> dict:
         "walks": {name: {f: v[f] for f in ("cycles", "hbm_bytes", "bytes", "ici_bytes")} for name, v in walks.items()},
         "old_row_figures": {f: r.get(f) for f in ("estimated_step_s", "bytes_accessed_per_chip", "per_chip_bytes",
                                                    "step_s_xla", "compile_s") if f in r},
-        "command": (f"git worktree add --detach /work/wt/old_{commit} {commit}; cd /work/wt/old_{commit}; "
-                    if commit != "HEAD" else "") +
-                   f"CHMR_CACHE_DIR=runs/tpu/cache WRAP_OUT=runs/tpu/{commit} PYTHONPATH=$PWD python runs/tpu/wrap.py "
-                   f"compile --config configs/paper.py:tpu_pod --topology v5e-8 --hlo_dump runs/tpu/{commit}.hlo "
-                   f"--out runs/tpu/{commit}.row.json {extra}".strip(),
+        "command": (f"git worktree add --detach WT {commit} && cd WT && " if commit != "HEAD" else "") +
+                   f"CHMR_CACHE_DIR={d}/cache WRAP_OUT={d}/{commit} PYTHONPATH=$PWD nice -n 5 python "
+                   f"{HERE}/tpu_compile_recorded.py compile --config configs/paper.py:tpu_pod --topology v5e-8 "
+                   f"--hlo_dump {d}/{commit}.hlo --out {d}/{commit}.row.json {extra}".strip(),
     })
     return out
 
@@ -118,7 +118,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import jax
     jax.config.update("jax_platforms", "cpu")
-    rows = [row(Path(args.dir), c, ch, ex) for c, ch, ex in ROWS]
+    rows = [row(Path(args.dir).resolve(), c, ch, ex) for c, ch, ex in ROWS]
+    prev = None
+    for r in rows:          # each tuning row against the one before it (the reference row against 'before')
+        base = rows[0] if r["commit"] == "HEAD" else prev
+        if "step_s_xla" in r and base is not None and "step_s_xla" in base:
+            r["step_s_xla_vs"] = {"commit": base["commit"], "ratio": r["step_s_xla"] / base["step_s_xla"]}
+        if r["commit"] != "HEAD":
+            prev = r
     Path(args.out).write_text(json.dumps({"note": "estimates from deviceless compiles for v5e-8 at global batch 3072; "
                                                   "nothing ran on a TPU", "rows": rows}, indent=1, default=str))
     ms = lambda x: f"{x * 1e3:.2f}"
