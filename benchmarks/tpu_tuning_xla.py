@@ -37,7 +37,8 @@ ROWS = [
     ("2664e03", "device-local graph blocks", ""),
     ("55f811a", "collapse diagnostics every 10th step (compiled without them: the steps in between)",
      "--config.objective.collapse_stats=False"),
-    ("HEAD", "reference: this checkout (collapse diagnostics in a conditional, amortised over k steps)", ""),
+    ("HEAD", "reference: this checkout (its chmr_jax and configs are main ff39bb8; collapse diagnostics in their "
+             "conditional, amortised over k steps)", ""),
 ]
 
 
