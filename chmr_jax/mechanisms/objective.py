@@ -13,8 +13,10 @@ Batch (a dict pytree, all leading dims G = graph slots of the padded batch):
   vicreg_mask {cellular modality: [G] bool} (optional, default `mask`) the SCA rows VICReg uses: those
              whose two views carry information (measured or reached by propagation)
   node       [G] int32 context-graph node of each molecule (its walk start)
-Context (device arrays): indptr, indices, weights, node_type, node_row, and per node type
-  targets [n_t, d_t] / target_mask [n_t, d_t] (see context.ContextGraph).
+Context (context_arrays, host or device arrays): indptr, indices, weights, node_type, node_row, and per
+  node type targets [n_t, d_t] / target_mask [n_t, d_t] (see context.ContextGraph). With a mesh the
+  target tables are split by rows over 'data' (train.context_on_devices) and read without gathering them
+  (walk_target_statistics).
 Every term and metric is returned, so the train step can log them.
 
 Padding graph slots (graph_mask False) take part in no term: they are masked out of SCA and
@@ -68,7 +70,10 @@ CPR_SOURCES = ("modality", "anchor")
 
 
 def context_arrays(graph: context_lib.ContextGraph) -> dict:
-    """The context graph as a dict of device arrays for `objective` (targets keyed by type index)."""
+    """The context graph as a dict of host (numpy) arrays for `objective` (targets keyed by type name,
+    plus the static type index); train.context_on_devices places them. Host arrays, so that no device
+    ever holds a whole table on the way (the tables grow with the corpus; on a mesh each device gets only
+    its rows)."""
     def nonempty(x, fill):
         # A node type without nodes still gets one (masked) row, so gathers stay in bounds.
         return x if len(x) else np.full((1,) + x.shape[1:], fill, x.dtype)
@@ -76,7 +81,7 @@ def context_arrays(graph: context_lib.ContextGraph) -> dict:
     def compact(x):
         # Binary targets (the molecule's Morgan-r4 bits) are stored as uint8: 4x less device memory.
         x = np.asarray(x)
-        return x.astype(np.uint8) if x.size and np.isin(x, (0.0, 1.0)).all() else x
+        return x.astype(np.uint8) if x.size and np.isin(x, (0.0, 1.0)).all() else x.astype(np.float32)
 
     def lanes(x, fill):
         # Columns padded to a multiple of 128 (TPU's lane tile; the objective slices them off after the
@@ -87,11 +92,12 @@ def context_arrays(graph: context_lib.ContextGraph) -> dict:
         return np.pad(x, ((0, 0), (0, pad)), constant_values=fill) if pad else x
 
     return {
-        "indptr": jnp.asarray(graph.indptr), "indices": jnp.asarray(graph.indices),
-        "weights": jnp.asarray(graph.weights), "node_type": jnp.asarray(graph.node_type),
-        "node_row": jnp.asarray(graph.node_row),
-        "targets": {t: jnp.asarray(lanes(compact(nonempty(graph.targets[t], 0)), 0)) for t in graph.targets},
-        "target_mask": {t: jnp.asarray(lanes(nonempty(graph.target_mask[t], False), False)) for t in graph.targets},
+        # (the dtypes jnp.asarray gave them when this returned device arrays)
+        "indptr": np.asarray(graph.indptr, np.int32), "indices": np.asarray(graph.indices, np.int32),
+        "weights": np.asarray(graph.weights, np.float32), "node_type": np.asarray(graph.node_type, np.int32),
+        "node_row": np.asarray(graph.node_row, np.int32),
+        "targets": {t: lanes(compact(nonempty(graph.targets[t], 0)), 0) for t in graph.targets},
+        "target_mask": {t: lanes(nonempty(np.asarray(graph.target_mask[t], bool), False), False) for t in graph.targets},
         "type_index": {t: i for i, t in enumerate(graph.type_names)},
     }
 
