@@ -638,7 +638,8 @@ def _compile(argv: list[str]) -> int:
         flags.DEFINE_float("probe_timeout_s", 1800, "--fit: stop a probe's compile after this long", flag_values=fv)
         flags.DEFINE_string("fit_log", None, "--fit: JSONL of the probes, appended as each finishes and resumed "
                             "(default: OUT.fit.jsonl, else ./chmr-fit-TOPOLOGY.jsonl)", flag_values=fv)
-        flags.DEFINE_integer("molecules", 0, "corpus size the replicated context arrays are scaled to "
+        flags.DEFINE_integer("molecules", 0, "corpus size the context arrays are scaled to (the target tables split by rows "
+                             "over the chips, the graph's indices replicated) "
                              "(default: the config's corpus, or 129,592 for a stand-in)", flag_values=fv)
         flags.DEFINE_integer("sample", 1024, "molecules the shapes are taken from", flag_values=fv)
         flags.DEFINE_string("hlo_dump", None, "write the compiled TPU program's HLO text here (and its proto to HLO_DUMP.pb)",

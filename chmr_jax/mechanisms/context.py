@@ -367,20 +367,41 @@ def walk_reconstruction_loss(logits, targets, mask, beta, kind: str = "bce"):
     targets, mask [G, S, T] (S walk positions), beta [G, S]. Equals
     reconstruction_loss(broadcast(logits).reshape(G*S, T), targets.reshape(G*S, T), ...): the per-entry
     loss is linear in the target (BCE: softplus(z) - z y; MSE: s^2 - 2 s y + y^2 with s = sigmoid(z)),
-    so the walk positions are summed first (W = sum_s beta m, V = sum_s beta m y) and the logits enter
-    only as [G, T]. Saves the [G, S, T] activations and their gradients (G*S*T floats per node type).
+    so the walk positions are summed first (walk_statistics) and the logits enter only as [G, T]
+    (loss_from_statistics). Saves the [G, S, T] activations and their gradients (G*S*T floats per node
+    type).
     """
+    check_recon_kind(kind)
+    return loss_from_statistics(logits, walk_statistics(targets, mask, beta, kind), kind)
+
+
+def check_recon_kind(kind: str):
+    if kind not in ("bce", "mse"):
+        raise ValueError(f"reconstruction loss kind must be 'bce' or 'mse', got {kind!r}")
+
+
+def walk_statistics(targets, mask, beta, kind: str = "bce") -> dict:
+    """What walk_reconstruction_loss needs of the walks' targets, summed over the walk positions:
+    w [G, T] = sum_s beta m, v [G, T] = sum_s beta m y, count = sum m (the mean's denominator) and, for
+    'mse' only, q [G] = sum_{s,T} beta m y^2. Each is a sum over (position, column) entries, so partial
+    statistics over disjoint sets of entries (e.g. the table rows each device holds) add up to these."""
     mask = mask.astype(bool)
     targets = jnp.where(mask, targets.astype(jnp.float32), 0.0)
     weight = jnp.where(mask, beta[..., None], 0.0)                     # [G, S, T]
-    w = jnp.sum(weight, axis=1)                                        # [G, T]
-    v = jnp.sum(weight * targets, axis=1)
+    out = {"w": jnp.sum(weight, axis=1), "v": jnp.sum(weight * targets, axis=1), "count": jnp.sum(mask)}
+    if kind == "mse":
+        out["q"] = jnp.sum(weight * targets * targets, axis=(1, 2))
+    return out
+
+
+def loss_from_statistics(logits, stats: dict, kind: str = "bce"):
+    """walk_reconstruction_loss from logits [G, T] and walk_statistics (the same G rows). Returns 0 when
+    nothing is unmasked, never NaN."""
+    check_recon_kind(kind)
+    w, v, count = stats["w"], stats["v"], stats["count"]
     if kind == "bce":
         total = jnp.sum(jax.nn.softplus(logits) * w - logits * v)
-    elif kind == "mse":
-        s = jax.nn.sigmoid(logits)
-        total = jnp.sum(s * s * w - 2.0 * s * v + jnp.sum(weight * targets * targets, axis=1))
     else:
-        raise ValueError(f"reconstruction loss kind must be 'bce' or 'mse', got {kind!r}")
-    count = jnp.sum(mask)
+        s = jax.nn.sigmoid(logits)
+        total = jnp.sum(s * s * w - 2.0 * s * v) + jnp.sum(stats["q"])
     return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)

@@ -13,8 +13,10 @@ Batch (a dict pytree, all leading dims G = graph slots of the padded batch):
   vicreg_mask {cellular modality: [G] bool} (optional, default `mask`) the SCA rows VICReg uses: those
              whose two views carry information (measured or reached by propagation)
   node       [G] int32 context-graph node of each molecule (its walk start)
-Context (device arrays): indptr, indices, weights, node_type, node_row, and per node type
-  targets [n_t, d_t] / target_mask [n_t, d_t] (see context.ContextGraph).
+Context (context_arrays, host or device arrays): indptr, indices, weights, node_type, node_row, and per
+  node type targets [n_t, d_t] / target_mask [n_t, d_t] (see context.ContextGraph). With a mesh the
+  target tables are split by rows over 'data' (train.context_on_devices) and read without gathering them
+  (walk_target_statistics).
 Every term and metric is returned, so the train step can log them.
 
 Padding graph slots (graph_mask False) take part in no term: they are masked out of SCA and
@@ -31,6 +33,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from chmr_jax.mechanisms import collapse, context as context_lib, losses, tree_vq
 
@@ -67,7 +70,10 @@ CPR_SOURCES = ("modality", "anchor")
 
 
 def context_arrays(graph: context_lib.ContextGraph) -> dict:
-    """The context graph as a dict of device arrays for `objective` (targets keyed by type index)."""
+    """The context graph as a dict of host (numpy) arrays for `objective` (targets keyed by type name,
+    plus the static type index); train.context_on_devices places them. Host arrays, so that no device
+    ever holds a whole table on the way (the tables grow with the corpus; on a mesh each device gets only
+    its rows)."""
     def nonempty(x, fill):
         # A node type without nodes still gets one (masked) row, so gathers stay in bounds.
         return x if len(x) else np.full((1,) + x.shape[1:], fill, x.dtype)
@@ -75,7 +81,7 @@ def context_arrays(graph: context_lib.ContextGraph) -> dict:
     def compact(x):
         # Binary targets (the molecule's Morgan-r4 bits) are stored as uint8: 4x less device memory.
         x = np.asarray(x)
-        return x.astype(np.uint8) if x.size and np.isin(x, (0.0, 1.0)).all() else x
+        return x.astype(np.uint8) if x.size and np.isin(x, (0.0, 1.0)).all() else x.astype(np.float32)
 
     def lanes(x, fill):
         # Columns padded to a multiple of 128 (TPU's lane tile; the objective slices them off after the
@@ -86,13 +92,63 @@ def context_arrays(graph: context_lib.ContextGraph) -> dict:
         return np.pad(x, ((0, 0), (0, pad)), constant_values=fill) if pad else x
 
     return {
-        "indptr": jnp.asarray(graph.indptr), "indices": jnp.asarray(graph.indices),
-        "weights": jnp.asarray(graph.weights), "node_type": jnp.asarray(graph.node_type),
-        "node_row": jnp.asarray(graph.node_row),
-        "targets": {t: jnp.asarray(lanes(compact(nonempty(graph.targets[t], 0)), 0)) for t in graph.targets},
-        "target_mask": {t: jnp.asarray(lanes(nonempty(graph.target_mask[t], False), False)) for t in graph.targets},
+        # (the dtypes jnp.asarray gave them when this returned device arrays)
+        "indptr": np.asarray(graph.indptr, np.int32), "indices": np.asarray(graph.indices, np.int32),
+        "weights": np.asarray(graph.weights, np.float32), "node_type": np.asarray(graph.node_type, np.int32),
+        "node_row": np.asarray(graph.node_row, np.int32),
+        "targets": {t: lanes(compact(nonempty(graph.targets[t], 0)), 0) for t in graph.targets},
+        "target_mask": {t: lanes(nonempty(np.asarray(graph.target_mask[t], bool), False), False) for t in graph.targets},
         "type_index": {t: i for i, t in enumerate(graph.type_names)},
     }
+
+
+def pad_rows(x, multiple: int):
+    """x with its leading axis padded (zeros / False: rows no walk reaches) to a multiple of `multiple`."""
+    pad = -x.shape[0] % multiple
+    if not pad:
+        return x
+    widths = ((0, pad),) + ((0, 0),) * (x.ndim - 1)
+    return np.pad(x, widths) if isinstance(x, np.ndarray) else jnp.pad(x, widths)
+
+
+def walk_target_statistics(table, table_mask, rows, beta, d_t: int, kind: str = "bce", mesh=None,
+                           axis_name: str = "data") -> dict:
+    """context.walk_statistics of one node type's walk targets: table / table_mask [n_t, >= d_t] (the
+    type's targets, columns padded past d_t), rows [G, S] int (the table row of each walk position, -1
+    where the position is not a node of this type or the slot is padding), beta [G, S].
+
+    mesh=None: the rows are gathered from the whole table. With a mesh, the table is split by rows over
+    `axis_name` (train.context_on_devices places it so; rows are padded to a multiple of the axis size)
+    and never gathered whole: under shard_map every device takes the whole batch's walks (all-gathered:
+    G x S indices and weights), computes the statistics of the entries whose rows it holds, and a
+    reduce-scatter (psum_scatter over the batch axis) sums those partial statistics over the devices and
+    hands each device the rows of its own molecules, as the batch is sharded; the count is a psum. The
+    logits never move. Nothing here depends on parameters (the targets and the walks are data), so the
+    gradient reaches the loss only through loss_from_statistics' logits.
+    """
+    def local(table, table_mask, rows, beta, first):
+        own = (rows >= first) & (rows < first + table.shape[0])
+        at = jnp.where(own, rows - first, 0)
+        target = table[at][..., :d_t]                                            # [G, S, d_t]
+        mask = table_mask[at][..., :d_t] & own[..., None]
+        return context_lib.walk_statistics(target, mask, beta, kind)
+
+    if mesh is None:
+        return local(jnp.asarray(table), jnp.asarray(table_mask), rows, beta, 0)
+    n = mesh.shape[axis_name]
+    table, table_mask = pad_rows(table, n), pad_rows(table_mask, n)   # no-op for train.context_on_devices' tables
+
+    def body(table, table_mask, rows, beta):
+        gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
+        first = jax.lax.axis_index(axis_name) * table.shape[0]
+        stats = local(table, table_mask, gather(rows), gather(beta), first)
+        scatter = lambda x: jax.lax.psum_scatter(x, axis_name, scatter_dimension=0, tiled=True)
+        return {k: jax.lax.psum(x, axis_name) if k == "count" else scatter(x) for k, x in stats.items()}
+
+    spec = P(axis_name)
+    out_specs = {"w": spec, "v": spec, "count": P(), **({"q": spec} if kind == "mse" else {})}
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, spec), out_specs=out_specs)(
+        table, table_mask, rows, beta)
 
 
 def objective(model, batch: dict, ctx: dict, key, cfg: ObjectiveConfig, mesh=None, step=None):
@@ -140,20 +196,19 @@ def objective(model, batch: dict, ctx: dict, key, cfg: ObjectiveConfig, mesh=Non
     # on the walk contributes its target, weighted by the walk's path weight beta.
     cpr = 0.0
     if cfg.lambda_cpr:
-        nodes, beta = context_lib.random_walks(ctx["indptr"], ctx["indices"], ctx["weights"], batch["node"], key,
-                                               cfg.walk_length)
+        nodes, beta = context_lib.random_walks(jnp.asarray(ctx["indptr"]), jnp.asarray(ctx["indices"]),
+                                               jnp.asarray(ctx["weights"]), batch["node"], key, cfg.walk_length)
         beta = beta * gm[:, None]
+        node_type, node_row = jnp.asarray(ctx["node_type"])[nodes], jnp.asarray(ctx["node_row"])[nodes]
         for name, decoder in model.decoders.items():
             t = ctx["type_index"][name]
             source = anchor if (name == context_lib.MOLECULE or cfg.cpr_source == "anchor") else proj[name]
             logits = decoder(source)                                             # [G, d_t]
             # Padding slots contribute no entries: neither to the sum nor to the count of the mean.
-            is_t = (ctx["node_type"][nodes] == t) & gm[:, None]                  # [G, L+1]
-            rows = jnp.where(is_t, ctx["node_row"][nodes], 0)
-            d_t = logits.shape[-1]                    # the tables' columns are padded past d_t (context_arrays)
-            target = ctx["targets"][name][rows][..., :d_t]                       # [G, L+1, d_t]
-            tmask = ctx["target_mask"][name][rows][..., :d_t] & is_t[..., None]
-            term = context_lib.walk_reconstruction_loss(logits, target, tmask, beta, cfg.recon_kind)
+            rows = jnp.where((node_type == t) & gm[:, None], node_row, -1)       # [G, L+1], -1: not this type
+            stats = walk_target_statistics(ctx["targets"][name], ctx["target_mask"][name], rows, beta,
+                                           logits.shape[-1], cfg.recon_kind, mesh)
+            term = context_lib.loss_from_statistics(logits, stats, cfg.recon_kind)
             cpr = cpr + term
             metrics[f"cpr/{name}"] = term
 

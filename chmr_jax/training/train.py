@@ -3,8 +3,10 @@
 Parameters (and optimiser state, batch-norm statistics, RNG state) are replicated; every array
 of the batch is sharded along its leading axis on the mesh axis 'data' (graph slots for per-graph
 arrays, nodes / edges for the padded graph arrays, whose budgets are multiples of the device
-count). XLA partitions the computation; the SCA loss can use the ring implementation
-(objective.infonce_impl='ring'). Non-finite losses or gradients skip the update and are counted.
+count). The context graph's walk-target tables are split by rows over 'data', its indices
+replicated (context_on_devices). XLA partitions the computation; the SCA loss can use the ring
+implementation (objective.infonce_impl='ring'), the CPR term reads the tables under shard_map
+(objective.walk_target_statistics). Non-finite losses or gradients skip the update and are counted.
 """
 from __future__ import annotations
 
@@ -143,17 +145,36 @@ def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict,
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(step, donate_argnums=0, in_shardings=(replicated, sharded, replicated, replicated),
+    return jax.jit(step, donate_argnums=0, in_shardings=(replicated, sharded, replicated, context_shardings(ctx, mesh)),
                    out_shardings=(replicated, replicated))
+
+
+CONTEXT_TABLES = ("targets", "target_mask")   # per node type [n_t, d_t]: split by rows; the rest is index-sized
+
+
+def context_shardings(ctx: dict, mesh) -> dict:
+    """The shardings of the context arrays (ctx: objective.context_arrays, with or without the static
+    type index): the walk-target tables split by rows over 'data' (their size grows with
+    the corpus: 8.5 KB a molecule at the paper's coverage, a v5e chip full at ~1.8M molecules if every
+    chip held them whole), the graph's indices (index-sized) replicated. The objective reads the tables
+    under shard_map without gathering them (objective.walk_target_statistics)."""
+    replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return {k: jax.tree_util.tree_map(lambda _: rows if k in CONTEXT_TABLES else replicated, v)
+            for k, v in ctx.items() if k != "type_index"}
 
 
 def context_on_devices(ctx: dict, mesh=None) -> dict:
     """The context graph's arrays (objective.context_arrays without the static type index) on the
-    devices: replicated over the mesh, or on the default device."""
+    devices: on the default device without a mesh; on a mesh, the walk-target tables padded (zeros,
+    masked) to a multiple of the device count and split by rows, the rest replicated (context_shardings).
+    Each process builds only its own devices' shards, from the host copy."""
     arrays = {k: v for k, v in ctx.items() if k != "type_index"}
     if mesh is None:
         return jax.tree_util.tree_map(jnp.asarray, arrays)
-    return place(arrays, NamedSharding(mesh, P()))
+    n = mesh.shape["data"]
+    arrays = {k: jax.tree_util.tree_map(lambda x: objective_lib.pad_rows(np.asarray(x), n), v) if k in CONTEXT_TABLES
+              else v for k, v in arrays.items()}
+    return jax.tree_util.tree_map(lambda x, s: place(x, s), arrays, context_shardings(arrays, mesh))
 
 
 def place(tree, sharding):

@@ -84,7 +84,10 @@ def compile_step(config, spec: Topology, batch_size: int | None = None, sample: 
                                      state_shapes)
     a_batch = abstract(batch_shapes(data, budget), sharded)
     ctx = objective_lib.context_arrays(data.context)
-    a_ctx = abstract(context_shapes(ctx, sample.molecules / len(data)), replicated)
+    # The walk-target tables split by rows over the chips, the rest replicated, as pretrain.run places them.
+    a_ctx = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                   abstract(context_shapes(ctx, sample.molecules / len(data), n), replicated),
+                                   train.context_shardings(ctx, mesh))
     key = jax.eval_shape(lambda: train.step_base_key(0))
     a_key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
     schedule = train.lr_schedule(config.optim.lr, 1000, config.optim.schedule)

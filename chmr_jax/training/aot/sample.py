@@ -220,9 +220,12 @@ def batch_shapes(data, budget) -> dict:
     return out
 
 
-def context_shapes(ctx: dict, factor: float) -> dict:
-    """The context arrays' (shape, dtype), every leading axis scaled by `factor` (indptr: nodes + 1)."""
+def context_shapes(ctx: dict, factor: float, row_multiple: int = 1) -> dict:
+    """The context arrays' (shape, dtype), every leading axis scaled by `factor` (indptr: nodes + 1), the
+    walk-target tables' rows then padded to a multiple of `row_multiple` (the device count: as
+    train.context_on_devices pads them to split them by rows)."""
     import jax
+    from chmr_jax.training import train
 
     def scale(path, x):
         name = jax.tree_util.keystr(path)
@@ -231,6 +234,8 @@ def context_shapes(ctx: dict, factor: float) -> dict:
             m = int(round((n - 1) * factor)) + 1
         else:
             m = max(1, int(round(n * factor)))
+        if path[0].key in train.CONTEXT_TABLES:
+            m = -(-m // row_multiple) * row_multiple
         return ((m,) + tuple(x.shape[1:]), x.dtype)
     arrays = {k: v for k, v in ctx.items() if k != "type_index"}
     return jax.tree_util.tree_map_with_path(scale, arrays)
