@@ -153,7 +153,14 @@ def context_on_devices(ctx: dict, mesh=None) -> dict:
     arrays = {k: v for k, v in ctx.items() if k != "type_index"}
     if mesh is None:
         return jax.tree_util.tree_map(jnp.asarray, arrays)
-    return place(arrays, NamedSharding(mesh, P()))
+    return jax.tree_util.tree_map(lambda x, s: place(x, s), arrays, context_shardings(arrays, mesh))
+
+
+def context_shardings(arrays: dict, mesh) -> dict:
+    """The sharding of each context array on `mesh` (a tree like `arrays`): every one replicated.
+    context_on_devices places them so, and `chmr-jax compile` gives the step's stand-in context the
+    same placement (aot/compile.py)."""
+    return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), arrays)
 
 
 def place(tree, sharding):

@@ -84,7 +84,10 @@ def compile_step(config, spec: Topology, batch_size: int | None = None, sample: 
                                      state_shapes)
     a_batch = abstract(batch_shapes(data, budget), sharded)
     ctx = objective_lib.context_arrays(data.context)
-    a_ctx = abstract(context_shapes(ctx, sample.molecules / len(data)), replicated)
+    # The context arrays scaled to the corpus size, placed as the trainer places them (train.context_shardings).
+    bare = abstract(context_shapes(ctx, sample.molecules / len(data)), None)
+    a_ctx = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), bare,
+                                   train.context_shardings(bare, mesh))
     key = jax.eval_shape(lambda: train.step_base_key(0))
     a_key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
     schedule = train.lr_schedule(config.optim.lr, 1000, config.optim.schedule)
