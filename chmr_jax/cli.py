@@ -609,7 +609,7 @@ def _report(argv: list[str]) -> int:
                           (FileNotFoundError, ValueError, corpus.CorpusError, registry.DataNotFoundError))
 
 
-COMPILE_USAGE = """chmr-jax compile --config configs/pretrain.py[:variant] --topology NAME [--out FILE.json] [--fit] [--config.a.b=value ...]
+COMPILE_USAGE = """chmr-jax compile --config configs/pretrain.py[:variant] --topology NAME [--out FILE.json] [--fit] [--inputs] [--molecules N] [--config.a.b=value ...]
 
 Compiles the pretraining step as `chmr-jax pretrain` would run it on a TPU topology (same mesh, padding
 budget for that chip count, the config's dtype / remat / InfoNCE), on this machine, without a TPU
@@ -621,7 +621,10 @@ ICI time, molecules/s and MFU. Nothing runs on a TPU.
 NAME: v5e-16 / v5litepod-16, v6e-64 (chips), v4-32, v5p-128 (TensorCores, two per chip), or libtpu's
 v5e:4x4, v4:2x2x4. --fit searches the largest global batch that fits HBM: each probe compiles in a
 subprocess capped at --probe_memory_gib of this machine's memory, is logged as it finishes (--fit_log)
-and is reused when the command runs again; the answer is a bracket until the compiler refuses a batch."""
+and is reused when the command runs again; the answer is a bracket until the compiler refuses a batch.
+--molecules N sets the corpus size (the step's context arrays); --inputs also compiles the input build's
+device programs at N (kNN, propagation per chunk width, held-out views: aot/inputs.py) and writes
+"input_programs": [{name, per_chip_bytes, fits, calls, est_s_per_call, ...}]."""
 
 
 def _compile(argv: list[str]) -> int:
@@ -638,9 +641,13 @@ def _compile(argv: list[str]) -> int:
         flags.DEFINE_float("probe_timeout_s", 1800, "--fit: stop a probe's compile after this long", flag_values=fv)
         flags.DEFINE_string("fit_log", None, "--fit: JSONL of the probes, appended as each finishes and resumed "
                             "(default: OUT.fit.jsonl, else ./chmr-fit-TOPOLOGY.jsonl)", flag_values=fv)
-        flags.DEFINE_integer("molecules", 0, "corpus size the context arrays are scaled to (the target tables split by rows "
-                             "over the chips, the graph's indices replicated) "
-                             "(default: the config's corpus, or 129,592 for a stand-in)", flag_values=fv)
+        flags.DEFINE_integer("molecules", 0, "corpus size N: the step's context arrays are scaled to it (the target "
+                             "tables split by rows over the chips, the graph's indices replicated) and --inputs "
+                             "compiles the input build for it (default: the config's corpus, or 129,592 for a "
+                             "stand-in)", flag_values=fv)
+        flags.DEFINE_boolean("inputs", False, "also compile the input build's device programs at N molecules (the "
+                             "kNN, propagation and held-out views of pretrain_data.prepare) and write them as "
+                             "input_programs", flag_values=fv)
         flags.DEFINE_integer("sample", 1024, "molecules the shapes are taken from", flag_values=fv)
         flags.DEFINE_string("hlo_dump", None, "write the compiled TPU program's HLO text here (and its proto to HLO_DUMP.pb)",
                              flag_values=fv)
@@ -648,6 +655,10 @@ def _compile(argv: list[str]) -> int:
     fv = _config_flags(argv, "compile", "pretrain.py", COMPILE_USAGE, more, required=("topology",), workdir=False)
     if isinstance(fv, int):
         return fv
+    if fv["molecules"].present and fv.molecules < (2 if fv.inputs else 1):
+        print(f"chmr-jax compile: --molecules must be at least {2 if fv.inputs else 1}"
+              f"{' with --inputs (the kNN needs 2)' if fv.inputs else ''}, got {fv.molecules}", file=sys.stderr)
+        return 2
     from chmr_jax.training import aot
     spec = aot.parse_topology(fv.topology)
     # Before any JAX backend starts: JAX itself runs on this machine's CPU, libtpu only describes the
@@ -679,12 +690,22 @@ def _compile(argv: list[str]) -> int:
         print(f"compiling for {spec.topology_name}: {spec.chips} x {devices[0].device_kind} chips, {spec.hosts} "
               f"host(s); everything below is an estimate from the compiled program, nothing runs on a TPU",
               flush=True)
+        print(f"programs: the pretraining step{' and the input build (kNN, propagation, held-out views)' if fv.inputs else ''}"
+              f" at N = {sample.molecules:,} molecules", flush=True)
         row = aot.compile_step(config, spec, None, sample, devices, hlo_dump=fv.hlo_dump)
         print(aot.format_rows([row]), flush=True)
         for line in aot.warnings(row):
             print(line, flush=True)
         out.update(row, fit=None)
         write()
+        if fv.inputs:
+            from chmr_jax.training.aot import inputs as inputs_lib
+            programs = inputs_lib.compile_inputs(config, spec, sample, devices, sample.molecules,
+                                                 log=lambda line: print(line, flush=True))
+            out["input_programs"] = programs
+            out["input_build_est_s"] = inputs_lib.total_est_s(programs)
+            write()
+            print(inputs_lib.text(programs, sample.molecules), flush=True)
         if fv.fit and not row.get("host_calls"):
             log_path = fv.fit_log or (f"{fv.out}.fit.jsonl" if fv.out and not paths.is_remote(fv.out)
                                       else f"chmr-fit-{spec.topology_name.replace(':', '-')}.jsonl")

@@ -405,3 +405,84 @@ def test_hbm_refusals_are_told_from_compile_errors():
         (int(21.95 * 2 ** 30), int(15.48 * 2 ** 30), "total")
     assert aot.hbm_refusal("RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem.") is None
     assert aot.hbm_refusal("INVALID_ARGUMENT: unsupported op") is None
+
+
+# ---- compile --inputs: the input build's device programs (issue 31 item 5) ----------------------------
+
+@pytest.mark.parametrize("flags,says", [(["--molecules", "0"], "--molecules must be at least 1, got 0"),
+                                        (["--molecules", "-5"], "at least 1, got -5"),
+                                        (["--inputs", "--molecules", "1"], "at least 2 with --inputs")])
+def test_compile_bad_molecules_is_one_line(tmp_path, flags, says):
+    p = subprocess.run([sys.executable, "-m", "chmr_jax.cli", "compile", "--config", str(ROOT / "configs/test.py"),
+                        "--topology", "v5e-4", *flags], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and says in p.stderr
+
+
+@needs_libtpu
+def test_compile_inputs_writes_the_input_programs(tmp_path):
+    """--inputs --molecules 4096 on 4 v5e chips: the step's context is scaled to N and the build's own
+    programs are compiled at N: the kNN once, propagation once per chunk width (test.py's modalities:
+    cell 20, gene 10, expression 10 columns, all narrower than the TPU chunk of 256: widths 20 and 10,
+    1 and 2 calls), the held-out views the same programs 5 folds over."""
+    out = tmp_path / "x.json"
+    env = {**os.environ, "CHMR_CACHE_DIR": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-m", "chmr_jax.cli", "compile", "--config", str(ROOT / "configs/test.py"),
+                        "--topology", "v5e-4", "--inputs", "--molecules", "4096", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert "context arrays for 4,096 molecules" in lines[0]
+    assert lines[2].startswith("programs: the pretraining step and the input build") and "N = 4,096" in lines[2]
+    row = json.loads(out.read_text())
+    assert set(aot.ROW_FIELDS) <= set(row) and row["context_molecules"] == 4096 and row["fits"] is True
+    progs = {r["name"]: r for r in row["input_programs"]}
+    assert list(progs) == ["knn", "propagation c=20", "propagation c=10", "held_out c=20", "held_out c=10"]
+    assert [progs[n]["calls"] for n in progs] == [1, 1, 2, 5, 10]
+    for r in progs.values():
+        assert r["per_chip_bytes"] > 0 and r["fits"] is True and r["molecules"] == 4096
+        assert r["est_s_per_call"] > 0 and r["host_calls"] == []
+    assert progs["knn"]["layout"]["n"] == 4096 and progs["knn"]["database"] == "replicated"
+    assert progs["knn"]["layout"]["k"] == 5 and progs["propagation c=20"]["assumed"]["rows_per_device"] == 1024
+    assert progs["held_out c=10"]["per_chip_bytes"] == progs["propagation c=10"]["per_chip_bytes"]
+    assert row["input_build_est_s"] == pytest.approx(sum(r["est_s_per_call"] * r["calls"] for r in progs.values()))
+
+
+@needs_libtpu
+def test_input_program_memory_against_closed_forms():
+    """The kNN and propagation programs at N = 8192, k = 10, 32 bytes of packed bits, on 4 and 8 v5e chips.
+    kNN arguments per chip: its query rows' bits, counts and ids (N / chips x 40 bytes) plus the database:
+    replicated, all N x 40 bytes (so doubling the chips saves only the query half), or sharded, N / chips
+    x 40; the scalar n_real takes a 512-byte tile. Propagation's arguments halve with twice the chips
+    (rows split); the ELL layout and the COO rows it does not read under bcsr (R x 20 x 8 + 2 k R x 4
+    bytes) are counted as left on the devices, not as arguments."""
+    r = _run("""
+        import json, jax
+        from chmr_jax.mechanisms import propagation
+        from chmr_jax.training import aot, train
+        from chmr_jax.training.aot import inputs
+        out = {}
+        for topo in ("v5e-4", "v5e-8"):
+            spec = aot.parse_topology(topo)
+            devs = aot.tpu_devices(spec)
+            mesh, lim = train.data_mesh(devs), aot.hbm_limit(devs)
+            for sharded in (False, True):
+                lay = propagation.knn_layout(8192, 10, len(devs), 512, 2048, sharded)
+                row = inputs.compile_program("knn", propagation.knn_program(mesh, lay),
+                                             inputs.knn_arguments(lay, 32, mesh), spec, devs, lim)
+                out[f"{topo} knn {sharded}"] = row["memory"]["arguments"]
+            g = inputs.graph_shapes(8192, len(devs), 10)
+            row = inputs.compile_program("p", propagation.propagation_program(mesh, 5),
+                                         inputs.propagation_arguments(g, len(devs), 64, mesh), spec, devs, lim)
+            out[f"{topo} prop"] = [row["memory"]["arguments"], row["unread_argument_bytes_per_chip"], row["per_chip_bytes"]]
+        print(json.dumps(out))
+    """)
+    n, b = 8192, 32 + 4 + 4
+    for chips in (4, 8):
+        q = n // chips * b
+        assert r[f"v5e-{chips} knn False"] == pytest.approx(q + n * b + 4, abs=1024)
+        assert r[f"v5e-{chips} knn True"] == pytest.approx(2 * q + 4, abs=1024)
+        rows = n // chips
+        assert r[f"v5e-{chips} prop"][1] == pytest.approx(rows * 20 * 8 + 2 * 10 * rows * 4, rel=0.02)
+    assert 0.45 < r["v5e-8 prop"][0] / r["v5e-4 prop"][0] < 0.55
+    assert r["v5e-8 knn False"] > r["v5e-4 knn False"] / 2      # replicated: the database does not shrink

@@ -145,7 +145,18 @@ def _database_sharded(database: str, n: int, n_bytes: int, mesh) -> bool:
     limits = [(d.memory_stats() or {}).get("bytes_limit") for d in mesh.devices.flat
               if d.process_index == jax.process_index() and d.platform != "cpu"]
     limits = [x for x in limits if x]
-    return bool(limits) and n * n_bytes > _REPLICATED_DB_FRACTION * min(limits)
+    return database_sharded(database, n, n_bytes, min(limits) if limits else None)
+
+
+def database_sharded(database: str, n: int, n_bytes: int, device_bytes: int | None) -> bool:
+    """The layout rule itself: 'sharded' / 'replicated' as said; 'auto' shards once n x n_bytes of packed
+    bits pass _REPLICATED_DB_FRACTION of `device_bytes` (None: host memory, replicated). `chmr-jax
+    compile --inputs` applies it with the TPU chip's memory (aot/inputs.py)."""
+    if database not in KNN_DATABASES:
+        raise ValueError(f"knn database must be one of {KNN_DATABASES}, got {database!r}")
+    if database != "auto":
+        return database == "sharded"
+    return bool(device_bytes) and n * n_bytes > _REPLICATED_DB_FRACTION * device_bytes
 
 
 def _unpack(packed):
