@@ -105,7 +105,7 @@ def test_row_sharded_cpr_equals_one_device(mesh8, kind):
         np.testing.assert_allclose(ref, direct, rtol=1e-10)
 
         # 8 devices: tables split by rows, batch by slots, parameters replicated.
-        dev = train.context_on_devices(ctx, mesh8)
+        dev = train.context_on_devices(ctx, mesh8, split=True)
         sharded, replicated = NamedSharding(mesh8, P("data")), NamedSharding(mesh8, P())
         x8, nodes8, beta8, gm8 = (jax.device_put(a, sharded) for a in (x, nodes, beta, gm))
         p8 = jax.device_put(params, replicated)
@@ -129,7 +129,7 @@ def test_row_sharded_cpr_equals_one_device(mesh8, kind):
 
 def test_context_tables_are_split_by_rows(mesh8):
     ctx = synthetic_ctx()
-    dev = train.context_on_devices(ctx, mesh8)
+    dev = train.context_on_devices(ctx, mesh8, split=True)
     for name, n in N_ROWS.items():
         n_pad = -(-max(n, 1) // 8) * 8
         for key in train.CONTEXT_TABLES:
@@ -142,3 +142,22 @@ def test_context_tables_are_split_by_rows(mesh8):
             assert not full[len(host):].any()          # padding rows: zero targets, masked
     for key in ("indptr", "indices", "weights", "node_type", "node_row"):
         assert dev[key].sharding.is_fully_replicated and dev[key].shape == np.shape(ctx[key])
+
+
+def test_tables_are_split_only_past_the_threshold(mesh8, monkeypatch):
+    """Small tables stay whole on every device (the split makes each device gather the whole global
+    batch's walks: slower where the tables fit); past train.CONTEXT_SPLIT_BYTES (all node types' tables
+    together, targets and masks) they are split by rows. The threshold's definition, by bytes."""
+    ctx = synthetic_ctx()
+    total = sum(np.asarray(x).nbytes for k in train.CONTEXT_TABLES for x in ctx[k].values())
+    monkeypatch.setattr(train, "CONTEXT_SPLIT_BYTES", total)
+    assert not train.split_context_tables(ctx)
+    whole = train.context_on_devices(ctx, mesh8)
+    for key in train.CONTEXT_TABLES:
+        for name in N_ROWS:
+            assert whole[key][name].sharding.is_fully_replicated
+            assert whole[key][name].shape == np.shape(ctx[key][name])      # not padded
+    monkeypatch.setattr(train, "CONTEXT_SPLIT_BYTES", total - 1)
+    assert train.split_context_tables(ctx)
+    assert not train.context_on_devices(ctx, mesh8)["targets"]["molecule"].sharding.is_fully_replicated
+    assert train.split_context_tables(ctx, split=False) is False                # an explicit choice wins

@@ -47,15 +47,20 @@ def test_eight_devices_equal_one_device(data, mesh8, infonce_impl):
     graphdef, state1, tx = fresh(data, tx=sgd)
     state1, m1 = train.make_train_step(graphdef, tx, cfg1, ctx)(state1, batch, key, train.context_on_devices(ctx))
     graphdef, state8, tx = fresh(data, tx=sgd)
-    step8 = train.make_train_step(graphdef, tx, cfg8, ctx, mesh=mesh8)
-    batch8, ctx8 = train.assemble_batch(batch, mesh8), train.context_on_devices(ctx, mesh8)
-    # The walk-target tables stay split by rows inside the real step (issue 31 item 4): no all-gather in
-    # the compiled program produces a table's shape (the walks and latents are gathered, never a table).
+    # The walk-target tables split by rows (as past train.CONTEXT_SPLIT_BYTES; these tiny ones would stay whole).
+    step8 = train.make_train_step(graphdef, tx, cfg8, ctx, mesh=mesh8, split_tables=True)
+    batch8, ctx8 = train.assemble_batch(batch, mesh8), train.context_on_devices(ctx, mesh8, split=True)
+    # They stay split inside the real step (issue 31 item 4): no all-gather in the compiled program
+    # produces a table's shape (the walks and latents are gathered, never a table).
     hlo = step8.lower(state8, batch8, key, ctx8).compile().as_text()
     gathered = {tuple(int(d) for d in dims.split(",") if d)
                 for dims in re.findall(r"= \w+\[([\d,]*)\][^=]* all-gather\(", hlo)}
     tables = {tuple(x.shape) for name in ("targets", "target_mask") for x in jax.tree_util.tree_leaves(ctx8[name])}
     assert gathered and not gathered & tables, (gathered, tables)
+    # The default for tables this small: whole on every device, the same step.
+    whole = train.make_train_step(graphdef, tx, cfg8, ctx, mesh=mesh8)
+    _, m_whole = whole(fresh(data, tx=sgd)[1], batch8, key, train.context_on_devices(ctx, mesh8))
+    np.testing.assert_allclose(m_whole["loss"], m1["loss"], rtol=1e-5, atol=1e-5)
     state8, m8 = step8(state8, batch8, key, ctx8)
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(state8.params), jax.tree_util.tree_leaves(state1.params)):

@@ -151,9 +151,10 @@ def walk_target_statistics(table, table_mask, rows, beta, d_t: int, kind: str = 
         table, table_mask, rows, beta)
 
 
-def objective(model, batch: dict, ctx: dict, key, cfg: ObjectiveConfig, mesh=None, step=None):
+def objective(model, batch: dict, ctx: dict, key, cfg: ObjectiveConfig, mesh=None, step=None, split_tables=True):
     """Returns (total loss, metrics dict of scalars / small arrays). step: the train step's counter
-    (before this update), for cfg.collapse_every."""
+    (before this update), for cfg.collapse_every. split_tables: with a mesh, whether the walk-target
+    tables are split by rows over it (train.split_context_tables) or whole on every device."""
     gm = batch["graph"].graph_mask
     proj = model.encode(batch["graph"], batch["inputs"])
     anchor = proj["anchor"]
@@ -207,7 +208,7 @@ def objective(model, batch: dict, ctx: dict, key, cfg: ObjectiveConfig, mesh=Non
             # Padding slots contribute no entries: neither to the sum nor to the count of the mean.
             rows = jnp.where((node_type == t) & gm[:, None], node_row, -1)       # [G, L+1], -1: not this type
             stats = walk_target_statistics(ctx["targets"][name], ctx["target_mask"][name], rows, beta,
-                                           logits.shape[-1], cfg.recon_kind, mesh)
+                                           logits.shape[-1], cfg.recon_kind, mesh if split_tables else None)
             term = context_lib.loss_from_statistics(logits, stats, cfg.recon_kind)
             cpr = cpr + term
             metrics[f"cpr/{name}"] = term

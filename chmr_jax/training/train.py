@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,7 +107,8 @@ def schedule_count(opt_state) -> jax.Array:
     return states[0].count
 
 
-def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict, mesh=None, schedule=None):
+def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict, mesh=None, schedule=None,
+                    split_tables: bool | None = None):
     """The jitted step(state, batch, base_key, ctx_arrays) -> (state, metrics), state donated.
 
     The step's randomness is fold_in(base_key, state.step) (base_key: step_base_key(seed)), derived
@@ -115,9 +118,11 @@ def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict,
     n x 1024); ctx here supplies only the static node-type index. With a mesh, the state is replicated
     and the batch sharded on 'data' (see the module docstring). schedule: tx's learning-rate schedule
     (make_optimizer); metrics['lr'] is then the rate this step's update used, schedule(the optimiser's
-    count), which skipped updates hold back.
+    count), which skipped updates hold back. split_tables: the walk-target tables split by rows over the
+    mesh (None: split_context_tables decides from ctx's tables; context_on_devices must place them alike).
     """
     static = {"type_index": ctx["type_index"]}
+    split = mesh is not None and split_context_tables(ctx, split_tables)
 
     def step(state: TrainState, batch: dict, base_key, ctx_arrays: dict):
         ctx_all = {**ctx_arrays, **static}
@@ -125,7 +130,8 @@ def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict,
 
         def loss_fn(params, rest):
             model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables under grad (flax#5050)
-            loss, metrics = objective_lib.objective(model, batch, ctx_all, key, cfg, mesh, step=state.step)
+            loss, metrics = objective_lib.objective(model, batch, ctx_all, key, cfg, mesh, step=state.step,
+                                                    split_tables=split)
             return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
         (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.rest)
@@ -145,36 +151,55 @@ def make_train_step(graphdef, tx, cfg: objective_lib.ObjectiveConfig, ctx: dict,
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(step, donate_argnums=0, in_shardings=(replicated, sharded, replicated, context_shardings(ctx, mesh)),
+    return jax.jit(step, donate_argnums=0, in_shardings=(replicated, sharded, replicated, context_shardings(ctx, mesh, split)),
                    out_shardings=(replicated, replicated))
 
 
 CONTEXT_TABLES = ("targets", "target_mask")   # per node type [n_t, d_t]: split by rows; the rest is index-sized
+# Walk-target tables up to this size (all node types together) stay whole on every chip; larger ones are
+# split by rows. The split keeps a chip's share flat in the corpus size (8.5 KB a molecule at the paper's
+# coverage: a v5e chip full at ~1.8M molecules if every chip held them whole), but each chip then gathers
+# and sums the walks of the whole global batch, not only its own molecules': compiled for v5e-16 at the
+# paper's corpus (129,592 molecules, ~1.1 GB of tables) XLA's estimate of the step goes from 9.6 to 14.9 ms
+# (benchmarks/RESULTS.md "Inputs at pod scale"). 2 GiB leaves a 16 GB chip most of its memory.
+CONTEXT_SPLIT_BYTES = 2 << 30
 
 
-def context_shardings(ctx: dict, mesh) -> dict:
+def split_context_tables(ctx: dict, split: bool | None = None) -> bool:
+    """Whether the walk-target tables of `ctx` (host arrays or ShapeDtypeStructs) are split by rows over
+    the chips: `split` if given, else whether they pass CONTEXT_SPLIT_BYTES together."""
+    if split is not None:
+        return bool(split)
+    tables = [x for k in CONTEXT_TABLES for x in jax.tree_util.tree_leaves(ctx.get(k, {}))]
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in tables) > CONTEXT_SPLIT_BYTES
+
+
+def context_shardings(ctx: dict, mesh, split: bool | None = None) -> dict:
     """The shardings of the context arrays (ctx: objective.context_arrays, with or without the static
-    type index): the walk-target tables split by rows over 'data' (their size grows with
-    the corpus: 8.5 KB a molecule at the paper's coverage, a v5e chip full at ~1.8M molecules if every
-    chip held them whole), the graph's indices (index-sized) replicated. The objective reads the tables
-    under shard_map without gathering them (objective.walk_target_statistics)."""
+    type index): the walk-target tables split by rows over 'data' when split_context_tables says so (the
+    objective then reads them under shard_map without gathering them: objective.walk_target_statistics),
+    else replicated; the graph's indices (index-sized) replicated."""
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return {k: jax.tree_util.tree_map(lambda _: rows if k in CONTEXT_TABLES else replicated, v)
+    tables = rows if split_context_tables(ctx, split) else replicated
+    return {k: jax.tree_util.tree_map(lambda _: tables if k in CONTEXT_TABLES else replicated, v)
             for k, v in ctx.items() if k != "type_index"}
 
 
-def context_on_devices(ctx: dict, mesh=None) -> dict:
+def context_on_devices(ctx: dict, mesh=None, split: bool | None = None) -> dict:
     """The context graph's arrays (objective.context_arrays without the static type index) on the
-    devices: on the default device without a mesh; on a mesh, the walk-target tables padded (zeros,
-    masked) to a multiple of the device count and split by rows, the rest replicated (context_shardings).
-    Each process builds only its own devices' shards, from the host copy."""
+    devices: on the default device without a mesh; on a mesh, the walk-target tables either replicated or
+    (split_context_tables) padded with masked zero rows to a multiple of the device count and split by
+    rows, the rest replicated (context_shardings). Each process builds only its own devices' shards, from
+    the host copy. `split` must be what the step was made with (make_train_step's split_tables)."""
     arrays = {k: v for k, v in ctx.items() if k != "type_index"}
     if mesh is None:
         return jax.tree_util.tree_map(jnp.asarray, arrays)
-    n = mesh.shape["data"]
-    arrays = {k: jax.tree_util.tree_map(lambda x: objective_lib.pad_rows(np.asarray(x), n), v) if k in CONTEXT_TABLES
-              else v for k, v in arrays.items()}
-    return jax.tree_util.tree_map(lambda x, s: place(x, s), arrays, context_shardings(arrays, mesh))
+    split = split_context_tables(arrays, split)
+    if split:
+        n = mesh.shape["data"]
+        arrays = {k: jax.tree_util.tree_map(lambda x: objective_lib.pad_rows(np.asarray(x), n), v)
+                  if k in CONTEXT_TABLES else v for k, v in arrays.items()}
+    return jax.tree_util.tree_map(lambda x, s: place(x, s), arrays, context_shardings(arrays, mesh, split))
 
 
 def place(tree, sharding):

@@ -84,14 +84,18 @@ def compile_step(config, spec: Topology, batch_size: int | None = None, sample: 
                                      state_shapes)
     a_batch = abstract(batch_shapes(data, budget), sharded)
     ctx = objective_lib.context_arrays(data.context)
-    # The walk-target tables split by rows over the chips, the rest replicated, as pretrain.run places them.
+    # The context arrays at the corpus size, placed as pretrain.run places them: the walk-target tables
+    # split by rows over the chips once they pass train.CONTEXT_SPLIT_BYTES, else whole on every chip.
+    scale = sample.molecules / len(data)
+    split = train.split_context_tables(abstract(context_shapes(ctx, scale), replicated))
     a_ctx = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                   abstract(context_shapes(ctx, sample.molecules / len(data), n), replicated),
-                                   train.context_shardings(ctx, mesh))
+                                   abstract(context_shapes(ctx, scale, n if split else 1), replicated),
+                                   train.context_shardings(ctx, mesh, split))
     key = jax.eval_shape(lambda: train.step_base_key(0))
     a_key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
     schedule = train.lr_schedule(config.optim.lr, 1000, config.optim.schedule)
-    step = train.make_train_step(graphdef, tx, pretrain.objective_config(config), ctx, mesh, schedule=schedule)
+    step = train.make_train_step(graphdef, tx, pretrain.objective_config(config), ctx, mesh, schedule=schedule,
+                                 split_tables=split)
     limit = hbm_limit(devices)
     t0 = time.perf_counter()
     try:
