@@ -392,7 +392,8 @@ def _checkpoint_stores(r: Run, dir_renames: bool) -> Stores:
 def _restore_or_start(r: Run, stores: Stores, state, total: int):
     """(state, first step, the running totals saved with it, None): the newest good checkpoint's, or
     (state, 0, None, None) for a fresh start. The fourth is the saved summary when the checkpoint is
-    already the last step and the run summarised (the stores then closed: nothing to train)."""
+    already the last step and the run summarised (the stores then closed: nothing to train). With no
+    checkpoint but quarantined ones in corrupt/, raises CorruptCheckpoint rather than start over at 0."""
     workdir, ckpt = r.workdir, stores.ckpt
     if ckpt.latest_step() is not None:
         # The newest checkpoint that passes the integrity checks (digests, finite values); corrupt newer

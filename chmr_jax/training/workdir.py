@@ -2,9 +2,9 @@
 stops there.
 
 Before anything is built: every process sees the same workdir (check_shared_workdir), the config
-continues the run the workdir holds (check_same_run: its run-defining sections, then the model dims
-its checkpoints were saved with), and a run that already finished is returned as it is (finished_summary,
-already_finished). While training: StopFlag turns SIGTERM/SIGINT into a checkpoint and a clean exit.
+continues the run the workdir holds (check_same_run: its run-defining sections; called again once the
+inputs are built, with the model dims its checkpoints were saved with), and a run that already finished
+is returned as it is (finished_summary, already_finished). While training: StopFlag turns SIGTERM/SIGINT into a checkpoint and a clean exit.
 write_json writes the run's JSON files (config.json, model_dims.json, summary.json, ...) atomically.
 """
 from __future__ import annotations
