@@ -545,7 +545,11 @@ def _embed(argv: list[str]) -> int:
         return 130
 
     import signal
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    # A process started with SIGINT ignored (nohup, a background job of a script) keeps ignoring it, as
+    # Python itself does: no KeyboardInterrupt there.
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         if args.coordinator_address:
             import jax
@@ -566,7 +570,8 @@ def _embed(argv: list[str]) -> int:
     except KeyboardInterrupt:   # finished shards are on disk with their records: the same command resumes
         return interrupted_line()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous)
     return interrupted_line() if interrupted else code
 
 

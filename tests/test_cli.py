@@ -339,7 +339,17 @@ def test_ctrl_c_in_embed_is_one_line_and_the_rerun_resumes(tiny_run, tmp_path, c
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
 
 
-def test_a_ctrl_c_swallowed_by_a_callback_still_stops_embed(tiny_run, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def default_sigint():
+    """Python's own Ctrl-C handler during the test, as in a terminal: a test run started in the background
+    (nohup, a script's `&`) inherits SIGINT ignored, and embed then leaves it ignored (tested below)."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_swallowed_by_a_callback_still_stops_embed(tiny_run, tmp_path, capsys, monkeypatch, default_sigint):
     """A SIGINT that lands while Python runs a callback (jax's gc hook during its import, a __del__) has its
     KeyboardInterrupt swallowed there ("Exception ignored in ..."); embed still stops before its next shard
     with the one line and exit 130 (before: the export ran to the end and exited 0)."""
@@ -363,6 +373,30 @@ def test_a_ctrl_c_swallowed_by_a_callback_still_stops_embed(tiny_run, tmp_path, 
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("chmr-jax embed: interrupted; finished shards")
     assert not list((out / "shards").glob("*.json"))          # stopped before its first shard
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the handler is put back
+
+
+def test_embed_leaves_an_ignored_sigint_ignored(tiny_run, tmp_path, capsys, monkeypatch):
+    """Started with SIGINT ignored (nohup, a script's background job), embed does not start reacting to
+    it: a SIGINT sent during the export is ignored, the export runs to the end and SIGINT is still
+    ignored afterwards, as Python itself behaves."""
+    import os
+    import signal
+
+    from chmr_jax.downstream import export
+    path, _ = _with_rejects(tmp_path)
+    real = export.export
+
+    def export_after_a_sigint(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+    monkeypatch.setattr(export, "export", export_after_a_sigint)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert cli.main(["embed", "--pretrained", str(tiny_run), "--input", str(path), "--out", str(tmp_path / "out"),
+                         "--shard_size", "8", "--batch_size", "4", "--workers", "1", "--no_progress"]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_embed_step_that_the_run_lacks_is_one_line_listing_its_steps(tiny_run, tmp_path, capsys):
