@@ -196,19 +196,9 @@ def free_port() -> int:
 
 def test_two_processes_build_the_records_in_halves(tmp_path):
     from chmr_jax.training import pretrain
-    port = free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     cache = tmp_path / "cache2"   # empty: pretraining's first use builds the corpus
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_process_records.py"), str(port), str(i),
-                               str(cache), str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
-    try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    outs, codes = run_two(ROOT / "tests" / "two_process_records.py", str(cache), str(tmp_path))
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
     got = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in (0, 1)]
 
     # The same corpus built by one process (from the same cache: the generated layout's files, which the

@@ -46,7 +46,7 @@ from typing import Callable
 
 import numpy as np
 
-from chmr_jax.data import corpus as corpus_lib, featurize, files
+from chmr_jax.data import corpus as corpus_lib, featurize, files, registry
 
 RECORDS_VERSION = 1
 # The manifest's format_version: not corpus.FORMAT_VERSION, so that a chmr_jax older than the records, given a
@@ -159,14 +159,6 @@ def decode(data: bytes) -> dict:
     return serialization.msgpack_restore(data)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def plan_digest(plan: corpus_lib.MoleculePlan) -> str:
     """sha256 of the molecule list (corpus order: join keys and structures)."""
     return hashlib.sha256(json.dumps([plan.join, plan.order, plan.smiles]).encode()).hexdigest()
@@ -238,7 +230,7 @@ def build(inputs: dict, out, share: Share = Share(), settings_digest: str = "", 
             "profiles": {m: mod.values[index] for m, mod in modalities.items() if mod.available[index]}}))
     writer.close()
     os.replace(tmp, shard)
-    mine_info = {"name": shard.name, "records": len(feats), "sha256": _sha256(shard),
+    mine_info = {"name": shard.name, "records": len(feats), "sha256": registry.sha256_of(shard),
                  "featurized": int(len(mine)), "rejects": len(my_rejects), "seconds": round(seconds, 3)}
     publish()
     shards = share.exchange(mine_info)       # (after every shard is written and published)
@@ -294,7 +286,7 @@ def _read(directory) -> tuple[list[bytes], list[dict]]:
             raise corpus_lib.CorpusError(
                 f"{directory}: the shard {shard['name']} that its manifest lists is missing; the corpus is "
                 "incomplete: delete the folder (and its copy in the bucket for a gs:// cache) and build it again")
-        if _sha256(path) != shard["sha256"]:
+        if registry.sha256_of(path) != shard["sha256"]:
             raise corpus_lib.CorpusError(f"{path}: its sha256 differs from the manifest's; the records are "
                                          "corrupt or from another build: delete the directory and build again")
         reader = ArrayRecordReader(str(path))
